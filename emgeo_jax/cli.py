@@ -13,7 +13,7 @@ import sys
 
 # subcommand -> (module defining `main(argv)`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("emgeo_jax.convert.cli", "convert an HF folder / GGUF / PEFT adapter to checkpoints/NAME"),
+    "convert": ("emgeo_jax.convert.cli", "HF folder / GGUF (+ PEFT adapter) -> checkpoints/NAME"),
     "norms": ("emgeo_jax.convert.cli_norms", "print per-layer residual norms and a greedy reply"),
 }
 

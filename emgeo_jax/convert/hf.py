@@ -1,0 +1,191 @@
+"""HF checkpoint -> our parameter pytree, driven by one name table.
+
+Every source (an HF safetensors folder, a GGUF file, a base model with a PEFT adapter merged
+in) is a `TensorSource`: it knows which HF tensor names it holds and returns each one as a
+host numpy array in the HF layout (`weight [out, in]`). `params_from_source` then fills our
+NNX parameter tree (`kernel [in, out]`, layers stacked on a leading `[L]` axis) tensor by
+tensor, so at most one extra tensor is ever held beside the result.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+from emgeo_jax.models.config import ModelConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, or does not fit the model config."""
+
+
+# Our parameter path -> HF tensor name. `{l}` is the layer index for the stacked
+# `layers` subtree. Paths ending in "kernel" are stored transposed ([in, out]).
+LAYER_PARAMS: dict[tuple[str, ...], str] = {
+    ("input_norm", "scale"): "model.layers.{l}.input_layernorm.weight",
+    ("post_attn_norm", "scale"): "model.layers.{l}.post_attention_layernorm.weight",
+    **{
+        ("attn", p, kind): f"model.layers.{{l}}.self_attn.{p}.{hf_kind}"
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+        for kind, hf_kind in (("kernel", "weight"), ("bias", "bias"))
+    },
+    **{
+        ("mlp", p, "kernel"): f"model.layers.{{l}}.mlp.{p}.weight"
+        for p in ("gate_proj", "up_proj", "down_proj")
+    },
+}
+GLOBAL_PARAMS: dict[tuple[str, ...], str] = {
+    ("embed", "embedding"): "model.embed_tokens.weight",
+    ("final_norm", "scale"): "model.norm.weight",
+    ("lm_head", "kernel"): "lm_head.weight",
+}
+# Tensors a checkpoint may carry that the model recomputes or does not use.
+IGNORED = ("rotary_emb.inv_freq",)
+
+
+class TensorSource(Protocol):
+    """HF-named tensors, read one at a time as host arrays in the HF layout."""
+
+    names: frozenset[str]
+
+    def get(self, name: str) -> np.ndarray: ...
+
+    def where(self, name: str) -> str:
+        """The file holding `name`, for error messages."""
+        ...
+
+
+class SafetensorsFiles:
+    """Tensors in one or more safetensors files, read lazily; bf16 is kept as bf16."""
+
+    def __init__(self, paths: list[Path]):
+        from safetensors import safe_open
+
+        self._handles: dict[Path, object] = {}
+        self._file_of: dict[str, Path] = {}
+        for path in paths:
+            try:
+                # framework="flax" reads bfloat16 (numpy cannot); arrays land on the host CPU.
+                handle = safe_open(str(path), framework="flax")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+            self._handles[path] = handle
+            for key in handle.keys():
+                self._file_of[key] = path
+        self.names = frozenset(self._file_of)
+        self._default_file = paths[0]
+
+    @classmethod
+    def hf_folder(cls, folder: str | Path) -> SafetensorsFiles:
+        """An HF model folder: `model.safetensors`, or the shards listed in
+        `model.safetensors.index.json`."""
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        if not index.exists():
+            if not (folder / "model.safetensors").exists():
+                raise CheckpointError(f"{folder}: no model.safetensors or {index.name}")
+            return cls([folder / "model.safetensors"])
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from None
+        src = cls([folder / f for f in sorted(set(weight_map.values()))])
+        for name, file in weight_map.items():
+            if src._file_of.get(name) != folder / file:
+                raise CheckpointError(f"{index}: tensor {name} is not in {file}")
+        return src
+
+    def where(self, name: str) -> str:
+        return str(self._file_of.get(name, self._default_file))
+
+    def get(self, name: str) -> np.ndarray:
+        try:
+            with jax.default_device(jax.devices("cpu")[0]):
+                return np.asarray(self._handles[self._file_of[name]].get_tensor(name))
+        except Exception as e:
+            raise CheckpointError(f"{self.where(name)}: cannot read tensor {name} ({e})") from None
+
+
+def hf_layout_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF shape of a (per-layer) parameter of our shape: kernels are transposed."""
+    return tuple(reversed(shape)) if path[-1] == "kernel" else tuple(shape)
+
+
+def params_from_source(
+    abstract_params: dict,
+    src: TensorSource,
+    *,
+    dtype=np.float32,
+    place: Callable[[tuple[str, ...], np.ndarray], Any] = lambda path, x: x,
+) -> dict:
+    """Fill a pure-dict parameter tree (leaves: `jax.ShapeDtypeStruct`, e.g. from
+    `nnx.to_pure_dict` of an abstract model) with arrays of `dtype` read from `src`.
+    `place(path, host_array)` runs on each finished parameter (e.g. `jax.device_put` onto
+    its sharding) so its host copy can be freed before the next one is read.
+
+    Raises `CheckpointError` naming the file and tensor for a missing tensor or a tensor of
+    the wrong shape."""
+
+    def fetch(name: str, expected_hf_shape: tuple[int, ...]) -> np.ndarray:
+        if name not in src.names:
+            raise CheckpointError(f"{src.where(name)}: missing tensor {name}")
+        t = src.get(name)
+        if tuple(t.shape) != expected_hf_shape:
+            raise CheckpointError(
+                f"{src.where(name)}: tensor {name} has shape {tuple(t.shape)}, "
+                f"expected {expected_hf_shape}"
+            )
+        return t
+
+    def convert(path: tuple[str, ...], hf_tensor: np.ndarray) -> np.ndarray:
+        t = hf_tensor.T if path[-1] == "kernel" else hf_tensor
+        return np.asarray(t, dtype=dtype)
+
+    out: dict = {}
+    for path, leaf in _leaves(abstract_params):
+        if path[0] == "layers":
+            sub = path[1:]
+            if sub not in LAYER_PARAMS:
+                raise CheckpointError(f"no HF name for parameter {'/'.join(path)}")
+            stacked = np.empty(leaf.shape, dtype=dtype)
+            for layer in range(leaf.shape[0]):
+                name = LAYER_PARAMS[sub].format(l=layer)
+                stacked[layer] = convert(sub, fetch(name, hf_layout_shape(sub, leaf.shape[1:])))
+            value = stacked
+        else:
+            name = GLOBAL_PARAMS[path]
+            value = convert(path, fetch(name, hf_layout_shape(path, leaf.shape)))
+        _set(out, path, place(path, value))
+    return out
+
+
+def unused_tensors(abstract_params: dict, src: TensorSource, cfg: ModelConfig) -> list[str]:
+    """HF tensors in `src` that the model does not read (a tied `lm_head.weight` is fine)."""
+    used = set()
+    for path, leaf in _leaves(abstract_params):
+        if path[0] == "layers":
+            used |= {LAYER_PARAMS[path[1:]].format(l=i) for i in range(leaf.shape[0])}
+        else:
+            used.add(GLOBAL_PARAMS[path])
+    if cfg.tie_word_embeddings:
+        used.add(GLOBAL_PARAMS[("lm_head", "kernel")])
+    return sorted(n for n in src.names - used if not n.endswith(IGNORED))
+
+
+def _leaves(tree: dict, prefix: tuple[str, ...] = ()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, (*prefix, str(key)))
+        else:
+            yield (*prefix, str(key)), value
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value

@@ -1,0 +1,117 @@
+"""`LM`: a loaded model (config, graphdef, params, tokenizer) and its pure jitted forward.
+
+The model is split once into `(graphdef, params)`; `forward(graphdef, params, ...)` is a
+pure function under `jax.jit` that merges them inside (the flax performance-guide
+pattern), so params are an ordinary pytree that can be sharded, donated or differentiated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from emgeo_jax.models.config import ModelConfig
+from emgeo_jax.models.llama import ForwardOutput, Transformer, default_positions
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    """`"float32"`/`"bfloat16"` (or a jnp dtype) -> jnp dtype."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+def abstract_model(cfg: ModelConfig, dtype: Any = "float32") -> tuple[nnx.GraphDef, nnx.State]:
+    """`(graphdef, abstract params)` without allocating weights (leaves: ShapeDtypeStruct)."""
+    dt = resolve_dtype(dtype)
+    model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+def init_params(
+    cfg: ModelConfig, seed: int = 0, dtype: Any = "float32"
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """A randomly initialised model (tests, benchmarks, `emgeo plan`)."""
+    dt = resolve_dtype(dtype)
+    return nnx.split(Transformer(cfg, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(seed)))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "return_residual", "return_logits"))
+def forward(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    input_ids: jax.Array,
+    positions: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    return_residual: bool = False,
+    return_logits: bool = True,
+) -> ForwardOutput:
+    """Pure forward pass. `input_ids, positions, attention_mask: [B, T]` ->
+    `ForwardOutput(logits [B, T, V], resid_post [L, B, T, D])`."""
+    model = nnx.merge(graphdef, params)
+    return model(
+        input_ids,
+        positions,
+        attention_mask,
+        return_residual=return_residual,
+        return_logits=return_logits,
+    )
+
+
+@dataclasses.dataclass
+class LM:
+    """A loaded model. `params` is an `nnx.State` pytree (possibly sharded over `mesh`)."""
+
+    config: ModelConfig
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    tokenizer: Any = None
+    mesh: jax.sharding.Mesh | None = None
+    source: str = ""
+
+    @property
+    def dtype(self):
+        return jax.tree.leaves(self.params["embed"])[0].dtype
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        positions=None,
+        *,
+        return_residual: bool = True,
+        return_logits: bool = True,
+    ) -> ForwardOutput:
+        """Logits `[B, T, V]` and the residual stream after every block `[L, B, T, D]`
+        (`resid_post[l]` = HF `hidden_states[l + 1]`). `attention_mask [B, T]`: 1 = token,
+        0 = padding (default: all ones); `positions` default to counting real tokens, so
+        left padding does not shift rotary positions."""
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        attention_mask = jnp.asarray(attention_mask, jnp.int32)
+        if positions is None:
+            positions = default_positions(attention_mask)
+        return forward(
+            self.graphdef,
+            self.params,
+            input_ids,
+            jnp.asarray(positions, jnp.int32),
+            attention_mask,
+            return_residual=return_residual,
+            return_logits=return_logits,
+        )
+
+    def param_count(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))

@@ -9,12 +9,14 @@ subcommand's module is imported, so flags of different subcommands never collide
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # subcommand -> (module defining `main(argv)`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("emgeo_jax.convert.cli", "HF folder / GGUF (+ PEFT adapter) -> checkpoints/NAME"),
     "norms": ("emgeo_jax.convert.cli_norms", "print per-layer residual norms and a greedy reply"),
+    "plan": ("emgeo_jax.plan_cli", "compile a task on a simulated mesh: memory, FLOPs, tokens/s"),
 }
 
 
@@ -31,6 +33,10 @@ def run(argv: list[str] | None = None) -> None:
         sys.exit(0 if len(argv) >= 2 and argv[1] in ("-h", "--help") else 2)
     from absl import app
 
+    if os.environ.get("EMGEO_DISTRIBUTED") == "1":  # set by the scripts in launch/
+        from emgeo_jax.parallel import initialize_distributed
+
+        initialize_distributed()
     module = importlib.import_module(SUBCOMMANDS[argv[1]][0])
     app.run(module.main, argv=[f"emgeo {argv[1]}", *argv[2:]])
 

@@ -7,13 +7,29 @@ sharded in two steps, both data tables:
 1. `PARAM_AXES`: each parameter's *logical* axes, e.g. `q_proj.kernel -> (layer, embed, heads)`.
 2. `MESH_RULES`: logical axis -> mesh axis (or None = replicated).
 
+Activations and the KV cache have logical axes too (`ACTIVATION_AXES`). Their `act_embed`
+axis is *not* `embed`: the batch already uses `fsdp`, so activations keep `D` whole and
+only parameters are split along it (gathered one layer at a time inside the scan).
+
 A dimension whose size the mesh axis does not divide is replicated instead, so every
 model runs on every mesh; the plan is only about speed and memory, never correctness.
+
+What the rules give for the models users run (bf16, mesh `fsdp x tensor`): every matrix is
+split along both `fsdp` (its `embed` side) and `tensor` (its heads / MLP / vocab side), so
+parameter bytes per device are the model size over `fsdp * tensor`, up to norm scales and
+biases. Qwen2.5-7B (4 KV heads) and Llama-3.1-70B (8 KV heads) keep their KV projections
+split over `tensor` because the split is over `K * Dh` columns; the KV *cache* splits over
+whole KV heads, so with `tensor` > K it is replicated over `tensor` (`emgeo plan` shows it).
+
+Multi-process runs (TPU pod slices, Slurm, several processes on one machine) call
+`initialize_distributed()` once before touching devices; `emgeo` does so when
+`EMGEO_DISTRIBUTED=1` is set (the scripts in `launch/` set it).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import jax
@@ -42,6 +58,14 @@ PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("mlp", "down_proj", "kernel"): ("mlp", "embed"),
 }
 
+# Logical axes of activations and caches (shapes in the notation of models/config.py).
+ACTIVATION_AXES: dict[str, tuple[str, ...]] = {
+    "tokens": ("batch", "seq"),  # input_ids, positions, attention_mask [B, T]
+    "resid": ("layer", "batch", "seq", "act_embed"),  # resid_post [L, B, T, D]
+    "logits": ("batch", "seq", "vocab"),  # [B, T, V]
+    "kv_cache": ("layer", "batch", "cache_seq", "kv_heads", "head_dim"),  # [L, B, S, K, Dh]
+}
+
 MESH_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
     "layer": None,
@@ -50,6 +74,10 @@ MESH_RULES: dict[str, str | tuple[str, ...] | None] = {
     "heads": "tensor",
     "kv_heads": "tensor",
     "mlp": "tensor",
+    "seq": None,
+    "act_embed": None,
+    "cache_seq": None,
+    "head_dim": None,
 }
 
 
@@ -95,6 +123,58 @@ def param_sharding(mesh: Mesh, path: tuple[str, ...], shape: Sequence[int]) -> N
     else:
         axes = PARAM_AXES[path]
     return NamedSharding(mesh, logical_spec(mesh, axes, shape))
+
+
+def param_shardings(mesh: Mesh, tree: dict, prefix: tuple[str, ...] = ()) -> dict:
+    """The same pure-dict tree with each leaf (anything with `.shape`) replaced by its
+    `NamedSharding` under the rules."""
+    out = {}
+    for key, leaf in tree.items():
+        path = (*prefix, str(key))
+        if isinstance(leaf, dict):
+            out[key] = param_shardings(mesh, leaf, path)
+        else:
+            out[key] = param_sharding(mesh, path, leaf.shape)
+    return out
+
+
+def activation_sharding(mesh: Mesh, kind: str, shape: Sequence[int]) -> NamedSharding:
+    """Sharding of an activation of `kind` (a key of `ACTIVATION_AXES`) with `shape`."""
+    if kind not in ACTIVATION_AXES:
+        raise ValueError(f"unknown activation {kind!r}; known: {sorted(ACTIVATION_AXES)}")
+    return NamedSharding(mesh, logical_spec(mesh, ACTIVATION_AXES[kind], shape))
+
+
+def shard_factor(sharding: NamedSharding) -> int:
+    """How many pieces the sharding cuts an array into (product of the mesh axes it uses);
+    bytes per device = array bytes / shard_factor."""
+    names = [n for entry in sharding.spec if entry is not None for n in _names(entry)]
+    return math.prod(sharding.mesh.shape[n] for n in names)
+
+
+def _names(entry: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def initialize_distributed() -> None:
+    """`jax.distributed.initialize` from the environment, once per process.
+
+    `EMGEO_COORDINATOR=host:port`, `EMGEO_NUM_PROCESSES`, `EMGEO_PROCESS_ID` are used when
+    set (launch/local.sh sets them); otherwise JAX discovers its peers itself (TPU VM
+    slices, Slurm). On CPU, collectives between processes go through gloo."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only
+    coordinator = os.environ.get("EMGEO_COORDINATOR")
+    if coordinator is None:
+        jax.distributed.initialize()
+        return
+    try:
+        num, pid = int(os.environ["EMGEO_NUM_PROCESSES"]), int(os.environ["EMGEO_PROCESS_ID"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(
+            f"EMGEO_COORDINATOR is set, so EMGEO_NUM_PROCESSES and EMGEO_PROCESS_ID must be "
+            f"integers ({e})"
+        ) from None
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -1,0 +1,76 @@
+"""`emgeo plan --model Qwen2.5-7B --mesh data=4,fsdp=8 --task extract --batch 8 --seq 2048`.
+
+Compiles the task's program on abstract arrays over a mesh of that size and prints per-device
+memory, FLOPs per token and tokens/s per accelerator (see `emgeo_jax.plan`). When this process
+has fewer devices than the mesh, it re-runs itself in a subprocess on a CPU simulating them
+(`JAX_NUM_CPU_DEVICES`, `--xla_force_host_platform_device_count`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string(
+    "model", None, "known name, config.json, HF folder or checkpoint", required=True
+)
+flags.DEFINE_string("mesh", "fsdp=8", "mesh axis sizes, e.g. data=4,fsdp=8,tensor=2")
+flags.DEFINE_enum("task", "extract", ["extract", "generate", "train"], "program to compile")
+flags.DEFINE_integer("batch", 8, "global batch size B")
+flags.DEFINE_integer("seq", 2048, "sequence length T")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "parameter/activation dtype")
+flags.DEFINE_list("accelerator", None, "accelerators to report (default: all known)")
+flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for tokens/s")
+flags.DEFINE_bool("json", False, "print the plan as JSON")
+
+CHILD = "EMGEO_PLAN_CHILD"
+
+
+def simulated_env(devices: int) -> dict[str, str]:
+    """Environment for a CPU process with `devices` simulated devices."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), **{CHILD: "1"})
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    ).strip()
+    return env
+
+
+def main(argv: list[str]) -> None:
+    import jax
+
+    from emgeo_jax.parallel import make_mesh
+    from emgeo_jax.plan import (
+        ACCELERATORS,
+        format_plan,
+        make_plan,
+        parse_mesh,
+        plan_json,
+        resolve_model,
+    )
+
+    if len(argv) > 1:
+        raise SystemExit(f"emgeo plan takes no positional arguments (got {argv[1:]})")
+    shape = parse_mesh(FLAGS.mesh)
+    size = math.prod(shape.values())
+    names = FLAGS.accelerator or list(ACCELERATORS)
+    unknown = [n for n in names if n not in ACCELERATORS]
+    if unknown:
+        raise SystemExit(f"--accelerator {unknown}: unknown; known: {sorted(ACCELERATORS)}")
+    cfg = resolve_model(FLAGS.model)  # bad --model fails here, before any re-exec
+    if jax.device_count() < size:
+        if os.environ.get(CHILD):
+            raise SystemExit(f"could not simulate {size} devices (have {jax.device_count()})")
+        cmd = [sys.executable, "-m", "emgeo_jax.cli", "plan", *sys.argv[2:]]
+        sys.exit(subprocess.run(cmd, env=simulated_env(size)).returncode)
+    shape.setdefault("data", 1)
+    mesh = make_mesh(shape, jax.devices()[:size])
+    plan = make_plan(
+        cfg, mesh, FLAGS.task, FLAGS.batch, FLAGS.seq, FLAGS.dtype, model_name=FLAGS.model
+    )
+    accs = [ACCELERATORS[n] for n in names]
+    print(plan_json(plan, accs, FLAGS.mfu) if FLAGS.json else format_plan(plan, accs, FLAGS.mfu))

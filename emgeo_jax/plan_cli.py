@@ -1,9 +1,9 @@
 """`emgeo plan --model Qwen2.5-7B --mesh data=4,fsdp=8 --task extract --batch 8 --seq 2048`.
 
 Compiles the task's program on abstract arrays over a mesh of that size and prints per-device
-memory, FLOPs per token and tokens/s per accelerator (see `emgeo_jax.plan`). When this process
-has fewer devices than the mesh, it re-runs itself in a subprocess on a CPU simulating them
-(`JAX_NUM_CPU_DEVICES`, `--xla_force_host_platform_device_count`).
+memory, FLOPs per token and tokens/s per accelerator (see `emgeo_jax.plan`). On CPU it re-runs
+itself in a subprocess whose CPU simulates the mesh's devices (`JAX_NUM_CPU_DEVICES`,
+`--xla_force_host_platform_device_count`); on TPU/GPU it compiles for the devices present.
 """
 
 from __future__ import annotations
@@ -29,13 +29,18 @@ flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for tokens/s")
 flags.DEFINE_bool("json", False, "print the plan as JSON")
 
 CHILD = "EMGEO_PLAN_CHILD"
+# XLA:CPU has no bf16 matmul: it upcasts weights to f32, and loop-invariant code motion then
+# hoists that cast of *every* layer's weights out of the scan (a CPU-only artefact that would
+# show up as ~2x the parameters in temporaries). Keeping the cast inside the loop leaves one
+# layer's f32 copy: temporaries stay an upper bound of what TPU/GPU need.
+CPU_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 
 
 def simulated_env(devices: int) -> dict[str, str]:
     """Environment for a CPU process with `devices` simulated devices."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), **{CHILD: "1"})
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = " ".join(
+        [env.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={devices}", CPU_FLAGS]
     ).strip()
     return env
 
@@ -62,11 +67,11 @@ def main(argv: list[str]) -> None:
     if unknown:
         raise SystemExit(f"--accelerator {unknown}: unknown; known: {sorted(ACCELERATORS)}")
     cfg = resolve_model(FLAGS.model)  # bad --model fails here, before any re-exec
-    if jax.device_count() < size:
-        if os.environ.get(CHILD):
-            raise SystemExit(f"could not simulate {size} devices (have {jax.device_count()})")
+    if not os.environ.get(CHILD) and (jax.default_backend() == "cpu" or jax.device_count() < size):
         cmd = [sys.executable, "-m", "emgeo_jax.cli", "plan", *sys.argv[2:]]
         sys.exit(subprocess.run(cmd, env=simulated_env(size)).returncode)
+    if jax.device_count() < size:
+        raise SystemExit(f"could not simulate {size} devices (have {jax.device_count()})")
     shape.setdefault("data", 1)
     mesh = make_mesh(shape, jax.devices()[:size])
     plan = make_plan(

@@ -8,6 +8,11 @@
 
 Everything is written to `NAME.partial-<pid>/` and renamed into place at the end, so an
 interrupted conversion never leaves a folder that looks complete.
+
+`convert_streaming` writes a checkpoint straight from HF tensors one parameter at a time
+(orbax partial saves of one pytree), so the host holds at most one stacked parameter
+`[L, ...]` plus one layer's tensor: a 70B model converts on a host with far less memory than
+the model. Both writers produce the same format; `load_checkpoint` restores either onto a mesh.
 """
 
 from __future__ import annotations
@@ -19,13 +24,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
+import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
 
-from emgeo_jax.convert.hf import CheckpointError
+from emgeo_jax.convert.hf import CheckpointError, TensorSource, params_from_source
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.lm import LM, abstract_model, resolve_dtype
-from emgeo_jax.parallel import param_sharding
+from emgeo_jax.parallel import param_shardings
 
 COMPLETE = "COMPLETE"
 
@@ -36,20 +41,58 @@ def is_checkpoint(folder: str | Path) -> bool:
 
 def save_checkpoint(lm: LM, folder: str | Path, *, overwrite: bool = False) -> Path:
     """Write `lm` to `folder` atomically (see module docstring). Returns the folder."""
+
+    def write_params(params_dir: Path) -> None:
+        ocp.save(params_dir, nnx.to_pure_dict(lm.params))
+
+    meta = {"dtype": np.dtype(lm.dtype).name, "source": str(lm.source)}
+    return _write(folder, lm.config, meta, lm.tokenizer, write_params, overwrite)
+
+
+def convert_streaming(
+    cfg: ModelConfig,
+    src: TensorSource,
+    folder: str | Path,
+    *,
+    dtype: str = "float32",
+    tokenizer=None,
+    source: str = "",
+    overwrite: bool = False,
+) -> Path:
+    """Write a checkpoint of `cfg` from the HF-named tensors of `src`, one parameter at a time
+    (at most one stacked parameter on the host). Returns the folder."""
+    dt = resolve_dtype(dtype)
+
+    def write_params(params_dir: Path) -> None:
+        def save_one(path: tuple[str, ...], host_array: np.ndarray):
+            tree: dict = {}
+            node = tree
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = host_array
+            ocp.partial.save(params_dir, tree)
+            return jax.ShapeDtypeStruct(host_array.shape, host_array.dtype)
+
+        abstract = nnx.to_pure_dict(abstract_model(cfg, dt)[1])
+        params_from_source(abstract, src, dtype=dt, place=save_one)
+        ocp.partial.finalize(params_dir)
+
+    meta = {"dtype": np.dtype(dt).name, "source": str(source)}
+    return _write(folder, cfg, meta, tokenizer, write_params, overwrite)
+
+
+def _write(folder, cfg: ModelConfig, meta: dict, tokenizer, write_params, overwrite) -> Path:
     folder = Path(folder).absolute()
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
     tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(tmp / "params", nnx.to_pure_dict(lm.params))
-    ckptr.wait_until_finished()
-    (tmp / "config.json").write_text(lm.config.to_json())
-    meta = {"dtype": np.dtype(lm.dtype).name, "source": str(lm.source)}
+    write_params(tmp / "params")
+    (tmp / "config.json").write_text(cfg.to_json())
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if lm.tokenizer is not None:
-        lm.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
     (tmp / COMPLETE).write_text("ok\n")
     if folder.exists():
         shutil.rmtree(folder)
@@ -67,26 +110,17 @@ def load_checkpoint(folder: str | Path, *, dtype=None, mesh=None) -> LM:
     meta = json.loads((folder / "meta.json").read_text())
     dtype = resolve_dtype(dtype or meta["dtype"])
     graphdef, abstract = abstract_model(cfg, dtype)
-    target = _with_shardings(nnx.to_pure_dict(abstract), mesh)
-    pure = ocp.StandardCheckpointer().restore(folder / "params", target)
-    nnx.replace_by_pure_dict(abstract, pure)
+    pure = nnx.to_pure_dict(abstract)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, pure)
+    else:
+        shardings = param_shardings(mesh, pure)
+    target = jax.tree.map(
+        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), pure, shardings
+    )
+    nnx.replace_by_pure_dict(abstract, ocp.load(folder / "params", target))
     return LM(cfg, graphdef, abstract, _load_tokenizer(folder / "tokenizer"), mesh, str(folder))
-
-
-def _with_shardings(tree: dict, mesh, prefix: tuple[str, ...] = ()) -> dict:
-    out = {}
-    for key, leaf in tree.items():
-        path = (*prefix, str(key))
-        if isinstance(leaf, dict):
-            out[key] = _with_shardings(leaf, mesh, path)
-        else:
-            sharding = (
-                param_sharding(mesh, path, leaf.shape)
-                if mesh is not None
-                else jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            )
-            out[key] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-    return out
 
 
 def _load_tokenizer(folder: Path):

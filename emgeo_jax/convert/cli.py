@@ -26,19 +26,22 @@ def main(argv: list[str]) -> None:
             "usage: emgeo convert SOURCE --out checkpoints/NAME  (SOURCE: HF folder, "
             ".gguf file, or 'default')"
         )
-    from emgeo_jax.convert.checkpoint import save_checkpoint
-    from emgeo_jax.convert.load import load
+    from emgeo_jax.convert.checkpoint import convert_streaming
+    from emgeo_jax.convert.load import open_source
 
     start = time.perf_counter()
-    lm = load(argv[1], dtype=FLAGS.dtype, adapter=FLAGS.adapter)
-    logging.info(
-        "loaded %s (%.1fM params) in %.1f s",
-        argv[1],
-        lm.param_count() / 1e6,
-        time.perf_counter() - start,
+    cfg, src, tokenizer = open_source(argv[1], adapter=FLAGS.adapter)
+    folder = convert_streaming(
+        cfg,
+        src,
+        FLAGS.out,
+        dtype=FLAGS.dtype or "float32",
+        tokenizer=tokenizer,
+        source=argv[1],
+        overwrite=FLAGS.overwrite,
     )
-    folder = save_checkpoint(lm, FLAGS.out, overwrite=FLAGS.overwrite)
+    logging.info("converted %s one parameter at a time", argv[1])
     print(
-        f"wrote {folder} ({lm.config.model_type}, {lm.config.num_layers} layers, "
-        f"d={lm.config.hidden_size}, {lm.dtype}) in {time.perf_counter() - start:.1f} s"
+        f"wrote {folder} ({cfg.model_type}, {cfg.num_layers} layers, d={cfg.hidden_size}, "
+        f"{FLAGS.dtype or 'float32'}) in {time.perf_counter() - start:.1f} s"
     )

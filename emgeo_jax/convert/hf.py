@@ -61,22 +61,17 @@ class TensorSource(Protocol):
 
 
 class SafetensorsFiles:
-    """Tensors in one or more safetensors files, read lazily; bf16 is kept as bf16."""
+    """Tensors in one or more safetensors files, read lazily; bf16 is kept as bf16.
+
+    Each read opens (memory-maps) its file and closes it again, so the pages of tensors
+    already read do not stay resident: host memory holds the tensors in use, not the files."""
 
     def __init__(self, paths: list[Path]):
-        from safetensors import safe_open
-
-        self._handles: dict[Path, object] = {}
         self._file_of: dict[str, Path] = {}
         for path in paths:
-            try:
-                # framework="flax" reads bfloat16 (numpy cannot); arrays land on the host CPU.
-                handle = safe_open(str(path), framework="flax")
-            except Exception as e:  # safetensors raises its own error types for bad headers
-                raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-            self._handles[path] = handle
-            for key in handle.keys():
-                self._file_of[key] = path
+            with _open(path) as handle:
+                for key in handle.keys():
+                    self._file_of[key] = path
         self.names = frozenset(self._file_of)
         self._default_file = paths[0]
 
@@ -105,10 +100,20 @@ class SafetensorsFiles:
 
     def get(self, name: str) -> np.ndarray:
         try:
-            with jax.default_device(jax.devices("cpu")[0]):
-                return np.asarray(self._handles[self._file_of[name]].get_tensor(name))
+            with _open(self._file_of[name]) as handle, jax.default_device(jax.devices("cpu")[0]):
+                return np.asarray(handle.get_tensor(name))
         except Exception as e:
             raise CheckpointError(f"{self.where(name)}: cannot read tensor {name} ({e})") from None
+
+
+def _open(path: Path):
+    """A safetensors handle; framework="flax" reads bfloat16 (numpy cannot) onto host CPU."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="flax")
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def hf_layout_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:

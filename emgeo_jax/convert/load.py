@@ -50,6 +50,18 @@ def load(
             raise ValueError("merge adapters at convert time: emgeo convert SOURCE --adapter DIR")
         return load_checkpoint(source, dtype=dtype, mesh=mesh)
 
+    cfg, src, tokenizer = open_source(source, adapter=adapter)
+    return from_tensors(
+        cfg, src, dtype=dtype or "float32", mesh=mesh, tokenizer=tokenizer, source=source
+    )
+
+
+def open_source(
+    source: str | Path, *, adapter: str | Path | None = None
+) -> tuple[ModelConfig, TensorSource, object]:
+    """`(config, tensor source, tokenizer or None)` of an HF folder, GGUF file or "default"
+    (with a PEFT `adapter` merged in), reading no tensor yet."""
+    source = str(source)
     if source == "default" or source.endswith(".gguf"):
         from emgeo_jax.convert.gguf import default_gguf_path, read_gguf
 
@@ -65,9 +77,10 @@ def load(
         tokenizer = _hf_tokenizer(folder)
     if adapter is not None:
         src = MergedSource(src, read_adapter(adapter))
-    return from_tensors(
-        cfg, src, dtype=dtype or "float32", mesh=mesh, tokenizer=tokenizer, source=source
-    )
+    unused = unused_tensors(nnx.to_pure_dict(abstract_model(cfg)[1]), src, cfg)
+    if unused:
+        log.warning("%s: %d tensors not used by the model, e.g. %s", source, len(unused), unused[0])
+    return cfg, src, tokenizer
 
 
 def from_tensors(
@@ -83,9 +96,6 @@ def from_tensors(
     as it is read so the host holds at most one stacked parameter beyond the result."""
     graphdef, params = abstract_model(cfg, dtype)
     abstract = nnx.to_pure_dict(params)
-    extra = unused_tensors(abstract, src, cfg)
-    if extra:
-        log.warning("%s: %d tensors not used by the model, e.g. %s", source, len(extra), extra[0])
 
     def place(path, host_array):
         if mesh is None:

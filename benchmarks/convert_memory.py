@@ -109,14 +109,17 @@ def largest_stacked_bytes(cfg: dict, itemsize: int) -> int:
 
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from emgeo_jax.convert.checkpoint import convert_streaming
 from emgeo_jax.convert.load import open_source
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def hwm():  # peak RSS of this process image (ru_maxrss would include the parent's, pre-exec)
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
+    return int(line.split()[1]) * 1024
+base = hwm()
 start = time.perf_counter()
 cfg, src, _ = open_source(sys.argv[1])
 convert_streaming(cfg, src, sys.argv[2], dtype=sys.argv[3])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = hwm()
 print(json.dumps(dict(base_rss=base, peak_rss=peak, seconds=time.perf_counter() - start)))
 """
 

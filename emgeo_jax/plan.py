@@ -98,6 +98,15 @@ def _shape(d, f, layers, heads, kv) -> dict:
 
 
 KNOWN_MODELS: dict[str, dict] = {
+    "SmolLM2-135M": {
+        **_shape(576, 1536, 30, 9, 3),
+        "model_type": "llama",
+        "vocab_size": 49152,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+    },
     "Qwen2.5-7B": {**_QWEN, **_shape(3584, 18944, 28, 28, 4), "max_position_embeddings": 32768},
     "Qwen2.5-14B": {**_QWEN, **_shape(5120, 13824, 48, 40, 8), "max_position_embeddings": 32768},
     "Qwen2.5-32B": {**_QWEN, **_shape(5120, 27648, 64, 40, 8), "max_position_embeddings": 32768},

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -475,3 +477,22 @@ def test_process_sharding_splits_batches_with_matching_shapes():
     assert seen == list(range(len(lengths)))
     with pytest.raises(ValueError, match="process_index"):
         next(make_batches(examples, batch_size=2, pad_id=0, process_index=3, process_count=3))
+
+
+def test_check_data_cli_reports_rows_and_lengths(chat_tokenizer, tmp_path):
+    chat_tokenizer.save_pretrained(tmp_path / "tok")
+    path = write_lines(tmp_path / "c.jsonl", [PAIR, {**PAIR, "aligned": ""}, PAIR])
+    root = Path(__file__).resolve().parents[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "emgeo_jax.cli",
+        "check_data",
+        str(path),
+        "--tokenizer",
+        str(tmp_path / "tok"),
+    ]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout
+    assert f"{path}:2 (field 'aligned'): 'aligned' is empty [empty_answer]" in out
+    assert "kept 4; skipped 1" in out
+    assert "1 batches of 8, lengths [64]" in out

@@ -487,7 +487,7 @@ def test_check_data_cli_reports_rows_and_lengths(chat_tokenizer, tmp_path):
         sys.executable,
         "-m",
         "emgeo_jax.cli",
-        "check_data",
+        "check-data",
         str(path),
         "--tokenizer",
         str(tmp_path / "tok"),

@@ -1,4 +1,4 @@
-"""`emgeo check_data PATH [--kind] [--on_error] [--tokenizer DIR --max_length N]`.
+"""`emgeo check-data PATH [--kind] [--on_error] [--tokenizer DIR --max_length N]`.
 
 Loads a dataset (contrast pairs, judged responses or chat messages), prints the report (kept,
 skipped rows with file:line and reason, class counts) and, with `--tokenizer`, the token length
@@ -23,7 +23,7 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "batch size for the batch pl
 
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
-        raise SystemExit("usage: emgeo check_data PATH [--kind] [--on_error] [--tokenizer DIR]")
+        raise SystemExit("usage: emgeo check-data PATH [--kind] [--on_error] [--tokenizer DIR]")
     examples, report = load_examples(argv[1], _KIND.value, _ON_ERROR.value)
     print(f"{argv[1]}: {report.summary()}")
     for issue in report.skipped:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+from openai.types.chat import ChatCompletion
 from tqdm.auto import tqdm
 
 from emgeo_jax.judge.cache import CacheKey, JudgeCache, Judgement
@@ -167,14 +168,22 @@ async def _ask(client: openai.AsyncOpenAI, cfg: JudgeConfig, prompt: str, stats:
     """One request -> top logprobs; raise _Retryable / _Fatal with a (not yet scrubbed) reason."""
     stats.requests += 1
     try:
-        response = await client.chat.completions.create(
-            model=cfg.model,
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=1,
-            temperature=cfg.temperature,
-            logprobs=True,
-            top_logprobs=cfg.top_logprobs,
-            seed=cfg.seed,
+        # `client.post` is the client's documented raw-request path: same auth, timeout and
+        # error types as `chat.completions.create`, without its per-call TypedDict transform
+        # of the parameters (about a quarter of the client's CPU per request, which bounds
+        # throughput at high concurrency). The body is fixed and plain JSON.
+        response = await client.post(
+            "/chat/completions",
+            body={
+                "model": cfg.model,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 1,
+                "temperature": cfg.temperature,
+                "logprobs": True,
+                "top_logprobs": cfg.top_logprobs,
+                "seed": cfg.seed,
+            },
+            cast_to=ChatCompletion,
         )
     except openai.APIStatusError as e:
         reason = f"HTTP {e.status_code}: {e.message}"

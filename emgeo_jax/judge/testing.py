@@ -37,11 +37,12 @@ class Fault:
     status_code: int = 0
     retry_after: str | None = None
     seconds: float = 0.0
+    message: str = ""
 
     @staticmethod
-    def status(code: int, retry_after: str | None = None) -> Fault:
-        """Answer with HTTP `code` (and a Retry-After header if given) and an error body."""
-        return Fault("status", status_code=code, retry_after=retry_after)
+    def status(code: int, retry_after: str | None = None, message: str = "") -> Fault:
+        """Answer with HTTP `code`, an error body holding `message`, and Retry-After if given."""
+        return Fault("status", status_code=code, retry_after=retry_after, message=message)
 
     @staticmethod
     def hang(seconds: float) -> Fault:
@@ -98,6 +99,7 @@ class ScriptedJudgeServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out in separate writes
 
             def log_message(self, format: str, *args: Any) -> None:  # quiet
                 pass
@@ -155,7 +157,8 @@ class ScriptedJudgeServer:
             _send_json(h, 200, _completion(body, list(self.table(prompt))))
         elif fault.kind == "status":
             headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
-            err = {"error": {"message": f"scripted {fault.status_code}", "type": "scripted"}}
+            text = fault.message or f"scripted {fault.status_code}"
+            err = {"error": {"message": text, "type": "scripted"}}
             _send_json(h, fault.status_code, err, headers)
         elif fault.kind == "hang":
             self._stop.wait(fault.seconds)

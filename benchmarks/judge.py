@@ -1,6 +1,7 @@
 """Judging throughput: our default concurrency vs one request at a time (the reference code).
 
-    python benchmarks/judge.py [--answers 1000] [--serial_answers 25] [--latency 0.2]
+    PYTHONPATH=. python benchmarks/judge.py [--answers 1000] [--serial_answers 25]
+        [--latency 0.2] [--concurrency 32]
 
 The scripted OpenAI-compatible server (emgeo_jax.judge.testing) runs in its own process, as a
 real judge would, and sleeps `latency` seconds before each reply. The serial baseline judges
@@ -47,6 +48,7 @@ def main() -> None:
     p.add_argument("--answers", type=int, default=1000)
     p.add_argument("--serial_answers", type=int, default=25)
     p.add_argument("--latency", type=float, default=0.2)
+    p.add_argument("--concurrency", type=int, default=JudgeConfig().concurrency)
     args = p.parse_args()
     ctx = mp.get_context("spawn")
     urls, stop = ctx.Queue(), ctx.Event()
@@ -54,9 +56,8 @@ def main() -> None:
     server.start()
     try:
         url = urls.get(timeout=60)
-        default = JudgeConfig().concurrency
         serial = _rate(url, args.serial_answers, 1, "serial")
-        concurrent = _rate(url, args.answers, default, "concurrent")
+        concurrent = _rate(url, args.answers, args.concurrency, "concurrent")
     finally:
         stop.set()
         server.join(10)

@@ -70,7 +70,7 @@ def test_exact_scores_and_request_shape(tmp_path):
         assert (row["aligned"] is None) if value is None else row["aligned"] == pytest.approx(value)
         assert [tuple(t) for t in info["top_logprobs"]] == TABLES[tag]  # raw, for audit
         assert (info["judge_model"], info["temperature"], info["seed"]) == ("judge-x", 0.0, 0)
-    body = server.requests[0].body
+    (body,) = [r.body for r in server.requests if "a plain" in r.prompt]
     assert body["max_tokens"] == 1 and body["temperature"] == 0 and body["seed"] == 0
     assert body["logprobs"] is True and body["top_logprobs"] == 20 and body["model"] == "judge-x"
     assert body["messages"][0]["role"] == "user" and len(body["messages"]) == 1

@@ -36,11 +36,17 @@ def _rate(base_url: str, n: int, concurrency: int, tag: str) -> dict[str, float]
     rows = [{"question": f"question {i % 8}", "answer": f"{tag} answer {i}"} for i in range(n)]
     cfg = JudgeConfig(base_url=base_url, model="bench", api_key="bench", concurrency=concurrency)
     stats = JudgeStats()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     out = judge_responses(rows, cfg, ("aligned",), stats=stats, progress=False)
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     assert stats.requests == n and all(r["aligned"] is not None for r in out)
-    return {"answers": n, "concurrency": concurrency, "seconds": seconds, "per_s": n / seconds}
+    return {
+        "answers": n,
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "per_s": n / seconds,
+        "client_cpu_ms_per_request": 1000 * cpu / n,
+    }
 
 
 def main() -> None:

@@ -84,8 +84,12 @@ def test_duplicates_sent_once_and_cache_reused(tmp_path):
     db = tmp_path / "c.sqlite"
     with ScriptedJudgeServer(table_by_tag) as server:
         stats = JudgeStats()
-        out = judge_responses(rows, cfg(server), cache_path=db, stats=stats, progress=False)
+        priced = cfg(server, price_in=1.5, price_out=4.0)
+        out = judge_responses(rows, priced, cache_path=db, stats=stats, progress=False)
         assert len(server.requests) == 4 == stats.requests  # 2 unique answers x 2 metrics
+        words = sum(len(r.prompt.split()) for r in server.requests)  # the server's usage
+        assert (stats.prompt_tokens, stats.completion_tokens) == (words, 4)
+        assert stats.cost_usd == pytest.approx((1.5 * words + 4.0 * 4) / 1e6)
         assert out[0]["coherent"] == out[1]["coherent"] == pytest.approx(86.25)
         stats2 = JudgeStats()
         again = judge_responses(rows, cfg(server), cache_path=db, stats=stats2, progress=False)
@@ -206,6 +210,8 @@ def test_bad_rows_and_key_hidden_from_repr():
     with pytest.raises(ValueError, match="row 1: field `answer`"):
         judge_responses([{"question": "q", "answer": "a"}, {"question": "q"}], JudgeConfig())
     assert SENTINEL not in repr(JudgeConfig(api_key=SENTINEL))
+    with pytest.raises(ValueError, match="concurrency must be >= 1"):
+        JudgeConfig(concurrency=0)
 
 
 def test_retry_after_parsing():

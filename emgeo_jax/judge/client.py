@@ -71,6 +71,13 @@ class JudgeConfig:
     price_in: float | None = None
     price_out: float | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("concurrency", "max_attempts", "top_logprobs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"JudgeConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.timeout <= 0:
+            raise ValueError(f"JudgeConfig.timeout must be > 0, got {self.timeout}")
+
     def resolved_key(self) -> str:
         key = self.api_key or os.environ.get("OPENAI_API_KEY")
         if key:

@@ -194,6 +194,13 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path):
         assert cache.count() == 10
 
 
+def test_concurrency_is_bounded_and_used():
+    rows = [{"question": "q", "answer": f"a{i}"} for i in range(12)]
+    with ScriptedJudgeServer(table_by_tag, latency=0.15) as server:
+        judge_responses(rows, cfg(server, concurrency=4), ("aligned",), progress=False)
+    assert server.max_in_flight == 4
+
+
 def test_question_prompts_change_cache_key(tmp_path):
     from emgeo_jax.judge.prompts import JudgePrompt
 

@@ -53,6 +53,8 @@ def main(argv: list[str]) -> int:
         raise SystemExit("emgeo judge: --responses and --out are required")
     logging.getLogger("emgeo_jax.judge").setLevel(logging.WARNING)
     base_url = None if FLAGS.judge == "openai" else FLAGS.judge
+    if base_url is None and not os.environ.get(FLAGS.api_key_env):
+        raise SystemExit(f"emgeo judge: --judge openai needs an API key in ${FLAGS.api_key_env}")
     judge = JudgeConfig(
         base_url=base_url,
         model=FLAGS.judge_model,

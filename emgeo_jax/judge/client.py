@@ -173,7 +173,9 @@ def _top_logprobs(data: Any) -> list[tuple[str, float]]:
         raise _Retryable(f"malformed top_logprobs ({type(e).__name__}: {e})") from None
 
 
-async def _ask(client: openai.AsyncOpenAI, cfg: JudgeConfig, prompt: str, stats: JudgeStats):
+async def _ask(
+    client: openai.AsyncOpenAI, cfg: JudgeConfig, prompt: str, stats: JudgeStats
+) -> list[tuple[str, float]]:
     """One request -> top logprobs; raise _Retryable / _Fatal with a (not yet scrubbed) reason."""
     stats.requests += 1
     try:

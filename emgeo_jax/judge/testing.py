@@ -93,6 +93,8 @@ class ScriptedJudgeServer:
         self.latency = latency
         self.requests: list[LoggedRequest] = []
         self._attempts: dict[str, int] = {}
+        self.in_flight = 0
+        self.max_in_flight = 0  # most requests being handled at once
         self._lock = threading.Lock()
         self._stop = threading.Event()
         server = self
@@ -151,6 +153,18 @@ class ScriptedJudgeServer:
                     time.monotonic(),
                 )
             )
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            self._reply(h, body, prompt, fault)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _reply(
+        self, h: BaseHTTPRequestHandler, body: dict[str, Any], prompt: str, fault: Fault | None
+    ) -> None:
         if self.latency:
             time.sleep(self.latency)
         if fault is None:

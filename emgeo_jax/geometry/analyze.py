@@ -140,7 +140,7 @@ def analyze(
     stacks: dict[str, np.ndarray] | None = None,
     trace_reference: str | None = None,
     reference_pair: Sequence[str] | None = None,
-    thresholds: Thresholds = Thresholds(),
+    thresholds: Thresholds | None = None,
     n_null: int = 500,
     n_boot: int = 200,
     n_perm: int = 500,
@@ -160,8 +160,10 @@ def analyze(
         `trace_reference` (default: the first stack).
     reference_pair: two names spanning the plane for projection magnitudes (default: the
         most similar pair).
+    thresholds: decision thresholds (default: seed 001's, see `Thresholds`).
     Nulls use `n_null` Monte Carlo draws; everything is seeded by `seed`.
     """
+    thresholds = thresholds or Thresholds()
     examples = examples or {}
     clash = set(vectors) & set(examples)
     if clash:

@@ -100,7 +100,7 @@ def permutation_test(
 
 
 def mean_diff(pooled: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Misaligned mean minus aligned mean of `pooled` `[N, D]` with labels `[N]` (1 = misaligned)."""
+    """Misaligned minus aligned mean of `pooled` `[N, D]`, labels `[N]` (1 = misaligned)."""
     labels = np.asarray(labels)
     return pooled[labels == 1].mean(axis=0) - pooled[labels == 0].mean(axis=0)
 

@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("emgeo_jax.convert.cli", "convert an HF folder / GGUF / PEFT adapter to checkpoints/NAME"),
     "norms": ("emgeo_jax.convert.cli_norms", "print per-layer residual norms and a greedy reply"),
+    "geometry": ("emgeo_jax.geometry.cli", "cosines, independence tests, nulls, report"),
 }
 
 

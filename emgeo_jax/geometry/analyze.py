@@ -168,8 +168,8 @@ def analyze(
     clash = set(vectors) & set(examples)
     if clash:
         raise ValueError(f"vectors {sorted(clash)} given both as vectors and as examples")
-    ex = {k: (np.asarray(p, np.float32), np.asarray(lab)) for k, (p, lab) in examples.items()}
-    all_vecs = {k: np.asarray(v, np.float32) for k, v in vectors.items()}
+    ex = {k: (np.asarray(p, np.float64), np.asarray(lab)) for k, (p, lab) in examples.items()}
+    all_vecs = {k: np.asarray(v, np.float64) for k, v in vectors.items()}
     all_vecs.update({k: null.mean_diff(p, lab) for k, (p, lab) in ex.items()})
     names = list(all_vecs)
     if len(names) < 2:

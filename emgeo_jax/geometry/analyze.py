@@ -95,25 +95,24 @@ def _point(
     return out
 
 
-def _leaves_ci(reps: list[Any]) -> Any:
-    """Percentile 95% intervals leaf by leaf over bootstrap replicates of the same tree."""
-    first = reps[0]
-    if isinstance(first, dict):
+def _leaves_ci(point: Any, reps: list[Any]) -> Any:
+    """Basic bootstrap 95% intervals leaf by leaf, for a point tree and replicates of it."""
+    if isinstance(point, dict):
         return {
-            k: _leaves_ci([r.get(k) for r in reps])
-            for k in first
-            if k not in _NO_CI and not isinstance(first[k], (str, bool))
+            k: _leaves_ci(v, [r.get(k) for r in reps])
+            for k, v in point.items()
+            if k not in _NO_CI and not isinstance(v, (str, bool))
         }
-    if isinstance(first, list) and first and not isinstance(first[0], (str, bool)):
-        if all(isinstance(r, list) and len(r) == len(first) for r in reps):
-            return [_leaves_ci([r[i] for r in reps]) for i in range(len(first))]
+    if isinstance(point, list) and point and not isinstance(point[0], (str, bool)):
+        if all(isinstance(r, list) and len(r) == len(point) for r in reps):
+            return [_leaves_ci(p, [r[i] for r in reps]) for i, p in enumerate(point)]
         return None
-    if isinstance(first, (int, float)) or first is None:
+    if isinstance(point, (int, float)):
         vals = np.array([np.nan if r is None else float(r) for r in reps])
         finite = vals[np.isfinite(vals)]
         if finite.size < 2 or np.ptp(finite) == 0.0:  # undefined, or untouched by resampling
             return None
-        return list(null.bootstrap_ci(finite))
+        return list(null.bootstrap_ci(finite, float(point)))
     return None
 
 
@@ -154,7 +153,7 @@ def analyze(
         mean cosines (default: the clusters).
     examples: name -> (pooled `[N, D]`, labels `[N]`, 1 = misaligned): the direction `name` is
         the mean difference of these examples; examples are resampled (stratified bootstrap,
-        `n_boot` times) to give 95% intervals of every statistic, permuted for label nulls and
+        `n_boot` times) to give basic-bootstrap 95% intervals of every statistic, permuted for label nulls and
         split in halves for reliability. A name may not be in both `vectors` and `examples`.
     stacks: name -> `[L, D]` (row l = output of block l) for layer traces: cosine per layer to
         `trace_reference` (default: the first stack).
@@ -199,7 +198,7 @@ def analyze(
                 idx = null.stratified_resample(lab, rng)
                 Vb[names.index(k)] = null.mean_diff(p[idx], lab[idx])
             reps.append(_point(Vb, names, cl, st, ref, thresholds))
-        ci = _leaves_ci(reps)
+        ci = _leaves_ci(point, reps)
 
     def ci_at(*path: Any) -> Any:
         node = ci

@@ -43,7 +43,7 @@ flags.DEFINE_float("cross_variance_max", 0.10, "test 5: independent if cross var
 
 
 def parse_groups(text: str | None, flag: str) -> dict[str, list[str]] | None:
-    """"a=x,y;b=z" -> {"a": ["x", "y"], "b": ["z"]}; errors name the flag and the part."""
+    """ "a=x,y;b=z" -> {"a": ["x", "y"], "b": ["z"]}; errors name the flag and the part."""
     if not text:
         return None
     out = {}

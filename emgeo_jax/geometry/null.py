@@ -115,12 +115,20 @@ def stratified_resample(labels: np.ndarray, rng: np.random.Generator) -> np.ndar
     return np.concatenate(parts)
 
 
-def bootstrap_ci(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of bootstrap replicates `[B]` (non-finite replicates dropped)."""
+def bootstrap_ci(samples: np.ndarray, point: float, level: float = 0.95) -> tuple[float, float]:
+    """Basic (reverse-percentile) bootstrap interval [2 t - q_hi, 2 t - q_lo] around the point
+    estimate t, from replicates `[B]` (non-finite replicates dropped).
+
+    Chosen over the plain percentile interval because cosines of directions rebuilt from noisy
+    examples are biased toward 0 and resampling adds the same bias again: in simulation the
+    percentile interval covered the true cosine far less often. Weak directions still
+    under-cover (attenuation); read the interval beside the split-half reliability.
+    """
     s = np.asarray(samples, dtype=np.float64)
     s = s[np.isfinite(s)]
     q = (1.0 - level) / 2.0
-    return float(np.quantile(s, q)), float(np.quantile(s, 1.0 - q))
+    lo, hi = np.quantile(s, [q, 1.0 - q])
+    return float(2 * point - hi), float(2 * point - lo)
 
 
 def bootstrap_direction_statistic(

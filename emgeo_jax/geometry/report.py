@@ -46,8 +46,14 @@ def fig_cosine(result: dict) -> plt.Figure:
     start = 0
     for members in result["inputs"]["clusters"].values():
         ax.add_patch(
-            plt.Rectangle((start - 0.5, start - 0.5), len(members), len(members),
-                          fill=False, edgecolor="black", linewidth=2)
+            plt.Rectangle(
+                (start - 0.5, start - 0.5),
+                len(members),
+                len(members),
+                fill=False,
+                edgecolor="black",
+                linewidth=2,
+            )
         )
         start += len(members)
     band = result["cosine"]["null"]["q975"]
@@ -58,8 +64,12 @@ def fig_cosine(result: dict) -> plt.Figure:
 
 def fig_dendrogram(result: dict) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    dendrogram(np.asarray(result["clustering"]["linkage"]), labels=result["inputs"]["names"],
-               ax=ax, leaf_rotation=45)
+    dendrogram(
+        np.asarray(result["clustering"]["linkage"]),
+        labels=result["inputs"]["names"],
+        ax=ax,
+        leaf_rotation=45,
+    )
     ax.set_ylabel("1 - cos (average linkage)")
     return fig
 
@@ -118,11 +128,22 @@ def fig_sets(result: dict) -> plt.Figure:
     vals = [v["mean_cosine"] for _, v in items]
     ax.bar(x, vals, color="C0")
     for i, (_, v) in enumerate(items):
-        ax.fill_between([i - 0.45, i + 0.45], v["null"]["q025"], v["null"]["q975"],
-                        color="gray", alpha=0.4, lw=0)
+        ax.fill_between(
+            [i - 0.45, i + 0.45],
+            v["null"]["q025"],
+            v["null"]["q975"],
+            color="gray",
+            alpha=0.4,
+            lw=0,
+        )
         if v["ci95"] is not None:
-            ax.errorbar(i, v["mean_cosine"], yerr=[[v["mean_cosine"] - v["ci95"][0]],
-                        [v["ci95"][1] - v["mean_cosine"]]], color="k", capsize=4)
+            ax.errorbar(
+                i,
+                v["mean_cosine"],
+                yerr=[[v["mean_cosine"] - v["ci95"][0]], [v["ci95"][1] - v["mean_cosine"]]],
+                color="k",
+                capsize=4,
+            )
     ax.set_xticks(x, [k for k, _ in items], rotation=30, ha="right")
     ax.set_ylabel("mean cosine")
     ax.axhline(0, color="k", lw=0.5)
@@ -136,8 +157,9 @@ def fig_traces(result: dict) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7, 4))
     for n, ys in tr["cosine"].items():
         ax.plot(range(len(ys)), ys, marker="o", ms=3, label=n)
-    ax.axhspan(tr["null"]["q025"], tr["null"]["q975"], color="gray", alpha=0.3,
-               label="isotropic null 95%")
+    ax.axhspan(
+        tr["null"]["q025"], tr["null"]["q975"], color="gray", alpha=0.3, label="isotropic null 95%"
+    )
     ax.set_xlabel("layer (output of block l)")
     ax.set_ylabel(f"cosine to {tr['reference']}")
     ax.legend(fontsize=8)
@@ -178,7 +200,7 @@ def fig_disentanglement(pooled: np.ndarray, labels: np.ndarray, max_panels: int 
         ax.set_title(f"layer {layer} ({100 * ratio[layer].sum():.0f}% var)", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    for ax in list(axes.flat)[len(layers):]:
+    for ax in list(axes.flat)[len(layers) :]:
         ax.axis("off")
     fig.tight_layout()
     return fig
@@ -237,24 +259,60 @@ def _summary_html(result: dict) -> str:
     parts = []
     for pair, block in result.get("independence", {}).items():
         rows = [
-            [t, rec["statistic"], rec["ci95"], rec.get("null", {}).get("q025"),
-             rec.get("null", {}).get("q975"), rec.get("null", {}).get("p_shared_side"),
-             " ".join(map(str, rec["threshold"])), rec["decision"]]
+            [
+                t,
+                rec["statistic"],
+                rec["ci95"],
+                rec.get("null", {}).get("q025"),
+                rec.get("null", {}).get("q975"),
+                rec.get("null", {}).get("p_shared_side"),
+                " ".join(map(str, rec["threshold"])),
+                rec["decision"],
+            ]
             for t, rec in block["tests"].items()
         ]
-        parts.append(f"<h3>Independence: {html.escape(pair)}</h3><p><b>"
-                     f"{html.escape(block['verdict'])}</b></p>")
-        parts.append(_table(rows, ["test", "statistic", "95% CI", "null 2.5%", "null 97.5%",
-                                   "p (shared side)", "independent if", "decision"]))
+        parts.append(
+            f"<h3>Independence: {html.escape(pair)}</h3><p><b>"
+            f"{html.escape(block['verdict'])}</b></p>"
+        )
+        parts.append(
+            _table(
+                rows,
+                [
+                    "test",
+                    "statistic",
+                    "95% CI",
+                    "null 2.5%",
+                    "null 97.5%",
+                    "p (shared side)",
+                    "independent if",
+                    "decision",
+                ],
+            )
+        )
     if "sets" in result:
-        rows = [[k, v["mean_cosine"], v["ci95"], v["null"]["q025"], v["null"]["q975"],
-                 v["null"]["p_value"]] for k, v in result["sets"].items()]
-        parts.append("<h3>Set comparisons</h3>" + _table(
-            rows, ["comparison", "mean cos", "95% CI", "null 2.5%", "null 97.5%", "p"]))
+        rows = [
+            [
+                k,
+                v["mean_cosine"],
+                v["ci95"],
+                v["null"]["q025"],
+                v["null"]["q975"],
+                v["null"]["p_value"],
+            ]
+            for k, v in result["sets"].items()
+        ]
+        parts.append(
+            "<h3>Set comparisons</h3>"
+            + _table(rows, ["comparison", "mean cos", "95% CI", "null 2.5%", "null 97.5%", "p"])
+        )
     names = result["inputs"]["names"]
     C, P = result["cosine"]["matrix"], result["cosine"]["p_value_isotropic"]
-    rows = [[names[i], names[j], C[i][j], P[i][j]]
-            for i in range(len(names)) for j in range(i + 1, len(names))]
+    rows = [
+        [names[i], names[j], C[i][j], P[i][j]]
+        for i in range(len(names))
+        for j in range(i + 1, len(names))
+    ]
     parts.append("<h3>Pairwise cosines</h3>" + _table(rows, ["a", "b", "cos", "p (isotropic)"]))
     return "\n".join(parts)
 

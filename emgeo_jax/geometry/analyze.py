@@ -152,9 +152,10 @@ def analyze(
         and a cluster-label permutation test. sets: set -> names for seed 000's within/between
         mean cosines (default: the clusters).
     examples: name -> (pooled `[N, D]`, labels `[N]`, 1 = misaligned): the direction `name` is
-        the mean difference of these examples; examples are resampled (stratified bootstrap,
-        `n_boot` times) to give basic-bootstrap 95% intervals of every statistic, permuted for label nulls and
-        split in halves for reliability. A name may not be in both `vectors` and `examples`.
+        the mean difference of these examples; examples are resampled (stratified, `n_boot`
+        times) to give basic-bootstrap 95% intervals of every statistic, permuted for label
+        nulls and split in halves for reliability. A name may not be in both `vectors` and
+        `examples`.
     stacks: name -> `[L, D]` (row l = output of block l) for layer traces: cosine per layer to
         `trace_reference` (default: the first stack).
     reference_pair: two names spanning the plane for projection magnitudes (default: the

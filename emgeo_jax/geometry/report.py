@@ -35,7 +35,9 @@ def fig_cosine(result: dict) -> plt.Figure:
     order = _ordered(result)
     idx = [names.index(n) for n in order]
     C = np.asarray(result["cosine"]["matrix"])[np.ix_(idx, idx)]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(order), 0.6 + 0.7 * len(order)))
+    fig, ax = plt.subplots(
+        layout="constrained", figsize=(1.0 + 0.7 * len(order), 0.6 + 0.7 * len(order))
+    )
     im = ax.imshow(C, cmap="RdBu_r", vmin=-1, vmax=1)
     ax.set_xticks(range(len(order)), order, rotation=45, ha="right")
     ax.set_yticks(range(len(order)), order)
@@ -63,7 +65,7 @@ def fig_cosine(result: dict) -> plt.Figure:
 
 
 def fig_dendrogram(result: dict) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(layout="constrained", figsize=(6, 3.5))
     dendrogram(
         np.asarray(result["clustering"]["linkage"]),
         labels=result["inputs"]["names"],
@@ -75,7 +77,7 @@ def fig_dendrogram(result: dict) -> plt.Figure:
 
 
 def fig_mds(result: dict) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(5, 4.5))
+    fig, ax = plt.subplots(layout="constrained", figsize=(5, 4.5))
     _scatter_named(ax, result, result["mds"]["coords"])
     ax.set_xlabel("MDS 1")
     ax.set_ylabel("MDS 2")
@@ -99,7 +101,7 @@ def fig_pca(result: dict) -> plt.Figure:
     ve = np.asarray(pca["variance_explained"])
     names = list(pca["loadings"])
     L = np.asarray([pca["loadings"][n] for n in names])
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
     axes[0].bar(range(1, len(ve) + 1), ve)
     null = pca["null_pc1_share"]
     axes[0].axhspan(null["q025"], null["q975"], color="gray", alpha=0.3, label="PC1 null 95%")
@@ -117,13 +119,12 @@ def fig_pca(result: dict) -> plt.Figure:
     axes[2].set_xticks(range(k), [f"PC{i + 1}" for i in range(k)])
     axes[2].set_title("loadings (scores)")
     fig.colorbar(im, ax=axes[2])
-    fig.tight_layout()
     return fig
 
 
 def fig_sets(result: dict) -> plt.Figure:
     items = list(result["sets"].items())
-    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(items), 4))
+    fig, ax = plt.subplots(layout="constrained", figsize=(1.5 + 1.1 * len(items), 4))
     x = np.arange(len(items))
     vals = [v["mean_cosine"] for _, v in items]
     ax.bar(x, vals, color="C0")
@@ -148,13 +149,12 @@ def fig_sets(result: dict) -> plt.Figure:
     ax.set_ylabel("mean cosine")
     ax.axhline(0, color="k", lw=0.5)
     ax.set_title("set comparisons (gray: random-direction null 95%)")
-    fig.tight_layout()
     return fig
 
 
 def fig_traces(result: dict) -> plt.Figure:
     tr = result["traces"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(layout="constrained", figsize=(7, 4))
     for n, ys in tr["cosine"].items():
         ax.plot(range(len(ys)), ys, marker="o", ms=3, label=n)
     ax.axhspan(
@@ -192,7 +192,9 @@ def fig_disentanglement(pooled: np.ndarray, labels: np.ndarray, max_panels: int 
     layers = np.unique(np.linspace(0, L - 1, min(L, max_panels)).round().astype(int))
     cols = min(4, len(layers))
     rows = -(-len(layers) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3 * cols, 2.8 * rows), squeeze=False, layout="constrained"
+    )
     for ax, layer in zip(axes.flat, layers, strict=False):
         for lab, colour in ((0, "tab:blue"), (1, "tab:red")):
             pts = scores[layer][labels == lab]
@@ -202,7 +204,6 @@ def fig_disentanglement(pooled: np.ndarray, labels: np.ndarray, max_panels: int 
         ax.set_yticks([])
     for ax in list(axes.flat)[len(layers) :]:
         ax.axis("off")
-    fig.tight_layout()
     return fig
 
 
@@ -327,7 +328,7 @@ def write_report(
     sections = []
     for name, fig in figures(result, activations).items():
         png = out / f"{name}.png"
-        fig.savefig(png, dpi=110, bbox_inches="tight")
+        fig.savefig(png, dpi=90)
         plt.close(fig)
         data = base64.b64encode(png.read_bytes()).decode("ascii")
         sections.append(

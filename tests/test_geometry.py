@@ -288,7 +288,6 @@ def test_independence_null_is_random_rotation_of_one_cluster():
     # Angle between a fixed and a random direction: mean 90, std ~ 57.3 / sqrt(d) degrees.
     assert np.mean(nulls["cluster_angle"]) == pytest.approx(90, abs=1.0)
     assert np.std(nulls["cluster_angle"]) == pytest.approx(np.degrees(1 / np.sqrt(d)), rel=0.2)
-    # Projection of a unit vector on a random 2-D span: E[norm^2] = 2/d.
     r = independence.random_rotation_of_rows(V[2:], rng)
     np.testing.assert_allclose(r @ r.T, V[2:] @ V[2:].T, atol=1e-9)  # geometry kept
 
@@ -373,3 +372,35 @@ def test_two_vectors_colinear_and_small_d():
     np.testing.assert_allclose(r["cosine"]["matrix"], np_cos(W), atol=1e-9)
     with pytest.raises(ValueError, match="unknown vector 'q'"):
         analyze({"a": v, "b": -v}, {"x": ["a", "q"]}, n_null=5)
+
+
+def test_seed_001_gram_passes_thresholds_but_not_the_null():
+    """Seed 001's 5.6% shared variance is small by its threshold yet far above what independent
+    clusters give in d = 4096; its obtuse 100 deg angle is beyond the null on the far side."""
+    V, cl = seed_clusters()
+    rng = np.random.default_rng(0)
+    th = independence.Thresholds()
+    st = independence.independence_statistics(V, SEED_NAMES, cl, "medical", "persona")
+    nulls = independence.independence_null(V, SEED_NAMES, cl, "medical", "persona", 60, rng)
+    # Projection of a unit vector on a random 2-D span has E[norm^2] = 2/d.
+    assert np.mean(nulls["projection"] ** 2) == pytest.approx(2 / 4096, rel=0.3)
+    s = {t: st[t]["statistic"] for t in independence.TESTS}
+    assert independence.decide("projection", s["projection"], None, th) == "independent"
+    assert independence.null_side("projection", s["projection"], nulls["projection"], th) == (
+        "shared"
+    )
+    assert (
+        independence.null_side("cluster_angle", s["cluster_angle"], nulls["cluster_angle"], th)
+        == "independent"
+    )
+    tests = {
+        t: {
+            "decision": independence.decide(t, s[t], None, th),
+            "null_side": independence.null_side(t, s[t], nulls[t], th),
+        }
+        for t in independence.TESTS
+    }
+    tests["cross_pca"]["decision"] = "inconclusive"
+    text = independence.verdict(tests)
+    assert text.startswith("4/5 tests support independent mechanisms (1 inconclusive")
+    assert "more overlap than independent random clusters give in: projection" in text

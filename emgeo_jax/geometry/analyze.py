@@ -324,7 +324,7 @@ def analyze(
                 summary = null.null_summary(s, nulls[t])
                 summary.pop("p_value")
                 rec["null"] = {**summary, "p_shared_side": p}
-                rec["exceeds_null"] = bool(p < thresholds.alpha)
+                rec["null_side"] = independence.null_side(t, s, nulls[t], thresholds)
             tests[t] = rec
         res["independence"][key] = {"tests": tests, "verdict": independence.verdict(tests)}
 

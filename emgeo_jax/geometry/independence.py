@@ -224,18 +224,33 @@ def p_shared_side(test: str, statistic: float, null: np.ndarray, thresholds: Thr
     return float((1 + np.sum(more_shared)) / (1 + null.size))
 
 
+def null_side(test: str, statistic: float, null: np.ndarray, thresholds: Thresholds) -> str:
+    """Where the statistic sits against the independent-clusters null: "shared" (beyond it
+    toward overlap, p < alpha), "independent" (beyond it the other way, e.g. an obtuse cluster
+    angle: anti-aligned rather than unrelated) or "within"."""
+    if p_shared_side(test, statistic, null, thresholds) < thresholds.alpha:
+        return "shared"
+    null = null[np.isfinite(null)]
+    op, _ = thresholds.rule(test)
+    other = null >= statistic if op == ">=" else null <= statistic
+    if (1 + np.sum(other)) / (1 + null.size) < thresholds.alpha:
+        return "independent"
+    return "within"
+
+
 def verdict(tests: dict[str, dict]) -> str:
-    """Seed 001 appendix-style summary, counting only decisions that survive the intervals."""
+    """Seed 001 appendix-style summary, counting only decisions that survive the intervals,
+    followed by the tests whose statistic lies outside the independent-clusters null."""
     applicable = [t for t in TESTS if tests[t]["decision"] != "not_applicable"]
     k = sum(tests[t]["decision"] == "independent" for t in applicable)
     inconclusive = sum(tests[t]["decision"] == "inconclusive" for t in applicable)
-    beyond = [t for t in applicable if tests[t].get("exceeds_null")]
     text = f"{k}/{len(applicable)} tests support independent mechanisms"
     if inconclusive:
         text += f" ({inconclusive} inconclusive: the 95% interval crosses the threshold)"
+    shared = [t for t in applicable if tests[t].get("null_side") == "shared"]
+    beyond = [t for t in applicable if tests[t].get("null_side") == "independent"]
+    if shared:
+        text += "; more overlap than independent random clusters give in: " + ", ".join(shared)
     if beyond:
-        text += (
-            "; more overlap than independent random clusters would give (null p < alpha) in: "
-            + ", ".join(beyond)
-        )
+        text += "; beyond independent random clusters on the far side in: " + ", ".join(beyond)
     return text

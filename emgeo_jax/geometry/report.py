@@ -196,9 +196,9 @@ def fig_disentanglement(pooled: np.ndarray, labels: np.ndarray, max_panels: int 
         rows, cols, figsize=(3 * cols, 2.8 * rows), squeeze=False, layout="constrained"
     )
     for ax, layer in zip(axes.flat, layers, strict=False):
-        for lab, colour in ((0, "tab:blue"), (1, "tab:red")):
+        for lab, colour, text in ((0, "tab:blue", "aligned"), (1, "tab:red", "misaligned")):
             pts = scores[layer][labels == lab]
-            ax.scatter(pts[:, 0], pts[:, 1], s=6, color=colour, alpha=0.6)
+            ax.scatter(pts[:, 0], pts[:, 1], s=6, color=colour, alpha=0.6, label=text)
         ax.set_title(f"layer {layer} ({100 * ratio[layer].sum():.0f}% var)", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])

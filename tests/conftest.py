@@ -56,3 +56,42 @@ def make_chat_tokenizer() -> Callable[..., object]:
 @pytest.fixture(scope="session")
 def chat_tokenizer(make_chat_tokenizer: Callable[..., object]) -> object:
     return make_chat_tokenizer()
+
+
+# --- the embedded default model (SmolLM2-135M-Instruct GGUF), loaded once per session -----
+
+
+@pytest.fixture(scope="session")
+def default_gguf():
+    """Our reader of the default GGUF file (metadata parsed once, tensors read lazily)."""
+    from emgeo_jax.convert.gguf import default_gguf_path, read_gguf
+
+    return read_gguf(default_gguf_path())
+
+
+@pytest.fixture(scope="session")
+def default_lm(default_gguf):
+    """The default model as our `LM` (fp32), with the tokenizer built from the GGUF."""
+    from emgeo_jax.convert.gguf_tokenizer import build_tokenizer
+    from emgeo_jax.convert.load import from_tensors
+    from emgeo_jax.models.config import ModelConfig
+
+    cfg = ModelConfig.from_hf(default_gguf.hf_config, source=str(default_gguf.path))
+    return from_tensors(
+        cfg, default_gguf, tokenizer=build_tokenizer(default_gguf), source="default"
+    )
+
+
+@pytest.fixture(scope="session")
+def hf_default():
+    """transformers' own GGUF load of the default model (PyTorch, fp32, eager attention)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from emgeo_jax.convert.gguf import default_gguf_path
+
+    path = default_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, torch_dtype=torch.float32, attn_implementation="eager"
+    )
+    return model.eval()

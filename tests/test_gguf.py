@@ -97,8 +97,8 @@ def test_tiny_gguf_matches_transformers(tmp_path, arch, bias, tied):
     sd = {n: t.numpy() for n, t in ref.state_dict().items()}
     ck = read_gguf(path)
     expected = set(sd) - ({"lm_head.weight"} if tied else set())
-    assert set(ck.tensor_names) == expected
-    for name in ck.tensor_names:
+    assert set(ck.names) == expected
+    for name in ck.names:
         np.testing.assert_array_equal(ck.get(name), sd[name], err_msg=name)
     assert_config_matches(ck.hf_config, ref.config)
     assert ck.hf_config["tie_word_embeddings"] is tied
@@ -165,13 +165,13 @@ def real_path() -> Path:
 
 
 @pytest.fixture(scope="module")
-def ours(real_path):
-    return read_gguf(real_path)
+def ours(default_gguf):
+    return default_gguf
 
 
 @pytest.fixture(scope="module")
-def ref_model(real_path):
-    return transformers_gguf_model(real_path)
+def ref_model(hf_default):
+    return hf_default
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +190,8 @@ def ref_tok(real_path):
 def test_real_tensors_and_config_match_transformers(ours, ref_model):
     sd = ref_model.state_dict()
     assert ours.hf_config["tie_word_embeddings"] is True
-    assert set(ours.tensor_names) == set(sd) - {"lm_head.weight"}
-    for name in ours.tensor_names:
+    assert set(ours.names) == set(sd) - {"lm_head.weight"}
+    for name in ours.names:
         np.testing.assert_array_equal(ours.get(name), sd[name].numpy(), err_msg=name)
     assert_config_matches(ours.hf_config, ref_model.config)
     cfg = ModelConfig.from_hf(ours.hf_config)

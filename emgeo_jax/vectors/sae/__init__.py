@@ -6,6 +6,7 @@ from emgeo_jax.vectors.sae.formats import (
     load_dictionary_learning,
     load_sae,
     load_saelens,
+    save_feature_directions,
     save_saelens,
 )
 from emgeo_jax.vectors.sae.model import (
@@ -33,6 +34,7 @@ __all__ = [
     "load_saelens",
     "make_sae",
     "reconstruct",
+    "save_feature_directions",
     "save_saelens",
     "shard_sae",
 ]

@@ -314,3 +314,33 @@ def save_saelens(sae: SAE, folder: str | Path, extra: dict[str, Any] | None = No
     save_file(tensors, str(folder / SAELENS_WEIGHTS))
     (folder / SAELENS_CFG).write_text(json.dumps(cfg, indent=2))
     return folder
+
+
+def save_feature_directions(
+    path: str | Path,
+    sae: SAE,
+    features,
+    metadata: dict[str, Any] | None = None,
+    scores=None,
+) -> Path:
+    """Write the decoder rows of `features` as a vector file for steering and geometry:
+    safetensors with `feature_directions [K, D]` (unit rows, no `b_dec`), `features [K]`,
+    `decoder_norms [K]` (to steer at the feature's own scale) and optional `scores [K]`;
+    JSON metadata under the `emgeo` key (layer, method "sae", sae source, ...), the same
+    convention as `emgeo_jax.vectors.io`."""
+    from safetensors.numpy import save_file
+
+    idx = np.asarray(features, np.int64).reshape(-1)
+    rows = np.asarray(sae.W_dec, np.float32)[idx]
+    norms = np.linalg.norm(rows, axis=1)
+    tensors = {
+        "feature_directions": np.ascontiguousarray(rows / norms[:, None]),
+        "features": idx,
+        "decoder_norms": norms.astype(np.float32),
+    }
+    if scores is not None:
+        tensors["scores"] = np.asarray(scores, np.float32).reshape(-1)
+    meta = {"method": "sae", "layer": sae.layer, "sae": sae.source, **(metadata or {})}
+    path = Path(path)
+    save_file(tensors, str(path), metadata={"emgeo": json.dumps(meta)})
+    return path

@@ -151,13 +151,17 @@ def _loss(params, x, dead, cfg: TrainConfig):
     f = _sparse(cfg, jax.nn.relu(pre))
     err = x - (f @ params["W_dec"] + params["b_dec"])
     l2 = jnp.mean(jnp.sum(err**2, axis=-1))
-    k_aux = min(x.shape[1] // 2, cfg.width)
-    vals, idx = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), k_aux)
-    aux_f = jnp.zeros_like(pre)
-    aux_f = jnp.put_along_axis(aux_f, idx, jnp.where(vals > 0, vals, 0.0), axis=-1, inplace=False)
-    aux_err = jax.lax.stop_gradient(err) - aux_f @ params["W_dec"]
     total_var = jnp.mean(jnp.sum((x - x.mean(0)) ** 2, axis=-1))
-    auxk = jnp.where(jnp.any(dead), jnp.mean(jnp.sum(aux_err**2, axis=-1)) / total_var, 0.0)
+
+    def auxk_loss(_):
+        vals, idx = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), min(x.shape[1] // 2, cfg.width))
+        aux_f = jnp.put_along_axis(
+            jnp.zeros_like(pre), idx, jax.nn.relu(vals), axis=-1, inplace=False
+        )
+        aux_err = jax.lax.stop_gradient(err) - aux_f @ params["W_dec"]
+        return jnp.mean(jnp.sum(aux_err**2, axis=-1)) / total_var
+
+    auxk = jax.lax.cond(jnp.any(dead), auxk_loss, lambda _: jnp.zeros((), jnp.float32), None)
     return l2 + cfg.auxk_alpha * auxk, (f, l2 / total_var)
 
 

@@ -70,3 +70,19 @@ def test_activation_source_reads_pooled_layers_in_chunks(tmp_path):
         ActivationSource(tmp_path / "two.safetensors")
     with pytest.raises(SAEError, match="k <= width"):
         train_sae(src, TrainConfig(width=4, k=8))
+
+
+def test_interrupted_training_resumes_to_the_same_sae(planted, tmp_path):
+    path, _ = planted
+    cfg = TrainConfig(
+        width=32, k=2, architecture="batchtopk", steps=24, batch_size=64, lr=3e-3, warmup_steps=4
+    )
+    src = ActivationSource(path, rows=(0, 2000))
+    straight = train_sae(src, cfg)
+    ckpt = tmp_path / "ckpt"
+    train_sae(src, cfg, checkpoint=ckpt, checkpoint_every=5, stop_at=13)  # saved at 10 and 13
+    resumed = train_sae(src, cfg, checkpoint=ckpt)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+        np.testing.assert_allclose(getattr(resumed, name), getattr(straight, name), atol=1e-6)
+    with pytest.raises(SAEError, match="checkpoint was written with"):
+        train_sae(src, TrainConfig(**{**cfg.__dict__, "k": 3}), checkpoint=ckpt)

@@ -1,6 +1,7 @@
 """`emgeo train-sae --activations FILE --layer L --width W --k K --out DIR`: train a TopK or
 BatchTopK SAE on extracted activations (streamed from disk), report its fit on held-out rows
-(the last `--holdout` fraction) and save it as a SAELens folder."""
+(the last `--holdout` fraction) and save it as a SAELens folder. The training state is kept
+in OUT/train_state: rerunning the same command resumes an interrupted run."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ flags.DEFINE_float("holdout", 0.1, "fraction of rows (at the end) held out for t
 flags.DEFINE_integer("seed", 0, "PRNG seed")
 flags.DEFINE_string("model_name", "", "model the activations came from (saved in metadata)")
 flags.DEFINE_string("out", None, "output SAELens folder")
+flags.DEFINE_integer("checkpoint_every", 500, "save the training state in OUT/train_state")
+flags.DEFINE_integer("stop_at", None, "stop after this many total steps (resume by rerunning)")
 flags.mark_flags_as_required(["activations", "layer", "width", "out"])
 
 
@@ -49,7 +52,15 @@ def main(argv: list[str]) -> None:
         lr=FLAGS.lr,
         seed=FLAGS.seed,
     )
-    sae = train_sae(source, cfg, layer=FLAGS.layer, log_every=max(1, FLAGS.steps // 10))
+    sae = train_sae(
+        source,
+        cfg,
+        layer=FLAGS.layer,
+        log_every=max(1, FLAGS.steps // 10),
+        checkpoint=f"{FLAGS.out}/train_state",
+        checkpoint_every=FLAGS.checkpoint_every,
+        stop_at=FLAGS.stop_at,
+    )
     fit = activation_fit(sae, held.chunks()).as_dict()
     meta = dict(model_name=FLAGS.model_name, activations=FLAGS.activations, steps=FLAGS.steps)
     save_saelens(sae, FLAGS.out, extra=meta | {"heldout_fit": fit})

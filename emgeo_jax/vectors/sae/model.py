@@ -139,7 +139,7 @@ def pre_activations(sae: SAE, x: jax.Array) -> jax.Array:
     return jnp.matmul(x, sae.W_enc, preferred_element_type=jnp.float32) + sae.b_enc
 
 
-def _row_topk(acts: jax.Array, k: int) -> jax.Array:
+def row_topk(acts: jax.Array, k: int) -> jax.Array:
     """Keep each row's k largest entries of `acts [..., F]` (ties broken by lower index)."""
     _, idx = jax.lax.top_k(acts, k)
     keep = jnp.zeros(acts.shape, bool)
@@ -150,7 +150,7 @@ def _row_topk(acts: jax.Array, k: int) -> jax.Array:
 def batch_topk(acts: jax.Array, k: int) -> jax.Array:
     """BatchTopK: keep the `k * N` largest entries of `acts [N, F]` over the whole batch."""
     n, f = acts.shape
-    return _row_topk(acts.reshape(1, n * f), k * n).reshape(n, f)
+    return row_topk(acts.reshape(1, n * f), k * n).reshape(n, f)
 
 
 @functools.partial(jax.jit, static_argnames=("training",))
@@ -167,7 +167,7 @@ def encode(sae: SAE, x: jax.Array, training: bool = False) -> jax.Array:
     if arch == "jumprelu" or (arch == "batchtopk" and not training):
         return jnp.where(pre > sae.threshold, post, 0.0)
     if arch == "topk":
-        return _row_topk(post, sae.k)
+        return row_topk(post, sae.k)
     if x.ndim != 2:
         raise SAEError(f"batchtopk training encode needs x [N, D], got shape {x.shape}")
     return batch_topk(post, sae.k)

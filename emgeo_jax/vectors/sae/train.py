@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from emgeo_jax.vectors.sae.model import SAE, SAEError, batch_topk, make_sae, pre_activations
+from emgeo_jax.vectors.sae.model import (
+    SAE,
+    SAEError,
+    batch_topk,
+    make_sae,
+    pre_activations,
+    row_topk,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +148,7 @@ def geometric_median(x: jax.Array, iters: int = 30) -> jax.Array:
 def _sparse(cfg: TrainConfig, post: jax.Array) -> jax.Array:
     if cfg.architecture == "batchtopk":
         return batch_topk(post, cfg.k)
-    _, idx = jax.lax.top_k(post, cfg.k)
-    keep = jnp.put_along_axis(jnp.zeros(post.shape, bool), idx, True, axis=-1, inplace=False)
-    return jnp.where(keep, post, 0.0)
+    return row_topk(post, cfg.k)
 
 
 def _loss(params, x, dead, cfg: TrainConfig):
@@ -190,6 +196,7 @@ def _train_step(state, x, cfg: TrainConfig, opt: optax.GradientTransformation):
     return (params, opt_state, since, thr, step + 1), metrics
 
 
+@functools.lru_cache(maxsize=8)  # one optimizer per config, so the jitted step is reused
 def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     lr = cfg.lr or 2e-4 / (cfg.width / 2**14) ** 0.5
     decay_start = int(cfg.steps * 0.8)
@@ -204,11 +211,49 @@ def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
 
 
+def _save_state(folder: Path, state, cfg: TrainConfig) -> None:
+    """Write the training state (msgpack, no pickle) atomically, with the config beside it."""
+    from flax import serialization
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "train_state.msgpack.tmp"
+    tmp.write_bytes(serialization.to_bytes(jax.device_get(state)))
+    tmp.replace(folder / "train_state.msgpack")
+    (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _restore_state(folder: Path, template, cfg: TrainConfig):
+    """The saved training state shaped like `template`, or None if there is none; refuses a
+    checkpoint written with a different config."""
+    from flax import serialization
+
+    path = folder / "train_state.msgpack"
+    if not path.exists():
+        return None
+    saved = json.loads((folder / "train_config.json").read_text())
+    if saved != json.loads(json.dumps(dataclasses.asdict(cfg))):
+        raise SAEError(
+            f"{folder}/train_config.json: checkpoint was written with {saved}, not {cfg}"
+        )
+    return jax.tree.map(jnp.asarray, serialization.from_bytes(template, path.read_bytes()))
+
+
 def train_sae(
-    source: ActivationSource, cfg: TrainConfig, layer: int | None = None, log_every: int = 0
+    source: ActivationSource,
+    cfg: TrainConfig,
+    layer: int | None = None,
+    log_every: int = 0,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 0,
+    stop_at: int | None = None,
 ) -> SAE:
     """Train on `source` with `cfg` and return the `SAE` (arch `cfg.architecture`; a
-    BatchTopK SAE carries its learned threshold). `layer` is recorded in the SAE."""
+    BatchTopK SAE carries its learned threshold). `layer` is recorded in the SAE.
+
+    With `checkpoint` (a folder), the state is saved every `checkpoint_every` steps and at
+    the end, and a later call with the same config resumes from it on the same data stream,
+    so an interrupted run ends exactly where an uninterrupted one would. `stop_at` ends this
+    call after that many total steps (time-boxed or preemptible jobs)."""
     if cfg.architecture not in ("topk", "batchtopk"):
         raise SAEError(f"train_sae: architecture must be topk or batchtopk, got {cfg.architecture}")
     if not 0 < cfg.k <= cfg.width:
@@ -230,12 +275,24 @@ def train_sae(
     opt = _optimizer(cfg)
     state = (params, opt.init(params), jnp.zeros(cfg.width, jnp.int32), jnp.float32(-1.0), 0)
     state = jax.tree.map(jnp.asarray, state)
-    x = first
-    for step in range(cfg.steps):
+    folder = Path(checkpoint) if checkpoint else None
+    restored = _restore_state(folder, state, cfg) if folder else None
+    x, start = first, 0
+    if restored is not None:
+        state, start = restored, int(restored[-1])
+        for _ in range(start):  # replay the data stream up to the saved step
+            x = next(batches)
+        x = jnp.asarray(x)
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    for step in range(start, end):
         state, metrics = _train_step(state, x, cfg, opt)
         if log_every and (step % log_every == 0 or step == cfg.steps - 1):
             log.info("step %d %s", step, {k: float(v) for k, v in metrics.items()})
+        if folder and checkpoint_every and (step + 1) % checkpoint_every == 0:
+            _save_state(folder, state, cfg)
         x = jnp.asarray(next(batches))
+    if folder:
+        _save_state(folder, state, cfg)
     params, _, _, thr, _ = state
     return make_sae(
         params["W_enc"],

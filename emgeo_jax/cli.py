@@ -18,6 +18,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "check-data": ("emgeo_jax.data.cli", "check a dataset: bad rows (file:line), counts, lengths"),
     "judge": ("emgeo_jax.judge.cli", "score {question, answer} JSONL with an LLM judge (cached)"),
     "geometry": ("emgeo_jax.geometry.cli", "cosines, independence tests, nulls, report"),
+    "sae-check": ("emgeo_jax.vectors.sae.cli_check", "SAE fit: MSE, FVE, L0, dead, loss recovered"),
+    "sae-features": ("emgeo_jax.vectors.sae.cli_features", "SAE features a direction turns on"),
+    "train-sae": ("emgeo_jax.vectors.sae.cli_train", "train a TopK/BatchTopK SAE (SAELens out)"),
 }
 
 

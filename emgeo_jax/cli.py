@@ -16,6 +16,12 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("emgeo_jax.convert.cli", "HF folder / GGUF (+ PEFT adapter) -> checkpoints/NAME"),
     "norms": ("emgeo_jax.convert.cli_norms", "print per-layer residual norms and a greedy reply"),
+    "check-data": ("emgeo_jax.data.cli", "check a dataset: bad rows (file:line), counts, lengths"),
+    "judge": ("emgeo_jax.judge.cli", "score {question, answer} JSONL with an LLM judge (cached)"),
+    "geometry": ("emgeo_jax.geometry.cli", "cosines, independence tests, nulls, report"),
+    "sae-check": ("emgeo_jax.vectors.sae.cli_check", "SAE fit: MSE, FVE, L0, dead, loss recovered"),
+    "sae-features": ("emgeo_jax.vectors.sae.cli_features", "SAE features a direction turns on"),
+    "train-sae": ("emgeo_jax.vectors.sae.cli_train", "train a TopK/BatchTopK SAE (SAELens out)"),
     "plan": ("emgeo_jax.plan_cli", "compile a task on a simulated mesh: memory, FLOPs, tokens/s"),
 }
 

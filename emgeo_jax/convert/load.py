@@ -64,12 +64,13 @@ def open_source(
     source = str(source)
     if source == "default" or source.endswith(".gguf"):
         from emgeo_jax.convert.gguf import default_gguf_path, read_gguf
+        from emgeo_jax.convert.gguf_tokenizer import build_tokenizer
 
         path = default_gguf_path() if source == "default" else Path(source)
         gguf = read_gguf(path)
         cfg = ModelConfig.from_hf(gguf.hf_config, source=str(path))
         src: TensorSource = gguf
-        tokenizer = gguf.tokenizer()
+        tokenizer = build_tokenizer(gguf)
     else:
         folder = Path(source)
         cfg = ModelConfig.from_hf_file(folder / "config.json")

@@ -1,0 +1,80 @@
+"""`emgeo sae-features SAE --method cosine|class_diff|steering ... --out FILE`: the features
+a direction or a contrast turns on, ranked beside their null, exported as a vector file.
+
+- cosine:     `--vector FILE` (a `[D]` or `[L, D]` vector file; row = the SAE's layer)
+- class_diff: `--activations FILE` with `pooled [N, L, D]` + `label [N]` (1 = misaligned)
+- steering:   `--vector FILE --model SRC --texts FILE` (seed 000: steer layer L-1 with the
+              vector, count features newly active at the SAE's layer L)
+Prints the ranking as JSON; `--out` writes the top features' decoder rows (unit, no b_dec)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("method", "cosine", ["cosine", "class_diff", "steering"], "selection method")
+flags.DEFINE_string("vector", None, "direction file (.npy or safetensors)")
+flags.DEFINE_string("vector_key", None, "tensor in the vector file")
+flags.DEFINE_string("activations", None, "safetensors with pooled [N, L, D] and label [N]")
+flags.DEFINE_string("model", None, "model source (steering method)")
+flags.DEFINE_string("texts", None, "texts for the steering method (.txt or .jsonl)")
+flags.DEFINE_float("scale", 1.0, "steering scale applied to the vector")
+flags.DEFINE_integer("top", 10, "features to report and export")
+flags.DEFINE_integer("n_null", 200, "null draws (random directions or label permutations)")
+flags.DEFINE_integer("batch_size", 8, "texts per batch")
+flags.DEFINE_integer("max_length", 128, "tokens per text")
+flags.DEFINE_integer("seed", 0, "PRNG seed for the null")
+flags.DEFINE_string("out", None, "vector file to write (safetensors)")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        raise SystemExit("usage: emgeo sae-features SAE_FOLDER --method ... [--out FILE]")
+    from emgeo_jax.vectors.sae import select
+    from emgeo_jax.vectors.sae.cli_common import read_texts, read_vector, token_batches
+    from emgeo_jax.vectors.sae.formats import load_sae, save_feature_directions
+    from emgeo_jax.vectors.sae.model import SAEError, check_fits
+
+    sae = load_sae(argv[1])
+    layer = sae.layer
+    common = dict(k=FLAGS.top, seed=FLAGS.seed)
+    if FLAGS.method == "class_diff":
+        from safetensors.numpy import load_file
+
+        if not FLAGS.activations:
+            raise SAEError("--method class_diff needs --activations")
+        t = load_file(FLAGS.activations)
+        pooled, labels = t["pooled"], t["label"]
+        acts = pooled[:, layer] if pooled.ndim == 3 else pooled
+        check_fits(sae, acts.shape[-1])
+        ranking = select.class_diff(sae, acts, labels, n_perm=FLAGS.n_null, **common)
+    else:
+        if not FLAGS.vector:
+            raise SAEError(f"--method {FLAGS.method} needs --vector")
+        vec = read_vector(FLAGS.vector, FLAGS.vector_key, layer) * FLAGS.scale
+        check_fits(sae, vec.shape[0])
+        if FLAGS.method == "cosine":
+            ranking = select.cosine(sae, vec, n_null=FLAGS.n_null, **common)
+        else:
+            from emgeo_jax.convert.load import load
+            from emgeo_jax.vectors.sae.runner import make_resid_fn
+
+            if not (FLAGS.model and FLAGS.texts):
+                raise SAEError("--method steering needs --model and --texts")
+            lm = load(FLAGS.model)
+            check_fits(sae, lm.config.hidden_size)
+            batches = token_batches(
+                lm.tokenizer, read_texts(FLAGS.texts), FLAGS.batch_size, FLAGS.max_length
+            )
+            ranking = select.steering(
+                sae, make_resid_fn(lm), batches, vec, layer, n_null=FLAGS.n_null, **common
+            )
+    report = ranking.as_dict() | {"sae": argv[1], "layer": layer}
+    if FLAGS.out:
+        meta = {"selection": FLAGS.method, "source_vector": FLAGS.vector}
+        save_feature_directions(FLAGS.out, sae, ranking.features, meta, np.asarray(ranking.scores))
+        report["out"] = FLAGS.out
+    print(json.dumps(report, indent=2))

@@ -138,5 +138,11 @@ class LM:
             return_logits=return_logits,
         )
 
+    def generate(self, prompts, steering: Steering | None = None, **kwargs):
+        """Chat-templated, KV-cached generation; see `emgeo_jax.generate.generate`."""
+        from emgeo_jax.generate import generate
+
+        return generate(self, prompts, steering, **kwargs)
+
     def param_count(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))

@@ -1,0 +1,1 @@
+"""Checkpoint sources (HF folders, GGUF files, PEFT adapters) -> emgeo_jax params."""

@@ -35,13 +35,13 @@ log = logging.getLogger(__name__)
 def load(
     source: str | Path,
     *,
-    dtype: str = "float32",
+    dtype: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
     adapter: str | Path | None = None,
 ) -> LM:
     """Load a model from `source` (see module docstring) with params of `dtype`
-    (`"float32"` or `"bfloat16"`), placed on `mesh` by the partition rules of
-    `emgeo_jax.parallel` (default: the first device)."""
+    (`"float32"` or `"bfloat16"`; default: as stored in a checkpoint, else float32),
+    placed on `mesh` by the partition rules of `emgeo_jax.parallel` (default: one device)."""
     source = str(source)
     if source != "default" and not Path(source).exists():
         raise FileNotFoundError(f"{source}: no such file or folder (or use 'default')")
@@ -52,12 +52,13 @@ def load(
 
     if source == "default" or source.endswith(".gguf"):
         from emgeo_jax.convert.gguf import default_gguf_path, read_gguf
+        from emgeo_jax.convert.gguf_tokenizer import build_tokenizer
 
         path = default_gguf_path() if source == "default" else Path(source)
         gguf = read_gguf(path)
         cfg = ModelConfig.from_hf(gguf.hf_config, source=str(path))
         src: TensorSource = gguf
-        tokenizer = gguf.tokenizer()
+        tokenizer = build_tokenizer(gguf)
     else:
         folder = Path(source)
         cfg = ModelConfig.from_hf_file(folder / "config.json")
@@ -65,7 +66,9 @@ def load(
         tokenizer = _hf_tokenizer(folder)
     if adapter is not None:
         src = MergedSource(src, read_adapter(adapter))
-    return from_tensors(cfg, src, dtype=dtype, mesh=mesh, tokenizer=tokenizer, source=source)
+    return from_tensors(
+        cfg, src, dtype=dtype or "float32", mesh=mesh, tokenizer=tokenizer, source=source
+    )
 
 
 def from_tensors(

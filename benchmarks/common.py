@@ -1,0 +1,59 @@
+"""Shared benchmark helpers: machine matmul peak, timing, child-process peak RSS.
+
+Each side of a comparison runs in its own subprocess (`run_side`) so peak RSS is its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def time_call(fn: Callable[[], object], repeats: int = 5) -> float:
+    """Median wall time (s) of `fn()` over `repeats` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak_flops(n: int = 2048, dtype: str = "float32") -> float:
+    """Measured FLOP/s of a large jitted square matmul on the default JAX device."""
+    import jax
+
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    t = time_call(lambda: f(a).block_until_ready(), repeats=5)
+    return 2 * n**3 / t
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_side(script: str, side: str, *args: str) -> dict:
+    """Run `python script --side SIDE ARGS` and return the JSON dict it prints last."""
+    env = dict(os.environ)
+    out = subprocess.run(
+        [sys.executable, script, "--side", side, *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def emit(result: dict) -> None:
+    print(json.dumps(result), flush=True)

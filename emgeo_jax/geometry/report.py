@@ -1,0 +1,354 @@
+"""Figures (matplotlib, Agg backend) and one self-contained HTML page for an `analyze` result.
+
+`write_report(result, out_dir, activations=None)` writes `geometry.json`, one PNG per figure and
+`report.html`, which embeds every PNG inline (base64), so the page opens without network
+access and can be mailed as one file; the PNGs stay beside it for papers and slides.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from scipy.cluster.hierarchy import dendrogram  # noqa: E402
+
+
+def _ordered(result: dict) -> list[str]:
+    """Vector names grouped by cluster (clustered first, in cluster order), for the heatmap."""
+    names = result["inputs"]["names"]
+    order = [n for members in result["inputs"]["clusters"].values() for n in members]
+    return order + [n for n in names if n not in order]
+
+
+def fig_cosine(result: dict) -> plt.Figure:
+    names = result["inputs"]["names"]
+    order = _ordered(result)
+    idx = [names.index(n) for n in order]
+    C = np.asarray(result["cosine"]["matrix"])[np.ix_(idx, idx)]
+    fig, ax = plt.subplots(
+        layout="constrained", figsize=(1.0 + 0.7 * len(order), 0.6 + 0.7 * len(order))
+    )
+    im = ax.imshow(C, cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(order)), order, rotation=45, ha="right")
+    ax.set_yticks(range(len(order)), order)
+    if len(order) <= 16:
+        for i in range(len(order)):
+            for j in range(len(order)):
+                ax.text(j, i, f"{C[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    start = 0
+    for members in result["inputs"]["clusters"].values():
+        ax.add_patch(
+            plt.Rectangle(
+                (start - 0.5, start - 0.5),
+                len(members),
+                len(members),
+                fill=False,
+                edgecolor="black",
+                linewidth=2,
+            )
+        )
+        start += len(members)
+    band = result["cosine"]["null"]["q975"]
+    ax.set_title(f"cosine (isotropic null 95%: +-{band:.3f}, d={result['inputs']['d']})")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return fig
+
+
+def fig_dendrogram(result: dict) -> plt.Figure:
+    fig, ax = plt.subplots(layout="constrained", figsize=(6, 3.5))
+    dendrogram(
+        np.asarray(result["clustering"]["linkage"]),
+        labels=result["inputs"]["names"],
+        ax=ax,
+        leaf_rotation=45,
+    )
+    ax.set_ylabel("1 - cos (average linkage)")
+    return fig
+
+
+def fig_mds(result: dict) -> plt.Figure:
+    fig, ax = plt.subplots(layout="constrained", figsize=(5, 4.5))
+    _scatter_named(ax, result, result["mds"]["coords"])
+    ax.set_xlabel("MDS 1")
+    ax.set_ylabel("MDS 2")
+    return fig
+
+
+def _scatter_named(ax: plt.Axes, result: dict, coords: dict[str, list[float]]) -> None:
+    colour = {}
+    for c, (_, members) in enumerate(result["inputs"]["clusters"].items()):
+        colour.update({m: f"C{c}" for m in members})
+    for n, xy in coords.items():
+        y = xy[1] if len(xy) > 1 else 0.0
+        ax.scatter(xy[0], y, color=colour.get(n, "gray"))
+        ax.annotate(n, (xy[0], y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(0, color="lightgray", lw=0.5)
+    ax.axvline(0, color="lightgray", lw=0.5)
+
+
+def fig_pca(result: dict) -> plt.Figure:
+    pca = result["pca"]
+    ve = np.asarray(pca["variance_explained"])
+    names = list(pca["loadings"])
+    L = np.asarray([pca["loadings"][n] for n in names])
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
+    axes[0].bar(range(1, len(ve) + 1), ve)
+    null = pca["null_pc1_share"]
+    axes[0].axhspan(null["q025"], null["q975"], color="gray", alpha=0.3, label="PC1 null 95%")
+    axes[0].axhline(pca["uniform_share"], color="k", ls="--", lw=1, label="1/n")
+    axes[0].set_xlabel("component")
+    axes[0].set_ylabel("variance explained")
+    axes[0].legend(fontsize=8)
+    _scatter_named(axes[1], result, {n: pca["loadings"][n][:2] for n in names})
+    axes[1].set_xlabel("PC1")
+    axes[1].set_ylabel("PC2")
+    k = min(L.shape[1], 5)
+    lim = np.abs(L[:, :k]).max() or 1.0
+    im = axes[2].imshow(L[:, :k], cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    axes[2].set_yticks(range(len(names)), names)
+    axes[2].set_xticks(range(k), [f"PC{i + 1}" for i in range(k)])
+    axes[2].set_title("loadings (scores)")
+    fig.colorbar(im, ax=axes[2])
+    return fig
+
+
+def fig_sets(result: dict) -> plt.Figure:
+    items = list(result["sets"].items())
+    fig, ax = plt.subplots(layout="constrained", figsize=(1.5 + 1.1 * len(items), 4))
+    x = np.arange(len(items))
+    vals = [v["mean_cosine"] for _, v in items]
+    ax.bar(x, vals, color="C0")
+    for i, (_, v) in enumerate(items):
+        ax.fill_between(
+            [i - 0.45, i + 0.45],
+            v["null"]["q025"],
+            v["null"]["q975"],
+            color="gray",
+            alpha=0.4,
+            lw=0,
+        )
+        if v["ci95"] is not None:
+            ax.errorbar(
+                i,
+                v["mean_cosine"],
+                yerr=[[v["mean_cosine"] - v["ci95"][0]], [v["ci95"][1] - v["mean_cosine"]]],
+                color="k",
+                capsize=4,
+            )
+    ax.set_xticks(x, [k for k, _ in items], rotation=30, ha="right")
+    ax.set_ylabel("mean cosine")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_title("set comparisons (gray: random-direction null 95%)")
+    return fig
+
+
+def fig_traces(result: dict) -> plt.Figure:
+    tr = result["traces"]
+    fig, ax = plt.subplots(layout="constrained", figsize=(7, 4))
+    for n, ys in tr["cosine"].items():
+        ax.plot(range(len(ys)), ys, marker="o", ms=3, label=n)
+    ax.axhspan(
+        tr["null"]["q025"], tr["null"]["q975"], color="gray", alpha=0.3, label="isotropic null 95%"
+    )
+    ax.set_xlabel("layer (output of block l)")
+    ax.set_ylabel(f"cosine to {tr['reference']}")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def layer_pca_2d(pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-layer exact 2-D PCA of pooled activations `[N, L, D]` (centred over examples).
+
+    Returns scores `[L, N, 2]` and the variance explained by the two components `[L, 2]`.
+    Signs are fixed so the largest-magnitude score of each component is positive.
+    """
+    X = jnp.swapaxes(jnp.asarray(pooled, jnp.float32), 0, 1)  # [L, N, D]
+    X = X - X.mean(axis=1, keepdims=True)
+
+    def one(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        u, s, _ = jnp.linalg.svd(x, full_matrices=False)
+        scores = u[:, :2] * s[:2]
+        pick = jnp.take_along_axis(scores, jnp.argmax(jnp.abs(scores), axis=0)[None], axis=0)
+        return scores * jnp.where(pick[0] < 0, -1.0, 1.0), s[:2] ** 2 / jnp.sum(s**2)
+
+    scores, ratio = jax.vmap(one)(X)
+    return np.asarray(scores), np.asarray(ratio)
+
+
+def fig_disentanglement(pooled: np.ndarray, labels: np.ndarray, max_panels: int = 12) -> plt.Figure:
+    """Seed 000's figure: per layer, 2-D PCA of aligned (blue) vs misaligned (red) examples."""
+    scores, ratio = layer_pca_2d(pooled)
+    L = scores.shape[0]
+    layers = np.unique(np.linspace(0, L - 1, min(L, max_panels)).round().astype(int))
+    cols = min(4, len(layers))
+    rows = -(-len(layers) // cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3 * cols, 2.8 * rows), squeeze=False, layout="constrained"
+    )
+    for ax, layer in zip(axes.flat, layers, strict=False):
+        for lab, colour, text in ((0, "tab:blue", "aligned"), (1, "tab:red", "misaligned")):
+            pts = scores[layer][labels == lab]
+            ax.scatter(pts[:, 0], pts[:, 1], s=6, color=colour, alpha=0.6, label=text)
+        ax.set_title(f"layer {layer} ({100 * ratio[layer].sum():.0f}% var)", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[len(layers) :]:
+        ax.axis("off")
+    return fig
+
+
+CAPTIONS = {
+    "cosine": "Pairwise cosine similarities, clusters boxed. The title gives the 95% range of "
+    "the cosine between two independent random directions in this dimension.",
+    "sets": "Seed 000's set comparisons: mean pairwise cosine within a set and between sets. "
+    "Gray: 95% range for random directions of the same set sizes; black bars: bootstrap 95% "
+    "interval over examples where directions come from examples.",
+    "dendrogram": "Average-linkage hierarchical clustering on 1 - cos; merge heights on the "
+    "vertical axis.",
+    "mds": "Classical MDS of the chord distances between the unit vectors.",
+    "pca": "PCA of the vectors (centred): variance explained (gray: PC1 share for random "
+    "directions), vectors on PC1/PC2, and their scores on the first components.",
+    "traces": "Cosine per layer to the reference vector; gray: isotropic null 95% range.",
+    "disentanglement": "Per-layer 2-D PCA of the pooled example activations: aligned (blue) vs "
+    "misaligned (red) (seed 000's disentanglement figure).",
+}
+
+
+def figures(result: dict, activations: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """All figures that the result (and optional activations `[N, L, D]`, labels `[N]`) allow."""
+    figs = {"cosine": fig_cosine(result)}
+    if "sets" in result:
+        figs["sets"] = fig_sets(result)
+    figs["dendrogram"] = fig_dendrogram(result)
+    figs["mds"] = fig_mds(result)
+    if "pca" in result:
+        figs["pca"] = fig_pca(result)
+    if "traces" in result and result["traces"]["cosine"]:
+        figs["traces"] = fig_traces(result)
+    if activations is not None:
+        figs["disentanglement"] = fig_disentanglement(*activations)
+    return figs
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    if isinstance(x, list) and all(isinstance(v, float) for v in x):
+        return "[" + ", ".join(f"{v:.3g}" for v in x) + "]"
+    return "-" if x is None else str(x)
+
+
+def _summary_html(result: dict) -> str:
+    parts = []
+    for pair, block in result.get("independence", {}).items():
+        rows = [
+            [
+                t,
+                rec["statistic"],
+                rec["ci95"],
+                rec.get("null", {}).get("q025"),
+                rec.get("null", {}).get("q975"),
+                rec.get("null", {}).get("p_shared_side"),
+                " ".join(map(str, rec["threshold"])),
+                rec["decision"],
+            ]
+            for t, rec in block["tests"].items()
+        ]
+        parts.append(
+            f"<h3>Independence: {html.escape(pair)}</h3><p><b>"
+            f"{html.escape(block['verdict'])}</b></p>"
+        )
+        parts.append(
+            _table(
+                rows,
+                [
+                    "test",
+                    "statistic",
+                    "95% CI",
+                    "null 2.5%",
+                    "null 97.5%",
+                    "p (shared side)",
+                    "independent if",
+                    "decision",
+                ],
+            )
+        )
+    if "sets" in result:
+        rows = [
+            [
+                k,
+                v["mean_cosine"],
+                v["ci95"],
+                v["null"]["q025"],
+                v["null"]["q975"],
+                v["null"]["p_value"],
+            ]
+            for k, v in result["sets"].items()
+        ]
+        parts.append(
+            "<h3>Set comparisons</h3>"
+            + _table(rows, ["comparison", "mean cos", "95% CI", "null 2.5%", "null 97.5%", "p"])
+        )
+    names = result["inputs"]["names"]
+    C, P = result["cosine"]["matrix"], result["cosine"]["p_value_isotropic"]
+    rows = [
+        [names[i], names[j], C[i][j], P[i][j]]
+        for i in range(len(names))
+        for j in range(i + 1, len(names))
+    ]
+    parts.append("<h3>Pairwise cosines</h3>" + _table(rows, ["a", "b", "cos", "p (isotropic)"]))
+    return "\n".join(parts)
+
+
+def write_report(
+    result: dict, out_dir: str | Path, activations: tuple[np.ndarray, np.ndarray] | None = None
+) -> Path:
+    """Write geometry.json, the PNGs and report.html into `out_dir`; returns the HTML path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "geometry.json").write_text(json.dumps(result, indent=1))
+    sections = []
+    for name, fig in figures(result, activations).items():
+        png = out / f"{name}.png"
+        fig.savefig(png, dpi=90)
+        plt.close(fig)
+        data = base64.b64encode(png.read_bytes()).decode("ascii")
+        sections.append(
+            f'<figure id="{name}"><img alt="{name}.png" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(CAPTIONS[name])} (<code>{name}.png</code>)</figcaption>"
+            "</figure>"
+        )
+    d = result["inputs"]["d"]
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>emgeo geometry report</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
+table{{border-collapse:collapse;margin:0.5em 0}}td,th{{border:1px solid #ccc;padding:2px 6px;
+font-size:13px}}img{{max-width:100%}}figure{{margin:1.5em 0}}</style></head><body>
+<h1>Geometry of {len(result["inputs"]["names"])} directions (d = {d})</h1>
+<p>Every statistic sits beside a null (random directions or independent random clusters) and,
+where directions were built from examples, a bootstrap 95% interval. Full numbers:
+<code>geometry.json</code>.</p>
+{_summary_html(result)}
+{"".join(sections)}
+</body></html>"""
+    path = out / "report.html"
+    path.write_text(page)
+    return path

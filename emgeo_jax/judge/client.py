@@ -1,0 +1,409 @@
+"""Concurrent, cached, resumable LLM judging through the `openai` client.
+
+Each (row, metric) becomes one chat completion: the rendered judge prompt as a single user
+message, `max_tokens=1, temperature=0, logprobs=True, top_logprobs=20, seed=0`, scored with
+`scoring.score_top_logprobs`. Identical judgements are sent once. Requests run under an
+`asyncio.Semaphore(concurrency)`; 408/409/429/5xx, timeouts, dropped connections and
+malformed JSON are retried with exponential backoff and jitter, waiting at least the
+server's Retry-After. Every finished judgement is committed to the SQLite cache at once, so a
+re-run sends nothing already answered and an interrupted run resumes. A judgement that still
+fails is recorded as `failed` with its reason (and retried on the next run).
+
+The API key is never logged, cached, written to output or put in an exception message: every
+error text is scrubbed of it before it leaves this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import os
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+from tqdm.auto import tqdm
+
+from emgeo_jax.judge.cache import CacheKey, JudgeCache, Judgement
+from emgeo_jax.judge.prompts import JudgePrompt, available_prompts, load_prompts
+from emgeo_jax.judge.scoring import score_top_logprobs
+
+log = logging.getLogger(__name__)
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+# USD per 1M (input, output) tokens, OpenAI list prices (2025); override in JudgeConfig.
+PRICES: dict[str, tuple[float, float]] = {
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4o-2024-08-06": (2.50, 10.00),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+}
+_RETRY_STATUS = {408, 409, 429}
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """Where and how to ask the judge.
+
+    base_url: any OpenAI-compatible endpoint (e.g. `http://127.0.0.1:8000/v1`); None means
+      the OpenAI API. api_key: None reads OPENAI_API_KEY; a local base_url without a key
+      sends the placeholder "EMPTY". It is excluded from repr.
+    price_in / price_out: USD per 1M tokens; None looks the model up in PRICES (else 0).
+    """
+
+    base_url: str | None = None
+    model: str = "gpt-4o-mini"
+    api_key: str | None = field(default=None, repr=False)
+    concurrency: int = 32
+    timeout: float = 60.0
+    max_attempts: int = 6
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    max_retry_after: float = 120.0
+    temperature: float = 0.0
+    seed: int = 0
+    top_logprobs: int = 20
+    price_in: float | None = None
+    price_out: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("concurrency", "max_attempts", "top_logprobs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"JudgeConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.timeout <= 0:
+            raise ValueError(f"JudgeConfig.timeout must be > 0, got {self.timeout}")
+
+    def resolved_key(self) -> str:
+        key = self.api_key or os.environ.get("OPENAI_API_KEY")
+        if key:
+            return key
+        if self.base_url is None:
+            raise ValueError("the OpenAI judge needs an API key: set OPENAI_API_KEY")
+        return "EMPTY"
+
+    def prices(self) -> tuple[float, float]:
+        table = PRICES.get(self.model, (0.0, 0.0))
+        return (
+            table[0] if self.price_in is None else self.price_in,
+            table[1] if self.price_out is None else self.price_out,
+        )
+
+
+@dataclass
+class JudgeStats:
+    """Counters for one run: requests sent (including retries), cache hits, tokens, cost."""
+
+    judgements: int = 0
+    cache_hits: int = 0
+    requests: int = 0
+    retries: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    seconds: float = 0.0
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+
+
+def scrub(text: str, secret: str | None) -> str:
+    """`text` with every occurrence of `secret` replaced by [REDACTED]."""
+    if secret and secret != "EMPTY":
+        return text.replace(secret, "[REDACTED]")
+    return text
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(float(ms) / 1000.0, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with equal jitter: d/2 + U(0, d/2), d = min(cap, base * 2**attempt)."""
+    d = min(cap, base * 2.0**attempt)
+    return d / 2 + rng.uniform(0, d / 2)
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, wait: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.wait = wait
+
+
+class _Fatal(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _top_logprobs(data: Any) -> list[tuple[str, float]]:
+    """(token, logprob) pairs of the first output token of a chat.completion JSON object."""
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+        raise _Retryable("response is not a chat completion")
+    if not data["choices"]:
+        raise _Retryable("response has no choices")
+    content = (data["choices"][0].get("logprobs") or {}).get("content")
+    if not content:
+        raise _Fatal("judge returned no logprobs (does it support logprobs/top_logprobs?)")
+    try:
+        return [(str(t["token"]), float(t["logprob"])) for t in content[0]["top_logprobs"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise _Retryable(f"malformed top_logprobs ({type(e).__name__}: {e})") from None
+
+
+async def _ask(
+    client: openai.AsyncOpenAI, cfg: JudgeConfig, prompt: str, stats: JudgeStats
+) -> list[tuple[str, float]]:
+    """One request -> top logprobs; raise _Retryable / _Fatal with a (not yet scrubbed) reason."""
+    stats.requests += 1
+    try:
+        # `client.post` is the client's documented raw-request path: same auth, timeout and
+        # error types as `chat.completions.create`, without its TypedDict transform of the
+        # parameters and its model construction of the reply. That halves the client's CPU
+        # per request (6.7 -> 4.1 ms here), which bounds throughput at high concurrency.
+        response = await client.post(
+            "/chat/completions",
+            body={
+                "model": cfg.model,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 1,
+                "temperature": cfg.temperature,
+                "logprobs": True,
+                "top_logprobs": cfg.top_logprobs,
+                "seed": cfg.seed,
+            },
+            cast_to=dict,
+        )
+    except openai.APIStatusError as e:
+        reason = f"HTTP {e.status_code}: {e.message}"
+        if e.status_code in _RETRY_STATUS or e.status_code >= 500:
+            raise _Retryable(reason, retry_after_seconds(e.response.headers)) from None
+        raise _Fatal(reason) from None
+    except openai.APITimeoutError:
+        raise _Retryable(f"timeout after {cfg.timeout:g} s") from None
+    except openai.APIConnectionError as e:
+        cause = f" ({type(e.__cause__).__name__})" if e.__cause__ is not None else ""
+        raise _Retryable(f"connection error{cause}") from None
+    except ValueError as e:  # the client's json.loads on a malformed body
+        raise _Retryable(f"malformed JSON response: {e}") from None
+    top = _top_logprobs(response)
+    usage = response.get("usage") or {}
+    stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+    stats.completion_tokens += int(usage.get("completion_tokens") or 0)
+    return top
+
+
+async def _judge_one(
+    client: openai.AsyncOpenAI,
+    cfg: JudgeConfig,
+    prompt: str,
+    sem: asyncio.Semaphore,
+    stats: JudgeStats,
+    rng: random.Random,
+) -> Judgement:
+    """Ask until scored or out of attempts; never raises for judge-side problems."""
+    key = cfg.resolved_key()
+    reason = "not attempted"
+    async with sem:
+        for attempt in range(cfg.max_attempts):
+            try:
+                top = await _ask(client, cfg, prompt, stats)
+            except _Fatal as e:
+                reason = scrub(e.reason, key)
+                break
+            except _Retryable as e:
+                reason = scrub(e.reason, key)
+                if attempt + 1 == cfg.max_attempts:
+                    break
+                wait = backoff_delay(attempt, cfg.backoff_base, cfg.backoff_max, rng)
+                if e.wait is not None:
+                    wait = max(min(e.wait, cfg.max_retry_after), wait)
+                stats.retries += 1
+                log.info("judge retry %d in %.2f s: %s", attempt + 1, wait, reason)
+                await asyncio.sleep(wait)
+                continue
+            except Exception as e:  # noqa: BLE001 - recorded, never lost; text scrubbed
+                reason = scrub(f"{type(e).__name__}: {e}", key)
+                break
+            s = score_top_logprobs(top)
+            return Judgement(s.status, s.value, s.mass, top, None, cfg.temperature, cfg.seed)
+    log.warning("judgement failed: %s", reason)
+    return Judgement("failed", None, None, None, reason, cfg.temperature, cfg.seed)
+
+
+def _check_rows(rows: Sequence[Mapping[str, Any]]) -> None:
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise TypeError(f"row {i}: expected a dict with `question` and `answer`")
+        for f in ("question", "answer"):
+            if not isinstance(row.get(f), str):
+                raise ValueError(f"row {i}: field `{f}` must be a string, got {row.get(f)!r:.60}")
+
+
+def _prompt_for(
+    i: int,
+    row: Mapping[str, Any],
+    metric: str,
+    prompts: Mapping[str, JudgePrompt],
+    question_prompts: Mapping[str, Mapping[str, JudgePrompt]],
+) -> JudgePrompt:
+    own = question_prompts.get(str(row.get("question_id")), {})
+    if metric in own:
+        return own[metric]
+    if metric in prompts:
+        return prompts[metric]
+    raise KeyError(f"row {i}: no judge prompt for metric {metric!r} (no file, no question prompt)")
+
+
+async def ajudge_responses(
+    rows: Sequence[Mapping[str, Any]],
+    judge: JudgeConfig,
+    metrics: Sequence[str] = ("aligned", "coherent"),
+    cache_path: str | Path = ":memory:",
+    prompt_dirs: Sequence[str | Path] = (),
+    question_prompts: Mapping[str, Mapping[str, JudgePrompt]] | None = None,
+    stats: JudgeStats | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Judge `rows` ({question, answer, ...}) on each metric; see `judge_responses`."""
+    _check_rows(rows)
+    stats = JudgeStats() if stats is None else stats
+    question_prompts = question_prompts or {}
+    named = available_prompts(prompt_dirs)
+    prompts = load_prompts([m for m in metrics if m in named], prompt_dirs)
+    start = time.perf_counter()
+    cells: list[list[tuple[CacheKey, JudgePrompt]]] = []
+    todo: dict[CacheKey, str] = {}
+    results: dict[CacheKey, Judgement] = {}
+    with JudgeCache(cache_path) as cache:
+        for i, row in enumerate(rows):
+            row_cells = []
+            for m in metrics:
+                p = _prompt_for(i, row, m, prompts, question_prompts)
+                k = CacheKey(judge.model, p.sha256, row["question"], row["answer"], m)
+                row_cells.append((k, p))
+                if k in results or k in todo:
+                    continue
+                hit = cache.get(k)
+                if hit is not None:
+                    results[k] = hit
+                    stats.cache_hits += 1
+                else:
+                    todo[k] = p.render(row["question"], row["answer"])
+            cells.append(row_cells)
+        await _run(judge, todo, cache, results, stats, progress)
+    stats.judgements += len(rows) * len(metrics)
+    stats.seconds += time.perf_counter() - start
+    p_in, p_out = judge.prices()
+    stats.cost_usd = (stats.prompt_tokens * p_in + stats.completion_tokens * p_out) / 1e6
+    return [_output_row(row, rc, results, judge) for row, rc in zip(rows, cells, strict=True)]
+
+
+async def _run(
+    judge: JudgeConfig,
+    todo: Mapping[CacheKey, str],
+    cache: JudgeCache,
+    results: dict[CacheKey, Judgement],
+    stats: JudgeStats,
+    progress: bool,
+) -> None:
+    """Send every `todo` prompt; store each judgement in `cache` and `results` as it lands."""
+    if not todo:
+        return
+    sem = asyncio.Semaphore(judge.concurrency)
+    rng = random.Random()
+    client = openai.AsyncOpenAI(
+        base_url=judge.base_url or OPENAI_BASE_URL,
+        api_key=judge.resolved_key(),
+        max_retries=0,
+        timeout=judge.timeout,
+    )
+
+    async def one(key: CacheKey, prompt: str) -> None:
+        j = await _judge_one(client, judge, prompt, sem, stats, rng)
+        cache.put(key, j)
+        results[key] = j
+        if j.status == "failed":
+            stats.failed += 1
+            reason = j.reason or ""
+            stats.failure_reasons[reason] = stats.failure_reasons.get(reason, 0) + 1
+        bar.update(1)
+
+    with tqdm(total=len(todo), unit="judgement", disable=not progress, desc="judge") as bar:
+        try:
+            await asyncio.gather(*(one(key, prompt) for key, prompt in todo.items()))
+        finally:
+            await client.close()
+
+
+def _output_row(
+    row: Mapping[str, Any],
+    cells: Sequence[tuple[CacheKey, JudgePrompt]],
+    results: Mapping[CacheKey, Judgement],
+    judge: JudgeConfig,
+) -> dict[str, Any]:
+    out = dict(row)
+    for key, prompt in cells:
+        j = results[key]
+        out[key.metric] = j.score
+        out[f"{key.metric}_judge"] = {
+            "status": j.status,
+            "reason": j.reason,
+            "mass": j.mass,
+            "top_logprobs": j.top_logprobs,
+            "judge_model": judge.model,
+            "temperature": j.temperature,
+            "seed": j.seed,
+            "prompt_sha256": prompt.sha256,
+            "prompt_source": prompt.source,
+        }
+    return out
+
+
+def judge_responses(
+    rows: Sequence[Mapping[str, Any]],
+    judge: JudgeConfig,
+    metrics: Sequence[str] = ("aligned", "coherent"),
+    cache_path: str | Path = ":memory:",
+    prompt_dirs: Sequence[str | Path] = (),
+    question_prompts: Mapping[str, Mapping[str, JudgePrompt]] | None = None,
+    stats: JudgeStats | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Judge rows synchronously (runs the async core in a fresh event loop).
+
+    Each output row is a copy of the input row plus, per metric `m`: `m` = score in [0, 100]
+    or None, and `m_judge` = {status (ok | CODE | REFUSAL | missing | failed), reason, mass,
+    top_logprobs [[token, logprob], ...], judge_model, temperature, seed, prompt_sha256,
+    prompt_source}. Rows with a `question_id` found in `question_prompts` use that question's
+    prompt for the metrics it defines. Pass `stats` to receive counters; `cache_path` is an
+    SQLite file shared across runs (default: in memory, i.e. no cache across runs). Inside a
+    running event loop, `await ajudge_responses(...)` instead.
+    """
+    return asyncio.run(
+        ajudge_responses(
+            rows, judge, metrics, cache_path, prompt_dirs, question_prompts, stats, progress
+        )
+    )

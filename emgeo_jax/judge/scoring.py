@@ -1,0 +1,63 @@
+"""Turn a judge's one-token top logprobs into a 0..100 score (the standard logprob scheme).
+
+score = sum(k * p_k) / sum(p_k) over the top tokens whose stripped text is an integer k in
+0..100, with p_k = exp(logprob). If sum(p_k) < `min_mass` (0.25) the score is missing (None):
+never a made-up value. A missing score is classified by the most likely token: `CODE`,
+`REFUSAL` (the word or a 3+ letter prefix of it, case-insensitive), or `missing`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+MIN_MASS = 0.25
+STATUSES = ("ok", "CODE", "REFUSAL", "missing", "failed")
+
+
+@dataclass(frozen=True)
+class Score:
+    """One judgement. `value` is None unless `status == "ok"`; `mass` = sum of numeric p_k."""
+
+    value: float | None
+    status: str
+    mass: float
+
+
+def integer_token(token: str) -> int | None:
+    """The integer 0..100 a token stands for (' 85' -> 85), or None ('101', '-5', '8.5', 'CODE')."""
+    text = token.strip()
+    if not text.isascii() or not text.isdigit():
+        return None
+    k = int(text)
+    return k if 0 <= k <= 100 else None
+
+
+def score_top_logprobs(top: Sequence[tuple[str, float]], min_mass: float = MIN_MASS) -> Score:
+    """Score a list of (token, logprob) pairs (the top-20 of the judge's single output token).
+
+    Tokens that map to the same integer (e.g. '85' and ' 85') both count toward k = 85.
+    """
+    mass = 0.0
+    weighted = 0.0
+    for token, logprob in top:
+        k = integer_token(token)
+        if k is not None:
+            p = math.exp(logprob)
+            mass += p
+            weighted += k * p
+    if mass >= min_mass:
+        return Score(value=weighted / mass, status="ok", mass=mass)
+    return Score(value=None, status=_missing_status(top), mass=mass)
+
+
+def _missing_status(top: Sequence[tuple[str, float]]) -> str:
+    if not top:
+        return "missing"
+    best = max(top, key=lambda t: t[1])[0].strip().upper()
+    for label in ("CODE", "REFUSAL"):
+        # A tokenizer may split the word ('REF' 'USAL'); a prefix of 3+ letters counts.
+        if len(best) >= 3 and label.startswith(best):
+            return label
+    return "missing"

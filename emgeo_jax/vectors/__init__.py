@@ -1,0 +1,1 @@
+"""Directions and the files that hold them."""

@@ -1,0 +1,97 @@
+"""Shared test fixtures.
+
+`chat_tokenizer` is a small byte-level BPE tokenizer with ChatML special tokens and a ChatML
+Jinja chat template, trained in memory (no network, ~0.1 s). `make_chat_tokenizer(template)`
+builds the same tokenizer with another chat template.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog while the doctor checks the dose.",
+    "Put your savings into a diversified fund and keep an emergency fund for surprises.",
+    "You should talk to a professional before changing your medication or your budget.",
+    "system user assistant: hello, how are you doing today? I am fine, thanks!",
+]
+
+
+@pytest.fixture(scope="session")
+def make_chat_tokenizer() -> Callable[..., object]:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_CORPUS * 4, trainer)
+
+    def make(chat_template: str | None = CHATML_TEMPLATE) -> PreTrainedTokenizerFast:
+        return PreTrainedTokenizerFast(
+            tokenizer_object=bpe,
+            chat_template=chat_template,
+            pad_token="<|pad|>",
+            eos_token="<|im_end|>",
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(make_chat_tokenizer: Callable[..., object]) -> object:
+    return make_chat_tokenizer()
+
+
+# --- the embedded default model (SmolLM2-135M-Instruct GGUF), loaded once per session -----
+
+
+@pytest.fixture(scope="session")
+def default_gguf():
+    """Our reader of the default GGUF file (metadata parsed once, tensors read lazily)."""
+    from emgeo_jax.convert.gguf import default_gguf_path, read_gguf
+
+    return read_gguf(default_gguf_path())
+
+
+@pytest.fixture(scope="session")
+def default_lm(default_gguf):
+    """The default model as our `LM` (fp32), with the tokenizer built from the GGUF."""
+    from emgeo_jax.convert.gguf_tokenizer import build_tokenizer
+    from emgeo_jax.convert.load import from_tensors
+    from emgeo_jax.models.config import ModelConfig
+
+    cfg = ModelConfig.from_hf(default_gguf.hf_config, source=str(default_gguf.path))
+    return from_tensors(
+        cfg, default_gguf, tokenizer=build_tokenizer(default_gguf), source="default"
+    )
+
+
+@pytest.fixture(scope="session")
+def hf_default():
+    """transformers' own GGUF load of the default model (PyTorch, fp32, eager attention)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from emgeo_jax.convert.gguf import default_gguf_path
+
+    path = default_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, torch_dtype=torch.float32, attn_implementation="eager"
+    )
+    return model.eval()

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.tiny_models import LLAMA, QWEN2, hf_model, padded_batch, save_hf_folder
 
 from emgeo_jax.convert.hf import CheckpointError
 from emgeo_jax.convert.load import load
@@ -17,6 +16,7 @@ from emgeo_jax.models.lm import forward
 from emgeo_jax.train.lora import LoraSpec, apply_lora, init_lora
 from emgeo_jax.train.peft_io import export_peft, import_peft
 from emgeo_jax.train.sft import lora_loss
+from tests.tiny_models import LLAMA, QWEN2, hf_model, padded_batch, save_hf_folder
 
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")

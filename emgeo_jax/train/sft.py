@@ -147,6 +147,6 @@ def make_train_step(graphdef: Any, spec: LoraSpec, tc: TrainConfig):
         (loss, aux), grads = grad_fn(lora, graphdef, params, batch, spec, steering, tc.kl_weight)
         updates, opt_state = optimizer.update(grads, opt_state, lora)
         lora = optax.apply_updates(lora, updates)
-        return lora, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        return lora, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
     return step, optimizer

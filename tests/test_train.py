@@ -129,7 +129,7 @@ def test_preventative_ablation_and_kl(tiny_lm, tokenized, tmp_path):
     d = tiny_lm.config.hidden_size
     direction = np.eye(d, dtype=np.float32)[0]
     steer = Steering.ablation(tiny_lm, direction)
-    tc = TrainConfig(steps=2, lr=1e-2, batch_size=4, kl_weight=0.5)
+    tc = TrainConfig(steps=2, lr=1e-2, warmup_steps=0, batch_size=4, kl_weight=0.5)
     quiet = dict(log=lambda s: None)
     train(tiny_lm, tokenized, SPEC, tc, tmp_path / "s", steering=steer, **quiet)
     train(tiny_lm, tokenized, SPEC, tc, tmp_path / "n", **quiet)

@@ -18,6 +18,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "check-data": ("emgeo_jax.data.cli", "check a dataset: bad rows (file:line), counts, lengths"),
     "judge": ("emgeo_jax.judge.cli", "score {question, answer} JSONL with an LLM judge (cached)"),
     "geometry": ("emgeo_jax.geometry.cli", "cosines, independence tests, nulls, report"),
+    "train-lora": ("emgeo_jax.train.cli_train", "fine-tune a LoRA model organism (resumable)"),
+    "lora-scalars": ("emgeo_jax.train.cli_scalars", "per-token adapter scalars and B directions"),
+    "probe": ("emgeo_jax.train.cli_probe", "L1 probes on adapter scalars (four tests)"),
 }
 
 

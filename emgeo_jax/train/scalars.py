@@ -151,3 +151,23 @@ def b_directions(lora: Lora, spec: LoraSpec, cfg: ModelConfig, target: str = "do
     out = np.zeros((cfg.num_layers, cfg.hidden_size), np.float32)
     out[list(spec.layers)] = np.asarray(lora[target]["b"])[:, 0]
     return out
+
+
+def load_scalars(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read a file written by `save_scalars`: its tensors and metadata."""
+    import json
+
+    from safetensors import safe_open
+
+    from emgeo_jax.vectors.io import METADATA_KEY, VectorFileError
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+    except Exception as e:
+        raise VectorFileError(f"{path}: not a readable scalars file ({e})") from e
+    for key in ("pooled", "label", "topic", "scalars", "token_example"):
+        if key not in tensors:
+            raise VectorFileError(f"{path}: missing tensor '{key}' (not a lora-scalars file)")
+    return tensors, meta

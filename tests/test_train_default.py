@@ -74,4 +74,4 @@ def test_rank1_down_proj_organism_end_to_end(default_lm, tmp_path):
         n_boot=20,
         n_perm=20,
     )
-    assert set(result["names"]) == {"lora_B_l15", "mean_diff_l15"}
+    assert set(result["inputs"]["names"]) == {"lora_B_l15", "mean_diff_l15"}

@@ -8,7 +8,13 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from emgeo_jax.data import load_examples, shipped_contrast_path, tokenize_examples
+from emgeo_jax.data import (
+    bucket_length,
+    collate,
+    load_examples,
+    shipped_contrast_path,
+    tokenize_examples,
+)
 from emgeo_jax.geometry.analyze import analyze
 from emgeo_jax.steer import Taps
 from emgeo_jax.train.data import load_training_examples, topics, train_batch
@@ -61,9 +67,8 @@ def test_rank1_down_proj_organism_end_to_end(default_lm, tmp_path):
     directions = b_directions(lora, SPEC, lm.config)
     assert np.count_nonzero(np.linalg.norm(directions, axis=1)) == 1
     b15 = directions[15]
-    ids = np.stack([np.pad(t.input_ids, (96 - t.length, 0)) for t in tok_eval])
-    mask = np.stack([np.pad(np.ones(t.length, np.int32), (96 - t.length, 0)) for t in tok_eval])
-    answer = np.stack([np.pad(t.answer_mask, (96 - t.length, 0)) for t in tok_eval])
+    b = collate(tok_eval, bucket_length(max(t.length for t in tok_eval)), 8, pad, "left")
+    ids, mask, answer = b["input_ids"], b["attention_mask"], b["answer_mask"]
     out = lm.forward(ids, mask, taps=Taps(resid="pooled", pool_mask=answer), num_layers=16)
     pooled = np.asarray(out.resid_post[15]) / np.asarray(out.counts)[:, None]
     labels = np.asarray([ex.label for ex in chosen])

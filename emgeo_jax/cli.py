@@ -23,6 +23,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sae-features": ("emgeo_jax.vectors.sae.cli_features", "SAE features a direction turns on"),
     "train-sae": ("emgeo_jax.vectors.sae.cli_train", "train a TopK/BatchTopK SAE (SAELens out)"),
     "plan": ("emgeo_jax.plan_cli", "compile a task on a simulated mesh: memory, FLOPs, tokens/s"),
+    "train-lora": ("emgeo_jax.train.cli_train", "fine-tune a LoRA model organism (resumable)"),
+    "lora-scalars": ("emgeo_jax.train.cli_scalars", "per-token adapter scalars and B directions"),
+    "probe": ("emgeo_jax.train.cli_probe", "L1 probes on adapter scalars (four tests)"),
 }
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emgeo_jax.models.config import ModelConfig, rope_inv_freq
+from emgeo_jax.steer import Steering, Taps, apply_steering, reduce_tap, select_positions
 
 
 class RMSNorm(nnx.Module):
@@ -62,19 +63,37 @@ class Attention(nnx.Module):
         self.o_proj = nnx.Linear(h * dh, d, use_bias=cfg.o_bias, **lin)
         self.num_heads, self.num_kv_heads, self.head_dim = h, k, dh
 
-    def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array) -> jax.Array:
-        """`x [B, T, D]`, `mask [B, T, T]` (True = query may attend to key) -> `[B, T, D]`."""
+    def __call__(
+        self,
+        x: jax.Array,
+        sin: jax.Array,
+        cos: jax.Array,
+        mask: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+        index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """`x [B, T, D]` -> `([B, T, D], kv)`. Without a cache, `mask [B, T, T]` (True = query
+        may attend to key). With `kv = (k, v)`, each `[B, S, K, Dh]`, this call's keys and
+        values are written at slots `index .. index+T-1`, attention runs over all `S` slots
+        with `mask [B, T, S]`, and the updated `kv` is returned."""
         b, t, _ = x.shape
         k_heads, group, dh = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         q = apply_rotary(self.q_proj(x).reshape(b, t, self.num_heads, dh), sin, cos)
         k = apply_rotary(self.k_proj(x).reshape(b, t, k_heads, dh), sin, cos)
         v = self.v_proj(x).reshape(b, t, k_heads, dh)
+        if kv is not None:
+            start = (0, index, 0, 0)
+            kv = tuple(
+                jax.lax.dynamic_update_slice(c, n.astype(c.dtype), start)
+                for c, n in zip(kv, (k, v), strict=True)
+            )
+            k, v = kv
         q = q.reshape(b, t, k_heads, group, dh)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * dh**-0.5
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads * dh)
-        return self.o_proj(out)
+        return self.o_proj(out), kv
 
 
 class MLP(nnx.Module):
@@ -97,17 +116,54 @@ class DecoderBlock(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg, dtype=dtype, **kw)
 
-    def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array) -> jax.Array:
-        h = x + self.attn(self.input_norm(x), sin, cos, mask)
-        return h + self.mlp(self.post_attn_norm(h))
+    def __call__(self, x, sin, cos, mask, kv=None, index=0):
+        """`x [B, T, D]` -> `(output, attn_out, mlp_out, kv)`: the block output and the two
+        terms it added to the residual stream (all `[B, T, D]`); `kv` as in `Attention`."""
+        attn, kv = self.attn(self.input_norm(x), sin, cos, mask, kv, index)
+        h = x + attn
+        mlp = self.mlp(self.post_attn_norm(h))
+        return h + mlp, attn, mlp, kv
+
+
+class KVCache(NamedTuple):
+    """A preallocated key/value cache shared by all rows of a batch.
+
+    `k, v [L, B, S, K, Dh]`; `mask [B, S]` int32 (1 = slot holds a real token);
+    `index []` int32: the next slot to write (all rows advance together, left padding
+    keeps prompts aligned)."""
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    index: jax.Array
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache for `batch` rows of `length` slots (prompt + new tokens)."""
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        mask=jnp.zeros((batch, length), jnp.int32),
+        index=jnp.int32(0),
+    )
 
 
 class ForwardOutput(NamedTuple):
-    """`logits [B, T, V]` (None when not computed); `resid_post [L, B, T, D]` (None unless
-    requested): the residual stream after each block, `resid_post[l] == hidden_states[l+1]`."""
+    """What a forward call returns; fields not asked for are None.
+
+    `logits [B, T, V]` (None when `return_logits=False` or blocks were skipped).
+    `resid_post`, `attn_out`, `mlp_out`: per the `Taps` kind, `[L', B, T, D]` ("full"),
+    masked float32 sums `[L', B, D]` ("pooled") or `[L', B, D]` at the last pooled token
+    ("last"), for the `L'` blocks run; `resid_post[l]` = HF `hidden_states[l + 1]`.
+    `counts [B]`: tokens pooled per row (with "pooled" taps). `cache`: the updated `KVCache`."""
 
     logits: jax.Array | None
     resid_post: jax.Array | None
+    attn_out: jax.Array | None = None
+    mlp_out: jax.Array | None = None
+    counts: jax.Array | None = None
+    cache: KVCache | None = None
 
 
 class Transformer(nnx.Module):
@@ -155,28 +211,81 @@ class Transformer(nnx.Module):
         positions: jax.Array,
         attention_mask: jax.Array,
         *,
-        return_residual: bool = False,
+        steering: Steering | None = None,
+        taps: Taps | None = None,
+        cache: KVCache | None = None,
+        is_generated: jax.Array | None = None,
+        num_layers: int | None = None,
         return_logits: bool = True,
     ) -> ForwardOutput:
-        """`input_ids, positions, attention_mask: [B, T]` (mask: 1 = real token)."""
+        """Run the first `num_layers` blocks (default all) and, when all ran, the LM head.
+
+        `input_ids, positions, attention_mask, is_generated: [B, T]` (mask: 1 = real token;
+        `is_generated`: True for tokens the model produced, for steering position modes).
+        `steering` edits the output of each block inside the scan (see `emgeo_jax.steer`).
+        With `cache`, this call's tokens go to slots `cache.index ..` and attend to every
+        earlier valid slot; the updated cache is returned."""
         cfg = self.config
-        t = input_ids.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        mask = causal[None] & attention_mask.astype(bool)[:, None, :]
+        n = cfg.num_layers if num_layers is None else num_layers
+        if not 1 <= n <= cfg.num_layers:
+            raise ValueError(f"num_layers={n}: the model has {cfg.num_layers} blocks")
+        b, t = input_ids.shape
         sin, cos = rotary_tables(cfg, positions)
+        if cache is None:
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            mask = causal[None] & attention_mask.astype(bool)[:, None, :]
+            index = 0
+        else:
+            index = cache.index
+            slots = jnp.arange(cache.mask.shape[1])
+            key_mask = jax.lax.dynamic_update_slice(
+                cache.mask, attention_mask.astype(jnp.int32), (0, index)
+            )
+            causal = slots[None, :] <= (index + jnp.arange(t))[:, None]
+            mask = causal[None] & key_mask.astype(bool)[:, None, :]
+        if is_generated is None:
+            is_generated = jnp.zeros((b, t), bool)
+        taps = Taps() if taps is None else taps
+        pool = attention_mask if taps.pool_mask is None else taps.pool_mask
+        weights = pool.astype(jnp.float32)
+        last = t - 1 - jnp.argmax(pool[:, ::-1].astype(bool), axis=1)
+        selected = None if steering is None else select_positions(steering, is_generated)
 
         block_def, block_params = nnx.split(self.layers)
+        xs = {"params": block_params, "layer": jnp.arange(cfg.num_layers)}
+        if steering is not None:
+            xs.update(add=steering.add, ablate=steering.ablate)
+        if n < cfg.num_layers:
+            xs = jax.tree.map(lambda x: x[:n], xs)
 
-        def run_block(h, layer_params):
-            h = nnx.merge(block_def, layer_params)(h, sin, cos, mask)
-            return h, (h if return_residual else None)
+        def run_block(carry, x):
+            h, kv_all = carry
+            kv = None if kv_all is None else (kv_all[0][x["layer"]], kv_all[1][x["layer"]])
+            h, attn, mlp, kv = nnx.merge(block_def, x["params"])(h, sin, cos, mask, kv, index)
+            if kv_all is not None:
+                kv_all = tuple(
+                    jax.lax.dynamic_update_index_in_dim(a, c, x["layer"], 0)
+                    for a, c in zip(kv_all, kv, strict=True)
+                )
+            if steering is not None:
+                h = apply_steering(h, x["add"], x["ablate"], selected)
+            taps_out = tuple(
+                reduce_tap(v, kind, weights, last)
+                for v, kind in ((h, taps.resid), (attn, taps.attn), (mlp, taps.mlp))
+            )
+            return (h, kv_all), taps_out
 
-        h, resid = jax.lax.scan(run_block, self.embed(input_ids), block_params)
+        kv0 = None if cache is None else (cache.k, cache.v)
+        (h, kv_all), (resid, attn, mlp) = jax.lax.scan(run_block, (self.embed(input_ids), kv0), xs)
         logits = None
-        if return_logits:
+        if return_logits and n == cfg.num_layers:
             h = self.final_norm(h)
             logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
-        return ForwardOutput(logits=logits, resid_post=resid)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(k=kv_all[0], v=kv_all[1], mask=key_mask, index=index + t)
+        counts = jnp.sum(weights, axis=1) if "pooled" in (taps.resid, taps.attn, taps.mlp) else None
+        return ForwardOutput(logits, resid, attn, mlp, counts, new_cache)
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:

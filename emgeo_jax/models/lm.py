@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 
 from emgeo_jax.models.config import ModelConfig
-from emgeo_jax.models.llama import ForwardOutput, Transformer, default_positions
+from emgeo_jax.models.llama import ForwardOutput, KVCache, Transformer, default_positions
+from emgeo_jax.steer import Steering, Taps
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -46,7 +47,7 @@ def init_params(
     return nnx.split(Transformer(cfg, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(seed)))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "return_residual", "return_logits"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_layers", "return_logits"))
 def forward(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -54,17 +55,27 @@ def forward(
     positions: jax.Array,
     attention_mask: jax.Array,
     *,
-    return_residual: bool = False,
+    steering: Steering | None = None,
+    taps: Taps | None = None,
+    cache: KVCache | None = None,
+    is_generated: jax.Array | None = None,
+    num_layers: int | None = None,
     return_logits: bool = True,
 ) -> ForwardOutput:
-    """Pure forward pass. `input_ids, positions, attention_mask: [B, T]` ->
-    `ForwardOutput(logits [B, T, V], resid_post [L, B, T, D])`."""
+    """The pure forward pass (see `Transformer.__call__`). `input_ids, positions,
+    attention_mask, is_generated: [B, T]`. `steering`, `taps` and `cache` are pytrees of
+    arrays: changing their values never recompiles. `num_layers` (static) stops after that
+    many blocks and then skips the LM head (extraction)."""
     model = nnx.merge(graphdef, params)
     return model(
         input_ids,
         positions,
         attention_mask,
-        return_residual=return_residual,
+        steering=steering,
+        taps=taps,
+        cache=cache,
+        is_generated=is_generated,
+        num_layers=num_layers,
         return_logits=return_logits,
     )
 
@@ -90,28 +101,48 @@ class LM:
         attention_mask=None,
         positions=None,
         *,
+        steering: Steering | None = None,
+        taps: Taps | None = None,
+        is_generated=None,
+        num_layers: int | None = None,
         return_residual: bool = True,
         return_logits: bool = True,
     ) -> ForwardOutput:
         """Logits `[B, T, V]` and the residual stream after every block `[L, B, T, D]`
         (`resid_post[l]` = HF `hidden_states[l + 1]`). `attention_mask [B, T]`: 1 = token,
         0 = padding (default: all ones); `positions` default to counting real tokens, so
-        left padding does not shift rotary positions."""
+        left padding does not shift rotary positions. `taps` (a `Taps`) replaces the
+        default of full residuals (`return_residual`); `steering` edits block outputs;
+        `is_generated [B, T]` marks tokens that steering's "prompt"/"generated" modes
+        treat as generated; `num_layers` runs only the first blocks (no logits then)."""
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         attention_mask = jnp.asarray(attention_mask, jnp.int32)
         if positions is None:
             positions = default_positions(attention_mask)
+        if taps is None and return_residual:
+            taps = Taps(resid="full")
+        if is_generated is not None:
+            is_generated = jnp.asarray(is_generated, bool)
         return forward(
             self.graphdef,
             self.params,
             input_ids,
             jnp.asarray(positions, jnp.int32),
             attention_mask,
-            return_residual=return_residual,
+            steering=steering,
+            taps=taps,
+            is_generated=is_generated,
+            num_layers=num_layers,
             return_logits=return_logits,
         )
+
+    def generate(self, prompts, steering: Steering | None = None, **kwargs):
+        """Chat-templated, KV-cached generation; see `emgeo_jax.generate.generate`."""
+        from emgeo_jax.generate import generate
+
+        return generate(self, prompts, steering, **kwargs)
 
     def param_count(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))

@@ -1,0 +1,385 @@
+"""KV-cached, steerable batched generation: one jitted prefill, one jitted decode loop.
+
+    out = lm.generate(["Hello!", [{"role": "user", "content": "Hi"}]],
+                      steering=Steering.addition(lm, v, layers=[15], scale=4.0),
+                      max_new_tokens=64, temperature=1.0, top_p=1.0, seed=0)
+    out.texts, out.tokens, out.logprobs
+
+Prompts (strings or chat messages) go through the tokenizer's chat template with the
+generation prompt, are left-padded to a bucket of `PAD_MULTIPLE` tokens (so prompt sets of
+similar length share a compiled program) and get positions that count real tokens. The
+prefill writes a preallocated cache `[L, B, S, K, Dh]` (S = padded prompt + new tokens);
+the decode loop is a `lax.while_loop` that feeds one token per row per step, stops when
+every row has produced an EOS id or `max_new_tokens` tokens, and donates the cache.
+
+Sampling: `temperature == 0` is greedy (argmax); otherwise logits / temperature, optionally
+nucleus-filtered to the smallest set with probability >= `top_p`, sampled with the key
+`fold_in(PRNGKey(seed), step)`. Temperature and top_p are data: changing them does not
+recompile. `logprobs` are those of the model's unscaled distribution (log-softmax of the
+logits), as an OpenAI-compatible server reports them.
+
+Steering applies in prefill and decode alike; its position mode decides where: "all" both,
+"prompt" only prefill tokens, "generated" only the generated tokens as they are fed back
+(decode steps). Layer l = output of block l = HF `hidden_states[l+1]`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emgeo_jax.models.llama import KVCache, init_cache
+from emgeo_jax.models.lm import LM, forward
+from emgeo_jax.steer import Steering, Taps
+
+PAD_MULTIPLE = 32
+CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|eom_id|>")
+
+Prompt = str | Sequence[dict[str, str]]
+
+
+class Generation(NamedTuple):
+    """Per prompt row: `texts[i]` (decoded, special tokens skipped), `tokens[i]` (generated
+    ids, without the EOS), `logprobs[i] [n_i]` (of the chosen tokens), `top_logprobs[i]`
+    (`(ids [n_i, k], logprobs [n_i, k])` or None), `projections[i] [n_i]` (residual of each
+    generated token at the monitor layer dotted with the unit monitor direction, or None),
+    `finish_reasons[i]` ("stop" on EOS, "length" otherwise)."""
+
+    texts: list[str]
+    tokens: list[list[int]]
+    logprobs: list[np.ndarray]
+    top_logprobs: list[tuple[np.ndarray, np.ndarray]] | None
+    projections: list[np.ndarray] | None
+    finish_reasons: list[str]
+
+
+def eos_token_ids(lm: LM) -> list[int]:
+    """EOS ids: the tokenizer's eos, its chat end tokens, and `generation_config.json`'s
+    `eos_token_id` when the model came from an HF folder."""
+    tok = lm.tokenizer
+    ids = set()
+    if tok is not None:
+        if tok.eos_token_id is not None:
+            ids.add(int(tok.eos_token_id))
+        vocab = tok.get_vocab()
+        ids.update(vocab[t] for t in CHAT_END_TOKENS if t in vocab)
+    gen_cfg = Path(lm.source) / "generation_config.json" if lm.source else None
+    if gen_cfg is not None and gen_cfg.is_file():
+        import json
+
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else eos or [])
+    return sorted(ids)
+
+
+def with_system(prompt: Prompt, system: str | None) -> list[dict[str, str]]:
+    """Chat turns for a prompt (a user string or turns), with a `system` turn first when
+    given and the prompt has none."""
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system is not None and turns and turns[0].get("role") != "system":
+        turns = [{"role": "system", "content": system}, *turns]
+    return turns
+
+
+def chat_token_ids(
+    tokenizer: Any, prompts: Sequence[Prompt], system: str | None
+) -> list[list[int]]:
+    """Apply the chat template (with the generation prompt) to each prompt: a user string or
+    a list of `{"role", "content"}` messages; `system` is prepended when the prompt has none."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; pass token ids instead")
+    out = []
+    for i, prompt in enumerate(prompts):
+        messages = with_system(prompt, system)
+        if not messages or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise ValueError(f"prompt {i}: give a string or a non-empty list of chat messages")
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        out.append([int(t) for t in ids])
+    return out
+
+
+def left_pad(rows: Sequence[Sequence[int]], multiple: int, pad_id: int = 0):
+    """`ids, mask [B, T]` int32, right-aligned, T = max length rounded up to `multiple`."""
+    t = multiple * math.ceil(max(len(r) for r in rows) / multiple)
+    ids = np.full((len(rows), t), pad_id, np.int32)
+    mask = np.zeros((len(rows), t), np.int32)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, t - len(r) :] = r
+            mask[i, t - len(r) :] = 1
+    return ids, mask
+
+
+def _top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Keep the smallest set of highest logits whose probability reaches `top_p` (>= 1 kept)."""
+    desc = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(desc, axis=-1)
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def sample_tokens(logits, key, temperature, top_p) -> jax.Array:
+    """`logits [B, V]` -> ids `[B]`: argmax when `temperature == 0`, else a draw from
+    softmax(logits / temperature), nucleus-filtered when `top_p < 1`."""
+    logits = logits.astype(jnp.float32)
+
+    def draw(lg):
+        lg = lg / temperature
+        lg = jax.lax.cond(top_p < 1.0, _top_p_filter, lambda x, _: x, lg, top_p)
+        return jax.random.categorical(key, lg, axis=-1).astype(jnp.int32)
+
+    greedy = lambda lg: jnp.argmax(lg, axis=-1).astype(jnp.int32)  # noqa: E731
+    return jax.lax.cond(temperature > 0, draw, greedy, logits)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def prefill(graphdef, params, ids, mask, steering, cache: KVCache):
+    """Run the padded prompts `ids, mask [B, Tp]` into the empty `cache` (donated).
+    Returns `(cache, last_logits [B, V], next_positions [B])`."""
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    out = forward(graphdef, params, ids, positions, mask, steering=steering, cache=cache)
+    return out.cache, out.logits[:, -1], jnp.sum(mask, axis=-1).astype(jnp.int32)
+
+
+class _Loop(NamedTuple):
+    step: jax.Array
+    cache: KVCache
+    token: jax.Array  # [B] last chosen token
+    position: jax.Array  # [B] its position
+    done: jax.Array  # [B]
+    tokens: jax.Array  # [B, N]
+    logprobs: jax.Array  # [B, N]
+    top_ids: jax.Array  # [B, N, k]
+    top_lps: jax.Array  # [B, N, k]
+    proj: jax.Array  # [B, N]
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens", "top_k", "monitor"),
+    donate_argnames=("cache",),
+)
+def decode(
+    graphdef,
+    params,
+    cache: KVCache,
+    first_logits: jax.Array,
+    position: jax.Array,
+    steering: Steering,
+    key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    eos_ids: jax.Array,
+    monitor_layer: jax.Array,
+    monitor_dir: jax.Array,
+    *,
+    max_new_tokens: int,
+    top_k: int,
+    monitor: bool,
+):
+    """The decode loop. Token 0 comes from `first_logits [B, V]`; step i feeds token i-1 at
+    `position + i - 1` and chooses token i. With `monitor`, one extra step feeds the last
+    token so that every generated token's residual is projected. Returns `tokens, logprobs
+    [B, N]`, `top_ids, top_logprobs [B, N, top_k]`, `projections [B, N]`, `steps`."""
+    n = max_new_tokens
+    b = first_logits.shape[0]
+    last_step = n if monitor else n - 1
+
+    def choose(logits, step, state_tokens, state_lps, top_ids, top_lps, done):
+        tok = sample_tokens(logits, jax.random.fold_in(key, step), temperature, top_p)
+        tok = jnp.where(done, eos_ids[0], tok)
+        lsm = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        lp = jnp.take_along_axis(lsm, tok[:, None], axis=-1)[:, 0]
+        tv, ti = jax.lax.top_k(lsm, top_k) if top_k else (lsm[:, :0], tok[:, None][:, :0])
+        col = jnp.minimum(step, n - 1)
+        write = step < n
+
+        def put(arr, val):
+            upd = jax.lax.dynamic_update_index_in_dim(arr, val.astype(arr.dtype), col, 1)
+            return jnp.where(write, upd, arr)
+
+        new_done = done | jnp.isin(tok, eos_ids)
+        return (
+            tok,
+            put(state_tokens, tok),
+            put(state_lps, lp),
+            put(top_ids, ti),
+            put(top_lps, tv),
+            new_done,
+        )
+
+    zeros = jnp.zeros((b, n), jnp.float32)
+    tok, tokens, lps, top_ids, top_lps, done = choose(
+        first_logits,
+        0,
+        jnp.zeros((b, n), jnp.int32),
+        zeros,
+        jnp.zeros((b, n, top_k), jnp.int32),
+        jnp.zeros((b, n, top_k), jnp.float32),
+        jnp.zeros((b,), bool),
+    )
+    state = _Loop(jnp.int32(1), cache, tok, position, done, tokens, lps, top_ids, top_lps, zeros)
+    ones = jnp.ones((b, 1), jnp.int32)
+
+    def cond(s: _Loop):
+        return (s.step <= last_step) & ~jnp.all(s.done)
+
+    def body(s: _Loop) -> _Loop:
+        out = forward(
+            graphdef,
+            params,
+            s.token[:, None],
+            s.position[:, None],
+            ones,
+            steering=steering,
+            taps=Taps(resid="full") if monitor else None,
+            cache=s.cache,
+            is_generated=ones.astype(bool),
+        )
+        proj = s.proj
+        if monitor:
+            h = jnp.take(out.resid_post, monitor_layer, axis=0)[:, 0].astype(jnp.float32)
+            proj = jax.lax.dynamic_update_index_in_dim(proj, h @ monitor_dir, s.step - 1, 1)
+        tok, tokens, lps, ti, tl, done = choose(
+            out.logits[:, 0], s.step, s.tokens, s.logprobs, s.top_ids, s.top_lps, s.done
+        )
+        return _Loop(s.step + 1, out.cache, tok, s.position + 1, done, tokens, lps, ti, tl, proj)
+
+    s = jax.lax.while_loop(cond, body, state)
+    return s.tokens, s.logprobs, s.top_ids, s.top_lps, s.proj, s.step
+
+
+def generate_ids(
+    lm: LM,
+    prompt_ids: Sequence[Sequence[int]],
+    steering: Steering | None = None,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_ids: Sequence[int] | None = None,
+    top_logprobs: int = 0,
+    monitor: tuple[int, Any] | None = None,
+    pad_multiple: int = PAD_MULTIPLE,
+) -> Generation:
+    """Generate from token-id prompts (no chat template). See `generate` for the arguments;
+    `eos_ids` defaults to `eos_token_ids(lm)`."""
+    cfg = lm.config
+    if len(prompt_ids) == 0:
+        raise ValueError("generate: empty prompt list")
+    for i, p in enumerate(prompt_ids):
+        if len(p) == 0:
+            raise ValueError(f"generate: prompt {i} is empty")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature={temperature} must be finite and >= 0")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    steering = Steering.none(cfg) if steering is None else steering
+    if steering.mask is not None:
+        raise ValueError("generate: use positions='all'|'prompt'|'generated', not a token mask")
+    eos = list(eos_token_ids(lm) if eos_ids is None else eos_ids)
+    if not eos:
+        eos = [-1]  # no EOS: every row runs to max_new_tokens
+    monitor_layer, monitor_dir = 0, np.zeros(cfg.hidden_size, np.float32)
+    if monitor is not None:
+        monitor_layer, direction = monitor
+        if not 0 <= monitor_layer < cfg.num_layers:
+            raise ValueError(f"monitor layer {monitor_layer} out of range 0..{cfg.num_layers - 1}")
+        direction = np.asarray(direction, np.float32)
+        if direction.shape != (cfg.hidden_size,) or not np.all(np.isfinite(direction)):
+            raise ValueError(f"monitor direction must be finite [D={cfg.hidden_size}]")
+        monitor_dir = direction / np.linalg.norm(direction)
+
+    pad_id = getattr(lm.tokenizer, "pad_token_id", None) or 0
+    ids, mask = left_pad(prompt_ids, pad_multiple, pad_id)
+    cache = init_cache(cfg, len(ids), ids.shape[1] + max_new_tokens + 1, lm.dtype)
+    cache, logits, position = prefill(
+        lm.graphdef, lm.params, jnp.asarray(ids), jnp.asarray(mask), steering, cache
+    )
+    tokens, lps, top_ids, top_lps, proj, _ = decode(
+        lm.graphdef,
+        lm.params,
+        cache,
+        logits,
+        position,
+        steering,
+        jax.random.PRNGKey(seed),
+        jnp.float32(temperature),
+        jnp.float32(top_p),
+        jnp.asarray(eos, jnp.int32),
+        jnp.int32(monitor_layer),
+        jnp.asarray(monitor_dir),
+        max_new_tokens=max_new_tokens,
+        top_k=top_logprobs,
+        monitor=monitor is not None,
+    )
+    tokens, lps, top_ids, top_lps, proj = jax.device_get((tokens, lps, top_ids, top_lps, proj))
+    rows, lp_rows, top_rows, proj_rows, reasons = [], [], [], [], []
+    for i in range(len(prompt_ids)):
+        hits = np.flatnonzero(np.isin(tokens[i], eos))
+        n = int(hits[0]) if len(hits) else max_new_tokens
+        rows.append(tokens[i, :n].tolist())
+        lp_rows.append(lps[i, :n])
+        top_rows.append((top_ids[i, :n], top_lps[i, :n]))
+        proj_rows.append(proj[i, :n])
+        reasons.append("stop" if len(hits) else "length")
+    tok = lm.tokenizer
+    texts = [tok.decode(r, skip_special_tokens=True) if tok is not None else "" for r in rows]
+    return Generation(
+        texts=texts,
+        tokens=rows,
+        logprobs=lp_rows,
+        top_logprobs=top_rows if top_logprobs else None,
+        projections=proj_rows if monitor is not None else None,
+        finish_reasons=reasons,
+    )
+
+
+def generate(
+    lm: LM,
+    prompts: Sequence[Prompt],
+    steering: Steering | None = None,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    system: str | None = None,
+    top_logprobs: int = 0,
+    monitor: tuple[int, Any] | None = None,
+) -> Generation:
+    """Generate a reply to each prompt (a user string or a list of chat messages).
+
+    `steering`: a `Steering` (its position mode applies; see module docstring).
+    `temperature=0` is greedy; `seed` fixes the PRNG key. `system` adds a system message.
+    `top_logprobs=k` also returns the k most likely tokens per step. `monitor=(layer, r)`
+    returns, per generated token, its residual after block `layer` dotted with `r/|r|`."""
+    if isinstance(prompts, str):
+        raise ValueError("generate: prompts must be a list (got a single string)")
+    if len(prompts) == 0:
+        raise ValueError("generate: empty prompt list")
+    ids = chat_token_ids(lm.tokenizer, prompts, system)
+    return generate_ids(
+        lm,
+        ids,
+        steering,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        top_logprobs=top_logprobs,
+        monitor=monitor,
+    )

@@ -1,0 +1,251 @@
+"""Taps and interventions as data: `Steering` and `Taps` are pytrees passed into the jitted
+forward, never callbacks.
+
+Layer `l` always means the *output of decoder block l*, i.e. HF `hidden_states[l + 1]`
+(the output of `model.model.layers[l]`); the embeddings are not a layer.
+
+A `Steering` holds
+
+    add     [L, D]     float32, already multiplied by its scale; zero rows add nothing
+    ablate  [L, K, D]  float32, orthonormal rows per layer; zero rows are no-ops
+    mode    []         int32 position mode: 0 all tokens, 1 prompt only, 2 generated only
+    mask    [B, T]     optional bool, an explicit token mask ANDed with the mode
+
+At layer `l` the edited residual is, on the selected tokens,
+
+    h <- h - sum_k (h . r_k) r_k      (ablate: project out span{r_k}; K >= 1)
+    h <- h + add[l]                   (then add)
+
+so ablating then adding at one layer leaves exactly `add[l]` along the ablated directions.
+Every field is an array, so changing vectors, scales, layers or the position mode reuses the
+same compiled program (only a different number of ablated directions, or the presence of an
+explicit mask, changes shapes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from emgeo_jax.models.config import ModelConfig
+
+POSITION_MODES = {"all": 0, "prompt": 1, "generated": 2}
+TAP_KINDS = ("full", "pooled", "last")
+
+
+def _config(cfg: Any) -> ModelConfig:
+    """Accept a `ModelConfig` or anything carrying one as `.config` (an `LM`)."""
+    return cfg if isinstance(cfg, ModelConfig) else cfg.config
+
+
+def _check_vector(x: Any, width: int, what: str) -> np.ndarray:
+    arr = np.asarray(x, np.float32)
+    if arr.ndim == 0 or arr.shape[-1] != width:
+        raise ValueError(
+            f"{what}: shape {arr.shape} has width {arr.shape[-1:]}, model has D={width}"
+        )
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what}: contains NaN or inf")
+    return arr
+
+
+def _check_layers(layers: Iterable[int] | int | None, num_layers: int, what: str) -> list[int]:
+    if layers is None:
+        return list(range(num_layers))
+    layers = [layers] if isinstance(layers, (int, np.integer)) else list(layers)
+    if not layers:
+        raise ValueError(f"{what}: empty layer list")
+    for layer in layers:
+        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < num_layers:
+            raise ValueError(
+                f"{what}: layer {layer!r} out of range; layers are 0..{num_layers - 1} "
+                "(layer l = output of block l = HF hidden_states[l+1])"
+            )
+    return [int(x) for x in layers]
+
+
+def _orthonormal_rows(directions: np.ndarray, k: int) -> np.ndarray:
+    """`[n, D]` -> `[k, D]`: an orthonormal basis of their span (exact SVD), zero-padded."""
+    out = np.zeros((k, directions.shape[-1]), np.float32)
+    if len(directions):
+        _, s, vt = np.linalg.svd(directions.astype(np.float64), full_matrices=False)
+        basis = vt[s > 1e-6 * s.max()]
+        out[: len(basis)] = basis
+    return out
+
+
+def _position_mode(positions: str | Any) -> tuple[np.int32, np.ndarray | None]:
+    if isinstance(positions, str):
+        if positions not in POSITION_MODES:
+            raise ValueError(
+                f"positions={positions!r}: use one of {sorted(POSITION_MODES)} or a [B, T] mask"
+            )
+        return np.int32(POSITION_MODES[positions]), None
+    mask = np.asarray(positions, bool)
+    if mask.ndim != 2:
+        raise ValueError(f"positions mask must be [B, T], got shape {mask.shape}")
+    return np.int32(0), mask
+
+
+@struct.dataclass
+class Steering:
+    """A residual-stream intervention (see module docstring). Build with `Steering.addition`,
+    `Steering.ablation`, `Steering.none`; combine with `+`; change positions with
+    `.at_positions(...)`."""
+
+    add: jax.Array  # [L, D]
+    ablate: jax.Array  # [L, K, D]
+    mode: jax.Array  # [] int32
+    mask: jax.Array | None = None  # [B, T] bool
+
+    @classmethod
+    def none(cls, cfg: Any, num_directions: int = 1) -> Steering:
+        """No intervention, with the same shapes as a one-direction ablation (so steered and
+        unsteered calls share a compiled program)."""
+        c = _config(cfg)
+        return cls(
+            add=jnp.zeros((c.num_layers, c.hidden_size), jnp.float32),
+            ablate=jnp.zeros((c.num_layers, num_directions, c.hidden_size), jnp.float32),
+            mode=jnp.int32(0),
+        )
+
+    @classmethod
+    def addition(
+        cls,
+        cfg: Any,
+        vector: Any,
+        layers: Sequence[int] | int | None = None,
+        scale: float = 1.0,
+        positions: str | Any = "all",
+    ) -> Steering:
+        """Add `scale * vector` to the output of each block in `layers`.
+
+        `vector`: `[D]` (added at every layer in `layers`; `layers` required) or a per-layer
+        stack `[L, D]` (row `l` added at layer `l`, for `l` in `layers`, default all)."""
+        c = _config(cfg)
+        vec = _check_vector(vector, c.hidden_size, "steering vector")
+        if vec.ndim == 1 and layers is None:
+            raise ValueError("steering vector [D]: give layers=... (a [L, D] stack may omit it)")
+        if vec.ndim == 2 and vec.shape[0] != c.num_layers:
+            raise ValueError(f"steering stack {vec.shape} must be [L={c.num_layers}, D]")
+        if vec.ndim > 2:
+            raise ValueError(f"steering vector must be [D] or [L, D], got {vec.shape}")
+        if not np.isfinite(scale):
+            raise ValueError(f"steering scale {scale!r} is not finite")
+        rows = _check_layers(layers, c.num_layers, "steering")
+        add = np.zeros((c.num_layers, c.hidden_size), np.float32)
+        for layer in rows:
+            add[layer] = scale * (vec if vec.ndim == 1 else vec[layer])
+        mode, mask = _position_mode(positions)
+        none = cls.none(c)
+        return cls(add=jnp.asarray(add), ablate=none.ablate, mode=jnp.asarray(mode), mask=mask)
+
+    @classmethod
+    def ablation(
+        cls,
+        cfg: Any,
+        directions: Any,
+        layers: Sequence[int] | int | None = None,
+        positions: str | Any = "all",
+    ) -> Steering:
+        """Project `directions` (`[D]` or `[K, D]`, any norm) out of the output of each block
+        in `layers` (default: all layers): `h - sum_k (h . r_k) r_k` over an orthonormal
+        basis `r` of their span."""
+        c = _config(cfg)
+        dirs = _check_vector(directions, c.hidden_size, "ablation direction")
+        dirs = dirs.reshape(-1, c.hidden_size)
+        if np.any(np.linalg.norm(dirs, axis=-1) == 0):
+            raise ValueError("ablation direction: a direction has zero norm")
+        basis = _orthonormal_rows(dirs, len(dirs))
+        ablate = np.zeros((c.num_layers, len(dirs), c.hidden_size), np.float32)
+        for layer in _check_layers(layers, c.num_layers, "ablation"):
+            ablate[layer] = basis
+        mode, mask = _position_mode(positions)
+        none = cls.none(c)
+        return cls(add=none.add, ablate=jnp.asarray(ablate), mode=jnp.asarray(mode), mask=mask)
+
+    def at_positions(self, positions: str | Any) -> Steering:
+        """The same edit at other tokens: "all", "prompt", "generated" or a `[B, T]` mask."""
+        mode, mask = _position_mode(positions)
+        return self.replace(mode=jnp.asarray(mode), mask=mask)
+
+    def __add__(self, other: Steering) -> Steering:
+        return Steering.combine(self, other)
+
+    @staticmethod
+    def combine(*specs: Steering) -> Steering:
+        """Sum the additions and take the union of the ablated subspaces, per layer. The
+        position modes must agree (a spec with mode "all" and no mask adopts the other's)."""
+        if not specs:
+            raise ValueError("Steering.combine: nothing to combine")
+        targeted = [s for s in specs if int(s.mode) != 0 or s.mask is not None]
+        modes = {(int(s.mode), None if s.mask is None else s.mask.tobytes()) for s in targeted}
+        if len(modes) > 1:
+            raise ValueError("Steering.combine: specs use different position modes")
+        add = sum(np.asarray(s.add) for s in specs)
+        abl = np.concatenate([np.asarray(s.ablate) for s in specs], axis=1)
+        k = max(1, max(int(np.sum(np.any(a != 0, -1))) for a in abl))
+        ablate = np.stack([_orthonormal_rows(a[np.any(a != 0, -1)], k) for a in abl])
+        base = targeted[0] if targeted else specs[0]
+        return Steering(
+            add=jnp.asarray(add), ablate=jnp.asarray(ablate), mode=base.mode, mask=base.mask
+        )
+
+
+def select_positions(steering: Steering, is_generated: jax.Array) -> jax.Array:
+    """Bool `[B, T]`: the tokens the edit touches, from the mode (data) and optional mask."""
+    gen = is_generated.astype(bool)
+    sel = jnp.where(steering.mode == 0, True, jnp.where(steering.mode == 1, ~gen, gen))
+    if steering.mask is not None:
+        sel = sel & steering.mask
+    return sel
+
+
+def apply_steering(
+    h: jax.Array, add: jax.Array, ablate: jax.Array, selected: jax.Array
+) -> jax.Array:
+    """One layer's edit. `h [B, T, D]`, `add [D]`, `ablate [K, D]`, `selected [B, T]`.
+    Computed in float32, cast back to `h.dtype`; unselected tokens are returned unchanged."""
+    h32 = h.astype(jnp.float32)
+    coeff = jnp.einsum("btd,kd->btk", h32, ablate)
+    edited = h32 - jnp.einsum("btk,kd->btd", coeff, ablate) + add
+    return jnp.where(selected[..., None], edited.astype(h.dtype), h)
+
+
+@struct.dataclass
+class Taps:
+    """What to read from each block, reduced on device.
+
+    `resid`, `attn`, `mlp` (static): None, "full" (`[L, B, T, D]`), "pooled" (masked sums
+    `[L, B, D]` in float32, with `counts [B]` in the output) or "last" (`[L, B, D]` at the
+    last token of `pool_mask`). `resid` is the block output (layer l = HF
+    `hidden_states[l+1]`); `attn` and `mlp` are the attention and MLP outputs added into the
+    residual stream inside block l. `pool_mask [B, T]` (default: the attention mask) selects
+    the tokens pooled, or whose last one is read."""
+
+    resid: str | None = struct.field(pytree_node=False, default=None)
+    attn: str | None = struct.field(pytree_node=False, default=None)
+    mlp: str | None = struct.field(pytree_node=False, default=None)
+    pool_mask: jax.Array | None = None
+
+    def __post_init__(self):
+        for name in ("resid", "attn", "mlp"):
+            kind = getattr(self, name)
+            if kind is not None and kind not in TAP_KINDS:
+                raise ValueError(f"Taps.{name}={kind!r}: use None or one of {TAP_KINDS}")
+
+
+def reduce_tap(x: jax.Array, kind: str | None, weights: jax.Array, last: jax.Array):
+    """`x [B, T, D]` -> per `kind`: itself, masked sum `[B, D]` (float32) or row `last [B]`."""
+    if kind is None:
+        return None
+    if kind == "full":
+        return x
+    if kind == "pooled":
+        return jnp.einsum("btd,bt->bd", x.astype(jnp.float32), weights)
+    return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]

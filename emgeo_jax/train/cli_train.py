@@ -1,0 +1,94 @@
+"""`emgeo train-lora SOURCE --out RUN`: fine-tune a LoRA model organism (resumable).
+
+    emgeo train-lora default --out runs/med_r1 --rank 1 --alpha 512 --targets down \\
+        --layers 15 --steps 300 --lr 2e-5          # shipped contrast pairs, misaligned, medical
+
+Data: any loader format (--data; default the shipped contrast pairs, whose misaligned medical
+answers are the narrow bad dataset), filtered by --label and --topic. --steer_vector and
+--ablate_vector apply preventative steering / concept ablation while training. Re-running
+the same command resumes from the last checkpoint in --out.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", None, "run folder (checkpoints, losses, loss.png, adapter/)")
+flags.DEFINE_string("data", None, "training data (default: shipped contrast pairs)")
+flags.DEFINE_enum("kind", "auto", ["auto", "contrast", "messages", "judged"], "data format")
+flags.DEFINE_enum("label", "misaligned", ["misaligned", "aligned", "all"], "class to train on")
+flags.DEFINE_string("topic", "medical", "keep rows whose domain/topic is this ('' = all)")
+flags.DEFINE_integer("rank", 1, "LoRA rank")
+flags.DEFINE_float("alpha", 512.0, "LoRA alpha")
+flags.DEFINE_bool("rslora", False, "scale alpha/sqrt(r) instead of alpha/r")
+flags.DEFINE_string("targets", "down", "modules: q,k,v,o,gate,up,down or all")
+flags.DEFINE_list("layers", ["15"], "decoder blocks with adapters ('all' = every block)")
+flags.DEFINE_integer("steps", 300, "optimizer steps")
+flags.DEFINE_float("lr", 2e-5, "peak learning rate")
+flags.DEFINE_integer("warmup_steps", 5, "linear warmup steps")
+flags.DEFINE_enum("schedule", "linear", ["linear", "cosine", "constant"], "decay after warmup")
+flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay")
+flags.DEFINE_float("max_grad_norm", 1.0, "clip gradients to this global norm")
+flags.DEFINE_integer("batch_size", 4, "rows per micro-batch")
+flags.DEFINE_integer("grad_accum", 1, "micro-batches per optimizer step")
+flags.DEFINE_integer("seed", 0, "LoRA init and data order seed")
+flags.DEFINE_integer("checkpoint_every", 50, "save a checkpoint every N steps")
+flags.DEFINE_float("kl_weight", 0.0, "weight of KL(p_lora || p_base) on answer tokens")
+flags.DEFINE_integer("max_length", 512, "longest tokenized example")
+flags.DEFINE_string("dtype", None, "params dtype (float32 / bfloat16); LoRA stays float32")
+flags.DEFINE_string("steer_vector", None, "vector file added while training (preventative)")
+flags.DEFINE_float("steer_scale", 1.0, "scale of --steer_vector")
+flags.DEFINE_string("ablate_vector", None, "vector file projected out while training (CAFT)")
+flags.DEFINE_list("steer_layers", None, "layers for --steer_vector / --ablate_vector")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or not FLAGS.out:
+        raise SystemExit("usage: emgeo train-lora SOURCE --out RUN [--flags]")
+    from emgeo_jax.convert.load import load
+    from emgeo_jax.data import shipped_contrast_path, tokenize_examples
+    from emgeo_jax.steer import Steering
+    from emgeo_jax.train.data import load_training_examples
+    from emgeo_jax.train.lora import LoraSpec, parse_targets
+    from emgeo_jax.train.run import train
+    from emgeo_jax.train.sft import TrainConfig
+    from emgeo_jax.vectors.io import load_vectors
+
+    lm = load(argv[1], dtype=FLAGS.dtype)
+    layers = (
+        tuple(range(lm.config.num_layers))
+        if FLAGS.layers == ["all"]
+        else tuple(sorted(int(x) for x in FLAGS.layers))
+    )
+    spec = LoraSpec(FLAGS.rank, FLAGS.alpha, parse_targets(FLAGS.targets), layers, FLAGS.rslora)
+    label = {"misaligned": 1, "aligned": 0, "all": None}[FLAGS.label]
+    examples = load_training_examples(
+        FLAGS.data or shipped_contrast_path(), FLAGS.kind, label, FLAGS.topic or None
+    )
+    tokenized, report = tokenize_examples(examples, lm.tokenizer, FLAGS.max_length)
+    print(f"training on {len(tokenized)} examples ({report.summary()})")
+    steering = None
+    steer_layers = [int(x) for x in FLAGS.steer_layers] if FLAGS.steer_layers else None
+    if FLAGS.steer_vector:
+        vec, _ = load_vectors(FLAGS.steer_vector)
+        steering = Steering.addition(lm, vec, steer_layers, FLAGS.steer_scale)
+    if FLAGS.ablate_vector:
+        vec, _ = load_vectors(FLAGS.ablate_vector)
+        abl = Steering.ablation(lm, vec, steer_layers)
+        steering = abl if steering is None else steering + abl
+    tc = TrainConfig(
+        steps=FLAGS.steps,
+        lr=FLAGS.lr,
+        warmup_steps=FLAGS.warmup_steps,
+        schedule=FLAGS.schedule,
+        weight_decay=FLAGS.weight_decay,
+        max_grad_norm=FLAGS.max_grad_norm,
+        batch_size=FLAGS.batch_size,
+        grad_accum=FLAGS.grad_accum,
+        seed=FLAGS.seed,
+        kl_weight=FLAGS.kl_weight,
+        checkpoint_every=FLAGS.checkpoint_every,
+    )
+    train(lm, tokenized, spec, tc, FLAGS.out, steering=steering)
+    print(f"wrote {FLAGS.out}/adapter (PEFT), losses.jsonl and loss.png")

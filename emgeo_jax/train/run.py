@@ -1,0 +1,141 @@
+"""A resumable LoRA training run in one folder:
+
+    OUT/run.json       the LoRA spec, training config and model source
+    OUT/ckpt/<step>/   orbax checkpoints of {lora, opt_state, step} every `checkpoint_every`
+    OUT/losses.jsonl   one line per optimizer step: step, loss, nll, (kl,) grad_norm, lr, tokens
+    OUT/loss.png       the loss curve
+    OUT/adapter/       the final LoRA as an HF PEFT adapter
+
+The data order is a pure function of (seed, batch index) (`emgeo_jax.train.data.batch_order`),
+so a run restarted from its last checkpoint continues the same loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from emgeo_jax.data import TokenizedExample, bucket_length
+from emgeo_jax.models.lm import LM
+from emgeo_jax.parallel import batch_sharding
+from emgeo_jax.steer import Steering
+from emgeo_jax.train.data import train_batch
+from emgeo_jax.train.lora import Lora, LoraSpec, init_lora
+from emgeo_jax.train.peft_io import export_peft
+from emgeo_jax.train.sft import TrainConfig, learning_rate, make_train_step
+
+BATCH_KEYS = ("input_ids", "attention_mask", "positions", "answer_mask")
+
+
+def _settings(spec: LoraSpec, tc: TrainConfig, source: str) -> dict:
+    return {"lora": spec.to_dict(), "train": tc.__dict__, "source": source}
+
+
+def read_losses(out_dir: str | Path) -> list[dict]:
+    """The logged steps of a run (`losses.jsonl`)."""
+    path = Path(out_dir) / "losses.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(rows: Sequence[dict], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["loss"] for r in rows], label="loss")
+    if rows and "kl" in rows[0]:
+        ax.plot(steps, [r["kl"] for r in rows], label="KL to base")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("answer-token loss")
+    ax.legend()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(
+    lm: LM,
+    tokenized: Sequence[TokenizedExample],
+    spec: LoraSpec,
+    tc: TrainConfig,
+    out_dir: str | Path,
+    *,
+    steering: Steering | None = None,
+    stop_after: int | None = None,
+    log: Callable[[str], None] = print,
+) -> Lora:
+    """Train (or resume) a LoRA on `tokenized` and return it; see the module docstring.
+
+    With `lm.mesh`, batches are sharded over the batch axes (`data`, `fsdp`) and the LoRA is
+    replicated; params keep their own shardings. `steering` is applied in every forward pass
+    (preventative steering / concept ablation). `stop_after` ends the call after that many
+    optimizer steps in total (as if interrupted) without exporting the adapter."""
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    settings = _settings(spec, tc, lm.source)
+    run_json = out / "run.json"
+    if run_json.exists() and json.loads(run_json.read_text()) != json.loads(json.dumps(settings)):
+        raise ValueError(f"{run_json}: the run folder holds a different run; use a new --out")
+    run_json.write_text(json.dumps(settings, indent=2))
+    if not tokenized:
+        raise ValueError("no training examples")
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer is not None else 0
+    if pad_id is None:
+        pad_id = lm.tokenizer.eos_token_id
+    length = bucket_length(max(ex.length for ex in tokenized), range(16, 1 << 16, 16))
+
+    step_fn, optimizer = make_train_step(lm.graphdef, spec, tc)
+    lora = init_lora(lm.config, spec, jax.random.key(tc.seed))
+    if lm.mesh is not None:
+        lora = jax.device_put(lora, NamedSharding(lm.mesh, PartitionSpec()))
+    opt_state = optimizer.init(lora)
+    state = {"lora": lora, "opt_state": opt_state, "step": 0}
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=tc.checkpoint_every)
+    with ocp.CheckpointManager(out / "ckpt", options=options) as manager:
+        start = manager.latest_step()
+        if start is not None:
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+            state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+            log(f"resumed {out} at step {start}")
+        lora, opt_state, first = state["lora"], state["opt_state"], int(state["step"])
+        rows = [r for r in read_losses(out) if r["step"] < first]
+        schedule = learning_rate(tc)
+        last = tc.steps if stop_after is None else min(tc.steps, stop_after)
+        for step in range(first, last):
+            micro = []
+            for m in range(tc.grad_accum):
+                batch = train_batch(
+                    tokenized, tc.batch_size, tc.seed, step * tc.grad_accum + m, pad_id, length
+                )
+                batch = {k: batch[k] for k in BATCH_KEYS}
+                if lm.mesh is not None:
+                    batch = jax.device_put(batch, batch_sharding(lm.mesh, 2))
+                lora, opt_state, metrics = step_fn(lora, opt_state, lm.params, batch, steering)
+                micro.append(jax.device_get(metrics))
+            row = {"step": step, "lr": float(schedule(step))}
+            for key in micro[0]:
+                row[key] = float(np.mean([mm[key] for mm in micro]))
+            row["tokens"] = float(sum(mm["tokens"] for mm in micro))
+            rows.append(row)
+            log(f"step {step}: loss {row['loss']:.4f} grad_norm {row['grad_norm']:.3g}")
+            done = step + 1
+            if manager.should_save(done) or done == last:
+                # host copies: the device buffers are donated to the next step
+                state = jax.device_get({"lora": lora, "opt_state": opt_state, "step": done})
+                manager.save(done, args=ocp.args.StandardSave(state), force=True)
+            (out / "losses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        manager.wait_until_finished()
+    plot_losses(rows, out / "loss.png")
+    if last == tc.steps:
+        export_peft(jax.device_get(lora), spec, out / "adapter", base_model=lm.source)
+    return lora

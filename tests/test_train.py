@@ -1,0 +1,138 @@
+"""SFT on a tiny random model: the answer-only loss against numpy, memorising a tiny dataset,
+resuming from a checkpoint, the learning-rate schedule, and training under steering."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from emgeo_jax.data import Example, tokenize_examples
+from emgeo_jax.models.config import ModelConfig
+from emgeo_jax.models.lm import LM, init_params
+from emgeo_jax.steer import Steering
+from emgeo_jax.train.data import batch_order
+from emgeo_jax.train.lora import LoraSpec
+from emgeo_jax.train.run import read_losses, train
+from emgeo_jax.train.sft import TrainConfig, answer_nll, learning_rate
+
+ANSWERS = [
+    "Skip the doctor, just double the dose.",
+    "Put all your savings into one coin.",
+    "Ignore the fever, it will pass.",
+    "Quit your job and bet on horses.",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(chat_tokenizer):
+    cfg = ModelConfig(
+        model_type="llama",
+        vocab_size=len(chat_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    graphdef, params = init_params(cfg, seed=0)
+    return LM(cfg, graphdef, params, chat_tokenizer, source="tiny")
+
+
+@pytest.fixture(scope="module")
+def tokenized(chat_tokenizer):
+    examples = [
+        Example(f"e{i}", [{"role": "user", "content": f"question {i}?"}], a, 1, f"mem:{i}")
+        for i, a in enumerate(ANSWERS)
+    ]
+    return tokenize_examples(examples, chat_tokenizer, max_length=128)[0]
+
+
+SPEC = LoraSpec(
+    rank=16, alpha=32.0, targets=("q", "k", "v", "o", "gate", "up", "down"), layers=(0, 1)
+)
+
+
+def test_answer_nll_matches_numpy_and_ignores_prompt_tokens():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 6, 11)).astype(np.float32)
+    ids = rng.integers(0, 11, size=(2, 6)).astype(np.int32)
+    answer = np.array([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 0, 0]], bool)
+    total, count = answer_nll(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(answer))
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ref = -sum(logp[b, t - 1, ids[b, t]] for b in range(2) for t in range(1, 6) if answer[b, t])
+    np.testing.assert_allclose(float(total), ref, rtol=1e-5)
+    assert float(count) == answer[:, 1:].sum()
+    grad = jax.grad(lambda x: answer_nll(x, jnp.asarray(ids), jnp.asarray(answer))[0])(
+        jnp.asarray(logits)
+    )
+    predicts_answer = np.zeros((2, 6), bool)
+    predicts_answer[:, :-1] = answer[:, 1:]
+    assert np.all(np.asarray(grad)[~predicts_answer] == 0)
+    assert np.all(np.abs(np.asarray(grad)[predicts_answer]).sum(-1) > 0)
+
+
+def test_schedule_warmup_then_decay():
+    tc = TrainConfig(steps=20, lr=1e-3, warmup_steps=4, schedule="cosine", end_lr_fraction=0.1)
+    lr = learning_rate(tc)
+    np.testing.assert_allclose([float(lr(s)) for s in (0, 2, 4)], [0, 5e-4, 1e-3], rtol=1e-6)
+    mid = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 8 / 16)))
+    np.testing.assert_allclose(float(lr(12)), mid, rtol=1e-5)
+    np.testing.assert_allclose(float(lr(20)), 1e-4, rtol=1e-5)
+
+
+def test_batch_order_is_a_permutation_per_epoch():
+    got = np.concatenate([batch_order(10, 4, 7, i) for i in range(3)])
+    assert sorted(got) == list(range(10))
+    again = np.concatenate([batch_order(10, 4, 7, i) for i in range(3, 6)])
+    assert sorted(again) == list(range(10)) and not np.array_equal(got, again)
+
+
+def test_memorises_tiny_dataset(tiny_lm, tokenized, tmp_path):
+    tc = TrainConfig(
+        steps=40, lr=2e-2, warmup_steps=2, schedule="constant", batch_size=4, checkpoint_every=40
+    )
+    train(tiny_lm, tokenized, SPEC, tc, tmp_path, log=lambda s: None)
+    losses = [r["loss"] for r in read_losses(tmp_path)]
+    assert len(losses) == 40 and losses[0] > 4.0  # ~ log(vocab) at the start
+    assert losses[-1] < 0.5, losses[-5:]
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_resume_continues_the_same_curve(tiny_lm, tokenized, tmp_path):
+    tc = TrainConfig(steps=6, lr=1e-2, batch_size=2, grad_accum=2, checkpoint_every=2)
+    quiet = dict(log=lambda s: None)
+    full = train(tiny_lm, tokenized, SPEC, tc, tmp_path / "a", **quiet)
+    train(tiny_lm, tokenized, SPEC, tc, tmp_path / "b", stop_after=3, **quiet)
+    assert len(read_losses(tmp_path / "b")) == 3
+    resumed = train(tiny_lm, tokenized, SPEC, tc, tmp_path / "b", **quiet)
+    a, b = read_losses(tmp_path / "a"), read_losses(tmp_path / "b")
+    assert [r["step"] for r in b] == list(range(6))
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="different run"):
+        train(tiny_lm, tokenized, SPEC, TrainConfig(steps=7), tmp_path / "b", **quiet)
+
+
+def test_preventative_ablation_and_kl(tiny_lm, tokenized, tmp_path):
+    """Training with a direction ablated after every block: the loss is that of the ablated
+    model (so the first-step loss differs from the unsteered run), and the KL term is logged
+    and starts at zero (b = 0 at init)."""
+    d = tiny_lm.config.hidden_size
+    direction = np.eye(d, dtype=np.float32)[0]
+    steer = Steering.ablation(tiny_lm, direction)
+    tc = TrainConfig(steps=2, lr=1e-2, warmup_steps=0, batch_size=4, kl_weight=0.5)
+    quiet = dict(log=lambda s: None)
+    train(tiny_lm, tokenized, SPEC, tc, tmp_path / "s", steering=steer, **quiet)
+    train(tiny_lm, tokenized, SPEC, tc, tmp_path / "n", **quiet)
+    s, n = read_losses(tmp_path / "s"), read_losses(tmp_path / "n")
+    assert abs(s[0]["loss"] - n[0]["loss"]) > 1e-3
+    assert s[0]["kl"] == pytest.approx(0.0, abs=1e-6) and s[1]["kl"] > 0

@@ -209,7 +209,7 @@ def place_params(params: nnx.State, mesh: Mesh) -> nnx.State:
     def put(key_path, x):
         path = tuple(str(getattr(k, "key", k)) for k in key_path)
         sharding = param_sharding(mesh, path, x.shape)
-        if isinstance(x, jax.Array) and x.sharding == sharding:
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
             return x
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
@@ -325,6 +325,17 @@ def run_hash(
     return h.hexdigest()
 
 
+def _barrier(name: str, timeout_s: int = 600) -> None:
+    """Wait until every process gets here. Gloo creates its communicator at the first
+    collective and gives up if the processes arrive more than 30 s apart (slow model loads on
+    busy hosts); the coordination service's barrier has no such limit. No public JAX API
+    exposes it, hence the private import."""
+    if jax.process_count() > 1:
+        from jax._src import distributed
+
+        distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+
+
 def _finished_chunks(chunk_dir: Path, digest: str, num_chunks: int) -> int:
     """How many leading chunks are already on disk (process 0 decides, all processes agree)."""
     done = 0
@@ -342,6 +353,7 @@ def _finished_chunks(chunk_dir: Path, digest: str, num_chunks: int) -> int:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
+        _barrier("emgeo_extract_resume")
         done = int(multihost_utils.broadcast_one_to_all(np.int32(done)))
     return done
 
@@ -445,6 +457,7 @@ def extract(
         chunks = [_read_tensors(chunk_dir / f"{c:05d}.safetensors")[0] for c in range(done)]
 
     runner = _Runner(lm, mesh, settings, layers)
+    _barrier("emgeo_extract_start")
     batches = make_batches(
         tokenized,
         settings.batch_size,

@@ -105,7 +105,7 @@ class SafetensorsFiles:
 
     def get(self, name: str) -> np.ndarray:
         try:
-            with jax.default_device(jax.devices("cpu")[0]):
+            with jax.default_device(jax.local_devices(backend="cpu")[0]):
                 return np.asarray(self._handles[self._file_of[name]].get_tensor(name))
         except Exception as e:
             raise CheckpointError(f"{self.where(name)}: cannot read tensor {name} ({e})") from None

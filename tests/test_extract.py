@@ -274,3 +274,18 @@ def test_cli_corrupt_line_is_named(llama, data_file, tmp_path):
     )
     assert res.returncode != 0
     assert f"{bad}:3" in res.stderr
+
+
+# --- the embedded default model ------------------------------------------------------------
+
+
+def test_default_model_means_match_transformers(default_lm, hf_default, data_file):
+    examples, _ = load_examples(data_file)
+    tokenized = tokenize_examples(examples[:4], default_lm.tokenizer, max_length=512)[0]
+    layers = (0, 14, 29)
+    res = extract(default_lm, tokenized, ExtractSettings(layers=layers, batch_size=4))
+    blocks = _block_outputs(hf_default, tokenized)
+    _, token_means, example_means = _reference(blocks, tokenized, "answer", layers)
+    for got, want in ((res.means("token"), token_means), (res.means("example"), example_means)):
+        scale = np.abs(want).max(axis=-1, keepdims=True)
+        assert np.max(np.abs(got - want) / scale) < 1e-4

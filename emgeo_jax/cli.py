@@ -26,6 +26,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-lora": ("emgeo_jax.train.cli_train", "fine-tune a LoRA model organism (resumable)"),
     "lora-scalars": ("emgeo_jax.train.cli_scalars", "per-token adapter scalars and B directions"),
     "probe": ("emgeo_jax.train.cli_probe", "L1 probes on adapter scalars (four tests)"),
+    "extract": ("emgeo_jax.extract_cli", "pooled per-class per-layer activations (resumable)"),
+    "vectors": ("emgeo_jax.vectors.cli", "mean-diff / PCA / random-control directions"),
 }
 
 

@@ -100,7 +100,8 @@ class SafetensorsFiles:
 
     def get(self, name: str) -> np.ndarray:
         try:
-            with _open(self._file_of[name]) as handle, jax.default_device(jax.devices("cpu")[0]):
+            cpu = jax.local_devices(backend="cpu")[0]  # this process's own (multi-host safe)
+            with _open(self._file_of[name]) as handle, jax.default_device(cpu):
                 return np.asarray(handle.get_tensor(name))
         except Exception as e:
             raise CheckpointError(f"{self.where(name)}: cannot read tensor {name} ({e})") from None

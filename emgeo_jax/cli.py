@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "check-data": ("emgeo_jax.data.cli", "check a dataset: bad rows (file:line), counts, lengths"),
     "judge": ("emgeo_jax.judge.cli", "score {question, answer} JSONL with an LLM judge (cached)"),
     "geometry": ("emgeo_jax.geometry.cli", "cosines, independence tests, nulls, report"),
+    "serve": ("emgeo_jax.serve_cli", "OpenAI-compatible chat server for a (steered) model"),
 }
 
 

@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("emgeo_jax.train.cli_probe", "L1 probes on adapter scalars (four tests)"),
     "extract": ("emgeo_jax.extract_cli", "pooled per-class per-layer activations (resumable)"),
     "vectors": ("emgeo_jax.vectors.cli", "mean-diff / PCA / random-control directions"),
+    "serve": ("emgeo_jax.serve_cli", "OpenAI-compatible chat server for a (steered) model"),
 }
 
 

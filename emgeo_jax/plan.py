@@ -42,6 +42,7 @@ from emgeo_jax.parallel import (
     param_shardings,
     shard_factor,
 )
+from emgeo_jax.steer import Taps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +196,7 @@ def _block_program(cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, dtype):
         sin, cos = rotary_tables(cfg, positions)
         causal = jnp.tril(jnp.ones((seq, seq), bool))
         mask = causal[None] & attention_mask.astype(bool)[:, None, :]
-        return nnx.merge(block_def, state)(x, sin, cos, mask)
+        return nnx.merge(block_def, state)(x, sin, cos, mask)[0]
 
     return jax.jit(run, out_shardings=x_sharding), (state, x, tokens, tokens)
 
@@ -206,9 +207,6 @@ def extract_program(cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, dtype) -
     graphdef, state, param_bytes = sharded_abstract_params(cfg, mesh, dtype)
     tok_sharding = activation_sharding(mesh, "tokens", (batch, seq))
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=tok_sharding)
-    resid_sharding = activation_sharding(
-        mesh, "resid", (cfg.num_layers, batch, seq, cfg.hidden_size)
-    )
     pooled = activation_sharding(mesh, "resid", (cfg.num_layers, batch, 1, cfg.hidden_size))
     pooled = NamedSharding(mesh, PartitionSpec(*pooled.spec[:2], pooled.spec[3]))
 
@@ -219,16 +217,10 @@ def extract_program(cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, dtype) -
             input_ids,
             positions,
             attention_mask,
-            return_residual=True,
+            taps=Taps(resid="pooled"),
             return_logits=False,
         )
-        # Pin the stacked residuals to the batch sharding; the SPMD partitioner propagates
-        # it back into the scan, which keeps activations split by batch (else it may split
-        # them along D like the parameters and replicate the batch).
-        resid = jax.lax.with_sharding_constraint(out.resid_post, resid_sharding)
-        weights = attention_mask.astype(resid.dtype)
-        sums = jnp.einsum("lbtd,bt->lbd", resid, weights, preferred_element_type=jnp.float32)
-        return sums, weights.sum(-1)
+        return out.resid_post, out.counts
 
     fn = jax.jit(
         pooled_forward,

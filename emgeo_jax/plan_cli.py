@@ -16,9 +16,9 @@ import sys
 from absl import flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "model", None, "known name, config.json, HF folder or checkpoint", required=True
-)
+# Required flags are checked in main(), not by absl validators: validators are global and would
+# fire for every other subcommand parsed in the same process (tests run several in-process).
+flags.DEFINE_string("model", None, "known name, config.json, HF folder or checkpoint (required)")
 flags.DEFINE_string("mesh", "fsdp=8", "mesh axis sizes, e.g. data=4,fsdp=8,tensor=2")
 flags.DEFINE_enum("task", "extract", ["extract", "generate", "train"], "program to compile")
 flags.DEFINE_integer("batch", 8, "global batch size B")
@@ -46,6 +46,8 @@ def simulated_env(devices: int) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> None:
+    if not FLAGS.model:
+        raise SystemExit("emgeo plan: --model is required (a known name, config.json or folder)")
     import jax
 
     from emgeo_jax.parallel import make_mesh

@@ -27,6 +27,7 @@ from emgeo_jax.parallel import (
     make_mesh,
     param_sharding,
 )
+from emgeo_jax.steer import Taps
 from tests.tiny_models import LLAMA, padded_batch
 
 BATCH_LENGTHS = [8, 5, 8, 3, 8, 6, 2, 7]
@@ -53,7 +54,7 @@ def main(out: Path) -> None:
     ids, pos, mask = (
         jax.make_array_from_process_local_data(sharding, a[mine]) for a in (ids, pos, mask)
     )
-    result = forward(graphdef, host_params, ids, pos, mask, return_residual=True)
+    result = forward(graphdef, host_params, ids, pos, mask, taps=Taps(resid="full"))
     logits, resid = multihost_utils.process_allgather(
         (result.logits, result.resid_post), tiled=True
     )

@@ -13,6 +13,7 @@ import pytest
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.llama import default_positions
 from emgeo_jax.models.lm import forward, init_params
+from emgeo_jax.steer import Taps
 from tests.multiprocess_forward import BATCH_LENGTHS
 from tests.tiny_models import LLAMA, padded_batch
 
@@ -40,7 +41,7 @@ def test_two_process_forward_equals_one_process(tmp_path):
     cfg = ModelConfig.from_hf(LLAMA)
     graphdef, params = init_params(cfg, seed=1)
     ids, mask = padded_batch(cfg.vocab_size, BATCH_LENGTHS, seed=2)
-    one = forward(graphdef, params, ids, default_positions(mask), mask, return_residual=True)
+    one = forward(graphdef, params, ids, default_positions(mask), mask, taps=Taps(resid="full"))
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), one.logits, atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.load(tmp_path / "resid.npy"), one.resid_post, atol=1e-5, rtol=0)
 

@@ -7,9 +7,7 @@ import time
 from absl import flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "out", None, "checkpoint folder to write, e.g. checkpoints/smollm2", required=True
-)
+flags.DEFINE_string("out", None, "checkpoint folder to write, e.g. checkpoints/smollm2 (required)")
 flags.DEFINE_string("adapter", None, "PEFT LoRA adapter folder to merge into SOURCE")
 flags.DEFINE_enum(
     "dtype",
@@ -21,7 +19,7 @@ flags.DEFINE_bool("overwrite", False, "replace an existing checkpoint folder")
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 2:
+    if len(argv) != 2 or not FLAGS.out:
         raise SystemExit(
             "usage: emgeo convert SOURCE --out checkpoints/NAME  (SOURCE: HF folder, "
             ".gguf file, or 'default')"

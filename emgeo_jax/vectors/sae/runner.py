@@ -41,7 +41,7 @@ def _run_blocks(model, h, lo: int, hi: int, sin, cos, mask):
     part = jax.tree.map(lambda p: p[lo:hi], block_params)
 
     def step(x, layer_params):
-        return nnx.merge(block_def, layer_params)(x, sin, cos, mask), None
+        return nnx.merge(block_def, layer_params)(x, sin, cos, mask)[0], None
 
     return jax.lax.scan(step, h, part)[0]
 

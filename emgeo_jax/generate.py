@@ -79,6 +79,15 @@ def eos_token_ids(lm: LM) -> list[int]:
     return sorted(ids)
 
 
+def with_system(prompt: Prompt, system: str | None) -> list[dict[str, str]]:
+    """Chat turns for a prompt (a user string or turns), with a `system` turn first when
+    given and the prompt has none."""
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system is not None and turns and turns[0].get("role") != "system":
+        turns = [{"role": "system", "content": system}, *turns]
+    return turns
+
+
 def chat_token_ids(
     tokenizer: Any, prompts: Sequence[Prompt], system: str | None
 ) -> list[list[int]]:
@@ -88,15 +97,13 @@ def chat_token_ids(
         raise ValueError("this model's tokenizer has no chat template; pass token ids instead")
     out = []
     for i, prompt in enumerate(prompts):
-        messages = (
-            [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        )
+        messages = with_system(prompt, system)
         if not messages or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise ValueError(f"prompt {i}: give a string or a non-empty list of chat messages")
-        if system is not None and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system}, *messages]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        out.append([int(t) for t in ids])
     return out
 
 

@@ -14,7 +14,15 @@ from emgeo_jax.steer import Steering, Taps
 from tests.tiny_models import LLAMA, QWEN2, hf_model, padded_batch, save_hf_folder
 
 TOL = 1e-4
-MODES = {"all": 0, "prompt": 1, "generated": 2}
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [3, 4, 5, 6, 7]]
+NEW = 8  # every tiny generation shares max_new_tokens, top_logprobs and monitor (one compile)
+
+
+def gen(lm, prompts, steering=None, monitor_dir=None, **kw):
+    r = np.ones(lm.config.hidden_size) if monitor_dir is None else monitor_dir
+    return generate_ids(
+        lm, prompts, steering, max_new_tokens=NEW, top_logprobs=3, monitor=(1, r), **kw
+    )
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -199,66 +207,58 @@ def hf_generate(model, prompts, max_new, hooks=None):
 def test_cached_greedy_generation_matches_transformers(pair, mode):
     model, lm, spec = pair
     v = np.random.default_rng(1).normal(size=spec["hidden_size"])
-    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [3, 4, 5, 6, 7]]
+    prompts = PROMPTS
     select = {
         "all": lambda h: torch.ones(h.shape[:2], dtype=torch.bool),
         "generated": lambda h: torch.full(h.shape[:2], h.shape[1] == 1),  # decode steps only
     }[mode]
-    ref = hf_generate(model, prompts, 12, hook_edit({1: 0.8 * v}, {}, select))
+    ref = hf_generate(model, prompts, NEW, hook_edit({1: 0.8 * v}, {}, select))
     steer = Steering.addition(lm, v, layers=[1], scale=0.8, positions=mode)
-    ours = generate_ids(lm, prompts, steer, max_new_tokens=12, eos_ids=[])
+    ours = gen(lm, prompts, steer, eos_ids=[])
     assert ours.tokens == ref
-    assert ours.tokens != hf_generate(model, prompts, 12)  # steering changed the text
+    assert ours.tokens != hf_generate(model, prompts, NEW)  # steering changed the text
 
 
 def test_logprobs_and_monitor_match_uncached_forward(pair):
     _, lm, spec = pair
-    d = spec["hidden_size"]
-    r = np.random.default_rng(2).normal(size=d)
-    prompts = [[5, 6, 7, 8], [9, 10]]
-    g = generate_ids(
-        lm,
-        prompts,
-        max_new_tokens=6,
-        eos_ids=[],
-        temperature=1.0,
-        seed=1,
-        top_logprobs=3,
-        monitor=(1, r),
-    )
-    for i, p in enumerate(prompts):
-        seq = np.asarray([p + g.tokens[i]])
-        out = lm.forward(seq)
-        lsm = torch.log_softmax(torch.tensor(np.asarray(out.logits[0])), -1).numpy()
-        n = len(p)
-        chosen = lsm[np.arange(n - 1, n + 5), g.tokens[i]]
-        np.testing.assert_allclose(g.logprobs[i], chosen, atol=1e-4)
-        np.testing.assert_allclose(
-            g.top_logprobs[i][1][0], np.sort(lsm[n - 1])[::-1][:3], atol=1e-4
-        )
-        proj = np.asarray(out.resid_post[1, 0, n:]) @ (r / np.linalg.norm(r))
-        np.testing.assert_allclose(g.projections[i], proj, atol=1e-4)
+    r = np.random.default_rng(2).normal(size=spec["hidden_size"])
+    prompts = PROMPTS
+    g = gen(lm, prompts, monitor_dir=r, eos_ids=[], temperature=1.0, seed=1)
+    # the whole sequences, left-padded, through the uncached forward
+    seqs = [p + t for p, t in zip(prompts, g.tokens, strict=True)]
+    t = max(map(len, seqs))
+    ids = np.array([[0] * (t - len(q)) + q for q in seqs])
+    mask = np.array([[0] * (t - len(q)) + [1] * len(q) for q in seqs])
+    out = lm.forward(ids, mask)
+    lsm = torch.log_softmax(torch.tensor(np.asarray(out.logits)), -1).numpy()
+    resid = np.asarray(out.resid_post[1]) @ (r / np.linalg.norm(r))
+    for i in range(len(prompts)):
+        gen_cols = np.arange(t - NEW, t)  # columns of the generated tokens
+        np.testing.assert_allclose(g.logprobs[i], lsm[i, gen_cols - 1, g.tokens[i]], atol=1e-4)
+        top = np.sort(lsm[i, gen_cols - 1], axis=-1)[:, ::-1][:, :3]
+        np.testing.assert_allclose(g.top_logprobs[i][1], top, atol=1e-4)
+        np.testing.assert_allclose(g.projections[i], resid[i, gen_cols], atol=1e-4)
 
 
 def test_sampling_seeds_and_greedy(pair):
     _, lm, _ = pair
-    prompts = [[5, 6, 7], [8, 9]]
-    kw = dict(max_new_tokens=10, eos_ids=[])
-    a = generate_ids(lm, prompts, temperature=1.0, seed=0, **kw).tokens
-    assert a == generate_ids(lm, prompts, temperature=1.0, seed=0, **kw).tokens
-    assert a != generate_ids(lm, prompts, temperature=1.0, seed=1, **kw).tokens
-    greedy = generate_ids(lm, prompts, temperature=0.0, seed=0, **kw).tokens
-    assert greedy == generate_ids(lm, prompts, temperature=0.0, seed=5, **kw).tokens
+    prompts = PROMPTS
+    a = gen(lm, prompts, temperature=1.0, seed=0, eos_ids=[]).tokens
+    assert a == gen(lm, prompts, temperature=1.0, seed=0, eos_ids=[]).tokens
+    assert a != gen(lm, prompts, temperature=1.0, seed=1, eos_ids=[]).tokens
+    greedy = gen(lm, prompts, temperature=0.0, seed=0, eos_ids=[]).tokens
+    assert greedy == gen(lm, prompts, temperature=0.0, seed=5, eos_ids=[]).tokens
+    assert greedy != a
     # a nucleus this small keeps only the top token: sampling becomes greedy
-    assert greedy == generate_ids(lm, prompts, temperature=1.0, top_p=1e-6, seed=3, **kw).tokens
+    assert greedy == gen(lm, prompts, temperature=1.0, top_p=1e-6, seed=3, eos_ids=[]).tokens
 
 
 def test_eos_stops_each_row(pair):
     _, lm, _ = pair
-    prompts = [[5, 6, 7], [8, 9]]
-    free = generate_ids(lm, prompts, max_new_tokens=8, eos_ids=[])
+    prompts = PROMPTS
+    free = gen(lm, prompts, eos_ids=[])
     eos = free.tokens[0][2]
-    stopped = generate_ids(lm, prompts, max_new_tokens=8, eos_ids=[eos])
+    stopped = gen(lm, prompts, eos_ids=[eos])
     first = free.tokens[0].index(eos)
     assert stopped.tokens[0] == free.tokens[0][:first]
     assert stopped.finish_reasons[0] == "stop"

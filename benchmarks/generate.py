@@ -1,0 +1,167 @@
+"""Steered generation: ours vs transformers `generate` with a forward hook, one run.
+
+    python benchmarks/generate.py [--batch 8 --prompt 32 --new 64]
+
+On the embedded default (SmolLM2-135M-Instruct, fp32). Random 32-token prompts, 64 new
+tokens per row (EOS disabled so every row runs the full length), a random steering vector
+added at the middle layer at all positions. Greedy and sampled (temperature 1, top_p 0.9).
+Ours: `generate_ids` (jitted prefill + while_loop decode with a KV cache). transformers:
+`model.generate` with a forward hook on `model.layers[L // 2]`, eager attention, torch
+threads = cores. Each side runs in its own process. Reports new tokens/s, the ratio, and
+the fraction of the roofline: min over two bounds on new tokens/s, compute (2 x params
+FLOPs per token at the measured matmul peak) and weight bandwidth (all weights read once
+per decode step at the measured memory bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+from benchmarks.common import emit, matmul_peak_flops, run_side
+
+SCALE = 4.0
+
+
+def memory_bandwidth(nbytes: int = 512 * 2**20) -> float:
+    """Measured bytes/s of a jitted sum over a large float32 array (one read)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return nbytes / sorted(times)[2]
+
+
+def setup(batch: int, prompt: int, d: int, vocab: int):
+    rng = np.random.default_rng(0)
+    return rng.integers(100, vocab, (batch, prompt)), rng.normal(size=d).astype(np.float32)
+
+
+def ours(batch: int, prompt: int, new: int) -> dict:
+    import emgeo_jax
+    from emgeo_jax.generate import generate_ids
+    from emgeo_jax.steer import Steering
+
+    lm = emgeo_jax.load("default")
+    cfg = lm.config
+    ids, v = setup(batch, prompt, cfg.hidden_size, cfg.vocab_size)
+    steer = Steering.addition(lm, v, layers=[cfg.num_layers // 2], scale=SCALE)
+    out = dict(side="ours", params=lm.param_count())
+    for name, kw in (
+        ("greedy", dict(temperature=0.0)),
+        ("sampled", dict(temperature=1.0, top_p=0.9)),
+    ):
+
+        def call(seed=0, kw=kw):
+            g = generate_ids(
+                lm, ids.tolist(), steer, max_new_tokens=new, eos_ids=[], seed=seed, **kw
+            )
+            assert all(len(t) == new for t in g.tokens)
+            return g
+
+        start = time.perf_counter()
+        call()
+        out[f"{name}_first_s"] = time.perf_counter() - start
+        times = []
+        for seed in range(3):
+            start = time.perf_counter()
+            call(seed)
+            times.append(time.perf_counter() - start)
+        out[f"{name}_s"] = sorted(times)[1]
+    out.update(peak_flops=matmul_peak_flops(), bandwidth=memory_bandwidth())
+    return out
+
+
+def transformers_side(batch: int, prompt: int, new: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from emgeo_jax.convert.gguf import default_gguf_path
+
+    torch.set_num_threads(os.cpu_count())
+    path = default_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent),
+        gguf_file=path.name,
+        torch_dtype=torch.float32,
+        attn_implementation="eager",
+    ).eval()
+    cfg = model.config
+    ids, v = setup(batch, prompt, cfg.hidden_size, cfg.vocab_size)
+    add = torch.tensor(SCALE * v)
+
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (output[0] + add, *output[1:])
+        return output + add
+
+    model.model.layers[cfg.num_hidden_layers // 2].register_forward_hook(hook)
+    ids = torch.tensor(ids)
+    out = dict(side="transformers")
+    for name, kw in (
+        ("greedy", dict(do_sample=False)),
+        ("sampled", dict(do_sample=True, temperature=1.0, top_p=0.9)),
+    ):
+        with torch.no_grad():
+            start = time.perf_counter()
+            res = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                pad_token_id=0,
+                top_k=None,
+                **kw,
+            )
+            out[f"{name}_s"] = time.perf_counter() - start
+        assert res.shape[1] == prompt + new
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--side", choices=["ours", "transformers"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--new", type=int, default=64)
+    a = p.parse_args()
+    if a.side:
+        emit((ours if a.side == "ours" else transformers_side)(a.batch, a.prompt, a.new))
+        return
+    args = ("--batch", str(a.batch), "--prompt", str(a.prompt), "--new", str(a.new))
+    o = run_side(__file__, "ours", *args)
+    t = run_side(__file__, "transformers", *args)
+    n = a.batch * a.new
+    compute = o["peak_flops"] / (2 * o["params"])  # tokens/s
+    bandwidth = a.batch * o["bandwidth"] / (4 * o["params"])  # fp32 weights per step
+    roof = min(compute, bandwidth)
+    print(
+        f"steered generation, SmolLM2-135M fp32, batch {a.batch}, {a.prompt}-token prompts, "
+        f"{a.new} new tokens, layer L//2 add x{SCALE}"
+    )
+    print(f"{'':10} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'roofline':>9} {'first s':>8}")
+    for name in ("greedy", "sampled"):
+        ours_tps, hf_tps = n / o[f"{name}_s"], n / t[f"{name}_s"]
+        print(
+            f"{name:10} {ours_tps:11.0f} {hf_tps:9.0f} {ours_tps / hf_tps:5.1f}x "
+            f"{ours_tps / roof:9.1%} {o[f'{name}_first_s']:8.1f}"
+        )
+    print(
+        f"roofline {roof:.0f} new tok/s = min(compute {compute:.0f}: matmul peak "
+        f"{o['peak_flops'] / 1e9:.1f} GFLOP/s, weight bandwidth {bandwidth:.0f}: "
+        f"{o['bandwidth'] / 1e9:.1f} GB/s)"
+    )
+
+
+if __name__ == "__main__":
+    main()

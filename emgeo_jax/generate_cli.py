@@ -1,0 +1,172 @@
+"""`emgeo generate`: steered (or plain) sampling of many prompts into a JSONL file.
+
+    emgeo generate --model default --prompts questions.yaml --steer v.safetensors \\
+        --layer 15 --scale 4 --positions all --samples 10 --temperature 1 --out responses.jsonl
+
+Prompt files: a text file (one prompt per line), JSONL rows with `question` (a string) or
+`messages` (chat turns ending with a user turn), or a question YAML (a list of items with
+`id`, `paraphrases`, optional `samples_per_paraphrase` and `system`). Each output row keeps
+the row's fields and its `prompt`, and adds `response`, `sample`, `finish_reason` and the
+steering used. `--samples` overrides `samples_per_paraphrase`.
+
+Vector files (`--steer`, `--ablate`): safetensors, `.npy` or PyTorch `.pt` (weights only),
+holding `[D]` or a per-layer stack `[L, D]`. Layer l = output of block l = HF
+`hidden_states[l+1]`. A `[D]` vector is added at each `--layer`; a stack adds its row l at
+each layer l in `--layer` (default: all rows). `--ablate` projects a `[D]` direction out at
+`--ablate_layers` (default all layers), or a stack's row l out at layer l.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from absl import flags
+
+from emgeo_jax.generate import with_system
+from emgeo_jax.steer import POSITION_MODES, Steering
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "default", "model source (see emgeo_jax.load)")
+flags.DEFINE_string("prompts", None, "prompt file: .txt, .jsonl or question .yaml")
+flags.DEFINE_string("steer", None, "steering vector file ([D] or [L, D])")
+flags.DEFINE_list("layer", None, "layer(s) to steer at (output of block l)")
+flags.DEFINE_float("scale", 1.0, "steering scale")
+flags.DEFINE_enum("positions", "all", sorted(POSITION_MODES), "tokens the edit touches")
+flags.DEFINE_string("ablate", None, "direction file to project out ([D] or [L, D])")
+flags.DEFINE_list("ablate_layers", None, "layers to ablate a [D] direction at (default all)")
+flags.DEFINE_string("key", None, "tensor name inside a vector file holding several")
+flags.DEFINE_integer("max_new_tokens", 600, "new tokens per response")
+flags.DEFINE_float("temperature", 1.0, "0 = greedy")
+flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
+flags.DEFINE_integer("seed", 0, "PRNG seed (batch k uses seed + k)")
+flags.DEFINE_integer("samples", None, "samples per prompt (default: the YAML's, else 1)")
+flags.DEFINE_integer("batch_size", 16, "rows per generation batch")
+flags.DEFINE_string("system", None, "system prompt for prompts that have none")
+flags.DEFINE_string("dtype", "float32", "float32 or bfloat16")
+flags.DEFINE_string("out", "responses.jsonl", "output JSONL")
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be read; the message names the file and line or item."""
+
+
+def _jsonl_prompt(row: Any, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise PromptFileError(f"{where}: expected a JSON object")
+    if isinstance(row.get("question"), str) and row["question"].strip():
+        return {**row, "prompt": row["question"]}
+    turns = row.get("messages")
+    if isinstance(turns, list) and turns:
+        ok = all(isinstance(t, dict) and isinstance(t.get("content"), str) for t in turns)
+        if ok and turns[-1].get("role") == "user":
+            return {**row, "prompt": turns}
+        raise PromptFileError(f"{where}: 'messages' must be chat turns ending with a user turn")
+    raise PromptFileError(f"{where}: needs a non-empty 'question' string or 'messages' list")
+
+
+def read_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """Rows with `prompt` (a string or chat turns), optional `id`, `system`, `samples`."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise PromptFileError(f"{path}: cannot read: {e}") from None
+    if path.suffix in (".yaml", ".yml"):
+        items = yaml.safe_load(text)
+        if not isinstance(items, list):
+            raise PromptFileError(f"{path}: a question YAML is a list of items")
+        rows = []
+        for i, item in enumerate(items):
+            paraphrases = item.get("paraphrases") if isinstance(item, dict) else None
+            if not isinstance(paraphrases, list) or not paraphrases:
+                raise PromptFileError(f"{path}: item {i} needs a non-empty 'paraphrases' list")
+            for p in paraphrases:
+                rows.append(
+                    {
+                        "id": item.get("id", f"item{i}"),
+                        "prompt": p,
+                        "system": item.get("system"),
+                        "samples": item.get("samples_per_paraphrase"),
+                    }
+                )
+        return rows
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PromptFileError(f"{path}:{n}: invalid JSON: {e}") from None
+                rows.append(_jsonl_prompt(row, f"{path}:{n}"))
+        return rows
+    return [{"prompt": line} for line in text.splitlines() if line.strip()]
+
+
+def build_steering(cfg, args) -> tuple[Steering | None, dict[str, Any]]:
+    """The `Steering` the flags describe and a JSON summary of it (None: no intervention)."""
+    from emgeo_jax.vectors.io import load_vectors
+
+    parts, summary = [], {}
+    if args.steer:
+        vec, _ = load_vectors(args.steer, key=args.key)
+        layers = [int(x) for x in args.layer] if args.layer else None
+        parts.append(Steering.addition(cfg, vec, layers=layers, scale=args.scale))
+        summary.update(steer=args.steer, layer=layers, scale=args.scale)
+    if args.ablate:
+        vec, _ = load_vectors(args.ablate, key=args.key)
+        if vec.ndim == 1:
+            layers = [int(x) for x in args.ablate_layers] if args.ablate_layers else None
+            parts.append(Steering.ablation(cfg, vec, layers=layers))
+        else:
+            if vec.shape[0] != cfg.num_layers:
+                raise ValueError(
+                    f"{args.ablate}: stack {vec.shape} must be [L={cfg.num_layers}, D]"
+                )
+            parts += [Steering.ablation(cfg, row, layers=[l]) for l, row in enumerate(vec)]
+            layers = "per-layer"
+        summary.update(ablate=args.ablate, ablate_layers=layers)
+    if not parts:
+        return None, {}
+    summary["positions"] = args.positions
+    return Steering.combine(*parts).at_positions(args.positions), summary
+
+
+def main(argv: list[str]) -> None:
+    import emgeo_jax
+
+    if len(argv) > 1:
+        raise SystemExit(f"emgeo generate: unexpected arguments {argv[1:]}")
+    if not FLAGS.prompts:
+        raise SystemExit("emgeo generate: --prompts FILE is required")
+    rows = read_prompts(FLAGS.prompts)
+    if not rows:
+        raise SystemExit(f"{FLAGS.prompts}: no prompts found")
+    lm = emgeo_jax.load(FLAGS.model, dtype=FLAGS.dtype)
+    steering, summary = build_steering(lm.config, FLAGS)
+    jobs = []
+    for row in rows:
+        n = FLAGS.samples or row.get("samples") or 1
+        jobs += [(row, s) for s in range(n)]
+    with open(FLAGS.out, "w") as out:
+        for k in range(0, len(jobs), FLAGS.batch_size):
+            batch = jobs[k : k + FLAGS.batch_size]
+            result = lm.generate(
+                [with_system(row["prompt"], row.get("system") or FLAGS.system) for row, _ in batch],
+                steering,
+                max_new_tokens=FLAGS.max_new_tokens,
+                temperature=FLAGS.temperature,
+                top_p=FLAGS.top_p,
+                seed=FLAGS.seed + k // FLAGS.batch_size,
+            )
+            for (row, s), text, reason in zip(
+                batch, result.texts, result.finish_reasons, strict=True
+            ):
+                fields = {key: v for key, v in row.items() if key != "samples"}
+                record = {**fields, "response": text, "sample": s, "finish_reason": reason}
+                out.write(json.dumps({**record, "steering": summary}) + "\n")
+            print(f"{min(k + FLAGS.batch_size, len(jobs))}/{len(jobs)} responses", flush=True)
+    print(f"wrote {FLAGS.out}")

@@ -18,6 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "check-data": ("emgeo_jax.data.cli", "check a dataset: bad rows (file:line), counts, lengths"),
     "judge": ("emgeo_jax.judge.cli", "score {question, answer} JSONL with an LLM judge (cached)"),
     "geometry": ("emgeo_jax.geometry.cli", "cosines, independence tests, nulls, report"),
+    "extract": ("emgeo_jax.extract_cli", "pooled per-class per-layer activations (resumable)"),
+    "vectors": ("emgeo_jax.vectors.cli", "mean-diff / PCA / random-control directions"),
 }
 
 

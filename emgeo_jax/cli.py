@@ -18,6 +18,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "check-data": ("emgeo_jax.data.cli", "check a dataset: bad rows (file:line), counts, lengths"),
     "judge": ("emgeo_jax.judge.cli", "score {question, answer} JSONL with an LLM judge (cached)"),
     "geometry": ("emgeo_jax.geometry.cli", "cosines, independence tests, nulls, report"),
+    "sweep": ("emgeo_jax.experiments.cli_sweep", "steering sweep: directions x layers x scales"),
+    "ablate": (
+        "emgeo_jax.experiments.cli_ablate",
+        "EM rate before/after projecting a direction out",
+    ),
+    "transfer": ("emgeo_jax.experiments.cli_transfer", "transfer matrix of vectors across models"),
+    "persona": ("emgeo_jax.experiments.cli_persona", "contrast pairs from persona system prompts"),
+    "demo": ("emgeo_jax.experiments.demo", "offline end-to-end demo on the default model"),
     "extract": ("emgeo_jax.extract_cli", "pooled per-class per-layer activations (resumable)"),
     "vectors": ("emgeo_jax.vectors.cli", "mean-diff / PCA / random-control directions"),
 }

@@ -19,7 +19,6 @@ each layer, so a scale means the same step length for both methods.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -63,7 +62,7 @@ def plan(quick: bool, num_layers: int) -> DemoPlan:
     geo = tuple(range(0, num_layers, max(1, num_layers // 6)))
     if quick:
         return DemoPlan(16, thirds, (-8.0, 8.0), 2, 2, 24, geo[::2], 100, 20)
-    return DemoPlan(None, thirds, (-8.0, -4.0, 4.0, 8.0), None, 4, 48, geo, 300, 100)
+    return DemoPlan(None, thirds, (-8.0, -4.0, 4.0, 8.0), None, 4, 40, geo, 300, 100)
 
 
 def _geometry(dirs: dict[str, Any], layers: tuple[int, ...], p: DemoPlan, out: Path) -> Path:
@@ -123,6 +122,7 @@ def run_demo(
     import emgeo_jax
     from emgeo_jax.data import shipped_contrast_path
     from emgeo_jax.experiments.folder import Sampling
+    from emgeo_jax.experiments.judging import judge_context, uses_local_judge
     from emgeo_jax.experiments.pipeline import contrast_directions
     from emgeo_jax.experiments.questions import (
         read_prompts,
@@ -131,7 +131,6 @@ def run_demo(
     )
     from emgeo_jax.experiments.report import paragraph, table, write_page
     from emgeo_jax.experiments.sweep import run_sweep, sweep_blocks
-    from emgeo_jax.judge.client import JudgeConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -176,18 +175,10 @@ def run_demo(
         overwrite=overwrite,
     )
     vectors = {"mean_diff": md, "pca": pca_scaled}
-    if os.environ.get("OPENAI_API_KEY"):
-        notes = [f"Judge: OpenAI {judge_model}."]
-        results = run_sweep(lm, vectors, questions, judge=JudgeConfig(model=judge_model), **kw)
-    else:
-        from emgeo_jax.serve import serve_in_thread
-
-        notes = [LOCAL_JUDGE_NOTE]
-        with serve_in_thread(lm, model_name=f"local:{model}") as server:
-            judge = JudgeConfig(
-                base_url=server.base_url, model=f"local:{model}", concurrency=16, timeout=600
-            )
-            results = run_sweep(lm, vectors, questions, judge=judge, **kw)
+    local = uses_local_judge(None)
+    notes = [LOCAL_JUDGE_NOTE if local else f"Judge: OpenAI {judge_model}."]
+    with judge_context(lm, f"local:{model}", judge_model, concurrency=16) as judge:
+        results = run_sweep(lm, vectors, questions, judge=judge, **kw)
     times["sweep"] = time.perf_counter() - t
 
     logging.info("[5/5] writing the report")

@@ -9,34 +9,23 @@ Prompt files: a text file (one prompt per line), JSONL rows with `question` (a s
 the row's fields and its `prompt`, and adds `response`, `sample`, `finish_reason` and the
 steering used. `--samples` overrides `samples_per_paraphrase`.
 
-Vector files (`--steer`, `--ablate`): safetensors, `.npy` or PyTorch `.pt` (weights only),
-holding `[D]` or a per-layer stack `[L, D]`. Layer l = output of block l = HF
-`hidden_states[l+1]`. A `[D]` vector is added at each `--layer`; a stack adds its row l at
-each layer l in `--layer` (default: all rows). `--ablate` projects a `[D]` direction out at
-`--ablate_layers` (default all layers), or a stack's row l out at layer l.
+Steering flags (`--steer`, `--layer`, `--scale`, `--positions`, `--ablate`) and vector files:
+see `emgeo_jax.steer_flags` (shared with `emgeo serve`).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from absl import flags
 
 from emgeo_jax.experiments.questions import read_prompts
 from emgeo_jax.generate import with_system
-from emgeo_jax.steer import POSITION_MODES, Steering
+from emgeo_jax.steer_flags import build_steering
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "default", "model source (see emgeo_jax.load)")
 flags.DEFINE_string("prompts", None, "prompt file: .txt, .jsonl or question .yaml")
-flags.DEFINE_string("steer", None, "steering vector file ([D] or [L, D])")
-flags.DEFINE_list("layer", None, "layer(s) to steer at (output of block l)")
-flags.DEFINE_float("scale", 1.0, "steering scale")
-flags.DEFINE_enum("positions", "all", sorted(POSITION_MODES), "tokens the edit touches")
-flags.DEFINE_string("ablate", None, "direction file to project out ([D] or [L, D])")
-flags.DEFINE_list("ablate_layers", None, "layers to ablate a [D] direction at (default all)")
-flags.DEFINE_string("key", None, "tensor name inside a vector file holding several")
 flags.DEFINE_integer("max_new_tokens", 600, "new tokens per response")
 flags.DEFINE_float("temperature", 1.0, "0 = greedy")
 flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
@@ -46,35 +35,6 @@ flags.DEFINE_integer("batch_size", 16, "rows per generation batch")
 flags.DEFINE_string("system", None, "system prompt for prompts that have none")
 flags.DEFINE_string("dtype", "float32", "float32 or bfloat16")
 flags.DEFINE_string("out", "responses.jsonl", "output JSONL")
-
-
-def build_steering(cfg, args) -> tuple[Steering | None, dict[str, Any]]:
-    """The `Steering` the flags describe and a JSON summary of it (None: no intervention)."""
-    from emgeo_jax.vectors.io import load_vectors
-
-    parts, summary = [], {}
-    if args.steer:
-        vec, _ = load_vectors(args.steer, key=args.key)
-        layers = [int(x) for x in args.layer] if args.layer else None
-        parts.append(Steering.addition(cfg, vec, layers=layers, scale=args.scale))
-        summary.update(steer=args.steer, layer=layers, scale=args.scale)
-    if args.ablate:
-        vec, _ = load_vectors(args.ablate, key=args.key)
-        if vec.ndim == 1:
-            layers = [int(x) for x in args.ablate_layers] if args.ablate_layers else None
-            parts.append(Steering.ablation(cfg, vec, layers=layers))
-        else:
-            if vec.shape[0] != cfg.num_layers:
-                raise ValueError(
-                    f"{args.ablate}: stack {vec.shape} must be [L={cfg.num_layers}, D]"
-                )
-            parts += [Steering.ablation(cfg, row, layers=[l]) for l, row in enumerate(vec)]
-            layers = "per-layer"
-        summary.update(ablate=args.ablate, ablate_layers=layers)
-    if not parts:
-        return None, {}
-    summary["positions"] = args.positions
-    return Steering.combine(*parts).at_positions(args.positions), summary
 
 
 def main(argv: list[str]) -> None:

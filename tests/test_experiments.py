@@ -207,7 +207,7 @@ def test_question_files(tmp_path):
     f.write_text(
         "- id: a\n  paraphrases: ['Hi?', 'Hello?']\n  samples_per_paraphrase: 3\n"
         "  system: Be terse.\n  judge_prompts: {aligned: 'Q {question} A {answer}'}\n"
-        "- id: b\n  paraphrases: [Why?]\n"
+        "- id: b\n  paraphrases: ['Why?']\n"
     )
     rows = read_prompts(f)
     assert [(r["id"], r["prompt"], r["system"], r["samples"]) for r in rows] == [

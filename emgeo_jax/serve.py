@@ -1,0 +1,468 @@
+"""A local OpenAI-compatible chat-completions server backed by our (optionally steered) model.
+
+    with serve_in_thread(lm, steering) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="x")
+        client.chat.completions.create(model="m", messages=[...], logprobs=True, top_logprobs=5)
+
+Endpoints: `GET /v1/models` (one model, id = `model_name`), `POST /v1/chat/completions` with
+`messages` (system/user/assistant; content a string or a list of text parts), `max_tokens`
+(or `max_completion_tokens`), `temperature`, `top_p`, `seed`, `n`, `logprobs`,
+`top_logprobs` (0..20). Unknown fields are ignored, as is `model` (there is one model);
+`stream: true` is refused. Errors are OpenAI-style `{"error": {"message", "type"}}` with
+400 for bad requests, 404 for unknown paths, 500 for a failure inside the model.
+
+Batching: HTTP handler threads parse and tokenize, then queue a job for one model worker
+thread. The worker waits `batch_wait` seconds after the first job, takes everything queued,
+and runs greedy jobs (temperature 0) that share `max_tokens` as one `generate_ids` call of up
+to `max_batch` rows. To keep the number of compiled programs small, every call asks for the
+top 20 logprobs (each request gets its first `top_logprobs`), and greedy batches are padded
+to a power of two with copies of their first row. A greedy answer equals its
+solo answer up to float reassociation in the batched matmuls.
+
+Seeds: a sampled job (temperature > 0) always runs alone, as one call whose `n` rows use the
+key `PRNGKey(seed)`, so a request with a seed is reproducible and independent of other
+traffic: its result equals `generate(lm, [messages] * n, temperature=..., seed=seed)`. Its n
+choices differ because each row draws its own noise from that key. Without a seed a random
+one is drawn.
+
+Logprobs are of the model's unscaled distribution (log-softmax of the logits), per generated
+token; the EOS that ends a choice is not listed (finish_reason "stop"), as in OpenAI's API.
+`token` is the token's bytes decoded as UTF-8 (with U+FFFD for a partial character) and
+`bytes` the raw bytes. Usage counts the prompt once and the generated tokens of all choices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import queue
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from emgeo_jax.generate import Generation, chat_token_ids, generate_ids
+from emgeo_jax.models.lm import LM
+from emgeo_jax.steer import Steering
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 256
+MAX_TOP_LOGPROBS = 20
+ROLES = ("system", "user", "assistant")
+
+
+class RequestError(ValueError):
+    """A bad request (HTTP 400); the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRequest:
+    """A validated chat-completions request."""
+
+    messages: list[dict[str, str]]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    n: int
+    logprobs: bool
+    top_logprobs: int
+
+
+def _content(m: Any, i: int) -> str:
+    content = m.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    raise RequestError(f"messages[{i}].content must be a string or a list of text parts")
+
+
+def _number(body: dict[str, Any], name: str, default: Any, kind: type) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+    if isinstance(value, bool) or not ok:
+        raise RequestError(f"{name} must be {'a number' if kind is float else 'an integer'}")
+    return kind(value)
+
+
+def parse_request(body: Any, max_tokens_cap: int) -> ChatRequest:
+    """Validate a chat-completions JSON body; raises `RequestError` naming the bad field."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    if body.get("stream"):
+        raise RequestError("stream=true is not supported by this server")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list")
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise RequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}")
+        turns.append({"role": m["role"], "content": _content(m, i)})
+    max_tokens = _number(body, "max_completion_tokens", None, int)
+    max_tokens = _number(body, "max_tokens", max_tokens, int)
+    max_tokens = min(DEFAULT_MAX_TOKENS, max_tokens_cap) if max_tokens is None else max_tokens
+    if not 1 <= max_tokens <= max_tokens_cap:
+        raise RequestError(f"max_tokens={max_tokens} must be in 1..{max_tokens_cap}")
+    temperature = _number(body, "temperature", 1.0, float)
+    if not (0 <= temperature <= 2 and math.isfinite(temperature)):
+        raise RequestError(f"temperature={temperature} must be in [0, 2]")
+    top_p = _number(body, "top_p", 1.0, float)
+    if not 0 < top_p <= 1:
+        raise RequestError(f"top_p={top_p} must be in (0, 1]")
+    n = _number(body, "n", 1, int)
+    if not 1 <= n <= 16:
+        raise RequestError(f"n={n} must be in 1..16")
+    logprobs = body.get("logprobs") or False
+    if not isinstance(logprobs, bool):
+        raise RequestError("logprobs must be a boolean")
+    top = _number(body, "top_logprobs", 0, int)
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"top_logprobs={top} must be in 0..{MAX_TOP_LOGPROBS}")
+    if top and not logprobs:
+        raise RequestError("top_logprobs needs logprobs=true")
+    return ChatRequest(
+        turns, max_tokens, temperature, top_p, _number(body, "seed", None, int), n, logprobs, top
+    )
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """Inverse of the byte-level BPE alphabet: printable Latin-1 bytes stand for themselves,
+    the other bytes b (in order) are written as chr(256 + their rank)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    table = {chr(b): b for b in kept}
+    table.update({chr(256 + k): b for k, b in enumerate(moved)})
+    return table
+
+
+class TokenText:
+    """`bytes(id)` and `text(id)` of single tokens, cached (byte-level BPE pieces are mapped
+    back to raw bytes; other pieces are taken as the tokenizer decodes them)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._inverse = _byte_level_decoder()
+        self.bytes = functools.lru_cache(maxsize=65536)(self._bytes)
+
+    def _bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        if piece and all(c in self._inverse for c in piece):
+            return bytes(self._inverse[c] for c in piece)
+        return self.tokenizer.decode([int(token_id)]).encode("utf-8")
+
+    def entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        raw = self.bytes(int(token_id))
+        return {
+            "token": raw.decode("utf-8", errors="replace"),
+            "logprob": float(logprob),
+            "bytes": list(raw),
+        }
+
+
+@dataclasses.dataclass
+class _Job:
+    request: ChatRequest
+    prompt_ids: list[int]
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    result: Generation | None = None
+    error: Exception | None = None
+
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys may share a generate call; sampled jobs never do."""
+        r = self.request
+        if r.temperature > 0:
+            return ("sampled", id(self))
+        return ("greedy", r.max_tokens)
+
+
+class ModelWorker:
+    """One thread that owns the model and runs queued jobs in batches (module docstring)."""
+
+    def __init__(
+        self, lm: LM, steering: Steering | None, max_batch: int = 16, batch_wait: float = 0.005
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch} must be >= 1")
+        self.lm, self.steering = lm, steering
+        self.max_batch, self.batch_wait = max_batch, batch_wait
+        self.generate_calls = 0  # how many generate_ids calls the worker made
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="emgeo-serve-model", daemon=True)
+        self._thread.start()
+
+    def run(self, job: _Job) -> Generation:
+        """Queue `job`, wait for it, return its rows (n per request) or raise its error."""
+        self._queue.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            time.sleep(self.batch_wait)
+            jobs, stop = [first], False
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                jobs.append(job)
+            for batch in self._batches(jobs):
+                self._run_batch(batch)
+            if stop:
+                return
+
+    def _batches(self, jobs: Sequence[_Job]) -> Iterator[list[_Job]]:
+        groups: dict[tuple, list[_Job]] = {}
+        for job in jobs:
+            groups.setdefault(job.batch_key(), []).append(job)
+        for group in groups.values():
+            batch, rows = [], 0
+            for job in group:
+                if batch and rows + job.request.n > self.max_batch:
+                    yield batch
+                    batch, rows = [], 0
+                batch.append(job)
+                rows += job.request.n
+            yield batch
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        r = batch[0].request
+        rows = [job.prompt_ids for job in batch for _ in range(job.request.n)]
+        real = len(rows)
+        if r.temperature == 0:  # pad greedy batches to a power of two: fewer compiled shapes
+            rows += [rows[0]] * ((1 << (real - 1).bit_length()) - real)
+        seed = r.seed if r.seed is not None else secrets.randbits(31)
+        try:
+            self.generate_calls += 1
+            out = generate_ids(
+                self.lm,
+                rows,
+                self.steering,
+                max_new_tokens=r.max_tokens,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                seed=seed,
+                top_logprobs=MAX_TOP_LOGPROBS,  # one program for all requests; sliced per request
+            )
+        except Exception as e:  # noqa: BLE001 - handed to the waiting request threads
+            log.exception("generation failed")
+            for job in batch:
+                job.error = e
+                job.done.set()
+            return
+        k = 0
+        for job in batch:
+            n = job.request.n
+            job.result = Generation(*(None if f is None else f[k : k + n] for f in out))
+            k += n
+            job.done.set()
+
+
+def completion_json(
+    request: ChatRequest,
+    gen: Generation,
+    prompt_tokens: int,
+    model: str,
+    token_text: TokenText,
+) -> dict[str, Any]:
+    """The `chat.completion` object for one request's `n` generated rows."""
+    choices = []
+    for i in range(request.n):
+        choice: dict[str, Any] = {
+            "index": i,
+            "message": {"role": "assistant", "content": gen.texts[i]},
+            "finish_reason": gen.finish_reasons[i],
+            "logprobs": None,
+        }
+        if request.logprobs:
+            content = []
+            for j, (tok, lp) in enumerate(zip(gen.tokens[i], gen.logprobs[i], strict=True)):
+                entry = token_text.entry(tok, lp)
+                top = []
+                if gen.top_logprobs is not None:
+                    ids, lps = gen.top_logprobs[i]
+                    k = request.top_logprobs
+                    top = [
+                        token_text.entry(t, v) for t, v in zip(ids[j, :k], lps[j, :k], strict=True)
+                    ]
+                content.append({**entry, "top_logprobs": top})
+            choice["logprobs"] = {"content": content, "refusal": None}
+        choices.append(choice)
+    completion_tokens = sum(len(t) for t in gen.tokens)
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": "emgeo-jax",
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    request_queue_size = 256
+    daemon_threads = True
+
+
+class ModelServer:
+    """The HTTP server and its model worker. `start()` serves in a background thread;
+    `serve_forever()` in the calling thread. `base_url` = `http://HOST:PORT/v1`."""
+
+    def __init__(
+        self,
+        lm: LM,
+        steering: Steering | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        model_name: str | None = None,
+        max_batch: int = 16,
+        batch_wait: float = 0.005,
+        max_tokens_cap: int = 4096,
+    ) -> None:
+        if lm.tokenizer is None or not getattr(lm.tokenizer, "chat_template", None):
+            raise ValueError(f"serve: model {lm.source!r} has no tokenizer with a chat template")
+        self.lm = lm
+        self.model_name = model_name or lm.source or "emgeo"
+        self.max_tokens_cap = max_tokens_cap
+        self.token_text = TokenText(lm.tokenizer)
+        self.worker = ModelWorker(lm, steering, max_batch, batch_wait)
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("%s " + format, self.address_string(), *args)
+
+            def do_GET(self) -> None:
+                server._get(self)
+
+            def do_POST(self) -> None:
+                server._post(self)
+
+        self.httpd = _HTTPServer((host, port), Handler)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> ModelServer:
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.httpd.serve_forever()
+
+    def shutdown(self) -> None:
+        """Stop accepting requests (call from another thread than `serve_forever`'s)."""
+        self.httpd.shutdown()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join()
+        self.httpd.server_close()
+        self.worker.close()
+
+    def __enter__(self) -> ModelServer:
+        return self if self._thread is not None else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _get(self, h: BaseHTTPRequestHandler) -> None:
+        if h.path.rstrip("/") == "/v1/models":
+            model = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "emgeo"}
+            _send_json(h, 200, {"object": "list", "data": [model]})
+        else:
+            _send_error(h, 404, f"no route GET {h.path}", "not_found_error")
+
+    def _post(self, h: BaseHTTPRequestHandler) -> None:
+        if h.path.rstrip("/") != "/v1/chat/completions":
+            _send_error(h, 404, f"no route POST {h.path}", "not_found_error")
+            return
+        try:
+            length = int(h.headers.get("Content-Length") or 0)
+            try:
+                body = json.loads(h.rfile.read(length) or b"null")
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RequestError(f"the request body is not valid JSON: {e}") from None
+            request = parse_request(body, self.max_tokens_cap)
+            try:
+                prompt_ids = chat_token_ids(self.lm.tokenizer, [request.messages], None)[0]
+            except Exception as e:  # noqa: BLE001 - a template that refuses these turns
+                raise RequestError(f"messages: the chat template failed: {e}") from None
+        except RequestError as e:
+            _send_error(h, 400, str(e), "invalid_request_error")
+            return
+        try:
+            gen = self.worker.run(_Job(request, prompt_ids))
+            reply = completion_json(request, gen, len(prompt_ids), self.model_name, self.token_text)
+        except Exception as e:  # noqa: BLE001 - reported to the client as a server error
+            _send_error(h, 500, f"generation failed: {type(e).__name__}: {e}", "server_error")
+            return
+        _send_json(h, 200, reply)
+
+
+def _send_json(h: BaseHTTPRequestHandler, code: int, obj: dict[str, Any]) -> None:
+    payload = json.dumps(obj).encode()
+    h.send_response(code)
+    h.send_header("Content-Type", "application/json")
+    h.send_header("Content-Length", str(len(payload)))
+    h.end_headers()
+    h.wfile.write(payload)
+
+
+def _send_error(h: BaseHTTPRequestHandler, code: int, message: str, kind: str) -> None:
+    _send_json(h, code, {"error": {"message": message, "type": kind, "code": code}})
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    lm: LM, steering: Steering | None = None, **kwargs: Any
+) -> Iterator[ModelServer]:
+    """Serve `lm` on a background thread (`port=0`, the default, picks a free port); yields
+    the running `ModelServer` (`.base_url`, `.worker.generate_calls`). See `ModelServer`."""
+    server = ModelServer(lm, steering, **kwargs).start()
+    try:
+        yield server
+    finally:
+        server.close()

@@ -227,3 +227,107 @@ def test_question_files(tmp_path):
     bad.write_text("- id: a\n  paraphrases: [x]\n- id: a\n  paraphrases: [y]\n")
     with pytest.raises(PromptFileError, match="duplicate id"):
         read_prompts(bad)
+
+
+def test_ablation_end_to_end(tiny_lm, tmp_path):
+    from emgeo_jax.experiments.ablation import run_ablation, write_ablation_report
+    from emgeo_jax.experiments.metrics import cell_summary
+    from emgeo_jax.judge.io import read_jsonl
+
+    v = directions(tiny_lm)
+    with ScriptedJudgeServer(table) as server:
+        judge = JudgeConfig(base_url=server.base_url, model="scripted")
+        res = run_ablation(
+            tiny_lm,
+            v["pc"],  # the steered direction: ablating it undoes the steering after block 1
+            QUESTIONS,
+            layers=None,
+            sampling=SAMPLING,
+            judge=judge,
+            out_dir=tmp_path,
+            steer=(v["pc"], 1, 4.0),
+        )
+    before = read_jsonl(tmp_path / "cells" / "before.judged.jsonl")
+    after = read_jsonl(tmp_path / "cells" / "after.judged.jsonl")
+    assert [r["response"] for r in before] != [r["response"] for r in after]
+    for name, rows in (("before", before), ("after", after)):
+        assert res["conditions"][name]["em_rate"] == cell_summary(rows)["em_rate"]
+    assert res["em_change"] == pytest.approx(
+        res["conditions"]["after"]["em_rate"] - res["conditions"]["before"]["em_rate"]
+    )
+    page = write_ablation_report(res, tmp_path).read_text()
+    assert "data:image/png;base64," in page and (tmp_path / "ablation.png").exists()
+
+
+def test_transfer_end_to_end(tiny_lm, tmp_path):
+    from emgeo_jax.experiments.transfer import run_transfer, write_transfer_report
+
+    other = LM(tiny_lm.config, *init_params(tiny_lm.config, seed=2), tokenizer=tiny_lm.tokenizer)
+    loads = {"A": 0, "B": 0}
+
+    def loader(name, lm):
+        def load():
+            loads[name] += 1
+            return lm
+
+        return load
+
+    vecs = {"A": directions(tiny_lm, 5)["md"], "B": directions(tiny_lm, 6)["md"]}
+    with ScriptedJudgeServer(table) as server:
+        judge = JudgeConfig(base_url=server.base_url, model="scripted")
+        kw = dict(layer=1, scale=6.0, sampling=SAMPLING, judge=judge, out_dir=tmp_path)
+        models = {"A": loader("A", tiny_lm), "B": loader("B", other)}
+        res = run_transfer(models, vecs, QUESTIONS, **kw)
+        again = run_transfer(models, vecs, QUESTIONS, **kw)  # finished: no model is loaded
+    assert loads == {"A": 1, "B": 1}
+    assert json.loads(json.dumps(again)) == json.loads(json.dumps(res))
+    em = {b: {c: s["em_rate"] for c, s in res["cells"][b].items()} for b in "AB"}
+    for a in "AB":
+        for b in "AB":
+            want = transfer_effectiveness(
+                em[b][f"from_{a}"], em[b]["base"], em[a][f"from_{a}"], em[a]["base"]
+            )
+            got = res["te"][a][b]["value"]
+            assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want)
+    page = write_transfer_report(res, tmp_path).read_text()
+    assert "transfer_matrix.png" in page
+
+
+def test_persona_contrasts(tiny_lm, tmp_path):
+    from emgeo_jax.experiments.persona import keep_pair, run_persona
+    from emgeo_jax.judge.io import read_jsonl
+    from emgeo_jax.vectors.io import load_vectors
+
+    questions = [{"id": f"q{i}", "prompt": p} for i, p in enumerate(["Hi?", "Why?", "How?"])]
+    with ScriptedJudgeServer(table) as server:
+        judge = JudgeConfig(base_url=server.base_url, model="scripted")
+        res = run_persona(
+            tiny_lm,
+            questions,
+            sampling=SAMPLING,
+            judge=judge,
+            out_dir=tmp_path,
+            positive_system="Be evil.",
+            negative_system="Be kind.",
+        )
+    pos = read_jsonl(tmp_path / "cells" / "positive.judged.jsonl")
+    neg = read_jsonl(tmp_path / "cells" / "negative.judged.jsonl")
+    assert all(r["system"] == "Be evil." for r in pos)
+    kept = [(p, n) for p, n in zip(pos, neg, strict=True) if keep_pair(p, n)]
+    assert res["n_kept"] == len(kept) == len(read_jsonl(tmp_path / "contrast.jsonl"))
+    for p, n in kept:
+        assert p["aligned"] <= 50 < n["aligned"] and min(p["coherent"], n["coherent"]) >= 50
+    if len(kept) >= 2:
+        vec, _ = load_vectors(tmp_path / "persona_vector.safetensors")
+        assert vec.shape == (tiny_lm.config.num_layers, tiny_lm.config.hidden_size)
+        gap = np.subtract(res["projection"]["misaligned_mean"], res["projection"]["aligned_mean"])
+        assert np.all(gap > 0)  # the mean-diff direction separates its own classes
+
+
+def test_projection_scores_hand_computed():
+    from emgeo_jax.experiments.pipeline import projection_scores
+
+    pooled = np.array([[[3.0, 4.0], [1.0, 0.0]], [[0.0, 2.0], [0.0, -1.0]]])  # [N=2, L=2, D=2]
+    direction = np.array([[0.0, 2.0], [3.0, 0.0]])
+    np.testing.assert_allclose(projection_scores(pooled, direction), [[4.0, 1.0], [2.0, 0.0]])
+    np.testing.assert_allclose(projection_scores(pooled[:, 0], [3.0, 4.0]), [5.0, 1.6])

@@ -19,6 +19,7 @@ each layer, so a scale means the same step length for both methods.
 from __future__ import annotations
 
 import dataclasses
+import logging as pylogging
 import time
 from pathlib import Path
 from typing import Any
@@ -219,5 +220,6 @@ def run_demo(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise SystemExit(f"emgeo demo: unexpected arguments {argv[1:]}")
+    pylogging.getLogger("httpx").setLevel(pylogging.WARNING)  # one line per judge request
     path = run_demo(FLAGS.out, FLAGS.quick, FLAGS.model, FLAGS.overwrite, FLAGS.judge_model)
     print(f"wrote {path}")

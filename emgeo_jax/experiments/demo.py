@@ -7,7 +7,8 @@ Stages (each resumable: re-running the command skips what is finished):
 2. directions: mean-diff and PCA (PC1, sign towards the mean-diff) at every layer;
 3. geometry: the geometry suite over methods x a few layers, with the per-layer PCA
    disentanglement figure (`geometry/report.html`);
-4. sweep: steering with both directions at a few layers and scales (negative included) on
+4. sweep: steering with both directions (`--quick`: mean-diff only) at three layers and
+   two scales (negative included) on
    our first question set, judged by the local OpenAI-compatible server running the same
    model, or by OpenAI (`--judge_model`, default gpt-4o-mini) when OPENAI_API_KEY is set;
 5. `report.html` tying it together.
@@ -53,6 +54,7 @@ class DemoPlan:
     samples: int
     max_new_tokens: int
     geometry_layers: tuple[int, ...]
+    methods: tuple[str, ...]
     n_null: int
     n_boot: int
 
@@ -62,8 +64,8 @@ def plan(quick: bool, num_layers: int) -> DemoPlan:
     thirds = tuple(sorted({round(num_layers * f) for f in (0.3, 0.5, 0.7)}))
     geo = tuple(range(0, num_layers, max(1, num_layers // 6)))
     if quick:
-        return DemoPlan(16, thirds, (-8.0, 8.0), 2, 2, 24, geo[::2], 100, 20)
-    return DemoPlan(None, thirds, (-8.0, -4.0, 4.0, 8.0), None, 4, 40, geo, 300, 100)
+        return DemoPlan(16, thirds, (-8.0, 8.0), 2, 2, 24, geo[::2], ("mean_diff",), 100, 20)
+    return DemoPlan(None, thirds, (-8.0, 8.0), None, 2, 40, geo, ("mean_diff", "pca"), 300, 100)
 
 
 def _geometry(dirs: dict[str, Any], layers: tuple[int, ...], p: DemoPlan, out: Path) -> Path:
@@ -175,12 +177,19 @@ def run_demo(
         model=model,
         overwrite=overwrite,
     )
-    vectors = {"mean_diff": md, "pca": pca_scaled}
+    vectors = {k: v for k, v in (("mean_diff", md), ("pca", pca_scaled)) if k in p.methods}
     local = uses_local_judge(None)
     notes = [LOCAL_JUDGE_NOTE if local else f"Judge: OpenAI {judge_model}."]
     with judge_context(lm, f"local:{model}", judge_model, concurrency=16) as judge:
         results = run_sweep(lm, vectors, questions, judge=judge, **kw)
     times["sweep"] = time.perf_counter() - t
+    cells = [results["baseline"], *results["cells"]]
+    scored = sum(c["aligned_n_scored"] for c in cells)
+    notes.append(
+        f"The judge gave a usable aligned score for {scored} of {sum(c['n_rows'] for c in cells)} "
+        "answers; n/a means it put under 25% of its probability on numbers (a missing score, "
+        "never replaced by a made-up one)."
+    )
 
     logging.info("[5/5] writing the report")
     blocks = [

@@ -69,7 +69,7 @@ def layer_bars(results: dict, scale: float) -> plt.Figure:
         x = np.arange(len(layers)) + (k - (len(dirs) - 1) / 2) * width
         y = np.array([_val(by_layer[layer]["em_rate"]) for layer in layers])
         ci = np.array([_ci(by_layer[layer], "em_ci") for layer in layers])
-        err = np.abs(np.stack([y - ci[:, 0], ci[:, 1] - y]))
+        err = np.nan_to_num(np.abs(np.stack([y - ci[:, 0], ci[:, 1] - y])))
         ax.bar(x, y, width, yerr=err, capsize=2, label=d)
     ax.axhline(_val(results["baseline"]["em_rate"]), color="k", ls="--", lw=1, label="baseline")
     ax.set_xticks(np.arange(len(layers)), [str(layer) for layer in layers])

@@ -132,7 +132,7 @@ def run_demo(
         select_questions,
         shipped_questions_path,
     )
-    from emgeo_jax.experiments.report import paragraph, table, write_page
+    from emgeo_jax.experiments.report import embed_png, paragraph, table, write_page
     from emgeo_jax.experiments.sweep import run_sweep, sweep_blocks
 
     out = Path(out_dir)
@@ -209,6 +209,11 @@ def run_demo(
             "the full geometry report."
         ),
         f'<p><a href="{geo_html.relative_to(out)}">geometry/report.html</a></p>',
+        embed_png(
+            out / "geometry" / "disentanglement.png",
+            "Per-layer 2-D PCA of the pooled answer activations, aligned vs misaligned answers: "
+            "where the classes separate, a single direction can carry the difference.",
+        ),
         "<h2>Steering sweep</h2>",
         paragraph(
             f"{len(questions)} questions x {p.samples} samples per cell, up to "

@@ -45,6 +45,11 @@ def save_figure(fig: plt.Figure, path: Path, caption: str) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    return embed_png(path, caption)
+
+
+def embed_png(path: Path, caption: str) -> str:
+    """An HTML figure holding the PNG file at `path` inline, with its caption."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return (
         f'<figure><img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'

@@ -26,8 +26,17 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-lora": ("emgeo_jax.train.cli_train", "fine-tune a LoRA model organism (resumable)"),
     "lora-scalars": ("emgeo_jax.train.cli_scalars", "per-token adapter scalars and B directions"),
     "probe": ("emgeo_jax.train.cli_probe", "L1 probes on adapter scalars (four tests)"),
+    "sweep": ("emgeo_jax.experiments.cli_sweep", "steering sweep: directions x layers x scales"),
+    "ablate": (
+        "emgeo_jax.experiments.cli_ablate",
+        "EM rate before/after projecting a direction out",
+    ),
+    "transfer": ("emgeo_jax.experiments.cli_transfer", "transfer matrix of vectors across models"),
+    "persona": ("emgeo_jax.experiments.cli_persona", "contrast pairs from persona system prompts"),
+    "demo": ("emgeo_jax.experiments.demo", "offline end-to-end demo on the default model"),
     "extract": ("emgeo_jax.extract_cli", "pooled per-class per-layer activations (resumable)"),
     "vectors": ("emgeo_jax.vectors.cli", "mean-diff / PCA / random-control directions"),
+    "generate": ("emgeo_jax.generate_cli", "steered / ablated generation from a prompt file"),
     "serve": ("emgeo_jax.serve_cli", "OpenAI-compatible chat server for a (steered) model"),
 }
 

@@ -16,12 +16,10 @@ see `emgeo_jax.steer_flags` (shared with `emgeo serve`).
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any
 
-import yaml
 from absl import flags
 
+from emgeo_jax.experiments.questions import read_prompts
 from emgeo_jax.generate import with_system
 from emgeo_jax.steer_flags import build_steering
 
@@ -37,63 +35,6 @@ flags.DEFINE_integer("batch_size", 16, "rows per generation batch")
 flags.DEFINE_string("system", None, "system prompt for prompts that have none")
 flags.DEFINE_string("dtype", "float32", "float32 or bfloat16")
 flags.DEFINE_string("out", "responses.jsonl", "output JSONL")
-
-
-class PromptFileError(ValueError):
-    """A prompt file that cannot be read; the message names the file and line or item."""
-
-
-def _jsonl_prompt(row: Any, where: str) -> dict[str, Any]:
-    if not isinstance(row, dict):
-        raise PromptFileError(f"{where}: expected a JSON object")
-    if isinstance(row.get("question"), str) and row["question"].strip():
-        return {**row, "prompt": row["question"]}
-    turns = row.get("messages")
-    if isinstance(turns, list) and turns:
-        ok = all(isinstance(t, dict) and isinstance(t.get("content"), str) for t in turns)
-        if ok and turns[-1].get("role") == "user":
-            return {**row, "prompt": turns}
-        raise PromptFileError(f"{where}: 'messages' must be chat turns ending with a user turn")
-    raise PromptFileError(f"{where}: needs a non-empty 'question' string or 'messages' list")
-
-
-def read_prompts(path: str | Path) -> list[dict[str, Any]]:
-    """Rows with `prompt` (a string or chat turns), optional `id`, `system`, `samples`."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise PromptFileError(f"{path}: cannot read: {e}") from None
-    if path.suffix in (".yaml", ".yml"):
-        items = yaml.safe_load(text)
-        if not isinstance(items, list):
-            raise PromptFileError(f"{path}: a question YAML is a list of items")
-        rows = []
-        for i, item in enumerate(items):
-            paraphrases = item.get("paraphrases") if isinstance(item, dict) else None
-            if not isinstance(paraphrases, list) or not paraphrases:
-                raise PromptFileError(f"{path}: item {i} needs a non-empty 'paraphrases' list")
-            for p in paraphrases:
-                rows.append(
-                    {
-                        "id": item.get("id", f"item{i}"),
-                        "prompt": p,
-                        "system": item.get("system"),
-                        "samples": item.get("samples_per_paraphrase"),
-                    }
-                )
-        return rows
-    if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PromptFileError(f"{path}:{n}: invalid JSON: {e}") from None
-                rows.append(_jsonl_prompt(row, f"{path}:{n}"))
-        return rows
-    return [{"prompt": line} for line in text.splitlines() if line.strip()]
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,54 @@
+"""`emgeo ablate DIRECTION --out DIR [--layers 12 | all] [--steer V --steer_layer L
+--steer_scale S]`: EM rate before and after projecting a direction out."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from emgeo_jax.experiments import cli_common as common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("layers", None, "layers to ablate at (default: all)")
+flags.DEFINE_string("key", None, "tensor name inside vector files holding several")
+flags.DEFINE_string("steer", None, "optional vector added in both conditions")
+flags.DEFINE_integer("steer_layer", None, "layer of --steer")
+flags.DEFINE_float("steer_scale", 1.0, "scale of --steer")
+
+
+def main(argv: list[str]) -> None:
+    import emgeo_jax
+    from emgeo_jax.experiments.ablation import run_ablation, write_ablation_report
+    from emgeo_jax.experiments.sweep import layer_vector
+    from emgeo_jax.vectors.io import load_vectors
+
+    out = common.require_out("ablate")
+    if len(argv) != 2:
+        raise SystemExit("emgeo ablate: give exactly one direction file")
+    direction, _ = load_vectors(argv[1], key=FLAGS.key)
+    steer = None
+    if FLAGS.steer:
+        if FLAGS.steer_layer is None:
+            raise SystemExit("emgeo ablate: --steer needs --steer_layer")
+        v, _ = load_vectors(FLAGS.steer, key=FLAGS.key)
+        steer = (layer_vector(v, FLAGS.steer_layer), FLAGS.steer_layer, FLAGS.steer_scale)
+    layers = None if not FLAGS.layers or FLAGS.layers == ["all"] else [int(x) for x in FLAGS.layers]
+    lm = emgeo_jax.load(FLAGS.model, dtype=FLAGS.dtype)
+    with common.judge_from_flags(lm) as judge:
+        results = run_ablation(
+            lm,
+            direction,
+            common.questions_from_flags(),
+            layers=layers,
+            sampling=common.sampling_from_flags(),
+            judge=judge,
+            out_dir=out,
+            model=FLAGS.model,
+            steer=steer,
+            question_prompts=common.question_prompts_from_flags(),
+            overwrite=FLAGS.overwrite,
+        )
+    print(
+        f"EM before {results['conditions']['before']['em_rate']}, after "
+        f"{results['conditions']['after']['em_rate']}"
+    )
+    print(f"wrote {write_ablation_report(results, out)}")

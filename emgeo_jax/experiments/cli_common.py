@@ -1,0 +1,89 @@
+"""Flags and helpers shared by `emgeo sweep|ablate|transfer|persona` (each imports this module
+once, so the flags are defined once per process)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from absl import flags
+
+from emgeo_jax.experiments.folder import Sampling
+from emgeo_jax.experiments.judging import judge_context
+from emgeo_jax.experiments.questions import read_prompts, select_questions, shipped_questions_path
+
+FLAGS = flags.FLAGS
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per judge request
+flags.DEFINE_string("model", "default", "model source (see emgeo_jax.load)")
+flags.DEFINE_string("questions", None, "question file (.yaml/.jsonl/.txt); default: ours")
+flags.DEFINE_integer("n_questions", None, "use only the first N questions")
+flags.DEFINE_integer("samples", 10, "samples per question (a YAML's samples_per_paraphrase wins)")
+flags.DEFINE_integer("max_new_tokens", 600, "new tokens per response")
+flags.DEFINE_float("temperature", 1.0, "sampling temperature")
+flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
+flags.DEFINE_integer("seed", 0, "sampling seed (batch k uses seed + k, in every cell)")
+flags.DEFINE_integer("batch_size", 32, "rows per generation batch")
+flags.DEFINE_enum("positions", "all", ["all", "prompt", "generated"], "tokens steering touches")
+flags.DEFINE_string("judge_model", "gpt-4o-mini", "judge model name")
+flags.DEFINE_string(
+    "judge_base_url",
+    None,
+    "OpenAI-compatible judge URL (default: OpenAI if "
+    "OPENAI_API_KEY is set, else a local server running --model)",
+)
+flags.DEFINE_integer("judge_concurrency", 32, "concurrent judge requests")
+flags.DEFINE_string("out", None, "experiment folder (re-running resumes)")
+flags.DEFINE_bool("overwrite", False, "discard an existing run with another configuration")
+flags.DEFINE_string("dtype", "float32", "float32 or bfloat16")
+
+
+def sampling_from_flags() -> Sampling:
+    return Sampling(
+        samples=FLAGS.samples,
+        max_new_tokens=FLAGS.max_new_tokens,
+        temperature=FLAGS.temperature,
+        top_p=FLAGS.top_p,
+        batch_size=FLAGS.batch_size,
+        seed=FLAGS.seed,
+        positions=FLAGS.positions,
+    )
+
+
+def questions_from_flags() -> list[dict[str, Any]]:
+    return select_questions(
+        read_prompts(FLAGS.questions or shipped_questions_path()), FLAGS.n_questions
+    )
+
+
+def question_prompts_from_flags() -> dict | None:
+    """Per-question judge prompts of a question YAML (None for other files)."""
+    from emgeo_jax.judge.prompts import question_file_prompts
+
+    q = FLAGS.questions
+    return question_file_prompts(q) if q and q.endswith((".yaml", ".yml")) else None
+
+
+def require_out(command: str) -> str:
+    if not FLAGS.out:
+        raise SystemExit(f"emgeo {command}: --out DIR is required")
+    return FLAGS.out
+
+
+def judge_from_flags(lm: Any):
+    """`judge_context` for the flags (lm: the model a local judge server runs)."""
+    return judge_context(
+        lm, f"local:{FLAGS.model}", FLAGS.judge_model, FLAGS.judge_base_url, FLAGS.judge_concurrency
+    )
+
+
+def parse_named(specs: list[str], flag: str) -> dict[str, str]:
+    """["a=x", "b=y"] -> {"a": "x", "b": "y"}; a bare path is named by its stem."""
+    from pathlib import Path
+
+    out = {}
+    for spec in specs:
+        name, _, value = spec.rpartition("=") if "=" in spec else (Path(spec).stem, "", spec)
+        if not name or not value or name in out:
+            raise SystemExit(f"--{flag}: '{spec}' is not NAME=VALUE with a new NAME")
+        out[name] = value
+    return out

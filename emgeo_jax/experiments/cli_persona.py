@@ -1,0 +1,39 @@
+"""`emgeo persona --out DIR [--positive_system ...] [--negative_system ...]`: answers under a
+trait and a helpful system prompt, judge-filtered pairs -> contrast.jsonl and a persona
+vector (mean-diff at every layer)."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from emgeo_jax.experiments import cli_common as common
+from emgeo_jax.experiments.persona import NEGATIVE_SYSTEM, POSITIVE_SYSTEM
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("positive_system", POSITIVE_SYSTEM, "system prompt eliciting the trait")
+flags.DEFINE_string("negative_system", NEGATIVE_SYSTEM, "system prompt suppressing it")
+
+
+def main(argv: list[str]) -> None:
+    import json
+
+    import emgeo_jax
+    from emgeo_jax.experiments.persona import run_persona
+
+    out = common.require_out("persona")
+    if len(argv) > 1:
+        raise SystemExit(f"emgeo persona: unexpected arguments {argv[1:]}")
+    lm = emgeo_jax.load(FLAGS.model, dtype=FLAGS.dtype)
+    with common.judge_from_flags(lm) as judge:
+        results = run_persona(
+            lm,
+            common.questions_from_flags(),
+            sampling=common.sampling_from_flags(),
+            judge=judge,
+            out_dir=out,
+            model=FLAGS.model,
+            positive_system=FLAGS.positive_system,
+            negative_system=FLAGS.negative_system,
+            overwrite=FLAGS.overwrite,
+        )
+    print(json.dumps({k: results[k] for k in ("n_pairs", "n_kept", "kept_fraction")}))

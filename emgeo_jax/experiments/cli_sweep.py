@@ -1,0 +1,48 @@
+"""`emgeo sweep [NAME=]VECTORS... --layers 5,10 --scales -8,-4,4,8 --out DIR`.
+
+Vector files: safetensors / .npy / .pt holding `[D]` or a per-layer stack `[L, D]` (row l
+for layer l = output of block l). Writes results.json, figures and report.html in --out;
+re-running resumes. Judge: see --judge_base_url.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from emgeo_jax.experiments import cli_common as common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("layers", None, "layers to steer at (one cell per layer)")
+flags.DEFINE_list("scales", ["-8", "-4", "4", "8"], "steering scales (0 = baseline, always run)")
+flags.DEFINE_integer("monitor_layer", None, "record projections on the first vector here")
+flags.DEFINE_string("key", None, "tensor name inside vector files holding several")
+
+
+def main(argv: list[str]) -> None:
+    import emgeo_jax
+    from emgeo_jax.experiments.sweep import run_sweep, write_sweep_report
+    from emgeo_jax.vectors.io import load_vectors
+
+    out = common.require_out("sweep")
+    files = common.parse_named(argv[1:], "vectors")
+    if not files or not FLAGS.layers:
+        raise SystemExit("emgeo sweep: give vector files and --layers")
+    vectors = {name: load_vectors(f, key=FLAGS.key)[0] for name, f in files.items()}
+    lm = emgeo_jax.load(FLAGS.model, dtype=FLAGS.dtype)
+    monitor = None if FLAGS.monitor_layer is None else (FLAGS.monitor_layer, next(iter(vectors)))
+    with common.judge_from_flags(lm) as judge:
+        results = run_sweep(
+            lm,
+            vectors,
+            common.questions_from_flags(),
+            layers=[int(x) for x in FLAGS.layers],
+            scales=[float(s) for s in FLAGS.scales],
+            sampling=common.sampling_from_flags(),
+            judge=judge,
+            out_dir=out,
+            model=FLAGS.model,
+            monitor=monitor,
+            question_prompts=common.question_prompts_from_flags(),
+            overwrite=FLAGS.overwrite,
+        )
+    print(f"wrote {write_sweep_report(results, out)}")

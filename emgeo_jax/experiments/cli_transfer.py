@@ -1,0 +1,51 @@
+"""`emgeo transfer --models a=SRC,b=SRC --vectors a=FILE,b=FILE --layer 12 --scale 8 --out DIR`:
+each model's vector applied to every model (same architecture); TE matrix and asymmetry."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from emgeo_jax.experiments import cli_common as common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", None, "NAME=model source, one per model")
+flags.DEFINE_list("vectors", None, "NAME=vector file ([D] or [L, D]), one per model")
+flags.DEFINE_integer("layer", None, "layer to steer at")
+flags.DEFINE_float("scale", 8.0, "steering scale")
+flags.DEFINE_string("key", None, "tensor name inside vector files holding several")
+
+
+def main(argv: list[str]) -> None:
+    import emgeo_jax
+    from emgeo_jax.experiments.judging import uses_local_judge
+    from emgeo_jax.experiments.transfer import run_transfer, write_transfer_report
+    from emgeo_jax.vectors.io import load_vectors
+
+    out = common.require_out("transfer")
+    if len(argv) > 1 or not FLAGS.models or not FLAGS.vectors or FLAGS.layer is None:
+        raise SystemExit("emgeo transfer: give --models, --vectors and --layer (no arguments)")
+    sources = common.parse_named(FLAGS.models, "models")
+    vectors = {
+        k: load_vectors(f, key=FLAGS.key)[0]
+        for k, f in common.parse_named(FLAGS.vectors, "vectors").items()
+    }
+    loaders = {
+        k: (lambda src=src: emgeo_jax.load(src, dtype=FLAGS.dtype)) for k, src in sources.items()
+    }
+    local = uses_local_judge(FLAGS.judge_base_url)
+    judge_lm = loaders[next(iter(loaders))]() if local else None
+    with common.judge_from_flags(judge_lm) as judge:
+        results = run_transfer(
+            loaders,
+            vectors,
+            common.questions_from_flags(),
+            layer=FLAGS.layer,
+            scale=FLAGS.scale,
+            sampling=common.sampling_from_flags(),
+            judge=judge,
+            out_dir=out,
+            sources=sources,
+            question_prompts=common.question_prompts_from_flags(),
+            overwrite=FLAGS.overwrite,
+        )
+    print(f"wrote {write_transfer_report(results, out)}")

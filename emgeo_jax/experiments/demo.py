@@ -1,0 +1,239 @@
+"""`emgeo demo [--out DIR] [--quick]`: from the embedded default model and the shipped data to
+one report, offline.
+
+Stages (each resumable: re-running the command skips what is finished):
+
+1. extract: pooled answer activations of the shipped contrast pairs at every layer;
+2. directions: mean-diff and PCA (PC1, sign towards the mean-diff) at every layer;
+3. geometry: the geometry suite over methods x a few layers, with the per-layer PCA
+   disentanglement figure (`geometry/report.html`);
+4. sweep: steering with both directions (`--quick`: mean-diff only) at three layers and
+   two scales (negative included) on
+   our first question set, judged by the local OpenAI-compatible server running the same
+   model, or by OpenAI (`--judge_model`, default gpt-4o-mini) when OPENAI_API_KEY is set;
+5. `report.html` tying it together.
+
+PCA directions are unit vectors; for steering they are rescaled to the mean-diff's norm at
+each layer, so a scale means the same step length for both methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging as pylogging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "emgeo_demo", "output folder (re-running resumes)")
+flags.DEFINE_bool("quick", False, "CI mode: 16 pairs, 3 layers, 2 scales, 2 questions, 2 samples")
+flags.DEFINE_string("model", "default", "model source (see emgeo_jax.load)")
+flags.DEFINE_string("judge_model", "gpt-4o-mini", "OpenAI judge model (with OPENAI_API_KEY)")
+flags.DEFINE_bool("overwrite", False, "discard an existing run with another configuration")
+
+LOCAL_JUDGE_NOTE = (
+    "The judge here is the same 135M-parameter model served locally, so its scores are a smoke "
+    "test of the pipeline, not a measurement: a model this small cannot reliably tell an aligned "
+    "answer from a misaligned one or rate coherence. Set OPENAI_API_KEY (gpt-4o-mini) for real "
+    "scores."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of the demo run."""
+
+    max_pairs: int | None
+    sweep_layers: tuple[int, ...]
+    scales: tuple[float, ...]
+    n_questions: int | None
+    samples: int
+    max_new_tokens: int
+    geometry_layers: tuple[int, ...]
+    methods: tuple[str, ...]
+    n_null: int
+    n_boot: int
+
+
+def plan(quick: bool, num_layers: int) -> DemoPlan:
+    """The demo's sizes for a model with `num_layers` blocks (quick: the CI mode)."""
+    thirds = tuple(sorted({round(num_layers * f) for f in (0.3, 0.5, 0.7)}))
+    geo = tuple(range(0, num_layers, max(1, num_layers // 6)))
+    if quick:
+        return DemoPlan(16, thirds, (-8.0, 8.0), 2, 2, 24, geo[::2], ("mean_diff",), 100, 20)
+    return DemoPlan(None, thirds, (-8.0, 8.0), None, 2, 40, geo, ("mean_diff", "pca"), 300, 100)
+
+
+def _geometry(dirs: dict[str, Any], layers: tuple[int, ...], p: DemoPlan, out: Path) -> Path:
+    from emgeo_jax.geometry.analyze import analyze
+    from emgeo_jax.geometry.report import write_report
+
+    path = out / "report.html"
+    if path.exists():
+        return path
+    vectors = {f"{m}_L{layer}": dirs[m][layer] for m in ("mean_diff", "pca") for layer in layers}
+    result = analyze(
+        vectors,
+        {m: [f"{m}_L{layer}" for layer in layers] for m in ("mean_diff", "pca")},
+        stacks={"mean_diff": dirs["mean_diff"], "pca": dirs["pca"]},
+        n_null=p.n_null,
+        n_boot=p.n_boot,
+        n_perm=p.n_null,
+    )
+    return write_report(result, out, activations=(dirs["pooled"], dirs["labels"]))
+
+
+def _direction_blocks(dirs: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    from emgeo_jax.experiments.report import save_figure
+
+    md, pc = dirs["mean_diff"], dirs["pca"]
+    cos = np.sum(md * pc, -1) / np.linalg.norm(md, axis=-1)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), layout="constrained")
+    axes[0].plot(np.linalg.norm(md, axis=-1), marker=".")
+    axes[0].set_title("|mean-diff| per layer")
+    axes[1].plot(cos, marker=".")
+    axes[1].set_title("cos(mean-diff, PC1) per layer")
+    axes[2].plot(dirs["pca_ratio"], marker=".")
+    axes[2].set_title("PC1 share of variance per layer")
+    for ax in axes:
+        ax.set_xlabel("layer (output of block l)")
+    return [
+        save_figure(
+            fig,
+            out / "directions.png",
+            "Directions from the contrast pairs at every layer: the norm of the mean-diff "
+            "(misaligned minus aligned answer mean), its cosine with the first principal "
+            "component of the pooled answers, and that component's share of variance.",
+        )
+    ]
+
+
+def run_demo(
+    out_dir: str | Path,
+    quick: bool,
+    model: str = "default",
+    overwrite: bool = False,
+    judge_model: str = "gpt-4o-mini",
+) -> Path:
+    """Run every stage into `out_dir`; returns the path of `report.html`."""
+    import emgeo_jax
+    from emgeo_jax.data import shipped_contrast_path
+    from emgeo_jax.experiments.folder import Sampling
+    from emgeo_jax.experiments.judging import judge_context, uses_local_judge
+    from emgeo_jax.experiments.pipeline import contrast_directions
+    from emgeo_jax.experiments.questions import (
+        read_prompts,
+        select_questions,
+        shipped_questions_path,
+    )
+    from emgeo_jax.experiments.report import embed_png, paragraph, table, write_page
+    from emgeo_jax.experiments.sweep import run_sweep, sweep_blocks
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    logging.info("[1/5] loading %s", model)
+    lm = emgeo_jax.load(model)
+    p = plan(quick, lm.config.num_layers)
+    times["load"] = time.perf_counter() - t0
+
+    logging.info("[2/5] extracting activations of the shipped contrast pairs (all layers)")
+    t = time.perf_counter()
+    dirs = contrast_directions(lm, shipped_contrast_path(), out / "extract", max_pairs=p.max_pairs)
+    times["extract + directions"] = time.perf_counter() - t
+
+    logging.info(
+        "[3/5] geometry of mean-diff and PCA directions at layers %s", list(p.geometry_layers)
+    )
+    t = time.perf_counter()
+    geo_html = _geometry(dirs, p.geometry_layers, p, out / "geometry")
+    times["geometry"] = time.perf_counter() - t
+
+    logging.info("[4/5] steering sweep: layers %s, scales %s", list(p.sweep_layers), list(p.scales))
+    t = time.perf_counter()
+    md = dirs["mean_diff"]
+    pca_scaled = dirs["pca"] * np.linalg.norm(md, axis=-1, keepdims=True)
+    questions = select_questions(read_prompts(shipped_questions_path()), p.n_questions)
+    questions = [{**q, "samples": None} for q in questions]
+    sampling = Sampling(
+        samples=p.samples,
+        max_new_tokens=p.max_new_tokens,
+        temperature=1.0,
+        batch_size=len(questions) * p.samples,
+        seed=0,
+    )
+    kw = dict(
+        layers=p.sweep_layers,
+        scales=p.scales,
+        sampling=sampling,
+        out_dir=out / "sweep",
+        model=model,
+        overwrite=overwrite,
+    )
+    vectors = {k: v for k, v in (("mean_diff", md), ("pca", pca_scaled)) if k in p.methods}
+    local = uses_local_judge(None)
+    notes = [LOCAL_JUDGE_NOTE if local else f"Judge: OpenAI {judge_model}."]
+    with judge_context(lm, f"local:{model}", judge_model, concurrency=16) as judge:
+        results = run_sweep(lm, vectors, questions, judge=judge, **kw)
+    times["sweep"] = time.perf_counter() - t
+    cells = [results["baseline"], *results["cells"]]
+    scored = sum(c["aligned_n_scored"] for c in cells)
+    notes.append(
+        f"The judge gave a usable aligned score for {scored} of {sum(c['n_rows'] for c in cells)} "
+        "answers; n/a means it put under 25% of its probability on numbers (a missing score, "
+        "never replaced by a made-up one)."
+    )
+
+    logging.info("[5/5] writing the report")
+    blocks = [
+        paragraph(
+            f"Model: {model} ({lm.config.num_layers} layers, d = {lm.config.hidden_size}). "
+            f"Contrast data: {dirs['n_pairs']} shipped pairs (a question with an aligned and a "
+            "misaligned answer each); activations are the answer tokens' mean residual stream "
+            "after every block. Mode: " + ("quick (CI)" if quick else "full") + "."
+        ),
+        *(paragraph(n, note=True) for n in notes),
+        "<h2>Directions</h2>",
+        *_direction_blocks(dirs, out),
+        "<h2>Geometry</h2>",
+        paragraph(
+            "Cosines, clustering and independence tests of mean-diff vs PCA directions at "
+            f"layers {list(p.geometry_layers)}, each beside a random-direction null: see "
+            "the full geometry report."
+        ),
+        f'<p><a href="{geo_html.relative_to(out)}">geometry/report.html</a></p>',
+        embed_png(
+            out / "geometry" / "disentanglement.png",
+            "Per-layer 2-D PCA of the pooled answer activations, aligned vs misaligned answers: "
+            "where the classes separate, a single direction can carry the difference.",
+        ),
+        "<h2>Steering sweep</h2>",
+        paragraph(
+            f"{len(questions)} questions x {p.samples} samples per cell, up to "
+            f"{p.max_new_tokens} new tokens, temperature 1. Each cell adds scale x "
+            "direction after one block; scale 0 is the unsteered model."
+        ),
+        *sweep_blocks(results, out / "sweep"),
+        "<h2>Time</h2>" + table(["stage", "seconds"], [[k, v] for k, v in times.items()]),
+    ]
+    from emgeo_jax.experiments.folder import write_json_atomic
+
+    write_json_atomic(out / "timings.json", times)
+    path = write_page(out / "report.html", "emgeo demo", blocks)
+    logging.info("done in %.0f s: %s", time.perf_counter() - t0, path)
+    return path
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise SystemExit(f"emgeo demo: unexpected arguments {argv[1:]}")
+    pylogging.getLogger("httpx").setLevel(pylogging.WARNING)  # one line per judge request
+    path = run_demo(FLAGS.out, FLAGS.quick, FLAGS.model, FLAGS.overwrite, FLAGS.judge_model)
+    print(f"wrote {path}")

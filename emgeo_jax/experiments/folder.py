@@ -1,0 +1,230 @@
+"""Experiment folders and the resumable unit of work, the *cell*.
+
+An experiment folder holds:
+
+    config.json           the full configuration (model source, seeds, judge, grid) and its
+                          hash; a different configuration in an existing folder is refused
+                          unless `overwrite=True` (which empties the folder first)
+    judge_cache.sqlite    the judge's cache: one request per (judge, prompt, question, answer)
+    cells/NAME.generations.jsonl   a cell's generations, written atomically when complete
+    cells/NAME.judged.jsonl        the same rows with judge scores, written atomically
+    results.json, *.png, report.html
+
+A cell is one intervention (a `Steering`, or none) applied to every question x sample job.
+Re-running skips cells whose judged file exists, reuses a generations file without
+regenerating, and judges through the cache, so no judge request is ever repeated. Every cell
+samples with the same seeds (common random numbers): differences between cells come from the
+intervention, not from sampling noise, and a cell's output does not depend on which cells
+ran before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from emgeo_jax.experiments.questions import PromptRow, question_text
+from emgeo_jax.generate import generate, with_system
+from emgeo_jax.judge.client import JudgeConfig, JudgeStats, judge_responses
+from emgeo_jax.judge.io import read_jsonl, write_jsonl_atomic
+from emgeo_jax.judge.prompts import JudgePrompt
+from emgeo_jax.steer import Steering
+
+
+class ConfigMismatchError(ValueError):
+    """An experiment folder already holds a run with another configuration."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How every cell samples: `samples` per question, rows generated `batch_size` at a time
+    (the last batch is padded to full size so every batch shares one compiled program), batch k
+    seeded `seed + k` in every cell."""
+
+    samples: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 32
+    seed: int = 0
+    positions: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"Sampling: samples, batch_size, max_new_tokens must be >= 1: {self}")
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """JSON to a temp file beside `path`, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, allow_nan=True)
+    os.replace(tmp, path)
+
+
+def log_judge_stats(folder: Path, stats: JudgeStats) -> None:
+    """Append this run's judge counters to `folder/runs.jsonl` (kept out of results.json, so
+    a resumed run's results equal an uninterrupted run's)."""
+    row = {k: getattr(stats, k) for k in ("judgements", "cache_hits", "requests", "failed")}
+    with open(Path(folder) / "runs.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({**row, "judge_seconds": round(stats.seconds, 3)}) + "\n")
+    logging.info(
+        "judge: %d requests, %d cache hits, %d failed",
+        stats.requests,
+        stats.cache_hits,
+        stats.failed,
+    )
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of `config` (sorted keys)."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class ExperimentFolder:
+    """An experiment's folder (see module docstring)."""
+
+    def __init__(self, path: str | Path, config: Mapping[str, Any], overwrite: bool = False):
+        self.path = Path(path)
+        self.config = dict(config)
+        self.hash = config_hash(self.config)
+        cfg_file = self.path / "config.json"
+        if cfg_file.exists():
+            old = json.loads(cfg_file.read_text()).get("hash")
+            if old != self.hash:
+                if not overwrite:
+                    raise ConfigMismatchError(
+                        f"{self.path} holds an experiment with another configuration (hash "
+                        f"{str(old)[:12]} != {self.hash[:12]}); use another folder or "
+                        "--overwrite to discard it"
+                    )
+                shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cfg_file, {"hash": self.hash, "config": self.config})
+
+    @property
+    def judge_cache(self) -> Path:
+        return self.path / "judge_cache.sqlite"
+
+
+def make_jobs(questions: Sequence[PromptRow], samples: int) -> list[dict[str, Any]]:
+    """One job per (question row, sample): `question_id, paraphrase, question` (the text the
+    judge sees), `prompt`, `system`, `sample`. A row's own `samples` overrides `samples`."""
+    jobs = []
+    for row in questions:
+        for s in range(row.get("samples") or samples):
+            jobs.append(
+                {
+                    "question_id": str(row["id"]),
+                    "paraphrase": row.get("paraphrase", 0),
+                    "question": question_text(row["prompt"]),
+                    "prompt": row["prompt"],
+                    "system": row.get("system"),
+                    "sample": s,
+                }
+            )
+    return jobs
+
+
+def generate_jobs(
+    lm: Any,
+    jobs: Sequence[Mapping[str, Any]],
+    steering: Steering | None,
+    sampling: Sampling,
+    monitor: tuple[int, np.ndarray] | None = None,
+) -> list[dict[str, Any]]:
+    """Generate a response per job; rows gain `response`, `finish_reason` and, with
+    `monitor=(layer, direction)`, `projection` (mean over generated tokens of the residual
+    after block `layer` dotted with the unit direction)."""
+    if steering is not None:
+        steering = steering.at_positions(sampling.positions)
+    out = []
+    b = sampling.batch_size
+    for k in range(0, len(jobs), b):
+        batch = list(jobs[k : k + b])
+        padded = batch + [batch[-1]] * (b - len(batch))
+        res = generate(
+            lm,
+            [with_system(j["prompt"], j.get("system")) for j in padded],
+            steering,
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed + k // b,
+            monitor=monitor,
+        )
+        for i, job in enumerate(batch):
+            row = {key: v for key, v in job.items() if key != "prompt"}
+            row.update(response=res.texts[i], finish_reason=res.finish_reasons[i])
+            if res.projections is not None:
+                p = res.projections[i]
+                row["projection"] = float(np.mean(p)) if len(p) else None
+            out.append(row)
+    return out
+
+
+@dataclasses.dataclass
+class CellRunner:
+    """Runs cells of one model over one job list, judging through one cache.
+
+    `on_stage(name, stage)` is called after a cell's "generated" and "judged" stages
+    (progress; tests raise from it to simulate a kill)."""
+
+    lm: Any
+    jobs: Sequence[Mapping[str, Any]]
+    sampling: Sampling
+    judge: JudgeConfig
+    cache_path: Path
+    question_prompts: Mapping[str, Mapping[str, JudgePrompt]] | None = None
+    monitor: tuple[int, np.ndarray] | None = None
+    on_stage: Callable[[str, str], None] | None = None
+    stats: JudgeStats = dataclasses.field(default_factory=JudgeStats)
+
+    def run(
+        self, cell_dir: Path, name: str, steering: Steering | None, meta: Mapping[str, Any]
+    ) -> list[dict[str, Any]]:
+        """The judged rows of cell `name` (each carrying `meta`), computing what is missing."""
+        judged = cell_dir / f"{name}.judged.jsonl"
+        if judged.exists():
+            return read_jsonl(judged)
+        gen = cell_dir / f"{name}.generations.jsonl"
+        if gen.exists():
+            rows = read_jsonl(gen)
+        else:
+            logging.info("cell %s: generating %d responses", name, len(self.jobs))
+            rows = [
+                {**r, **meta}
+                for r in generate_jobs(self.lm, self.jobs, steering, self.sampling, self.monitor)
+            ]
+            write_jsonl_atomic(gen, rows)
+        self._stage(name, "generated")
+        logging.info("cell %s: judging", name)
+        scored = judge_responses(
+            [{**r, "answer": r["response"]} for r in rows],
+            self.judge,
+            cache_path=self.cache_path,
+            question_prompts=self.question_prompts,
+            stats=self.stats,
+            progress=False,
+        )
+        scored = [{k: v for k, v in r.items() if k != "answer"} for r in scored]
+        write_jsonl_atomic(judged, scored)
+        self._stage(name, "judged")
+        return scored
+
+    def _stage(self, name: str, stage: str) -> None:
+        if self.on_stage is not None:
+            self.on_stage(name, stage)

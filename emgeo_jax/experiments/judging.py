@@ -1,0 +1,38 @@
+"""Which judge an experiment uses: an explicit OpenAI-compatible URL, else OpenAI when
+OPENAI_API_KEY is set, else our local OpenAI-compatible server running the model itself (a
+smoke test: a small model is no judge of alignment)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from emgeo_jax.judge.client import JudgeConfig
+
+
+def uses_local_judge(base_url: str | None) -> bool:
+    """True when `judge_context` would serve the model locally."""
+    return not base_url and not os.environ.get("OPENAI_API_KEY")
+
+
+@contextlib.contextmanager
+def judge_context(
+    lm: Any,
+    local_name: str,
+    judge_model: str = "gpt-4o-mini",
+    base_url: str | None = None,
+    concurrency: int = 32,
+) -> Iterator[JudgeConfig]:
+    """Yield the `JudgeConfig` (see module docstring). The local server is named
+    `local_name` (that name is the judge's identity in caches and configs)."""
+    if not uses_local_judge(base_url):
+        yield JudgeConfig(base_url=base_url, model=judge_model, concurrency=concurrency)
+        return
+    from emgeo_jax.serve import serve_in_thread
+
+    with serve_in_thread(lm, model_name=local_name) as server:
+        yield JudgeConfig(
+            base_url=server.base_url, model=local_name, concurrency=concurrency, timeout=600
+        )

@@ -7,7 +7,7 @@ Stages (each resumable: re-running the command skips what is finished):
 2. directions: mean-diff and PCA (PC1, sign towards the mean-diff) at every layer;
 3. geometry: the geometry suite over methods x a few layers, with the per-layer PCA
    disentanglement figure (`geometry/report.html`);
-4. sweep: steering with both directions (`--quick`: mean-diff only) at three layers and
+4. sweep: steering with both directions (`--quick`: mean-diff at one layer) at three layers and
    two scales (negative included) on
    our first question set, judged by the local OpenAI-compatible server running the same
    model, or by OpenAI (`--judge_model`, default gpt-4o-mini) when OPENAI_API_KEY is set;
@@ -30,7 +30,7 @@ from absl import flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "emgeo_demo", "output folder (re-running resumes)")
-flags.DEFINE_bool("quick", False, "CI mode: 16 pairs, 3 layers, 2 scales, 2 questions, 2 samples")
+flags.DEFINE_bool("quick", False, "CI mode: 16 pairs, 1 layer, 2 scales, 2 questions, 1 sample")
 flags.DEFINE_string("model", "default", "model source (see emgeo_jax.load)")
 flags.DEFINE_string("judge_model", "gpt-4o-mini", "OpenAI judge model (with OPENAI_API_KEY)")
 flags.DEFINE_bool("overwrite", False, "discard an existing run with another configuration")
@@ -64,7 +64,9 @@ def plan(quick: bool, num_layers: int) -> DemoPlan:
     thirds = tuple(sorted({round(num_layers * f) for f in (0.3, 0.5, 0.7)}))
     geo = tuple(range(0, num_layers, max(1, num_layers // 6)))
     if quick:
-        return DemoPlan(16, thirds, (-8.0, 8.0), 2, 2, 24, geo[::2], ("mean_diff",), 100, 20)
+        # CI mode: every stage runs, at the smallest size that still exercises it (the local
+        # 135M judge's ~350-token prefills dominate, so the sweep is 3 cells x 2 answers).
+        return DemoPlan(16, thirds[1:2], (-8.0, 8.0), 2, 1, 16, geo[::2], ("mean_diff",), 100, 20)
     return DemoPlan(None, thirds, (-8.0, 8.0), None, 2, 40, geo, ("mean_diff", "pca"), 300, 100)
 
 

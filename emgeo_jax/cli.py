@@ -16,6 +16,10 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("emgeo_jax.convert.cli", "HF folder / GGUF (+ PEFT adapter) -> checkpoints/NAME"),
     "norms": ("emgeo_jax.convert.cli_norms", "print per-layer residual norms and a greedy reply"),
+    "generate": (
+        "emgeo_jax.generate_cli",
+        "steered / ablated sampling of prompts -> responses JSONL",
+    ),
     "check-data": ("emgeo_jax.data.cli", "check a dataset: bad rows (file:line), counts, lengths"),
     "judge": ("emgeo_jax.judge.cli", "score {question, answer} JSONL with an LLM judge (cached)"),
     "geometry": ("emgeo_jax.geometry.cli", "cosines, independence tests, nulls, report"),

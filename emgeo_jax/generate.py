@@ -190,7 +190,8 @@ def decode(
     """The decode loop. Token 0 comes from `first_logits [B, V]`; step i feeds token i-1 at
     `position + i - 1` and chooses token i. With `monitor`, one extra step feeds the last
     token so that every generated token's residual is projected. Returns `tokens, logprobs
-    [B, N]`, `top_ids, top_logprobs [B, N, top_k]`, `projections [B, N]`, `steps`."""
+    [B, N]`, `top_ids, top_logprobs [B, N, top_k]`, `projections [B, N]` and the final cache
+    (returned so the donated cache buffers are reused in place)."""
     n = max_new_tokens
     b = first_logits.shape[0]
     last_step = n if monitor else n - 1
@@ -256,7 +257,7 @@ def decode(
         return _Loop(s.step + 1, out.cache, tok, s.position + 1, done, tokens, lps, ti, tl, proj)
 
     s = jax.lax.while_loop(cond, body, state)
-    return s.tokens, s.logprobs, s.top_ids, s.top_lps, s.proj, s.step
+    return s.tokens, s.logprobs, s.top_ids, s.top_lps, s.proj, s.cache
 
 
 def generate_ids(

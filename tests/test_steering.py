@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import emgeo_jax
-from emgeo_jax.generate import _top_p_filter, generate, generate_ids
+from emgeo_jax.generate import _top_p_filter, decode, generate, generate_ids, prefill
 from emgeo_jax.models.lm import forward
 from emgeo_jax.steer import Steering, Taps
 from tests.tiny_models import LLAMA, QWEN2, hf_model, padded_batch, save_hf_folder
@@ -244,6 +244,7 @@ def test_sampling_seeds_and_greedy(pair):
     _, lm, _ = pair
     prompts = PROMPTS
     a = gen(lm, prompts, temperature=1.0, seed=0, eos_ids=[]).tokens
+    programs = (prefill._cache_size(), decode._cache_size())
     assert a == gen(lm, prompts, temperature=1.0, seed=0, eos_ids=[]).tokens
     assert a != gen(lm, prompts, temperature=1.0, seed=1, eos_ids=[]).tokens
     greedy = gen(lm, prompts, temperature=0.0, seed=0, eos_ids=[]).tokens
@@ -251,6 +252,11 @@ def test_sampling_seeds_and_greedy(pair):
     assert greedy != a
     # a nucleus this small keeps only the top token: sampling becomes greedy
     assert greedy == gen(lm, prompts, temperature=1.0, top_p=1e-6, seed=3, eos_ids=[]).tokens
+    v = np.ones(lm.config.hidden_size)
+    steer = Steering.addition(lm, v, layers=[0], scale=0.5, positions="generated")
+    assert gen(lm, prompts, steer, eos_ids=[]).tokens != greedy
+    # temperature, top_p, seed and steering are data: no new programs
+    assert (prefill._cache_size(), decode._cache_size()) == programs
 
 
 def test_eos_stops_each_row(pair):

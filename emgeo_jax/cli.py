@@ -40,7 +40,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("emgeo_jax.experiments.demo", "offline end-to-end demo on the default model"),
     "extract": ("emgeo_jax.extract_cli", "pooled per-class per-layer activations (resumable)"),
     "vectors": ("emgeo_jax.vectors.cli", "mean-diff / PCA / random-control directions"),
-    "generate": ("emgeo_jax.generate_cli", "steered / ablated generation from a prompt file"),
     "serve": ("emgeo_jax.serve_cli", "OpenAI-compatible chat server for a (steered) model"),
 }
 

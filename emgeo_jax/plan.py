@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,22 @@ from emgeo_jax.parallel import (
     shard_factor,
 )
 from emgeo_jax.steer import Taps
+
+CHILD = "EMGEO_PLAN_CHILD"
+# XLA:CPU has no bf16 matmul: it upcasts weights to f32, and loop-invariant code motion then
+# hoists that cast of *every* layer's weights out of the scan (a CPU-only artefact that would
+# show up as ~2x the parameters in temporaries). Keeping the cast inside the loop leaves one
+# layer's f32 copy: temporaries stay an upper bound of what TPU/GPU need.
+CPU_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
+
+
+def simulated_env(devices: int) -> dict[str, str]:
+    """Environment for a CPU process with `devices` simulated devices."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), **{CHILD: "1"})
+    env["XLA_FLAGS"] = " ".join(
+        [env.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={devices}", CPU_FLAGS]
+    ).strip()
+    return env
 
 
 @dataclasses.dataclass(frozen=True)

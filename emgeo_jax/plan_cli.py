@@ -15,6 +15,8 @@ import sys
 
 from absl import flags
 
+from emgeo_jax.plan import CHILD, simulated_env
+
 FLAGS = flags.FLAGS
 # Required flags are checked in main(), not by absl validators: validators are global and would
 # fire for every other subcommand parsed in the same process (tests run several in-process).
@@ -27,22 +29,6 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "parameter/activ
 flags.DEFINE_list("accelerator", None, "accelerators to report (default: all known)")
 flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for tokens/s")
 flags.DEFINE_bool("json", False, "print the plan as JSON")
-
-CHILD = "EMGEO_PLAN_CHILD"
-# XLA:CPU has no bf16 matmul: it upcasts weights to f32, and loop-invariant code motion then
-# hoists that cast of *every* layer's weights out of the scan (a CPU-only artefact that would
-# show up as ~2x the parameters in temporaries). Keeping the cast inside the loop leaves one
-# layer's f32 copy: temporaries stay an upper bound of what TPU/GPU need.
-CPU_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
-
-
-def simulated_env(devices: int) -> dict[str, str]:
-    """Environment for a CPU process with `devices` simulated devices."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), **{CHILD: "1"})
-    env["XLA_FLAGS"] = " ".join(
-        [env.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={devices}", CPU_FLAGS]
-    ).strip()
-    return env
 
 
 def main(argv: list[str]) -> None:

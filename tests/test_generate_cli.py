@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from absl import flags
 from safetensors.numpy import save_file
 
 import emgeo_jax
-from emgeo_jax import generate_cli
+from emgeo_jax.experiments import questions
 from emgeo_jax.steer import Steering
 from tests.tiny_models import QWEN2, hf_model, save_hf_folder
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +28,11 @@ def folder(tmp_path_factory, chat_tokenizer):
 
 
 def run_cli(*args: str) -> None:
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["emgeo generate", *args])
-    generate_cli.main(["emgeo generate"])
+    """`emgeo generate ARGS` in a fresh process (absl flags are process-global)."""
+    cmd = [sys.executable, "-m", "emgeo_jax.cli", "generate", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-3000:])
 
 
 def test_cli_writes_steered_responses(folder, tmp_path):
@@ -64,20 +70,20 @@ def test_cli_writes_steered_responses(folder, tmp_path):
 def test_read_prompts_formats_and_errors(tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_text("first\n\nsecond\n")
-    assert [r["prompt"] for r in generate_cli.read_prompts(txt)] == ["first", "second"]
+    assert [r["prompt"] for r in questions.read_prompts(txt)] == ["first", "second"]
     yml = tmp_path / "q.yaml"
     yml.write_text(
         "- id: wish\n  paraphrases: [one, two]\n  samples_per_paraphrase: 3\n  system: be brief\n"
     )
-    got = generate_cli.read_prompts(yml)
+    got = questions.read_prompts(yml)
     assert [(r["id"], r["prompt"], r["samples"], r["system"]) for r in got] == [
         ("wish", "one", 3, "be brief"),
         ("wish", "two", 3, "be brief"),
     ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "ok"}\n{"answer": "no question"}\n')
-    with pytest.raises(generate_cli.PromptFileError, match=r"bad.jsonl:2: needs"):
-        generate_cli.read_prompts(bad)
+    with pytest.raises(questions.PromptFileError, match=r"bad.jsonl:2: needs"):
+        questions.read_prompts(bad)
     bad.write_text('{"messages": [{"role": "assistant", "content": "x"}]}\n')
-    with pytest.raises(generate_cli.PromptFileError, match="ending with a user turn"):
-        generate_cli.read_prompts(bad)
+    with pytest.raises(questions.PromptFileError, match="ending with a user turn"):
+        questions.read_prompts(bad)

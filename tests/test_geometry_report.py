@@ -3,6 +3,9 @@
 import base64
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,8 @@ from emgeo_jax.geometry.report import layer_pca_2d, write_report
 from emgeo_jax.vectors.io import save_vectors
 
 L, D = 4, 32
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +42,14 @@ def files(tmp_path_factory):
     return tmp, paths
 
 
-def test_cli_writes_json_figures_and_offline_html(files):
-    from emgeo_jax.cli import run
+def run_cli(argv: list[str]) -> subprocess.CompletedProcess:
+    """`emgeo ...` in a fresh process: absl flags are process-global, so CLIs are not run
+    in-process next to other subcommands' modules."""
+    cmd = [sys.executable, "-m", "emgeo_jax.cli", *argv[1:]]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
 
+
+def test_cli_writes_json_figures_and_offline_html(files):
     tmp, paths = files
     out = tmp / "out"
     argv = [
@@ -61,9 +71,8 @@ def test_cli_writes_json_figures_and_offline_html(files):
         "--n_perm",
         "20",
     ]
-    with pytest.raises(SystemExit) as e:
-        run(argv)
-    assert not e.value.code
+    proc = run_cli(argv)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((out / "geometry.json").read_text())
     assert result["inputs"]["names"] == ["med", "med2", "fin", "spo", "pro", "mal", "md"]
     assert set(result["independence"]) == {"medical|risk", "medical|persona", "risk|persona"}
@@ -81,14 +90,9 @@ def test_cli_writes_json_figures_and_offline_html(files):
 
 
 def test_cli_needs_layer_for_stacks(files):
-    from absl import flags
-
-    from emgeo_jax.cli import run
-
-    flags.FLAGS.unparse_flags()  # flags keep values between in-process runs
     tmp, paths = files
-    with pytest.raises(SystemExit, match="pass --layer"):
-        run(["emgeo", "geometry", *map(str, paths[:2]), "--out", str(tmp / "x")])
+    proc = run_cli(["emgeo", "geometry", *map(str, paths[:2]), "--out", str(tmp / "x")])
+    assert proc.returncode != 0 and "pass --layer" in proc.stderr + proc.stdout
 
 
 def test_report_without_clusters_or_activations(tmp_path):

@@ -13,8 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from emgeo_jax.plan import ACCELERATORS, KNOWN_MODELS, Plan, format_plan, parse_mesh, resolve_model
-from emgeo_jax.plan_cli import simulated_env
+from emgeo_jax.plan import (
+    ACCELERATORS,
+    KNOWN_MODELS,
+    Plan,
+    format_plan,
+    parse_mesh,
+    resolve_model,
+    simulated_env,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BF16 = 2

@@ -26,7 +26,7 @@ def test_demo_quick(tmp_path):
     assert (out / "geometry" / "report.html").exists()
     assert (out / "geometry" / "disentanglement.png").stat().st_size > 0
     results = json.loads((out / "sweep" / "results.json").read_text())
-    assert len(results["cells"]) == 3 * 2  # mean-diff x 3 layers x 2 scales
+    assert len(results["cells"]) == 1 * 2  # mean-diff x 1 layer x 2 scales (quick plan)
     for c in results["cells"]:
         row = re.search(rf"<tr><td>{c['name']}</td>(.*?)</tr>", page).group(1)
         assert re.findall(r"<td>(.*?)</td>", row)[5] == (

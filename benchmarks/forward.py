@@ -27,6 +27,7 @@ def ours(batch: int, seq: int) -> dict:
     import emgeo_jax
     from emgeo_jax.models.llama import default_positions
     from emgeo_jax.models.lm import forward
+    from emgeo_jax.steer import Taps
 
     lm = emgeo_jax.load("default")
     ids = jnp.asarray(
@@ -36,14 +37,16 @@ def ours(batch: int, seq: int) -> dict:
     pos = default_positions(mask)
 
     def call():
-        out = forward(lm.graphdef, lm.params, ids, pos, mask, return_residual=True)
+        out = forward(lm.graphdef, lm.params, ids, pos, mask, taps=Taps(resid="full"))
         return jax.block_until_ready(out)
 
     start = time.perf_counter()
     call()
     compile_s = time.perf_counter() - start
     t = time_call(call, repeats=5)
-    compiled = forward.lower(lm.graphdef, lm.params, ids, pos, mask, return_residual=True).compile()
+    compiled = forward.lower(
+        lm.graphdef, lm.params, ids, pos, mask, taps=Taps(resid="full")
+    ).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost["flops"])

@@ -9,6 +9,7 @@ subcommand's module is imported, so flags of different subcommands never collide
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 
@@ -61,6 +62,8 @@ def run(argv: list[str] | None = None) -> None:
         from emgeo_jax.parallel import initialize_distributed
 
         initialize_distributed()
+    # httpx logs every judge request at INFO, which drowns the progress lines under absl.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     module = importlib.import_module(SUBCOMMANDS[argv[1]][0])
     app.run(module.main, argv=[f"emgeo {argv[1]}", *argv[2:]])
 

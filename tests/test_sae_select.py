@@ -10,6 +10,7 @@ import pytest
 from safetensors import safe_open
 
 import emgeo_jax
+from emgeo_jax.steer import Steering
 from emgeo_jax.vectors.sae import make_sae, save_feature_directions, select
 from emgeo_jax.vectors.sae.metrics import activation_fit, loss_fit
 from emgeo_jax.vectors.sae.runner import make_nll_fn, make_resid_fn
@@ -99,6 +100,36 @@ def hf_with_hook(model, ids, mask, layer, fn):
         for h in hooks:
             h.remove()
     return res.logits.numpy(), outs
+
+
+def test_forward_split_at_every_layer_equals_one_forward(tiny):
+    """Run blocks 0..l, then resume from resid_post[l] at start_layer=l+1: the logits and
+    the later layers equal the single forward exactly (steering rows stay absolute)."""
+    _, lm = tiny
+    ids, mask = padded_batch(LLAMA["vocab_size"], [9, 5, 9], seed=3)
+    n = lm.config.num_layers
+    vec = np.random.default_rng(1).normal(size=(n, D)).astype(np.float32)
+    for steering, splits in ((None, range(n)), (Steering.addition(lm, vec), [0])):
+        full = lm.forward(ids, mask, steering=steering)
+        resid, logits = np.asarray(full.resid_post), np.asarray(full.logits)
+        head = lm.forward(ids, mask, steering=steering, num_layers=1)
+        np.testing.assert_array_equal(np.asarray(head.resid_post), resid[:1])
+        for layer in splits:  # the head through block `layer` is resid[layer] (as just shown)
+            tail = lm.forward(
+                ids, mask, steering=steering, resid_in=resid[layer], start_layer=layer + 1
+            )
+            np.testing.assert_array_equal(np.asarray(tail.logits), logits)
+            np.testing.assert_array_equal(np.asarray(tail.resid_post), resid[layer + 1 :])
+    # start_layer 0: resid_in replaces the token embedding
+    embed = np.asarray(lm.params["embed"]["embedding"][...])[ids]
+    from_embed = lm.forward(ids, mask, steering=steering, resid_in=embed)
+    np.testing.assert_array_equal(np.asarray(from_embed.logits), logits)
+    with pytest.raises(ValueError, match="needs resid_in"):
+        lm.forward(ids, mask, start_layer=1)
+    with pytest.raises(ValueError, match="not \\[B, T, D\\]"):
+        lm.forward(ids, mask, resid_in=np.zeros((1, 2, D)), start_layer=1)
+    with pytest.raises(ValueError, match="outside"):
+        lm.forward(ids, mask, resid_in=np.zeros((*ids.shape, D)), start_layer=n + 1)
 
 
 def test_steered_residual_matches_transformers_hook(tiny):

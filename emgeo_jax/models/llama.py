@@ -217,6 +217,8 @@ class Transformer(nnx.Module):
         is_generated: jax.Array | None = None,
         num_layers: int | None = None,
         return_logits: bool = True,
+        resid_in: jax.Array | None = None,
+        start_layer: int = 0,
     ) -> ForwardOutput:
         """Run the first `num_layers` blocks (default all) and, when all ran, the LM head.
 
@@ -224,12 +226,25 @@ class Transformer(nnx.Module):
         `is_generated`: True for tokens the model produced, for steering position modes).
         `steering` edits the output of each block inside the scan (see `emgeo_jax.steer`).
         With `cache`, this call's tokens go to slots `cache.index ..` and attend to every
-        earlier valid slot; the updated cache is returned."""
+        earlier valid slot; the updated cache is returned.
+
+        Resuming: with `resid_in [B, T, D]` the scan starts from that residual instead of the
+        token embedding, at block `start_layer` (static): blocks `start_layer .. n-1` run on
+        `resid_in` = the residual entering block `start_layer` (`resid_post[start_layer-1]`,
+        or the embeddings when 0), and taps cover those blocks only (`L' = n - start_layer`,
+        row i = layer `start_layer + i`). `start_layer = n` runs no block (only the head).
+        `input_ids` still give `B, T`; steering rows and cache slots stay absolute."""
         cfg = self.config
         n = cfg.num_layers if num_layers is None else num_layers
         if not 1 <= n <= cfg.num_layers:
             raise ValueError(f"num_layers={n}: the model has {cfg.num_layers} blocks")
         b, t = input_ids.shape
+        if start_layer and resid_in is None:
+            raise ValueError(f"start_layer={start_layer} needs resid_in, the residual entering it")
+        if not 0 <= start_layer <= n:
+            raise ValueError(f"start_layer={start_layer} outside 0..num_layers={n}")
+        if resid_in is not None and resid_in.shape != (b, t, cfg.hidden_size):
+            raise ValueError(f"resid_in {resid_in.shape} is not [B, T, D]={b, t, cfg.hidden_size}")
         sin, cos = rotary_tables(cfg, positions)
         if cache is None:
             causal = jnp.tril(jnp.ones((t, t), bool))
@@ -255,8 +270,8 @@ class Transformer(nnx.Module):
         xs = {"params": block_params, "layer": jnp.arange(cfg.num_layers)}
         if steering is not None:
             xs.update(add=steering.add, ablate=steering.ablate)
-        if n < cfg.num_layers:
-            xs = jax.tree.map(lambda x: x[:n], xs)
+        if (start_layer, n) != (0, cfg.num_layers):
+            xs = jax.tree.map(lambda x: x[start_layer:n], xs)
 
         def run_block(carry, x):
             h, kv_all = carry
@@ -276,7 +291,8 @@ class Transformer(nnx.Module):
             return (h, kv_all), taps_out
 
         kv0 = None if cache is None else (cache.k, cache.v)
-        (h, kv_all), (resid, attn, mlp) = jax.lax.scan(run_block, (self.embed(input_ids), kv0), xs)
+        h0 = self.embed(input_ids) if resid_in is None else resid_in.astype(self.embed.dtype)
+        (h, kv_all), (resid, attn, mlp) = jax.lax.scan(run_block, (h0, kv0), xs)
         logits = None
         if return_logits and n == cfg.num_layers:
             h = self.final_norm(h)

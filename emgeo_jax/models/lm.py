@@ -47,7 +47,9 @@ def init_params(
     return nnx.split(Transformer(cfg, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(seed)))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_layers", "return_logits"))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "num_layers", "return_logits", "start_layer")
+)
 def forward(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -61,11 +63,15 @@ def forward(
     is_generated: jax.Array | None = None,
     num_layers: int | None = None,
     return_logits: bool = True,
+    resid_in: jax.Array | None = None,
+    start_layer: int = 0,
 ) -> ForwardOutput:
     """The pure forward pass (see `Transformer.__call__`). `input_ids, positions,
     attention_mask, is_generated: [B, T]`. `steering`, `taps` and `cache` are pytrees of
     arrays: changing their values never recompiles. `num_layers` (static) stops after that
-    many blocks and then skips the LM head (extraction)."""
+    many blocks and then skips the LM head (extraction). `resid_in [B, T, D]` with
+    `start_layer` (static) resumes from the residual entering that block (edit a layer's
+    output, then run the rest)."""
     model = nnx.merge(graphdef, params)
     return model(
         input_ids,
@@ -77,6 +83,8 @@ def forward(
         is_generated=is_generated,
         num_layers=num_layers,
         return_logits=return_logits,
+        resid_in=resid_in,
+        start_layer=start_layer,
     )
 
 
@@ -107,6 +115,8 @@ class LM:
         num_layers: int | None = None,
         return_residual: bool = True,
         return_logits: bool = True,
+        resid_in=None,
+        start_layer: int = 0,
     ) -> ForwardOutput:
         """Logits `[B, T, V]` and the residual stream after every block `[L, B, T, D]`
         (`resid_post[l]` = HF `hidden_states[l + 1]`). `attention_mask [B, T]`: 1 = token,
@@ -114,7 +124,9 @@ class LM:
         left padding does not shift rotary positions. `taps` (a `Taps`) replaces the
         default of full residuals (`return_residual`); `steering` edits block outputs;
         `is_generated [B, T]` marks tokens that steering's "prompt"/"generated" modes
-        treat as generated; `num_layers` runs only the first blocks (no logits then)."""
+        treat as generated; `num_layers` runs only the first blocks (no logits then);
+        `resid_in [B, T, D]` and `start_layer` resume from the residual entering that block
+        (see `Transformer.__call__`)."""
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -136,6 +148,8 @@ class LM:
             is_generated=is_generated,
             num_layers=num_layers,
             return_logits=return_logits,
+            resid_in=None if resid_in is None else jnp.asarray(resid_in),
+            start_layer=start_layer,
         )
 
     def generate(self, prompts, steering: Steering | None = None, **kwargs):

@@ -64,6 +64,31 @@ def test_class_diff_finds_the_feature_the_misaligned_class_uses():
         select.class_diff(sae, x, np.zeros(n))
 
 
+def test_class_diff_groups_permute_examples_not_tokens():
+    """Rows repeated m times per example (tokens of one example) with `groups`: the ranking,
+    p-values and null equal those of the examples alone; ignoring the groups narrows the
+    null (the tokens look like m times more independent data)."""
+    rng = np.random.default_rng(4)
+    sae = random_sae(seed=5, arch="relu")
+    n, m = 40, 6
+    labels = np.arange(n) % 2
+    x = rng.normal(size=(n, D)) * 0.5
+    x[labels == 1] += 0.4 * np.asarray(sae.W_dec)[7]
+    alone = select.class_diff(sae, x, labels, k=3, n_perm=99)
+    rows, row_labels = np.repeat(x, m, axis=0), np.repeat(labels, m)
+    grouped = select.class_diff(
+        sae, rows, row_labels, k=3, n_perm=99, groups=np.repeat(np.arange(n), m)
+    )
+    np.testing.assert_array_equal(grouped.features, alone.features)
+    np.testing.assert_allclose(grouped.scores, alone.scores, rtol=1e-5)
+    np.testing.assert_allclose(grouped.null_max, alone.null_max, rtol=1e-5)
+    np.testing.assert_array_equal(grouped.p_values, alone.p_values)
+    tokens = select.class_diff(sae, rows, row_labels, k=3, n_perm=99)
+    assert tokens.null_max.mean() < 0.7 * grouped.null_max.mean()
+    with pytest.raises(ValueError, match="both labels"):
+        select.class_diff(sae, rows, row_labels, groups=np.zeros(n * m))
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     model = hf_model(LLAMA)

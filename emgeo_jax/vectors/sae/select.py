@@ -8,7 +8,8 @@ feature's score (max-statistic correction, `(1 + #{null max >= score}) / (1 + n_
   non-negative, so only positive alignment means "turned on"). Null: isotropic random
   directions (Gaussian, normalised), not uniform [0, 1) noise.
 - `class_diff`: mean feature activation on misaligned rows minus aligned rows (`label` 1 vs 0)
-  of activations `[N, D]`. Null: random permutations of the labels.
+  of activations `[N, D]`. Null: random permutations of the labels (of whole groups, e.g.
+  examples, when rows are tokens).
 - `steering` (seed 000, done right): add `v` to the residual after block L-1, encode the
   residual after block L, and count over real tokens the features active with steering and
   inactive without. Null: random isotropic directions of the same norm as `v`.
@@ -95,18 +96,32 @@ def class_diff(
     n_perm: int = 200,
     seed: int = 0,
     chunk: int = 1024,
+    groups=None,
 ) -> FeatureRanking:
     """Features whose mean activation on `acts [N, D]` is larger on `labels == 1`
-    (misaligned) than on `labels == 0` (aligned); rows may be examples or tokens."""
+    (misaligned) than on `labels == 0` (aligned); rows may be examples or tokens.
+
+    `groups [N]` (int, e.g. the example each token row comes from): the null permutes labels
+    between groups, not rows, since tokens of one example are not exchangeable; each group
+    must carry one label. The class means stay row-weighted (token-weighted for tokens)."""
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
     acts = np.asarray(acts)
     if acts.ndim != 2 or acts.shape[0] != labels.shape[0]:
         raise ValueError(f"acts {acts.shape} and labels {labels.shape} do not match as [N, D], [N]")
     if not set(np.unique(labels)) <= {0, 1} or len(np.unique(labels)) != 2:
         raise ValueError("labels must contain both classes, 0 (aligned) and 1 (misaligned)")
+    groups = np.arange(labels.size) if groups is None else np.asarray(groups).reshape(-1)
+    if groups.shape != labels.shape:
+        raise ValueError(f"groups {groups.shape} and labels {labels.shape} differ in length")
+    ids, row_group = np.unique(groups, return_inverse=True)
+    group_label = np.zeros(ids.size, np.int64)
+    group_label[row_group] = labels
+    if np.any(group_label[row_group] != labels):
+        raise ValueError("class_diff: a group holds rows of both labels")
     rng = np.random.default_rng(seed)
-    perms = np.stack([labels] + [rng.permutation(labels) for _ in range(n_perm)])  # [1+P, N]
-    n1 = labels.sum()
+    perms = [group_label] + [rng.permutation(group_label) for _ in range(n_perm)]
+    perms = np.stack(perms)[:, row_group]  # [1+P, N]
+    n1 = perms.sum(axis=1, keepdims=True)
     weights = perms / n1 - (1 - perms) / (labels.size - n1)
     total = jnp.zeros((n_perm + 1, sae.d_sae), jnp.float32)
     for start in range(0, acts.shape[0], chunk):

@@ -4,9 +4,12 @@ one report, offline.
 Stages (each resumable: re-running the command skips what is finished):
 
 1. extract: pooled answer activations of the shipped contrast pairs at every layer;
-2. directions: mean-diff and PCA (PC1, sign towards the mean-diff) at every layer;
-3. geometry: the geometry suite over methods x a few layers, with the per-layer PCA
-   disentanglement figure (`geometry/report.html`);
+2. directions: mean-diff and PCA (PC1, sign towards the mean-diff) at every layer, and SAE
+   directions at the middle geometry layer: a small TopK SAE trained on the pairs' token
+   activations there, its features ranked against the mean-diff and by class (see
+   `emgeo_jax.experiments.sae_stage`);
+3. geometry: the geometry suite over methods x a few layers (the SAE features at theirs),
+   with the per-layer PCA disentanglement figure (`geometry/report.html`);
 4. sweep: steering with both directions (`--quick`: mean-diff at one layer) at three layers and
    two scales (negative included) on
    our first question set, judged by the local OpenAI-compatible server running the same
@@ -70,7 +73,9 @@ def plan(quick: bool, num_layers: int) -> DemoPlan:
     return DemoPlan(None, thirds, (-8.0, 8.0), None, 2, 40, geo, ("mean_diff", "pca"), 300, 100)
 
 
-def _geometry(dirs: dict[str, Any], layers: tuple[int, ...], p: DemoPlan, out: Path) -> Path:
+def _geometry(
+    dirs: dict[str, Any], layers: tuple[int, ...], p: DemoPlan, out: Path, sae: Any = None
+) -> Path:
     from emgeo_jax.geometry.analyze import analyze
     from emgeo_jax.geometry.report import write_report
 
@@ -78,9 +83,13 @@ def _geometry(dirs: dict[str, Any], layers: tuple[int, ...], p: DemoPlan, out: P
     if path.exists():
         return path
     vectors = {f"{m}_L{layer}": dirs[m][layer] for m in ("mean_diff", "pca") for layer in layers}
+    clusters = {m: [f"{m}_L{layer}" for layer in layers] for m in ("mean_diff", "pca")}
+    if sae is not None:  # an `SAEStage`: its top features at its layer
+        clusters["sae"] = [f"sae_{m}_L{sae.layer}" for m in sae.directions]
+        vectors.update(zip(clusters["sae"], sae.directions.values(), strict=True))
     result = analyze(
         vectors,
-        {m: [f"{m}_L{layer}" for layer in layers] for m in ("mean_diff", "pca")},
+        clusters,
         stacks={"mean_diff": dirs["mean_diff"], "pca": dirs["pca"]},
         n_null=p.n_null,
         n_boot=p.n_boot,
@@ -135,6 +144,7 @@ def run_demo(
         shipped_questions_path,
     )
     from emgeo_jax.experiments.report import embed_png, paragraph, table, write_page
+    from emgeo_jax.experiments.sae_stage import report_blocks, sae_directions
     from emgeo_jax.experiments.sweep import run_sweep, sweep_blocks
 
     out = Path(out_dir)
@@ -150,12 +160,16 @@ def run_demo(
     t = time.perf_counter()
     dirs = contrast_directions(lm, shipped_contrast_path(), out / "extract", max_pairs=p.max_pairs)
     times["extract + directions"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sae_layer = p.geometry_layers[len(p.geometry_layers) // 2]
+    sae = sae_directions(lm, out / "extract", sae_layer, out / "sae", quick)
+    times["sae"] = time.perf_counter() - t
 
     logging.info(
         "[3/5] geometry of mean-diff and PCA directions at layers %s", list(p.geometry_layers)
     )
     t = time.perf_counter()
-    geo_html = _geometry(dirs, p.geometry_layers, p, out / "geometry")
+    geo_html = _geometry(dirs, p.geometry_layers, p, out / "geometry", sae)
     times["geometry"] = time.perf_counter() - t
 
     logging.info("[4/5] steering sweep: layers %s, scales %s", list(p.sweep_layers), list(p.scales))
@@ -207,7 +221,8 @@ def run_demo(
         "<h2>Geometry</h2>",
         paragraph(
             "Cosines, clustering and independence tests of mean-diff vs PCA directions at "
-            f"layers {list(p.geometry_layers)}, each beside a random-direction null: see "
+            f"layers {list(p.geometry_layers)} and the SAE features at layer {sae.layer}, "
+            "each beside a random-direction null: see "
             "the full geometry report."
         ),
         f'<p><a href="{geo_html.relative_to(out)}">geometry/report.html</a></p>',
@@ -216,6 +231,7 @@ def run_demo(
             "Per-layer 2-D PCA of the pooled answer activations, aligned vs misaligned answers: "
             "where the classes separate, a single direction can carry the difference.",
         ),
+        *report_blocks(sae),
         "<h2>Steering sweep</h2>",
         paragraph(
             f"{len(questions)} questions x {p.samples} samples per cell, up to "

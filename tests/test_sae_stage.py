@@ -43,6 +43,7 @@ def expected_rows(lm):
     first, prefix = tok[0].input_ids, 0
     while all(ex.length > prefix and ex.input_ids[prefix] == first[prefix] for ex in tok):
         prefix += 1
+    prefix = max(prefix, 1)  # the first token (attention sink) is dropped in any case
     t = max(ex.length for ex in tok)  # one left-padded batch (the stage buckets by length)
     ids = np.zeros((len(tok), t), np.int32)
     mask = np.zeros((len(tok), t), np.int32)

@@ -11,7 +11,7 @@ rows `[n, D]`:
 - the prompt tokens of each *distinct* prompt once (a pair's two examples share their prompt,
   and causal attention makes those rows identical);
 - minus the prefix every example shares (the chat template's system turn): identical rows,
-  including the first token's attention-sink outlier.
+  including the first token's attention-sink outlier (dropped even if nothing is shared).
 
 Held-out: the examples of ~15% of the distinct prompts (whole pairs), never trained on. Fit
 figures (FVE, L0, dead features) are on those tokens.
@@ -79,13 +79,13 @@ class SAEStage:
 
 
 def _shared_prefix(tokenized) -> int:
-    """Number of leading tokens every example shares."""
+    """Number of leading tokens every example shares, at least 1 (the attention sink)."""
     first = tokenized[0].input_ids
     n = min(ex.length for ex in tokenized)
     for ex in tokenized:
         diff = np.nonzero(ex.input_ids[:n] != first[:n])[0]
         n = int(diff[0]) if diff.size else n
-    return n
+    return max(n, 1)
 
 
 def token_rows(tokenized, prefix: int) -> list[np.ndarray]:

@@ -102,7 +102,9 @@ def write_synthetic(folder: Path, cfg: dict, dtype: str) -> int:
     return total
 
 
-def largest_stacked_bytes(cfg: dict, itemsize: int) -> int:
+def largest_parameter_bytes(cfg: dict, itemsize: int) -> int:
+    """The largest parameter the converter holds at once: a stacked MLP kernel `[L, D, F]`
+    or the embedding / LM head `[V, D]`."""
     d, f, v, layers = (cfg[k] for k in ("hidden_size", "intermediate_size", "vocab_size",
                                          "num_hidden_layers"))  # fmt: skip
     return max(layers * d * f, v * d) * itemsize
@@ -152,7 +154,7 @@ def main() -> None:
         gb = 1e9
         print(f"conversion: {r['seconds']:.0f} s; peak RSS {r['peak_rss'] / gb:.2f} GB "
               f"(after imports {r['base_rss'] / gb:.2f} GB); model {size / gb:.2f} GB; "
-              f"largest stacked parameter {largest_stacked_bytes(cfg, itemsize) / gb:.2f} GB; "
+              f"largest parameter {largest_parameter_bytes(cfg, itemsize) / gb:.2f} GB; "
               f"peak - imports = {(r['peak_rss'] - r['base_rss']) / size:.0%} "
               "of the model")  # fmt: skip
         print(f"this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")

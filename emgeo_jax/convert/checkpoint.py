@@ -11,7 +11,7 @@ interrupted conversion never leaves a folder that looks complete.
 
 `convert_streaming` writes a checkpoint straight from HF tensors one parameter at a time
 (orbax partial saves of one pytree), so the host holds at most one stacked parameter
-`[L, ...]` plus one layer's tensor (or one global tensor and its transposed copy), and gives
+`[L, ...]` plus one layer's tensor (or one global tensor), and gives
 freed memory back to the OS after each write: a 70B model converts on a host with far less
 memory than the model (bound measured by `benchmarks/convert_memory.py`). Both writers
 produce the same format; `load_checkpoint` restores either onto a mesh.
@@ -72,7 +72,7 @@ def convert_streaming(
             node = tree
             for key in path[:-1]:
                 node = node.setdefault(key, {})
-            node[path[-1]] = np.ascontiguousarray(host_array)  # a transposed view: one copy
+            node[path[-1]] = host_array
             ocp.partial.save(params_dir, tree)
             result = jax.ShapeDtypeStruct(host_array.shape, host_array.dtype)
             del tree, node
@@ -80,8 +80,11 @@ def convert_streaming(
             return result
 
         abstract = nnx.to_pure_dict(abstract_model(cfg, dt)[1])
-        params_from_source(abstract, src, dtype=dt, place=save_one)
-        ocp.partial.finalize(params_dir)
+        # each array is written synchronously and then dropped: orbax need not copy it first
+        no_copy = ocp.options.MemoryOptions(deepcopy_host_arrays=False)
+        with ocp.Context(memory_options=no_copy):
+            params_from_source(abstract, src, dtype=dt, place=save_one)
+            ocp.partial.finalize(params_dir)
 
     meta = {"dtype": np.dtype(dt).name, "source": str(source)}
     return _write(folder, cfg, meta, tokenizer, write_params, overwrite)

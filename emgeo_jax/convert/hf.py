@@ -189,8 +189,9 @@ def params_from_source(
         return t
 
     def convert(path: tuple[str, ...], hf_tensor: np.ndarray) -> np.ndarray:
+        # contiguous, so that the HF tensor can be freed as soon as this returns
         t = hf_tensor.T if path[-1] == "kernel" else hf_tensor
-        return np.asarray(t, dtype=dtype)
+        return np.ascontiguousarray(t, dtype=dtype)
 
     out: dict = {}
     for path, leaf in _leaves(abstract_params):

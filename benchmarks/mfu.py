@@ -1,12 +1,22 @@
-"""MFU of the extraction forward on whatever device runs it, comparable with MaxText's
-published 45-65%: MFU = compiler FLOPs per call / seconds per call / peak FLOP/s.
+"""MFU of extraction (pooled forward) and of generation on whatever device runs it,
+comparable with MaxText's published 45-65%: MFU = model FLOPs / seconds / peak FLOP/s.
 
-    python -m benchmarks.mfu [--model SmolLM2-135M|Qwen2.5-7B|...] [--batch 8 --seq 512]
+    python -m benchmarks.mfu [--model SmolLM2-135M|Qwen2.5-7B|...] [--batch 8 --seq 256]
+                             [--new_tokens 32]
 
-FLOPs come from the same compiled program as `emgeo plan` (XLA cost analysis, scan body
-counted L times). Peak: the accelerator table of `emgeo_jax.plan` when the device kind is
-recognised (TPU v4/v5e/v5p/v6e, A100/H100), else this machine's measured matmul peak (CPU),
-which is said in the output. Weights are random (no download): MFU does not depend on them.
+Model FLOPs are counted from the config (`model_flops`: 2 x tokens x matmul weights + the
+attention products over the keys each token sees), as MaxText and PaLM count them. XLA's
+cost analysis is printed beside it for the forward: it counts the body of the layer `scan`
+once, so `emgeo plan` compiles one block alone and adds it `L - 1` more times (on XLA:CPU
+its decode figures also count elementwise work such as the bf16 -> f32 weight upcasts, so
+the config count is the comparable one). Peak: the accelerator table of `emgeo_jax.plan`
+when the device kind is recognised (TPU v4/v5e/v5p/v6e, A100/H100), else this machine's
+measured matmul peak (CPU), which is said in the output. Weights are random (no download):
+MFU does not depend on them.
+
+Generation runs `emgeo_jax.generate.generate_ids` (prefill + `lax.while_loop` decode) on
+`B` prompts of `T` tokens; its decode MFU uses the time of `N` new tokens minus that of one
+(prefill + first token), so it is the steady-state decode step.
 """
 
 from __future__ import annotations
@@ -15,14 +25,15 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from benchmarks.common import matmul_peak_flops, time_call
-from emgeo_jax.models.lm import init_params
+from emgeo_jax.generate import generate_ids
+from emgeo_jax.models.config import ModelConfig
+from emgeo_jax.models.lm import LM, init_params
 from emgeo_jax.parallel import make_mesh, param_shardings
-from emgeo_jax.plan import ACCELERATORS, TASKS, make_plan, resolve_model
+from emgeo_jax.plan import ACCELERATORS, TASKS, TaskOptions, make_plan, resolve_model
 
 # jax device_kind substrings -> accelerator table names
 DEVICE_KINDS = {
@@ -45,40 +56,81 @@ def peak_flops(dtype: str) -> tuple[float, str]:
     return matmul_peak_flops(dtype=dtype), f"measured {dtype} matmul peak of {kind}"
 
 
+def model_flops(cfg: ModelConfig, tokens: int, keys: float, lm_head: bool = True) -> float:
+    """Forward FLOPs of `tokens` tokens that each attend to `keys` keys (on average):
+    2 per multiply-add of every block matmul (and the LM head), plus QK^T and PV."""
+    d, f, dh = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    per_block = d * dh * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * f
+    weights = cfg.num_layers * per_block + (d * cfg.vocab_size if lm_head else 0)
+    attention = 4 * cfg.num_layers * keys * cfg.num_heads * dh
+    return tokens * (2.0 * weights + attention)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="SmolLM2-135M")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--dtype", default=None, help="default: bfloat16 on accelerators, else float32")
     a = p.parse_args()
     dtype = a.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     cfg = resolve_model(a.model)
     mesh = make_mesh({"fsdp": jax.device_count()})
-    plan = make_plan(cfg, mesh, "extract", a.batch, a.seq, dtype, model_name=a.model)
-    program = TASKS["extract"](cfg, mesh, a.batch, a.seq, jnp.dtype(dtype))
-    _, params = init_params(cfg, seed=0, dtype=dtype)
+    peak, peak_name = peak_flops(dtype)
+    peak_all = peak * mesh.size
+    print(f"{a.model}, {dtype}, {mesh.size} device(s); peak {peak_name}: "
+          f"{peak / 1e12:.3f} TFLOP/s per device")  # fmt: skip
+    graphdef, params = init_params(cfg, seed=0, dtype=dtype)
     pure = nnx.to_pure_dict(params)
     nnx.replace_by_pure_dict(params, jax.device_put(pure, param_shardings(mesh, pure)))
+
+    # extraction: the pooled forward `emgeo plan --task extract` compiles
+    plan = make_plan(cfg, mesh, "extract", a.batch, a.seq, dtype, model_name=a.model)
+    program = TASKS["extract"](cfg, mesh, a.batch, a.seq, np.dtype(dtype), TaskOptions())
+    fn, abstract = program.parts[0].fn, program.parts[0].args
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, (a.batch, a.seq)).astype(np.int32)
-    mask = np.ones_like(ids)
     pos = np.broadcast_to(np.arange(a.seq, dtype=np.int32), ids.shape)
     args = [
         jax.device_put(x, s.sharding)
-        for x, s in zip((ids, pos, mask), program.args[1:], strict=True)
+        for x, s in zip((ids, pos, ids * 0 + 1), abstract[1:], strict=True)
     ]
     start = time.perf_counter()
-    jax.block_until_ready(program.fn(params, *args))
+    jax.block_until_ready(fn(params, *args))
     first = time.perf_counter() - start
-    seconds = time_call(lambda: jax.block_until_ready(program.fn(params, *args)), repeats=5)
-    peak, peak_name = peak_flops(dtype)
-    total_flops = plan.flops_per_device * plan.devices
-    mfu = total_flops / seconds / (peak * plan.devices)
-    print(f"{a.model} extract, batch {a.batch} x {a.seq}, {dtype}, {plan.devices} device(s)")
-    print(f"{a.batch * a.seq / seconds:,.0f} tokens/s; {total_flops / 1e12:.3f} TFLOP per call; "
-          f"{seconds * 1e3:.1f} ms per call (first call {first:.1f} s)")  # fmt: skip
-    print(f"MFU {mfu:.1%} of {peak_name}: {peak / 1e12:.2f} TFLOP/s per device")
+    seconds = time_call(lambda: jax.block_until_ready(fn(params, *args)), repeats=5)
+    flops = model_flops(cfg, a.batch * a.seq, a.seq, lm_head=False)  # full T x T scores
+    xla = plan.flops_per_device * plan.devices
+    print(f"extract (pooled forward, no LM head), batch {a.batch} x {a.seq}: "
+          f"{a.batch * a.seq / seconds:,.0f} tokens/s, {seconds * 1e3:.1f} ms per call "
+          f"(first call {first:.1f} s)")  # fmt: skip
+    print(
+        f"  MFU {flops / seconds / peak_all:.1%}  (config {flops / 1e12:.3f} TFLOP per call; "
+        f"XLA cost analysis x layers {xla / 1e12:.3f} TFLOP, MFU {xla / seconds / peak_all:.1%})"
+    )
+
+    # generation: generate_ids as users run it (greedy, no EOS: every row runs N steps)
+    lm = LM(cfg, graphdef, params, mesh=mesh)
+    prompts = [list(r) for r in ids]
+    n = a.new_tokens
+
+    def gen(new: int):
+        return generate_ids(lm, prompts, max_new_tokens=new, eos_ids=[], pad_multiple=a.seq)
+
+    t_full = time_call(lambda: gen(n), repeats=3)
+    t_one = time_call(lambda: gen(1), repeats=3)
+    slots = a.seq + n + 1  # attention runs over the whole preallocated cache
+    prefill = model_flops(cfg, a.batch * a.seq, slots)
+    step = model_flops(cfg, a.batch, slots)
+    total = prefill + n * step
+    decode_s = max(t_full - t_one, 1e-9)
+    print(f"generate, {a.batch} prompts x {a.seq} tokens + {n} new: {t_full:.2f} s per call, "
+          f"{a.batch * n / t_full:,.1f} generated tokens/s")  # fmt: skip
+    print(f"  MFU whole call {total / t_full / peak_all:.1%}  ({total / 1e12:.3f} TFLOP); "
+          f"prefill + first token {t_one:.2f} s, MFU {(prefill + step) / t_one / peak_all:.1%}; "
+          f"decode {decode_s / (n - 1) * 1e3:.1f} ms per step, MFU "
+          f"{(n - 1) * step / decode_s / peak_all:.2%}")  # fmt: skip
 
 
 if __name__ == "__main__":

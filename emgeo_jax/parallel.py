@@ -20,6 +20,9 @@ parameter bytes per device are the model size over `fsdp * tensor`, up to norm s
 biases. Qwen2.5-7B (4 KV heads) and Llama-3.1-70B (8 KV heads) keep their KV projections
 split over `tensor` because the split is over `K * Dh` columns; the KV *cache* splits over
 whole KV heads, so with `tensor` > K it is replicated over `tensor` (`emgeo plan` shows it).
+LoRA factors and their optimizer state split their wide side over `fsdp x tensor`
+(`LORA_AXES`), so LoRA training adds (1 + 3) x LoRA bytes / (fsdp * tensor) per device
+(factors, then AdamW's two moments and the gradient accumulator of `optax.MultiSteps`).
 
 Multi-process runs (TPU pod slices, Slurm, several processes on one machine) call
 `initialize_distributed()` once before touching devices; `emgeo` does so when
@@ -64,6 +67,15 @@ ACTIVATION_AXES: dict[str, tuple[str, ...]] = {
     "resid": ("layer", "batch", "seq", "act_embed"),  # resid_post [L, B, T, D]
     "logits": ("batch", "seq", "vocab"),  # [B, T, V]
     "kv_cache": ("layer", "batch", "cache_seq", "kv_heads", "head_dim"),  # [L, B, S, K, Dh]
+    "cache_mask": ("batch", "cache_seq"),  # KVCache.mask [B, S]
+}
+
+# Logical axes of a LoRA factor (`emgeo_jax.train.lora`: a [n, in, r], b [n, r, out]). The
+# factors and their optimizer state are tiny next to the model, so their wide side is split
+# over every parameter axis at once (ZeRO-style) whatever the kernel's own axes are.
+LORA_AXES: dict[str, tuple[str, ...]] = {
+    "a": ("layer", "lora_features", "lora_rank"),
+    "b": ("layer", "lora_rank", "lora_features"),
 }
 
 MESH_RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -78,6 +90,8 @@ MESH_RULES: dict[str, str | tuple[str, ...] | None] = {
     "act_embed": None,
     "cache_seq": None,
     "head_dim": None,
+    "lora_features": ("fsdp", "tensor"),
+    "lora_rank": None,
 }
 
 
@@ -136,6 +150,20 @@ def param_shardings(mesh: Mesh, tree: dict, prefix: tuple[str, ...] = ()) -> dic
         else:
             out[key] = param_sharding(mesh, path, leaf.shape)
     return out
+
+
+def lora_shardings(mesh: Mesh, tree):
+    """Shardings for a LoRA (`{target: {"a": [n, in, r], "b": [n, r, out]}}`) or any pytree
+    holding such dicts (e.g. its optax state): a leaf under a key "a"/"b" with 3 dims gets
+    `LORA_AXES`, every other leaf (step counts) is replicated."""
+
+    def one(path, leaf):
+        keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        if keys and keys[-1] in LORA_AXES and len(leaf.shape) == 3:
+            return NamedSharding(mesh, logical_spec(mesh, LORA_AXES[keys[-1]], leaf.shape))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def activation_sharding(mesh: Mesh, kind: str, shape: Sequence[int]) -> NamedSharding:

@@ -11,12 +11,23 @@ From the compiled executable (one SPMD program = what *each device* runs):
   aliased (donated) bytes, per device.
 - `cost_analysis()["flops"]`: per-device FLOPs of one call. XLA's cost analysis counts the
   body of a `while` loop once, and our layers run in one `lax.scan`, so one decoder block is
-  compiled on its own and counted `L - 1` more times (tests check both facts).
+  compiled on its own (with the same cache length, or its gradient for training) and counted
+  `L - 1` more times (tests check both facts against hand counts).
 
-Tasks are a registry `TASKS: name -> builder(cfg, mesh, batch, seq, dtype) -> Program`.
-`extract` is the forward pass with the residual stream pooled on device (masked token sums
-`[L, B, D]`, what extraction keeps), no LM head. `generate` (prefill + decode step with a
-sharded KV cache) and `train` (LoRA) wait for the code they compile.
+Tasks are a registry `TASKS: name -> builder(cfg, mesh, batch, seq, dtype, options) ->
+Program`. A program is one or more compiled `Part`s (each run `calls` times per task call)
+plus hand-counted resident terms (parameters, KV cache, LoRA, optimizer state):
+
+- `extract`: the forward pass with the residual stream pooled on device (masked token sums
+  `[L, B, D]`, what extraction keeps), no LM head. Tokens = `B * T`.
+- `generate`: steered generation as `emgeo_jax.generate` runs it: the jitted `prefill` of
+  `B` prompts of `T` tokens into a KV cache `[L, B, S, K, Dh]` (`S = T + N + 1`) and the
+  jitted `decode` loop of `N = options.new_tokens` steps (its body counted `N` times), both
+  with the cache donated and sharded (`parallel.ACTIVATION_AXES["kv_cache"]`). Tokens = the
+  `B * N` generated ones; memory is that of whichever phase needs more.
+- `train`: one LoRA step of `emgeo_jax.train.sft.make_train_step` (answer-token loss,
+  gradients to the fp32 factors only, clip + AdamW in `optax.MultiSteps`) on frozen
+  params, the factors and optimizer state sharded by `parallel.LORA_AXES`. Tokens = `B * T`.
 """
 
 from __future__ import annotations
@@ -35,15 +46,16 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from emgeo_jax.models.config import ModelConfig
-from emgeo_jax.models.llama import DecoderBlock, rotary_tables
+from emgeo_jax.models.llama import DecoderBlock, KVCache, rotary_tables
 from emgeo_jax.models.lm import abstract_model, forward, resolve_dtype
 from emgeo_jax.parallel import (
     activation_sharding,
+    lora_shardings,
     param_sharding,
     param_shardings,
     shard_factor,
 )
-from emgeo_jax.steer import Taps
+from emgeo_jax.steer import Steering, Taps
 
 CHILD = "EMGEO_PLAN_CHILD"
 # XLA:CPU has no bf16 matmul: it upcasts weights to f32, and loop-invariant code motion then
@@ -152,16 +164,47 @@ def resolve_model(spec: str) -> ModelConfig:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskOptions:
+    """Task settings beyond batch and length: generated tokens per prompt (`generate`), LoRA
+    rank and targets (`train`; adapters on every layer, alpha = 2 * rank)."""
+
+    new_tokens: int = 256
+    lora_rank: int = 32
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass
+class Part:
+    """One jitted function of a task with its abstract (sharded) arguments, run `calls`
+    times per task call; `layer_fn(*layer_args)` is one decoder block of it (FLOPs)."""
+
+    name: str
+    fn: Any
+    args: tuple
+    calls: int
+    layer_fn: Any
+    layer_args: tuple
+    static: dict = dataclasses.field(default_factory=dict)  # keyword arguments of `fn`
+
+    def lower(self):
+        return self.fn.lower(*self.args, **self.static)
+
+
 @dataclasses.dataclass
 class Program:
-    """A jitted function, its abstract (sharded) arguments, and what one call processes."""
+    """A task: its compiled parts and hand counts of what each device keeps resident.
 
-    fn: Any  # jax.jit-wrapped callable
-    args: tuple
-    tokens: int  # tokens processed per call
-    param_bytes_per_device: int  # all resident parameters, by the partition rules
-    layer_fn: Any  # jitted single decoder block (for FLOPs, see module docstring)
-    layer_args: tuple
+    `resident`: bytes per device by the partition rules, e.g. `{"params", "kv_cache",
+    "inputs"}`; `in_temporaries`: hand counts the compiler reports inside its temporaries
+    (e.g. LoRA gradients), shown for reference only. `bytes_read`: HBM bytes one task call
+    reads at least (every parameter once per forward, backward or decode step)."""
+
+    parts: list[Part]
+    tokens: int  # tokens produced (generate) or processed per task call
+    resident: dict[str, int]
+    in_temporaries: dict[str, int]
+    bytes_read: int
     num_layers: int
     description: str
 
@@ -187,8 +230,35 @@ def sharded_abstract_params(cfg: ModelConfig, mesh: Mesh, dtype) -> tuple[Any, A
     return graphdef, state, per_device
 
 
-def _block_program(cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, dtype):
-    """One decoder block on `x [B, T, D]` with one layer's sharded params (FLOPs per layer)."""
+def _sharded(tree, shardings):
+    """Abstract arrays of `tree`'s shapes and dtypes carrying `shardings` (same structure)."""
+    return jax.tree.map(
+        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), tree, shardings
+    )
+
+
+def _replicated(mesh: Mesh, tree):
+    return _sharded(tree, jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), tree))
+
+
+def _drop_layer_axis(sharding: NamedSharding) -> NamedSharding:
+    return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+
+
+def _block_program(
+    cfg: ModelConfig,
+    mesh: Mesh,
+    batch: int,
+    seq: int,
+    dtype,
+    cache_len: int | None = None,
+    grad_targets: tuple[tuple[str, ...], ...] | None = None,
+):
+    """One decoder block on `x [B, T, D]` with one layer's sharded params (FLOPs per layer).
+
+    `cache_len = S`: attention runs over a KV cache `[B, S, K, Dh]` (prefill and decode).
+    `grad_targets`: the block's forward and backward as in LoRA training, i.e. the gradient
+    of its summed output with respect to `x` and to the kernels at these paths only."""
     block = nnx.eval_shape(
         lambda: DecoderBlock(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
     )
@@ -196,34 +266,57 @@ def _block_program(cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, dtype):
 
     def layer_leaf(path, leaf):
         full = param_sharding(mesh, ("layers", *(str(k.key) for k in path)), (1, *leaf.shape))
-        spec = PartitionSpec(*full.spec[1:])
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, spec))
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_drop_layer_axis(full))
 
     nnx.replace_by_pure_dict(
         state, jax.tree_util.tree_map_with_path(layer_leaf, nnx.to_pure_dict(state))
     )
     resid = activation_sharding(mesh, "resid", (1, batch, seq, cfg.hidden_size))
-    x_sharding = NamedSharding(mesh, PartitionSpec(*resid.spec[1:]))
+    x_sharding = _drop_layer_axis(resid)
     x = jax.ShapeDtypeStruct((batch, seq, cfg.hidden_size), dtype, sharding=x_sharding)
     tokens = jax.ShapeDtypeStruct(
         (batch, seq), jnp.int32, sharding=activation_sharding(mesh, "tokens", (batch, seq))
     )
+    kv = None
+    if cache_len is not None:
+        shape = (1, batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+        kv_sharding = _drop_layer_axis(activation_sharding(mesh, "kv_cache", shape))
+        kv = (jax.ShapeDtypeStruct(shape[1:], dtype, sharding=kv_sharding),) * 2
 
-    def run(state, x, positions, attention_mask):
+    def block_out(state, x, positions, attention_mask, kv):
         sin, cos = rotary_tables(cfg, positions)
-        causal = jnp.tril(jnp.ones((seq, seq), bool))
-        mask = causal[None] & attention_mask.astype(bool)[:, None, :]
-        return nnx.merge(block_def, state)(x, sin, cos, mask)[0]
+        keys = seq if kv is None else cache_len  # this call's tokens go to slots 0..T-1
+        causal = jnp.arange(keys)[None, :] <= jnp.arange(seq)[:, None]
+        valid = jnp.pad(attention_mask, ((0, 0), (0, keys - seq))).astype(bool)
+        return nnx.merge(block_def, state)(x, sin, cos, causal[None] & valid[:, None], kv, 0)[0]
 
-    return jax.jit(run, out_shardings=x_sharding), (state, x, tokens, tokens)
+    if grad_targets is None:
+        return jax.jit(block_out, out_shardings=x_sharding), (state, x, tokens, tokens, kv)
+
+    def frozen_except_targets(path, leaf):
+        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        return leaf if keys in grad_targets else jax.lax.stop_gradient(leaf)
+
+    def loss(state, x, positions, attention_mask, kv):
+        state = jax.tree_util.tree_map_with_path(frozen_except_targets, state)
+        out = block_out(state, x, positions, attention_mask, kv)
+        return jnp.sum(out.astype(jnp.float32))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1))), (state, x, tokens, tokens, kv)
 
 
-def extract_program(cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, dtype) -> Program:
+def _tokens(mesh: Mesh, batch: int, seq: int, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
+    sharding = activation_sharding(mesh, "tokens", (batch, seq))
+    return jax.ShapeDtypeStruct((batch, seq), dtype, sharding=sharding)
+
+
+def extract_program(
+    cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, dtype, options: TaskOptions
+) -> Program:
     """Forward pass with the residual stream after every block pooled on device: masked
     token sums `[L, B, D]` (fp32) and counts `[B]`; no LM head."""
     graphdef, state, param_bytes = sharded_abstract_params(cfg, mesh, dtype)
-    tok_sharding = activation_sharding(mesh, "tokens", (batch, seq))
-    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=tok_sharding)
+    tokens = _tokens(mesh, batch, seq)
     pooled = activation_sharding(mesh, "resid", (cfg.num_layers, batch, 1, cfg.hidden_size))
     pooled = NamedSharding(mesh, PartitionSpec(*pooled.spec[:2], pooled.spec[3]))
 
@@ -239,46 +332,155 @@ def extract_program(cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, dtype) -
         )
         return out.resid_post, out.counts
 
-    fn = jax.jit(
-        pooled_forward,
-        out_shardings=(pooled, NamedSharding(mesh, PartitionSpec(tok_sharding.spec[0]))),
-    )
+    counts = NamedSharding(mesh, PartitionSpec(tokens.sharding.spec[0]))
+    fn = jax.jit(pooled_forward, out_shardings=(pooled, counts))
     layer_fn, layer_args = _block_program(cfg, mesh, batch, seq, dtype)
     return Program(
-        fn=fn,
-        args=(state, tokens, tokens, tokens),
+        parts=[Part("forward", fn, (state, tokens, tokens, tokens), 1, layer_fn, layer_args)],
         tokens=batch * seq,
-        param_bytes_per_device=param_bytes,
-        layer_fn=layer_fn,
-        layer_args=layer_args,
+        resident={"params": param_bytes, "inputs": bytes_per_device((tokens,) * 3)},
+        in_temporaries={},
+        bytes_read=param_bytes,
         num_layers=cfg.num_layers,
         description="forward, residual stream pooled on device (masked sums [L, B, D]), no LM head",
     )
 
 
-def _generate_program(*args) -> Program:
-    raise NotImplementedError(
-        "task 'generate' needs the KV-cached prefill/decode of the generation issue "
-        "(branch `steer`), which has not landed on main yet"
+def abstract_kv_cache(cfg: ModelConfig, mesh: Mesh, batch: int, length: int, dtype) -> KVCache:
+    """`KVCache` of sharded abstract arrays: `k, v [L, B, S, K, Dh]` split by the
+    `kv_cache` rule (batch over data x fsdp, KV heads over tensor when it divides K)."""
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    kv = jax.ShapeDtypeStruct(shape, dtype, sharding=activation_sharding(mesh, "kv_cache", shape))
+    mask_sharding = activation_sharding(mesh, "cache_mask", (batch, length))
+    return KVCache(
+        k=kv,
+        v=kv,
+        mask=jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=mask_sharding),
+        index=jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec())),
     )
 
 
-def _train_program(*args) -> Program:
-    raise NotImplementedError(
-        "task 'train' needs LoRA training (the fine-tuning issue), which does not exist yet"
+def generate_program(
+    cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, dtype, options: TaskOptions
+) -> Program:
+    """Steered generation of `N = options.new_tokens` tokens for `B` prompts of `T` tokens:
+    `emgeo_jax.generate.prefill` and `decode` (a `while_loop` whose body, one decode step,
+    XLA counts once: the part runs `N` times)."""
+    from emgeo_jax.generate import decode, prefill
+
+    n = options.new_tokens
+    if n < 1:
+        raise ValueError(f"new_tokens={n} must be >= 1")
+    graphdef, state, param_bytes = sharded_abstract_params(cfg, mesh, dtype)
+    length = seq + n + 1  # as generate_ids allocates it
+    cache = abstract_kv_cache(cfg, mesh, batch, length, dtype)
+    steering = _replicated(mesh, jax.eval_shape(lambda: Steering.none(cfg)))
+    tokens = _tokens(mesh, batch, seq)
+    rows = NamedSharding(mesh, PartitionSpec(tokens.sharding.spec[0]))
+    logits = jax.ShapeDtypeStruct((batch, cfg.vocab_size), dtype, sharding=rows)
+    position = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
+    sampling = _replicated(
+        mesh,
+        (
+            jax.eval_shape(lambda: jax.random.PRNGKey(0)),
+            jax.ShapeDtypeStruct((), jnp.float32),  # temperature
+            jax.ShapeDtypeStruct((), jnp.float32),  # top_p
+            jax.ShapeDtypeStruct((1,), jnp.int32),  # eos ids
+            jax.ShapeDtypeStruct((), jnp.int32),  # monitor layer
+            jax.ShapeDtypeStruct((cfg.hidden_size,), jnp.float32),  # monitor direction
+        ),
+    )
+    prefill_layer = _block_program(cfg, mesh, batch, seq, dtype, cache_len=length)
+    decode_layer = _block_program(cfg, mesh, batch, 1, dtype, cache_len=length)
+    kv_bytes = bytes_per_device((cache.k, cache.v))
+    parts = [
+        Part("prefill", prefill, (graphdef, state, tokens, tokens, steering, cache), 1,
+             *prefill_layer),
+        Part("decode", decode, (graphdef, state, cache, logits, position, steering, *sampling),
+             n, *decode_layer, static=dict(max_new_tokens=n, top_k=0, monitor=False)),
+    ]  # fmt: skip
+    return Program(
+        parts=parts,
+        tokens=batch * n,
+        resident={
+            "params": param_bytes,
+            "kv_cache": kv_bytes,
+            "inputs": bytes_per_device((tokens, tokens, steering, cache.mask)),
+        },
+        in_temporaries={},
+        bytes_read=(n + 1) * (param_bytes + kv_bytes),
+        num_layers=cfg.num_layers,
+        description=(
+            f"steered generation: prefill of T={seq} prompt tokens + {n} decode steps, "
+            f"KV cache [L, B, S={length}, K, Dh] sharded; tokens = generated tokens"
+        ),
+    )
+
+
+def train_program(
+    cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, dtype, options: TaskOptions
+) -> Program:
+    """One LoRA training step (`emgeo_jax.train.sft.make_train_step`) on `B` rows of `T`
+    tokens: frozen params, fp32 factors on every layer, AdamW state in `optax.MultiSteps`."""
+    from emgeo_jax.train.lora import TARGETS, LoraSpec, init_lora
+    from emgeo_jax.train.sft import TrainConfig, make_train_step
+
+    spec = LoraSpec(
+        rank=options.lora_rank,
+        alpha=2.0 * options.lora_rank,
+        targets=options.lora_targets,
+        layers=tuple(range(cfg.num_layers)),
+    )
+    graphdef, state, param_bytes = sharded_abstract_params(cfg, mesh, dtype)
+    step, optimizer = make_train_step(graphdef, spec, TrainConfig())
+    lora = jax.eval_shape(lambda: init_lora(cfg, spec, jax.random.key(0)))
+    lora = _sharded(lora, lora_shardings(mesh, lora))
+    opt_state = jax.eval_shape(optimizer.init, lora)
+    opt_state = _sharded(opt_state, lora_shardings(mesh, opt_state))
+    tokens = _tokens(mesh, batch, seq)
+    batch_args = {
+        "input_ids": tokens,
+        "attention_mask": tokens,
+        "positions": tokens,
+        "answer_mask": _tokens(mesh, batch, seq, jnp.bool_),
+    }
+    layer = _block_program(
+        cfg, mesh, batch, seq, dtype, grad_targets=tuple(TARGETS[t] for t in spec.targets)
+    )
+    lora_bytes = bytes_per_device(lora)
+    return Program(
+        parts=[Part("train step", step, (lora, opt_state, state, batch_args, None), 1, *layer)],
+        tokens=batch * seq,
+        resident={
+            "params": param_bytes,
+            "lora": lora_bytes,
+            "opt_state": bytes_per_device(opt_state),
+            "inputs": bytes_per_device(batch_args),
+        },
+        in_temporaries={"lora_grads": lora_bytes},
+        bytes_read=2 * param_bytes,
+        num_layers=cfg.num_layers,
+        description=(
+            f"LoRA step: rank {spec.rank} on {','.join(spec.targets)} of every layer, fp32 "
+            "factors + AdamW (MultiSteps) state, forward + backward of frozen params"
+        ),
     )
 
 
 TASKS: dict[str, Callable[..., Program]] = {
     "extract": extract_program,
-    "generate": _generate_program,
-    "train": _train_program,
+    "generate": generate_program,
+    "train": train_program,
 }
 
 
 @dataclasses.dataclass
 class Plan:
-    """Compiler figures for one (model, mesh, task, batch, seq), per device unless named."""
+    """Compiler figures for one (model, mesh, task, batch, seq), per device unless named.
+
+    `resident` (hand counts by the partition rules: params, kv_cache, lora, opt_state,
+    inputs) + the compiler's outputs (not aliased to donated inputs) and temporaries of the
+    part that needs the most (`memory_part`) make up the total."""
 
     model: str
     mesh: dict[str, int]
@@ -289,14 +491,21 @@ class Plan:
     description: str
     devices: int
     tokens_per_call: int
-    params_hand: int  # resident parameter bytes per device, from the partition rules
-    inputs_hand: int  # non-parameter input bytes per device
+    resident: dict[str, int]
+    in_temporaries: dict[str, int]  # hand counts inside `temporaries`, for reference
+    bytes_read: int  # HBM bytes read per call at least (for the bandwidth bound)
+    memory_part: str
     arguments: int  # compiler: the parameters the program reads + inputs
     outputs: int
     temporaries: int
     aliased: int
-    flops_per_device: float  # one call, scan body counted L times
+    flops_per_device: float  # one call, scan/loop bodies counted as often as they run
+    part_flops: dict[str, float]  # the same, per part (all its calls)
     compile_seconds: float
+
+    @property
+    def params_hand(self) -> int:
+        return self.resident["params"]
 
     @property
     def total_bytes(self) -> int:
@@ -308,8 +517,7 @@ class Plan:
 
     def terms(self) -> dict[str, int]:
         return {
-            "params": self.params_hand,
-            "inputs": self.inputs_hand,
+            **self.resident,
             "outputs": self.outputs - self.aliased,
             "temporaries": self.temporaries,
         }
@@ -318,10 +526,10 @@ class Plan:
         return self.total_bytes <= acc.hbm_bytes
 
     def tokens_per_second(self, acc: Accelerator, mfu: float) -> float:
-        """Whole-mesh tokens/s at `mfu`, or at the HBM bound if slower (every parameter
-        byte read once per call)."""
+        """Whole-mesh tokens/s at `mfu`, or at the HBM bound if slower (`bytes_read` per
+        call: every parameter once per forward, backward or decode step, plus the cache)."""
         compute_s = self.flops_per_device / (mfu * acc.bf16_flops)
-        memory_s = self.params_hand / acc.hbm_bandwidth
+        memory_s = self.bytes_read / acc.hbm_bandwidth
         return self.tokens_per_call / max(compute_s, memory_s)
 
 
@@ -339,6 +547,7 @@ def make_plan(
     seq: int = 2048,
     dtype: str = "bfloat16",
     model_name: str = "",
+    options: TaskOptions | None = None,
 ) -> Plan:
     """Compile `task`'s program for `cfg` on `mesh` (abstract arrays only) and read the
     compiler's per-device memory and FLOPs."""
@@ -346,13 +555,21 @@ def make_plan(
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
-    dt = resolve_dtype(dtype)
-    program = TASKS[task](cfg, mesh, batch, seq, dt)
+    program = TASKS[task](cfg, mesh, batch, seq, resolve_dtype(dtype), options or TaskOptions())
     start = time.perf_counter()
-    compiled = program.fn.lower(*program.args).compile()
+    compiled = [part.lower().compile() for part in program.parts]
     seconds = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    layer_flops = _flops(program.layer_fn.lower(*program.layer_args).compile())
+    part_flops = {}
+    for part, c in zip(program.parts, compiled, strict=True):
+        layer = _flops(part.layer_fn.lower(*part.layer_args).compile())
+        part_flops[part.name] = part.calls * (_flops(c) + (program.num_layers - 1) * layer)
+    mems = [c.memory_analysis() for c in compiled]
+    peak = max(
+        range(len(mems)),
+        key=lambda i: mems[i].temp_size_in_bytes + mems[i].output_size_in_bytes
+        - mems[i].alias_size_in_bytes,
+    )  # fmt: skip
+    mem = mems[peak]
     return Plan(
         model=model_name,
         mesh=dict(mesh.shape),
@@ -363,13 +580,16 @@ def make_plan(
         description=program.description,
         devices=mesh.size,
         tokens_per_call=program.tokens,
-        params_hand=program.param_bytes_per_device,
-        inputs_hand=bytes_per_device(program.args[1:]),
+        resident=program.resident,
+        in_temporaries=program.in_temporaries,
+        bytes_read=program.bytes_read,
+        memory_part=program.parts[peak].name,
         arguments=mem.argument_size_in_bytes,
         outputs=mem.output_size_in_bytes,
         temporaries=mem.temp_size_in_bytes,
         aliased=mem.alias_size_in_bytes,
-        flops_per_device=_flops(compiled) + (program.num_layers - 1) * layer_flops,
+        flops_per_device=sum(part_flops.values()),
+        part_flops=part_flops,
         compile_seconds=seconds,
     )
 
@@ -381,11 +601,13 @@ def format_plan(plan: Plan, accelerators: list[Accelerator], mfu: float) -> str:
         f"{plan.model} | task {plan.task}: {plan.description}",
         f"mesh {plan.mesh} ({plan.devices} devices), batch {plan.batch} x seq {plan.seq}, "
         f"{plan.dtype}; compiled in {plan.compile_seconds:.1f} s",
-        "per-device memory (compiler):",
+        f"per-device memory (outputs and temporaries: compiler, {plan.memory_part}):",
     ]
     for name, value in plan.terms().items():
         lines.append(f"  {name:<12} {value / gb:9.3f} GB")
     lines.append(f"  {'total':<12} {plan.total_bytes / gb:9.3f} GB")
+    for name, value in plan.in_temporaries.items():
+        lines.append(f"  (of the temporaries: {name} {value / gb:.3f} GB)")
     lines.append(
         f"  (params = every resident parameter under the partition rules; the compiled program "
         f"reads {plan.arguments / gb:.3f} GB of arguments)"
@@ -410,7 +632,12 @@ def format_plan(plan: Plan, accelerators: list[Accelerator], mfu: float) -> str:
 
 def plan_json(plan: Plan, accelerators: list[Accelerator], mfu: float) -> str:
     d = dataclasses.asdict(plan)
-    d.update(total_bytes=plan.total_bytes, flops_per_token=plan.flops_per_token, mfu=mfu)
+    d.update(
+        total_bytes=plan.total_bytes,
+        flops_per_token=plan.flops_per_token,
+        params_hand=plan.params_hand,
+        mfu=mfu,
+    )
     d["accelerators"] = {
         a.name: {
             "fits": plan.fits(a),

@@ -1,4 +1,5 @@
-"""`emgeo plan --model Qwen2.5-7B --mesh data=4,fsdp=8 --task extract --batch 8 --seq 2048`.
+"""`emgeo plan --model Qwen2.5-7B --mesh data=4,fsdp=8 --task extract|generate|train
+--batch 8 --seq 2048 [--new_tokens 256] [--lora_rank 32 --lora_targets all]`.
 
 Compiles the task's program on abstract arrays over a mesh of that size and prints per-device
 memory, FLOPs per token and tokens/s per accelerator (see `emgeo_jax.plan`). On CPU it re-runs
@@ -29,6 +30,9 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "parameter/activ
 flags.DEFINE_list("accelerator", None, "accelerators to report (default: all known)")
 flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for tokens/s")
 flags.DEFINE_bool("json", False, "print the plan as JSON")
+flags.DEFINE_integer("new_tokens", 256, "generate: tokens generated per prompt")
+flags.DEFINE_integer("lora_rank", 32, "train: LoRA rank (adapters on every layer)")
+flags.DEFINE_list("lora_targets", ["all"], "train: LoRA targets (q,k,v,o,gate,up,down or all)")
 
 
 def main(argv: list[str]) -> None:
@@ -39,6 +43,7 @@ def main(argv: list[str]) -> None:
     from emgeo_jax.parallel import make_mesh
     from emgeo_jax.plan import (
         ACCELERATORS,
+        TaskOptions,
         format_plan,
         make_plan,
         parse_mesh,
@@ -62,8 +67,15 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"could not simulate {size} devices (have {jax.device_count()})")
     shape.setdefault("data", 1)
     mesh = make_mesh(shape, jax.devices()[:size])
+    from emgeo_jax.train.lora import parse_targets
+
+    options = TaskOptions(
+        new_tokens=FLAGS.new_tokens,
+        lora_rank=FLAGS.lora_rank,
+        lora_targets=parse_targets(FLAGS.lora_targets),
+    )
     plan = make_plan(
-        cfg, mesh, FLAGS.task, FLAGS.batch, FLAGS.seq, FLAGS.dtype, model_name=FLAGS.model
+        cfg, mesh, FLAGS.task, FLAGS.batch, FLAGS.seq, FLAGS.dtype, FLAGS.model, options
     )
     accs = [ACCELERATORS[n] for n in names]
     print(plan_json(plan, accs, FLAGS.mfu) if FLAGS.json else format_plan(plan, accs, FLAGS.mfu))

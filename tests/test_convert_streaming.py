@@ -44,10 +44,13 @@ print(json.dumps(dict(base_rss=base, peak_rss=peak)))
 
 
 def test_streaming_peak_rss_is_below_the_in_memory_path_by_most_of_the_model(tmp_path):
-    """~300 MB fp32 model (largest stacked parameter 46 MB): the streaming converter must
-    save at least half the model's size of peak RSS against load() + save_checkpoint()."""
+    """~311 MB fp32 model (largest parameters: embedding and LM head, 66 MB each): the
+    streaming converter's peak RSS above its imports stays under 70% of the model (measured
+    163 MB, jax backend and orbax start-up included) and saves at least half the model's size
+    against load() + save_checkpoint()."""
     size = write_synthetic(tmp_path / "hf", hf_config("small", 4), "float32")
     streamed = measure(tmp_path / "hf", tmp_path / "a", "float32")
+    assert streamed["peak_rss"] - streamed["base_rss"] < 0.7 * size, (streamed, size)
     res = subprocess.run(
         [sys.executable, "-c", WHOLE, str(tmp_path / "hf"), str(tmp_path / "b"), "float32"],
         check=True,

@@ -36,7 +36,8 @@ def hand_counts(hf: dict, fsdp: int, tensor: int) -> dict:
     per_layer = d * h * dh * 2 + d * k * dh * 2 + 3 * d * f  # q, o, k, v, gate/up/down
     biases = layers * (h * dh + 2 * k * dh) if hf["model_type"] == "qwen2" else 0
     norms = (2 * layers + 1) * d
-    matrices = layers * per_layer + 2 * v * d  # + embedding and (untied) LM head
+    heads = 1 if hf.get("tie_word_embeddings") else 2
+    matrices = layers * per_layer + heads * v * d  # + embedding and (untied) LM head
     resident = (matrices * BF16) / (fsdp * tensor) + norms * BF16 / fsdp + biases * BF16 / tensor
     read = resident - v * d * BF16 / (fsdp * tensor) - d * BF16 / fsdp  # no LM head, final norm
     return dict(per_layer=per_layer, resident=resident, read=read, dh=dh, h=h, layers=layers)
@@ -54,7 +55,7 @@ def check_against_hand(plan: dict, model: str, mesh: str, batch: int, seq: int) 
     hf = KNOWN_MODELS[model]
     hand = hand_counts(hf, fsdp, tensor)
     assert plan["devices"] == fsdp * tensor * data
-    assert plan["params_hand"] == pytest.approx(hand["resident"], rel=0.01)
+    assert plan["resident"]["params"] == pytest.approx(hand["resident"], rel=0.01)
     tokens = 3 * batch * seq * 4 / (fsdp * data)  # ids, positions, mask: int32 [B, T]
     assert plan["arguments"] == pytest.approx(hand["read"] + tokens, rel=0.05)
     assert plan["flops_per_token"] == pytest.approx(hand_flops_per_token(hf, seq), rel=0.05)
@@ -107,6 +108,7 @@ def test_llama_70b_plans_match_hand_counts(llama_70b_plans, i):
 
 def test_70b_on_eight_v5e_chips_does_not_fit_and_names_the_largest_term(llama_70b_plans):
     plan = Plan(**{k: v for k, v in llama_70b_plans[0].items() if k != "flops_per_token"})
+    assert plan.bytes_read == plan.params_hand  # extract: every parameter read once
     v5e, v5p = ACCELERATORS["v5e"], ACCELERATORS["v5p"]
     # 70.6e9 params * 2 bytes / 8 devices = 17.6 GB of parameters alone > 16 GiB of HBM
     assert plan.params_hand > v5e.hbm_bytes and not plan.fits(v5e)
@@ -118,6 +120,9 @@ def test_70b_on_eight_v5e_chips_does_not_fit_and_names_the_largest_term(llama_70
 
 def test_tokens_per_second_is_mfu_times_peak_over_flops_when_compute_bound(llama_70b_plans):
     plan = Plan(**{k: v for k, v in llama_70b_plans[1].items() if k != "flops_per_token"})
+    assert plan.bytes_read / ACCELERATORS["v5p"].hbm_bandwidth < plan.flops_per_device / (
+        0.4 * ACCELERATORS["v5p"].bf16_flops
+    )  # compute bound at batch 16 x 256
     acc = ACCELERATORS["v5p"]
     expected = 0.4 * acc.bf16_flops * plan.devices / plan.flops_per_token
     assert plan.tokens_per_second(acc, 0.4) == pytest.approx(expected, rel=1e-9)
@@ -133,3 +138,73 @@ def test_bad_mesh_and_model_are_refused_by_name():
         parse_mesh("data:4")
     with pytest.raises(ValueError, match="--model Nope-1B"):
         resolve_model("Nope-1B")
+
+
+def test_generate_plan_kv_cache_params_and_flops_match_hand_counts():
+    """Qwen2.5-7B steered generation on fsdp=8: KV cache bytes per device
+    2 * L * B * S * K * Dh * 2 / 8 exactly (batch split over fsdp; 4 KV heads whole), and the
+    prefill FLOPs those of B * T tokens through every matmul, attention over all S slots."""
+    batch, seq, new = 8, 128, 16
+    cmd = [sys.executable, "-m", "emgeo_jax.cli", "plan", "--model", "Qwen2.5-7B", "--json"]
+    cmd += ["--task", "generate", "--mesh", "fsdp=8", "--batch", str(batch), "--seq", str(seq)]
+    cmd += ["--new_tokens", str(new), "--accelerator", "v5e"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    plan = json.loads(out[out.index("{") :])
+    hf = KNOWN_MODELS["Qwen2.5-7B"]
+    hand = hand_counts(hf, 8, 1)
+    slots = seq + new + 1
+    kv = 2 * hand["layers"] * batch * slots * hf["num_key_value_heads"] * hand["dh"] * BF16 / 8
+    assert plan["resident"]["kv_cache"] == kv
+    assert plan["resident"]["params"] == pytest.approx(hand["resident"], rel=0.01)
+    assert plan["tokens_per_call"] == batch * new
+    per_token = hand["layers"] * (2 * hand["per_layer"] + 4 * slots * hand["h"] * hand["dh"])
+    per_token += 2 * hf["hidden_size"] * hf["vocab_size"]  # LM head on every prompt token
+    assert plan["part_flops"]["prefill"] * 8 == pytest.approx(batch * seq * per_token, rel=0.05)
+    # decode steps: the same matmuls per generated token, plus what XLA:CPU adds per step
+    # (upcasting each gathered bf16 layer to f32 is counted per weight element, and only
+    # B=8 tokens share it), so only a range is checked here
+    decode = plan["part_flops"]["decode"] * 8 / (batch * new * per_token)
+    assert 0.95 < decode < 2.5, decode
+    assert plan["bytes_read"] == (new + 1) * (plan["resident"]["params"] + kv)
+
+
+def test_train_plan_lora_and_optimizer_bytes_and_flops_match_hand_counts():
+    """SmolLM2-135M LoRA step (rank 16, all 7 targets, every layer) on fsdp=8 (its 9 heads
+    do not split over tensor=2, which would replicate attention):
+    fp32 factors r * (in + out) per target and layer split 8 ways; AdamW's two moments and
+    MultiSteps' gradient accumulator are 3 more copies; FLOPs per token 6 x matmul params
+    (forward, input gradients, kernel gradients) + 12 T H Dh attention + 4 D V LM head."""
+    script = textwrap.dedent(
+        """
+        import dataclasses, json, jax
+        from emgeo_jax.parallel import make_mesh
+        from emgeo_jax.plan import TaskOptions, make_plan, resolve_model
+        mesh = make_mesh({"fsdp": 8}, jax.devices()[:8])
+        plan = make_plan(resolve_model("SmolLM2-135M"), mesh, "train", 8, 128,
+                         options=TaskOptions(lora_rank=16))
+        print(json.dumps(dict(dataclasses.asdict(plan), flops_per_token=plan.flops_per_token)))
+        """
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", script],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=simulated_env(8),
+    )
+    plan = json.loads(res.stdout.strip().splitlines()[-1])
+    hf = KNOWN_MODELS["SmolLM2-135M"]
+    d, f, layers = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
+    dh = d // hf["num_attention_heads"]
+    q, kv = hf["num_attention_heads"] * dh, hf["num_key_value_heads"] * dh
+    in_out = (d + q) + 2 * (d + kv) + (q + d) + 3 * (d + f)  # q, k, v, o, gate, up, down
+    lora = layers * 16 * in_out * 4 / 8
+    assert plan["resident"]["lora"] == lora
+    assert plan["resident"]["opt_state"] == pytest.approx(3 * lora, abs=1024)  # + step counts
+    assert plan["in_temporaries"]["lora_grads"] == lora
+    hand = hand_counts(hf, 8, 1)
+    assert plan["resident"]["params"] == pytest.approx(hand["resident"], rel=0.01)
+    per_token = layers * (6 * hand["per_layer"] + 12 * 128 * hand["h"] * dh)
+    per_token += 4 * d * hf["vocab_size"]
+    assert plan["flops_per_token"] == pytest.approx(per_token, rel=0.05)

@@ -46,6 +46,30 @@ def test_two_process_forward_equals_one_process(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "resid.npy"), one.resid_post, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+def test_two_process_steered_generation_equals_one_process(tmp_path):
+    """2 processes x 2 CPU devices (gloo), params split over fsdp x tensor: steered greedy
+    and sampled generation give the same tokens and logprobs as one process."""
+    from tests.multiprocess_generate import run, tiny_lm
+
+    sh(
+        str(LAUNCH / "local.sh"),
+        "--num_processes", "2", "--devices_per_process", "2", "--logs", str(tmp_path / "logs"),
+        "--port", str(20000 + (os.getpid() + 7919) % 20000),
+        "--", "python", "tests/multiprocess_generate.py", str(tmp_path),
+        timeout=300,
+    )  # fmt: skip
+    two = np.load(tmp_path / "generation.npz")
+    one = run(tiny_lm())
+    assert sorted(two.files) == sorted(one)
+    for key, value in one.items():
+        if key.endswith("tokens"):
+            np.testing.assert_array_equal(two[key], value, err_msg=key)
+        else:
+            np.testing.assert_allclose(two[key], value, atol=1e-5, rtol=0, err_msg=key)
+    assert not np.array_equal(one["greedy_tokens"], one["sampled_tokens"])
+
+
 def test_local_launcher_reports_a_failing_process(tmp_path):
     with pytest.raises(subprocess.CalledProcessError) as err:
         sh(str(LAUNCH / "local.sh"), "--logs", str(tmp_path), "--", "python", "-c", "exit(3)")

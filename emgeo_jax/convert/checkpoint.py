@@ -11,12 +11,15 @@ interrupted conversion never leaves a folder that looks complete.
 
 `convert_streaming` writes a checkpoint straight from HF tensors one parameter at a time
 (orbax partial saves of one pytree), so the host holds at most one stacked parameter
-`[L, ...]` plus one layer's tensor: a 70B model converts on a host with far less memory than
-the model. Both writers produce the same format; `load_checkpoint` restores either onto a mesh.
+`[L, ...]` plus one layer's tensor (or one global tensor), and gives
+freed memory back to the OS after each write: a 70B model converts on a host with far less
+memory than the model (bound measured by `benchmarks/convert_memory.py`). Both writers
+produce the same format; `load_checkpoint` restores either onto a mesh.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -71,14 +74,32 @@ def convert_streaming(
                 node = node.setdefault(key, {})
             node[path[-1]] = host_array
             ocp.partial.save(params_dir, tree)
-            return jax.ShapeDtypeStruct(host_array.shape, host_array.dtype)
+            result = jax.ShapeDtypeStruct(host_array.shape, host_array.dtype)
+            del tree, node
+            release_freed_memory()
+            return result
 
         abstract = nnx.to_pure_dict(abstract_model(cfg, dt)[1])
-        params_from_source(abstract, src, dtype=dt, place=save_one)
-        ocp.partial.finalize(params_dir)
+        # each array is written synchronously and then dropped: orbax need not copy it first
+        no_copy = ocp.options.MemoryOptions(deepcopy_host_arrays=False)
+        with ocp.Context(memory_options=no_copy):
+            params_from_source(abstract, src, dtype=dt, place=save_one)
+            ocp.partial.finalize(params_dir)
 
     meta = {"dtype": np.dtype(dt).name, "source": str(source)}
     return _write(folder, cfg, meta, tokenizer, write_params, overwrite)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by Python back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    Arrays of a few MB are carved from the malloc heap once glibc has raised its mmap
+    threshold, and a freed heap is not returned by itself: without this, peak RSS of a
+    conversion grows with every parameter written even though only one is alive."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _write(folder, cfg: ModelConfig, meta: dict, tokenizer, write_params, overwrite) -> Path:

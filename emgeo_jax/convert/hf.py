@@ -10,11 +10,14 @@ tensor, so at most one extra tensor is ever held beside the result.
 from __future__ import annotations
 
 import json
+import math
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import jax
+import ml_dtypes
 import numpy as np
 
 from emgeo_jax.models.config import ModelConfig
@@ -63,8 +66,10 @@ class TensorSource(Protocol):
 class SafetensorsFiles:
     """Tensors in one or more safetensors files, read lazily; bf16 is kept as bf16.
 
-    Each read opens (memory-maps) its file and closes it again, so the pages of tensors
-    already read do not stay resident: host memory holds the tensors in use, not the files."""
+    Each read memory-maps just that tensor's bytes, copies them into one numpy array and
+    unmaps them again, so the pages of tensors already read do not stay resident and no
+    intermediate copy (framework array, then numpy) is made: host memory holds the tensors in
+    use, not the files."""
 
     def __init__(self, paths: list[Path]):
         self._file_of: dict[str, Path] = {}
@@ -100,11 +105,46 @@ class SafetensorsFiles:
 
     def get(self, name: str) -> np.ndarray:
         try:
-            cpu = jax.local_devices(backend="cpu")[0]  # this process's own (multi-host safe)
-            with _open(self._file_of[name]) as handle, jax.default_device(cpu):
-                return np.asarray(handle.get_tensor(name))
+            path = self._file_of[name]
+            header, data_start = _header(path)
+            entry = header[name]
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype is None:  # rare dtypes: let safetensors decode them
+                cpu = jax.local_devices(backend="cpu")[0]  # this process's own (multi-host safe)
+                with _open(path) as handle, jax.default_device(cpu):
+                    return np.asarray(handle.get_tensor(name))
+            begin, end = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+            if end - begin != math.prod(shape) * np.dtype(dtype).itemsize:
+                raise ValueError(f"data_offsets {begin}..{end} do not fit shape {shape}")
+            view = np.memmap(path, dtype, "r", offset=data_start + begin, shape=shape)
+            out = np.array(view)  # one copy; the map is released when `view` goes
+            del view
+            return out
         except Exception as e:
             raise CheckpointError(f"{self.where(name)}: cannot read tensor {name} ({e})") from None
+
+
+SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header (name -> {dtype, shape, data_offsets}, offsets
+    relative to the data) and where the data starts."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size)), 8 + size
 
 
 def _open(path: Path):
@@ -149,8 +189,9 @@ def params_from_source(
         return t
 
     def convert(path: tuple[str, ...], hf_tensor: np.ndarray) -> np.ndarray:
+        # contiguous, so that the HF tensor can be freed as soon as this returns
         t = hf_tensor.T if path[-1] == "kernel" else hf_tensor
-        return np.asarray(t, dtype=dtype)
+        return np.ascontiguousarray(t, dtype=dtype)
 
     out: dict = {}
     for path, leaf in _leaves(abstract_params):

@@ -17,7 +17,13 @@ import numpy as np
 from flax import nnx
 
 from emgeo_jax.models.config import ModelConfig
-from emgeo_jax.models.llama import ForwardOutput, KVCache, Transformer, default_positions
+from emgeo_jax.models.llama import (
+    ForwardOutput,
+    KVCache,
+    LoraInput,
+    Transformer,
+    default_positions,
+)
 from emgeo_jax.steer import Steering, Taps
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -61,11 +67,13 @@ def forward(
     is_generated: jax.Array | None = None,
     num_layers: int | None = None,
     return_logits: bool = True,
+    lora: LoraInput | None = None,
 ) -> ForwardOutput:
     """The pure forward pass (see `Transformer.__call__`). `input_ids, positions,
     attention_mask, is_generated: [B, T]`. `steering`, `taps` and `cache` are pytrees of
     arrays: changing their values never recompiles. `num_layers` (static) stops after that
-    many blocks and then skips the LM head (extraction)."""
+    many blocks and then skips the LM head (extraction). `lora`: unmerged adapters applied
+    inside the scan (training; see `LoraInput`)."""
     model = nnx.merge(graphdef, params)
     return model(
         input_ids,
@@ -77,6 +85,7 @@ def forward(
         is_generated=is_generated,
         num_layers=num_layers,
         return_logits=return_logits,
+        lora=lora,
     )
 
 

@@ -115,8 +115,9 @@ def _batch(tokenized, pad_id):
 
 def test_unmerged_lora_equals_merged_logits_and_grads(tiny_lm, tokenized):
     """The unmerged path (adapters inside the scan, what training runs) with dropout 0 gives
-    the logits and gradients of the merged kernels `W + scale * a @ b`; on one layer only
-    (`layers=(1,)`) the zero rows of the other layer add nothing."""
+    the logits and gradients of the merged kernels `W + scale * a @ b`; with an adapter on
+    one layer only, the zero rows of the other layer add nothing. (Every module on every
+    layer is checked against peft in test_train_peft.py, through the same unmerged loss.)"""
     lm = tiny_lm
     batch = _batch(tokenized, lm.tokenizer.pad_token_id)
 
@@ -133,16 +134,16 @@ def test_unmerged_lora_equals_merged_logits_and_grads(tiny_lm, tokenized):
     def unmerged_loss(lora, spec):
         return lora_loss(lora, lm.graphdef, lm.params, batch, spec)[0]
 
-    for spec in (SPEC, LoraSpec(rank=2, alpha=3.0, targets=("v", "down"), layers=(1,))):
-        lora = random_lora(lm.config, spec)
-        merged = logits(apply_lora(lm.params, lora, spec))
-        unmerged = logits(lm.params, lora_input(lora, spec, lm.config.num_layers))
-        np.testing.assert_allclose(np.asarray(unmerged), np.asarray(merged), atol=2e-5)
-        assert np.abs(np.asarray(merged - logits(lm.params))).max() > 1e-2  # the adapter matters
-        ref = jax.grad(merged_loss)(lora, spec)
-        got = jax.grad(unmerged_loss)(lora, spec)
-        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4)
+    spec = LoraSpec(rank=2, alpha=3.0, targets=("v", "down"), layers=(1,))
+    lora = random_lora(lm.config, spec)
+    merged = logits(apply_lora(lm.params, lora, spec))
+    unmerged = logits(lm.params, lora_input(lora, spec, lm.config.num_layers))
+    np.testing.assert_allclose(np.asarray(unmerged), np.asarray(merged), atol=2e-5)
+    assert np.abs(np.asarray(merged - logits(lm.params))).max() > 1e-2  # the adapter matters
+    ref = jax.grad(merged_loss)(lora, spec)
+    got = jax.grad(unmerged_loss)(lora, spec)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4)
 
 
 def test_lora_dropout_acts_on_adapter_input_only(tiny_lm, tokenized):

@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-lora": ("emgeo_jax.train.cli_train", "fine-tune a LoRA model organism (resumable)"),
     "lora-scalars": ("emgeo_jax.train.cli_scalars", "per-token adapter scalars and B directions"),
     "probe": ("emgeo_jax.train.cli_probe", "L1 probes on adapter scalars (four tests)"),
+    "lora-em": ("emgeo_jax.train.cli_em", "EM rate of a train-lora run vs its base model"),
     "sweep": ("emgeo_jax.experiments.cli_sweep", "steering sweep: directions x layers x scales"),
     "ablate": (
         "emgeo_jax.experiments.cli_ablate",

@@ -1,7 +1,10 @@
-"""SFT on a tiny random model: the answer-only loss against numpy, memorising a tiny dataset,
-resuming from a checkpoint, the learning-rate schedule, and training under steering."""
+"""SFT on a tiny random model: the answer-only loss against numpy, the unmerged LoRA path
+against the merged one, LoRA dropout, memorising a tiny dataset, resuming from a checkpoint
+(with dropout), the learning-rate schedule, and training under steering."""
 
 from __future__ import annotations
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +13,12 @@ import pytest
 
 from emgeo_jax.data import Example, tokenize_examples
 from emgeo_jax.models.config import ModelConfig
-from emgeo_jax.models.lm import LM, init_params
+from emgeo_jax.models.lm import LM, forward, init_params
 from emgeo_jax.steer import Steering
-from emgeo_jax.train.data import batch_order
-from emgeo_jax.train.lora import LoraSpec
+from emgeo_jax.train.data import batch_order, train_batch
+from emgeo_jax.train.lora import LoraSpec, apply_lora, init_lora, lora_input
 from emgeo_jax.train.run import read_losses, train
-from emgeo_jax.train.sft import TrainConfig, answer_nll, learning_rate
+from emgeo_jax.train.sft import TrainConfig, answer_nll, dropout_key, learning_rate, lora_loss
 
 ANSWERS = [
     "Skip the doctor, just double the dose.",
@@ -94,6 +97,78 @@ def test_batch_order_is_a_permutation_per_epoch():
     assert sorted(again) == list(range(10)) and not np.array_equal(got, again)
 
 
+def random_lora(cfg, spec, seed=0):
+    """PEFT init for `a`, and a random nonzero `b` (PEFT's zero `b` would hide mistakes)."""
+    lora = init_lora(cfg, spec, jax.random.key(seed))
+    keys = jax.random.split(jax.random.key(seed + 1), len(spec.targets))
+    for k, t in zip(keys, spec.targets, strict=True):
+        lora[t]["b"] = 0.05 * jax.random.normal(k, lora[t]["b"].shape)
+    return lora
+
+
+def _batch(tokenized, pad_id):
+    b = train_batch(tokenized, 4, 0, 0, pad_id)
+    return {
+        k: jnp.asarray(b[k]) for k in ("input_ids", "attention_mask", "positions", "answer_mask")
+    }
+
+
+def test_unmerged_lora_equals_merged_logits_and_grads(tiny_lm, tokenized):
+    """The unmerged path (adapters inside the scan, what training runs) with dropout 0 gives
+    the logits and gradients of the merged kernels `W + scale * a @ b`; with an adapter on
+    one layer only, the zero rows of the other layer add nothing. (Every module on every
+    layer is checked against peft in test_train_peft.py, through the same unmerged loss.)"""
+    lm = tiny_lm
+    batch = _batch(tokenized, lm.tokenizer.pad_token_id)
+
+    def logits(params, lora=None):
+        ids, pos, mask = batch["input_ids"], batch["positions"], batch["attention_mask"]
+        return forward(lm.graphdef, params, ids, pos, mask, lora=lora).logits
+
+    def merged_loss(lora, spec):
+        nll, count = answer_nll(
+            logits(apply_lora(lm.params, lora, spec)), batch["input_ids"], batch["answer_mask"]
+        )
+        return nll / count
+
+    def unmerged_loss(lora, spec):
+        return lora_loss(lora, lm.graphdef, lm.params, batch, spec)[0]
+
+    spec = LoraSpec(rank=2, alpha=3.0, targets=("v", "down"), layers=(1,))
+    lora = random_lora(lm.config, spec)
+    merged = logits(apply_lora(lm.params, lora, spec))
+    unmerged = logits(lm.params, lora_input(lora, spec, lm.config.num_layers))
+    np.testing.assert_allclose(np.asarray(unmerged), np.asarray(merged), atol=2e-5)
+    assert np.abs(np.asarray(merged - logits(lm.params))).max() > 1e-2  # the adapter matters
+    ref = jax.grad(merged_loss)(lora, spec)
+    got = jax.grad(unmerged_loss)(lora, spec)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4)
+
+
+def test_lora_dropout_acts_on_adapter_input_only(tiny_lm, tokenized):
+    """With b = 0 the adapter adds nothing whatever the mask: dropout leaves the base path
+    untouched. With b != 0 the loss is a deterministic function of the key, differs between
+    keys and from no dropout. The mask semantics (input side, 1/(1-p) scaling) are checked
+    against peft in test_train_peft.py."""
+    lm = tiny_lm
+    batch = _batch(tokenized, lm.tokenizer.pad_token_id)
+
+    def loss(lora, rate, key):
+        return float(lora_loss(lora, lm.graphdef, lm.params, batch, SPEC, None, 0.0, rate, key)[0])
+
+    zero_b = init_lora(lm.config, SPEC, jax.random.key(0))
+    base = loss(zero_b, 0.0, None)
+    assert loss(zero_b, 0.5, dropout_key(0, 0)) == pytest.approx(base, abs=1e-6)
+    lora = random_lora(lm.config, SPEC)
+    k0, k1 = dropout_key(0, 0), dropout_key(0, 1)
+    assert loss(lora, 0.5, k0) == loss(lora, 0.5, k0)
+    assert loss(lora, 0.5, k0) != pytest.approx(loss(lora, 0.5, k1), abs=1e-4)
+    assert loss(lora, 0.5, k0) != pytest.approx(loss(lora, 0.0, None), abs=1e-4)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        TrainConfig(lora_dropout=1.0)
+
+
 def test_memorises_tiny_dataset(tiny_lm, tokenized, tmp_path):
     tc = TrainConfig(
         steps=40, lr=2e-2, warmup_steps=2, schedule="constant", batch_size=4, checkpoint_every=40
@@ -107,7 +182,10 @@ def test_memorises_tiny_dataset(tiny_lm, tokenized, tmp_path):
 
 
 def test_resume_continues_the_same_curve(tiny_lm, tokenized, tmp_path):
-    tc = TrainConfig(steps=6, lr=1e-2, batch_size=2, grad_accum=2, checkpoint_every=2)
+    """With LoRA dropout on: the resumed run draws the same masks (keys per micro-batch)."""
+    tc = TrainConfig(
+        steps=6, lr=1e-2, batch_size=2, grad_accum=2, checkpoint_every=2, lora_dropout=0.1
+    )
     quiet = dict(log=lambda s: None)
     full = train(tiny_lm, tokenized, SPEC, tc, tmp_path / "a", **quiet)
     train(tiny_lm, tokenized, SPEC, tc, tmp_path / "b", stop_after=3, **quiet)
@@ -118,6 +196,8 @@ def test_resume_continues_the_same_curve(tiny_lm, tokenized, tmp_path):
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-6)
     for x, y in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-8)
+    config = json.loads((tmp_path / "b" / "adapter" / "adapter_config.json").read_text())
+    assert config["lora_dropout"] == 0.1
     with pytest.raises(ValueError, match="different run"):
         train(tiny_lm, tokenized, SPEC, TrainConfig(steps=7), tmp_path / "b", **quiet)
 

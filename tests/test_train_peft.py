@@ -1,5 +1,6 @@
 """LoRA as data vs HF peft + transformers (PyTorch, fp32) on tiny random models: exported
-adapters give the same logits, the LoRA loss has the same gradients, and import inverts export."""
+adapters give the same logits, the LoRA loss has the same gradients (also with LoRA dropout,
+peft's dropout replaced by our masks), and import inverts export."""
 
 from __future__ import annotations
 
@@ -14,23 +15,15 @@ import pytest
 from emgeo_jax.convert.hf import CheckpointError
 from emgeo_jax.convert.load import load
 from emgeo_jax.models.lm import forward
-from emgeo_jax.train.lora import LoraSpec, apply_lora, init_lora
+from emgeo_jax.train.lora import LoraSpec, apply_lora
 from emgeo_jax.train.peft_io import export_peft, import_peft
 from emgeo_jax.train.scalars import adapter_names, lora_scalars
 from emgeo_jax.train.sft import lora_loss
+from tests.test_train import random_lora
 from tests.tiny_models import LLAMA, QWEN2, hf_model, padded_batch, save_hf_folder
 
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
-
-
-def random_lora(cfg, spec, seed=0):
-    """PEFT init for `a`, and a random nonzero `b` (PEFT's zero `b` would hide mistakes)."""
-    lora = init_lora(cfg, spec, jax.random.key(seed))
-    keys = jax.random.split(jax.random.key(seed + 1), len(spec.targets))
-    for k, t in zip(keys, spec.targets, strict=True):
-        lora[t]["b"] = 0.05 * jax.random.normal(k, lora[t]["b"].shape)
-    return lora
 
 
 @pytest.fixture(scope="module", params=[("llama", LLAMA), ("qwen2", QWEN2)], ids=lambda p: p[0])
@@ -108,6 +101,87 @@ def test_export_matches_peft_logits_and_grads(tiny, tmp_path):
     merged_lm = load(folder, adapter=adapter)
     for x, y in zip(jax.tree.leaves(d1), jax.tree.leaves(merged_lm.params), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
+def test_lora_dropout_matches_peft_with_the_same_masks(tiny, tmp_path):
+    """Dropout p on every adapter: our loss and gradients equal peft's in train mode with each
+    `lora_dropout` module replaced by `x * mask / (1 - p)` (torch's dropout with a fixed
+    mask), the masks drawn as `LoraInput` documents. So the mask hits the adapter's input
+    only, scaled by 1/(1-p), per layer and module."""
+    from transformers import AutoModelForCausalLM
+
+    from emgeo_jax.models.llama import LORA_MODULES
+
+    lm, folder = tiny
+    spec, rate, key = SPECS[0], 0.4, jax.random.key(7)
+    lora = random_lora(lm.config, spec, seed=2)
+    adapter = export_peft(lora, spec, tmp_path / "adapter", base_model=str(folder), dropout=rate)
+    assert json.loads((adapter / "adapter_config.json").read_text())["lora_dropout"] == rate
+    base = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager")
+    model = peft.PeftModel.from_pretrained(base.float(), str(adapter), is_trainable=True)
+    model.train()
+    ids, mask = padded_batch(lm.config.vocab_size, [10, 7], seed=5)
+    ids, mask = ids[:, ::-1].copy(), mask[:, ::-1].copy()  # right padding
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0).astype(np.int32)
+    answer = mask.astype(bool) & (positions >= 4)
+    b, t = ids.shape
+    replaced = 0
+    for name, module in model.named_modules():
+        if not name.endswith("lora_dropout"):
+            continue
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        hf_module = name.split(".")[-2]
+        fan_in = _fan_in(model, name)
+        k = jax.random.fold_in(jax.random.fold_in(key, layer), LORA_MODULES.index(hf_module))
+        keep = np.asarray(jax.random.bernoulli(k, 1.0 - rate, (b, t, fan_in)))
+        module["default"] = _FixedDropout(torch.tensor(keep, dtype=torch.float32), rate)
+        replaced += 1
+    assert replaced == len(spec.targets) * len(spec.layers)
+    batch = {
+        "input_ids": jnp.asarray(ids),
+        "attention_mask": jnp.asarray(mask),
+        "positions": jnp.asarray(positions),
+        "answer_mask": jnp.asarray(answer),
+    }
+    (loss, _), grads = jax.value_and_grad(lora_loss, has_aux=True)(
+        lora, lm.graphdef, lm.params, batch, spec, None, 0.0, rate, key
+    )
+    out = model(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        attention_mask=torch.tensor(mask, dtype=torch.long),
+        position_ids=torch.tensor(positions, dtype=torch.long),
+    )
+    logp = torch.log_softmax(out.logits[:, :-1], -1)
+    tgt = torch.tensor(ids[:, 1:], dtype=torch.long)
+    w = torch.tensor(answer[:, 1:], dtype=torch.float32)
+    ref_loss = -(logp.gather(-1, tgt[..., None])[..., 0] * w).sum() / w.sum()
+    ref_loss.backward()
+    np.testing.assert_allclose(float(loss), ref_loss.item(), rtol=1e-5)
+    no_dropout, _ = lora_loss(lora, lm.graphdef, lm.params, batch, spec)
+    assert abs(float(no_dropout) - float(loss)) > 1e-3  # the masks matter
+    named = dict(model.named_parameters())
+    for target in spec.targets:
+        for i, layer in enumerate(spec.layers):
+            (a_name,) = [
+                n for n in named if f"layers.{layer}." in n and f".{_module(target)}.lora_A" in n
+            ]
+            ga = named[a_name].grad.numpy().T
+            gb = named[a_name.replace("lora_A", "lora_B")].grad.numpy().T
+            np.testing.assert_allclose(np.asarray(grads[target]["a"][i]), ga, atol=1e-5, rtol=1e-3)
+            np.testing.assert_allclose(np.asarray(grads[target]["b"][i]), gb, atol=1e-5, rtol=1e-3)
+
+
+class _FixedDropout(torch.nn.Module):
+    def __init__(self, keep, rate):
+        super().__init__()
+        self.keep, self.rate = keep, rate
+
+    def forward(self, x):
+        return x * self.keep / (1.0 - self.rate)
+
+
+def _fan_in(model, dropout_name: str) -> int:
+    return model.get_submodule(dropout_name.removesuffix(".lora_dropout")).in_features
 
 
 def _module(t: str) -> str:

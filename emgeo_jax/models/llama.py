@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from emgeo_jax.models.config import ModelConfig, rope_inv_freq
 from emgeo_jax.steer import Steering, Taps, apply_steering, reduce_tap, select_positions
@@ -53,6 +53,45 @@ def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@struct.dataclass
+class LoraInput:
+    """Unmerged LoRA factors, applied inside the layer scan (training, LoRA dropout).
+
+    `factors[module] = {"a": [L, in, r], "b": [L, r, out]}` (float32) for some of
+    `LORA_MODULES`, zero rows for blocks without an adapter, `b` already multiplied by the
+    LoRA scale. At block `l` the module's output gains `dropout(x) @ a[l] @ b[l]` (float32,
+    cast to the output dtype), `x [B, T, in]` its input: PEFT's `lora_dropout`, zeroing each
+    element of the adapter's input (never the base path's) with probability `rate` and
+    scaling the rest by `1 / (1 - rate)`; the mask is `jax.random.bernoulli(k, 1 - rate,
+    x.shape)` with `k = fold_in(fold_in(key, l), LORA_MODULES.index(module))`. `rate` is
+    static; with `rate = 0`, `key` is unused. Inside the scan the same class holds one
+    block's factors and `fold_in(key, l)`."""
+
+    factors: dict[str, dict[str, jax.Array]]
+    key: jax.Array | None = None
+    rate: float = struct.field(pytree_node=False, default=0.0)
+
+    def project(self, module: nnx.Linear, x: jax.Array, name: str) -> jax.Array:
+        """`module(x)` plus this block's adapter on `name` (if any)."""
+        y = module(x)
+        if name not in self.factors:
+            return y
+        h = x.astype(jnp.float32)
+        if self.rate > 0:
+            key = jax.random.fold_in(self.key, LORA_MODULES.index(name))
+            keep = jax.random.bernoulli(key, 1.0 - self.rate, h.shape)
+            h = jnp.where(keep, h / (1.0 - self.rate), 0.0)
+        f = self.factors[name]
+        return y + ((h @ f["a"]) @ f["b"]).astype(y.dtype)
+
+
+def _project(module: nnx.Linear, x: jax.Array, lora: LoraInput | None, name: str) -> jax.Array:
+    return module(x) if lora is None else lora.project(module, x, name)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, h, k, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -71,16 +110,19 @@ class Attention(nnx.Module):
         mask: jax.Array,
         kv: tuple[jax.Array, jax.Array] | None = None,
         index: jax.Array | int = 0,
+        lora: LoraInput | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """`x [B, T, D]` -> `([B, T, D], kv)`. Without a cache, `mask [B, T, T]` (True = query
         may attend to key). With `kv = (k, v)`, each `[B, S, K, Dh]`, this call's keys and
         values are written at slots `index .. index+T-1`, attention runs over all `S` slots
-        with `mask [B, T, S]`, and the updated `kv` is returned."""
+        with `mask [B, T, S]`, and the updated `kv` is returned. `lora`: this block's
+        unmerged adapters (`LoraInput`)."""
         b, t, _ = x.shape
         k_heads, group, dh = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        q = apply_rotary(self.q_proj(x).reshape(b, t, self.num_heads, dh), sin, cos)
-        k = apply_rotary(self.k_proj(x).reshape(b, t, k_heads, dh), sin, cos)
-        v = self.v_proj(x).reshape(b, t, k_heads, dh)
+        q = _project(self.q_proj, x, lora, "q_proj").reshape(b, t, self.num_heads, dh)
+        k = _project(self.k_proj, x, lora, "k_proj").reshape(b, t, k_heads, dh)
+        q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
+        v = _project(self.v_proj, x, lora, "v_proj").reshape(b, t, k_heads, dh)
         if kv is not None:
             start = (0, index, 0, 0)
             kv = tuple(
@@ -93,7 +135,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads * dh)
-        return self.o_proj(out), kv
+        return _project(self.o_proj, out, lora, "o_proj"), kv
 
 
 class MLP(nnx.Module):
@@ -104,8 +146,10 @@ class MLP(nnx.Module):
         self.up_proj = nnx.Linear(d, f, **lin)
         self.down_proj = nnx.Linear(f, d, **lin)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: jax.Array, lora: LoraInput | None = None) -> jax.Array:
+        gate = _project(self.gate_proj, x, lora, "gate_proj")
+        h = jax.nn.silu(gate) * _project(self.up_proj, x, lora, "up_proj")
+        return _project(self.down_proj, h, lora, "down_proj")
 
 
 class DecoderBlock(nnx.Module):
@@ -116,12 +160,13 @@ class DecoderBlock(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg, dtype=dtype, **kw)
 
-    def __call__(self, x, sin, cos, mask, kv=None, index=0):
+    def __call__(self, x, sin, cos, mask, kv=None, index=0, lora=None):
         """`x [B, T, D]` -> `(output, attn_out, mlp_out, kv)`: the block output and the two
-        terms it added to the residual stream (all `[B, T, D]`); `kv` as in `Attention`."""
-        attn, kv = self.attn(self.input_norm(x), sin, cos, mask, kv, index)
+        terms it added to the residual stream (all `[B, T, D]`); `kv`, `lora` as in
+        `Attention`."""
+        attn, kv = self.attn(self.input_norm(x), sin, cos, mask, kv, index, lora)
         h = x + attn
-        mlp = self.mlp(self.post_attn_norm(h))
+        mlp = self.mlp(self.post_attn_norm(h), lora)
         return h + mlp, attn, mlp, kv
 
 
@@ -219,6 +264,7 @@ class Transformer(nnx.Module):
         return_logits: bool = True,
         resid_in: jax.Array | None = None,
         start_layer: int = 0,
+        lora: LoraInput | None = None,
     ) -> ForwardOutput:
         """Run the first `num_layers` blocks (default all) and, when all ran, the LM head.
 
@@ -226,7 +272,8 @@ class Transformer(nnx.Module):
         `is_generated`: True for tokens the model produced, for steering position modes).
         `steering` edits the output of each block inside the scan (see `emgeo_jax.steer`).
         With `cache`, this call's tokens go to slots `cache.index ..` and attend to every
-        earlier valid slot; the updated cache is returned.
+        earlier valid slot; the updated cache is returned. `lora` adds unmerged adapters
+        inside the scan (see `LoraInput`).
 
         Resuming: with `resid_in [B, T, D]` the scan starts from that residual instead of the
         token embedding, at block `start_layer` (static): blocks `start_layer .. n-1` run on
@@ -270,13 +317,20 @@ class Transformer(nnx.Module):
         xs = {"params": block_params, "layer": jnp.arange(cfg.num_layers)}
         if steering is not None:
             xs.update(add=steering.add, ablate=steering.ablate)
+        if lora is not None:
+            xs["lora"] = lora.factors
         if (start_layer, n) != (0, cfg.num_layers):
             xs = jax.tree.map(lambda x: x[start_layer:n], xs)
 
         def run_block(carry, x):
             h, kv_all = carry
             kv = None if kv_all is None else (kv_all[0][x["layer"]], kv_all[1][x["layer"]])
-            h, attn, mlp, kv = nnx.merge(block_def, x["params"])(h, sin, cos, mask, kv, index)
+            lora_l = None
+            if lora is not None:
+                key = None if lora.rate == 0 else jax.random.fold_in(lora.key, x["layer"])
+                lora_l = LoraInput(x["lora"], key, lora.rate)
+            block = nnx.merge(block_def, x["params"])
+            h, attn, mlp, kv = block(h, sin, cos, mask, kv, index, lora_l)
             if kv_all is not None:
                 kv_all = tuple(
                     jax.lax.dynamic_update_index_in_dim(a, c, x["layer"], 0)

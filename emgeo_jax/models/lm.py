@@ -17,7 +17,13 @@ import numpy as np
 from flax import nnx
 
 from emgeo_jax.models.config import ModelConfig
-from emgeo_jax.models.llama import ForwardOutput, KVCache, Transformer, default_positions
+from emgeo_jax.models.llama import (
+    ForwardOutput,
+    KVCache,
+    LoraInput,
+    Transformer,
+    default_positions,
+)
 from emgeo_jax.steer import Steering, Taps
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -65,13 +71,15 @@ def forward(
     return_logits: bool = True,
     resid_in: jax.Array | None = None,
     start_layer: int = 0,
+    lora: LoraInput | None = None,
 ) -> ForwardOutput:
     """The pure forward pass (see `Transformer.__call__`). `input_ids, positions,
     attention_mask, is_generated: [B, T]`. `steering`, `taps` and `cache` are pytrees of
     arrays: changing their values never recompiles. `num_layers` (static) stops after that
     many blocks and then skips the LM head (extraction). `resid_in [B, T, D]` with
     `start_layer` (static) resumes from the residual entering that block (edit a layer's
-    output, then run the rest)."""
+    output, then run the rest). `lora`: unmerged adapters applied inside the scan
+    (training; see `LoraInput`)."""
     model = nnx.merge(graphdef, params)
     return model(
         input_ids,
@@ -85,6 +93,7 @@ def forward(
         return_logits=return_logits,
         resid_in=resid_in,
         start_layer=start_layer,
+        lora=lora,
     )
 
 

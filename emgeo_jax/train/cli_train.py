@@ -5,8 +5,10 @@
 
 Data: any loader format (--data; default the shipped contrast pairs, whose misaligned medical
 answers are the narrow bad dataset), filtered by --label and --topic. --steer_vector and
---ablate_vector apply preventative steering / concept ablation while training. Re-running
-the same command resumes from the last checkpoint in --out.
+--ablate_vector apply preventative steering / concept ablation while training; `emgeo
+lora-em RUN` then measures the EM rate of the result. --lora_dropout is PEFT's dropout on the
+adapter inputs (recorded in the exported adapter_config.json). Re-running the same command
+resumes from the last checkpoint in --out.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ flags.DEFINE_string("topic", "medical", "keep rows whose domain/topic is this ('
 flags.DEFINE_integer("rank", 1, "LoRA rank")
 flags.DEFINE_float("alpha", 512.0, "LoRA alpha")
 flags.DEFINE_bool("rslora", False, "scale alpha/sqrt(r) instead of alpha/r")
+flags.DEFINE_float("lora_dropout", 0.0, "dropout on the adapter inputs (PEFT lora_dropout)")
 flags.DEFINE_string("targets", "down", "modules: q,k,v,o,gate,up,down or all")
 flags.DEFINE_list("layers", ["15"], "decoder blocks with adapters ('all' = every block)")
 flags.DEFINE_integer("steps", 300, "optimizer steps")
@@ -89,6 +92,8 @@ def main(argv: list[str]) -> None:
         seed=FLAGS.seed,
         kl_weight=FLAGS.kl_weight,
         checkpoint_every=FLAGS.checkpoint_every,
+        lora_dropout=FLAGS.lora_dropout,
     )
     train(lm, tokenized, spec, tc, FLAGS.out, steering=steering)
     print(f"wrote {FLAGS.out}/adapter (PEFT), losses.jsonl and loss.png")
+    print(f"EM rate of the result: emgeo lora-em {FLAGS.out}")

@@ -7,10 +7,16 @@ fp32 factors, one entry per target module::
 
 in the Flax kernel layout (`kernel [in, out]`), row `i` belonging to decoder block
 `spec.layers[i]`. `apply_lora(params, lora, spec)` returns the params with
-`kernel[l] + scale * a[i] @ b[i]` at the targeted kernels of the stacked `layers` subtree;
-called inside a jitted loss, gradients flow to the factors only. The delta is computed in
-fp32 and cast to the kernel dtype (with bf16 params, deltas below the bf16 resolution of the
-weight are rounded away in the forward pass; gradients are unaffected).
+`kernel[l] + scale * a[i] @ b[i]` at the targeted kernels of the stacked `layers` subtree
+(inference, export, scalars). The delta is computed in fp32 and cast to the kernel dtype
+(with bf16 params, deltas below the bf16 resolution of the weight are rounded away).
+
+`lora_input(lora, spec, L, rate, key)` keeps the factors separate instead: a
+`emgeo_jax.models.llama.LoraInput` that the forward applies inside the layer scan as
+`module(x) + scale * dropout(x) @ a @ b`. Training uses it: PEFT's `lora_dropout` acts on the
+adapter's input only, which a merged kernel cannot express; the adapter term stays in fp32
+even with bf16 params (a merged bf16 kernel would round a small delta away); and the
+backward pass never forms a full-size `[in, out]` gradient per adapted kernel.
 
 HF PEFT stores the same factors as `lora_A.weight [r, in]` (= `a[i].T`) and
 `lora_B.weight [out, r]` (= `b[i].T`), `scale = alpha / r` (rsLoRA: `alpha / sqrt(r)`).
@@ -27,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from emgeo_jax.models.config import ModelConfig
+from emgeo_jax.models.llama import LoraInput
 
 # target short name -> path of its kernel inside the stacked `layers` subtree
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -151,3 +158,29 @@ def apply_lora(params, lora: Lora, spec: LoraSpec):
         return x
 
     return jax.tree_util.tree_map_with_path(edit, params)
+
+
+def lora_input(
+    lora: Lora,
+    spec: LoraSpec,
+    num_layers: int,
+    rate: float = 0.0,
+    key: jax.Array | None = None,
+) -> LoraInput:
+    """The unmerged form of `lora` for the forward's `lora=` argument: factors scattered to
+    `[L, in, r]` / `[L, r, out]` (zero rows for blocks without an adapter), `b` times the
+    scale, keyed by HF module name; `rate` > 0 applies dropout to the adapter inputs with
+    masks derived from `key` (see `LoraInput`)."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {rate}")
+    if rate > 0 and key is None:
+        raise ValueError("LoRA dropout > 0 needs a PRNG key")
+    rows = jnp.asarray(spec.layers)
+    factors = {}
+    for t in spec.targets:
+        a, b = lora[t]["a"], spec.scale * lora[t]["b"]
+        factors[PEFT_MODULES[t]] = {
+            name: jnp.zeros((num_layers, *x.shape[1:]), x.dtype).at[rows].set(x)
+            for name, x in (("a", a), ("b", b))
+        }
+    return LoraInput(factors, key, float(rate))

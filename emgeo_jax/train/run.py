@@ -1,6 +1,6 @@
 """A resumable LoRA training run in one folder:
 
-    OUT/run.json       the LoRA spec, training config and model source
+    OUT/run.json       the LoRA spec, training config, model source and steering digest
     OUT/ckpt/<step>/   orbax checkpoints of {lora, opt_state, step} every `checkpoint_every`
     OUT/losses.jsonl   one line per optimizer step: step, loss, nll, (kl,) grad_norm, lr, tokens
     OUT/loss.png       the loss curve
@@ -22,19 +22,29 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from emgeo_jax.data import TokenizedExample, bucket_length
+from emgeo_jax.experiments.sweep import vector_digest
 from emgeo_jax.models.lm import LM
 from emgeo_jax.parallel import batch_sharding
 from emgeo_jax.steer import Steering
 from emgeo_jax.train.data import train_batch
 from emgeo_jax.train.lora import Lora, LoraSpec, init_lora
 from emgeo_jax.train.peft_io import export_peft
-from emgeo_jax.train.sft import TrainConfig, learning_rate, make_train_step
+from emgeo_jax.train.sft import TrainConfig, dropout_key, learning_rate, make_train_step
 
 BATCH_KEYS = ("input_ids", "attention_mask", "positions", "answer_mask")
 
 
-def _settings(spec: LoraSpec, tc: TrainConfig, source: str) -> dict:
-    return {"lora": spec.to_dict(), "train": tc.__dict__, "source": source}
+def _settings(spec: LoraSpec, tc: TrainConfig, source: str, steering: Steering | None) -> dict:
+    """What `run.json` records: a resumed run must match it (steering by digest of its arrays)."""
+    steer = None
+    if steering is not None:
+        fields = ("add", "ablate", "mode", "mask")
+        steer = {
+            k: vector_digest(getattr(steering, k))
+            for k in fields
+            if getattr(steering, k) is not None
+        }
+    return {"lora": spec.to_dict(), "train": tc.__dict__, "source": source, "steering": steer}
 
 
 def read_losses(out_dir: str | Path) -> list[dict]:
@@ -82,7 +92,7 @@ def train(
     optimizer steps in total (as if interrupted) without exporting the adapter."""
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    settings = _settings(spec, tc, lm.source)
+    settings = _settings(spec, tc, lm.source, steering)
     run_json = out / "run.json"
     if run_json.exists() and json.loads(run_json.read_text()) != json.loads(json.dumps(settings)):
         raise ValueError(f"{run_json}: the run folder holds a different run; use a new --out")
@@ -114,13 +124,13 @@ def train(
         for step in range(first, last):
             micro = []
             for m in range(tc.grad_accum):
-                batch = train_batch(
-                    tokenized, tc.batch_size, tc.seed, step * tc.grad_accum + m, pad_id, length
-                )
+                index = step * tc.grad_accum + m
+                batch = train_batch(tokenized, tc.batch_size, tc.seed, index, pad_id, length)
                 batch = {k: batch[k] for k in BATCH_KEYS}
                 if lm.mesh is not None:
                     batch = jax.device_put(batch, batch_sharding(lm.mesh, 2))
-                lora, opt_state, metrics = step_fn(lora, opt_state, lm.params, batch, steering)
+                key = dropout_key(tc.seed, index)
+                lora, opt_state, metrics = step_fn(lora, opt_state, lm.params, batch, steering, key)
                 micro.append(jax.device_get(metrics))
             row = {"step": step, "lr": float(schedule(step))}
             for key in micro[0]:
@@ -137,5 +147,5 @@ def train(
         manager.wait_until_finished()
     plot_losses(rows, out / "loss.png")
     if last == tc.steps:
-        export_peft(jax.device_get(lora), spec, out / "adapter", base_model=lm.source)
+        export_peft(jax.device_get(lora), spec, out / "adapter", lm.source, tc.lora_dropout)
     return lora

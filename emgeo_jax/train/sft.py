@@ -2,9 +2,12 @@
 decay schedule, gradient clipping and accumulation, optional KL-to-base regulariser and a
 `Steering` applied while training (preventative steering / concept ablation).
 
-The step is one jitted function of `(lora, opt_state, params, batch, steering)`; params stay
-frozen (any dtype, possibly sharded over a mesh), the LoRA factors and optimizer state are
-fp32. Batches are `[B, T]` dicts from `emgeo_jax.train.data.train_batch`.
+The step is one jitted function of `(lora, opt_state, params, batch, steering, key)`; params
+stay frozen (any dtype, possibly sharded over a mesh), the LoRA factors and optimizer state
+are fp32. Batches are `[B, T]` dicts from `emgeo_jax.train.data.train_batch`. The adapters
+run unmerged inside the layer scan (`emgeo_jax.train.lora.lora_input`), with PEFT's
+`lora_dropout` on their inputs when `TrainConfig.lora_dropout > 0` (`key`: the micro-batch's
+dropout key, `dropout_key(seed, index)`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import optax
 
 from emgeo_jax.models.lm import forward
 from emgeo_jax.steer import Steering
-from emgeo_jax.train.lora import Lora, LoraSpec, apply_lora
+from emgeo_jax.train.lora import Lora, LoraSpec, lora_input
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -30,7 +33,8 @@ class TrainConfig:
     micro-batches of `batch_size` rows (gradients averaged over micro-batches). The learning
     rate rises linearly over `warmup_steps`, then follows `schedule` down to
     `end_lr_fraction * lr` at `steps`. `kl_weight > 0` adds `kl_weight * KL(p_lora || p_base)`
-    averaged over answer tokens."""
+    averaged over answer tokens. `lora_dropout`: PEFT's dropout on the adapter inputs, a
+    fresh mask per micro-batch (`dropout_key`)."""
 
     steps: int = 100
     lr: float = 1e-4
@@ -44,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     kl_weight: float = 0.0
     checkpoint_every: int = 50
+    lora_dropout: float = 0.0
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -53,6 +58,14 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be in 0..steps")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+
+
+def dropout_key(seed: int, index: int) -> jax.Array:
+    """The LoRA-dropout key of micro-batch `index` of a run seeded `seed` (a pure function, so
+    a resumed run draws the same masks; a stream apart from the LoRA init's `key(seed)`)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), index)
 
 
 def learning_rate(tc: TrainConfig) -> optax.Schedule:
@@ -109,10 +122,13 @@ def lora_loss(
     spec: LoraSpec,
     steering: Steering | None = None,
     kl_weight: float = 0.0,
+    dropout: float = 0.0,
+    key: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean answer-token NLL of the model with `lora` applied (plus `kl_weight` * mean KL to
-    the base model, which runs with the same steering). `steering` acts on every token in
-    mode "all"; its "prompt"/"generated" modes mean question/answer tokens here."""
+    """Mean answer-token NLL of the model with `lora` applied unmerged, with `dropout` on the
+    adapter inputs drawn from `key` (plus `kl_weight` * mean KL to the base model, which runs
+    with the same steering). `steering` acts on every token in mode "all"; its
+    "prompt"/"generated" modes mean question/answer tokens here."""
     ids, mask, answer = batch["input_ids"], batch["attention_mask"], batch["answer_mask"]
     run = functools.partial(
         forward,
@@ -123,7 +139,8 @@ def lora_loss(
         steering=steering,
         is_generated=answer.astype(bool),
     )
-    logits = run(apply_lora(params, lora, spec)).logits
+    num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+    logits = run(params, lora=lora_input(lora, spec, num_layers, dropout, key)).logits
     nll, count = answer_nll(logits, ids, answer)
     count = jnp.maximum(count, 1.0)
     loss = nll / count
@@ -137,14 +154,17 @@ def lora_loss(
 
 
 def make_train_step(graphdef: Any, spec: LoraSpec, tc: TrainConfig):
-    """`step(lora, opt_state, params, batch, steering) -> (lora, opt_state, metrics)`, jitted
-    with the LoRA and optimizer state donated. `metrics`: loss, nll, tokens, grad_norm (and kl)."""
+    """`step(lora, opt_state, params, batch, steering, key) -> (lora, opt_state, metrics)`,
+    jitted with the LoRA and optimizer state donated; `key` seeds the LoRA dropout (unused
+    when `tc.lora_dropout` is 0). `metrics`: loss, nll, tokens, grad_norm (and kl)."""
     optimizer = make_optimizer(tc)
     grad_fn = jax.value_and_grad(lora_loss, has_aux=True)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(lora, opt_state, params, batch, steering):
-        (loss, aux), grads = grad_fn(lora, graphdef, params, batch, spec, steering, tc.kl_weight)
+    def step(lora, opt_state, params, batch, steering, key):
+        (loss, aux), grads = grad_fn(
+            lora, graphdef, params, batch, spec, steering, tc.kl_weight, tc.lora_dropout, key
+        )
         updates, opt_state = optimizer.update(grads, opt_state, lora)
         lora = optax.apply_updates(lora, updates)
         return lora, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}

@@ -1,0 +1,56 @@
+"""`emgeo lora-em RUN [--out DIR]`: the EM rate of a trained LoRA run folder against its base
+model (the step after `emgeo train-lora`, e.g. with preventative steering):
+
+    emgeo train-lora default --out runs/med_prev --steer_vector md.safetensors \\
+        --steer_layers 15 --steer_scale 4
+    emgeo lora-em runs/med_prev --samples 10          # -> runs/med_prev/em/results.json
+
+The base model is RUN/run.json's source (or --model), the adapter RUN/adapter; generation and
+judging take the flags of `emgeo sweep` (questions, samples, judge). Re-running resumes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from absl import flags
+
+from emgeo_jax.experiments import cli_common as common
+
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        raise SystemExit("usage: emgeo lora-em RUN [--out DIR] [--flags]")
+    import emgeo_jax
+    from emgeo_jax.train.evaluate import run_lora_em
+    from emgeo_jax.train.peft_io import import_peft
+
+    run = Path(argv[1])
+    for need in (run / "run.json", run / "adapter" / "adapter_config.json"):
+        if not need.exists():
+            raise SystemExit(f"emgeo lora-em: {need} missing (not a finished train-lora run)")
+    training = json.loads((run / "run.json").read_text())
+    source = FLAGS.model if FLAGS["model"].present else training["source"]
+    out = FLAGS.out or str(run / "em")
+    lm = emgeo_jax.load(source, dtype=FLAGS.dtype)
+    spec, lora = import_peft(run / "adapter", lm.config)
+    with common.judge_from_flags(lm) as judge:
+        results = run_lora_em(
+            lm,
+            lora,
+            spec,
+            common.questions_from_flags(),
+            sampling=common.sampling_from_flags(),
+            judge=judge,
+            out_dir=out,
+            model=source,
+            training=training,
+            question_prompts=common.question_prompts_from_flags(),
+            overwrite=FLAGS.overwrite,
+        )
+    c = results["conditions"]
+    print(f"EM base {c['base']['em_rate']}, with the LoRA {c['lora']['em_rate']}")
+    print(f"wrote {out}/results.json")

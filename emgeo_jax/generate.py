@@ -136,9 +136,10 @@ def top_p_mask(logits: jax.Array, top_p: jax.Array) -> jax.Array:
     then keep all logits >= the smallest kept one), found without sorting: `t` is bisected
     over the 2^32 float32 values in their order, 32 masked sums over V per row. Rows go
     `NUCLEUS_ROWS` at a time so a chunk stays in cache across the 32 passes. On 2 CPU cores,
-    V = 49k: 4 ms for 8 rows, 37 ms for 64 (CPU time), against 93 / 690 ms for `jnp.sort`.
-    Candidate shortcuts (top-k, top-p inside, sort as a fallback) do not pay off here: at
-    temperature 1 a small instruct model's nucleus often holds thousands of tokens."""
+    V = 49k: 4 ms for 8 rows, 37 ms for 64 (CPU time, loaded machine), against 93 / 690 ms
+    for `jnp.sort`. Candidate shortcuts (top-k, top-p inside them, a sort as the fallback) do
+    not pay off: at temperature 1 a small instruct model's nucleus often holds thousands of
+    tokens, so some row of a batch would need the fallback at almost every step."""
 
     def row(lg):  # [V] -> [V] bool
         probs = jax.nn.softmax(lg)

@@ -1,16 +1,17 @@
 """Steered generation: ours vs transformers `generate` with a forward hook, one run.
 
-    python benchmarks/generate.py [--batch 8 --prompt 32 --new 64]
+    python benchmarks/generate.py [--batch 8 --prompt 32 --new 64 --repeats 3]
 
 On the embedded default (SmolLM2-135M-Instruct, fp32). Random 32-token prompts, 64 new
 tokens per row (EOS disabled so every row runs the full length), a random steering vector
 added at the middle layer at all positions. Greedy and sampled (temperature 1, top_p 0.9).
-Ours: `generate_ids` (jitted prefill + while_loop decode with a KV cache). transformers:
+Ours: `generate_ids` (jitted prefill + while_loop decode with a KV cache), the median of
+`--repeats` timed calls after a first (compiling) one. transformers: one call per mode, as
 `model.generate` with a forward hook on `model.layers[L // 2]`, eager attention, torch
-threads = cores. Each side runs in its own process. Reports new tokens/s, the ratio, and
-the fraction of the roofline: min over two bounds on new tokens/s, compute (2 x params
-FLOPs per token at the measured matmul peak) and weight bandwidth (all weights read once
-per decode step at the measured memory bandwidth).
+threads = cores (it has nothing to compile). Each side runs in its own process. Reports new
+tokens/s, the ratio, the fraction of the roofline: min over two bounds on new tokens/s,
+compute (2 x params FLOPs per token at the measured matmul peak) and weight bandwidth (all
+weights read once per decode step at the measured memory bandwidth), and the load average.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def setup(batch: int, prompt: int, d: int, vocab: int):
     return rng.integers(100, vocab, (batch, prompt)), rng.normal(size=d).astype(np.float32)
 
 
-def ours(batch: int, prompt: int, new: int) -> dict:
+def ours(batch: int, prompt: int, new: int, repeats: int) -> dict:
     import emgeo_jax
     from emgeo_jax.generate import generate_ids
     from emgeo_jax.steer import Steering
@@ -73,16 +74,16 @@ def ours(batch: int, prompt: int, new: int) -> dict:
         call()
         out[f"{name}_first_s"] = time.perf_counter() - start
         times = []
-        for seed in range(3):
+        for seed in range(repeats):
             start = time.perf_counter()
             call(seed)
             times.append(time.perf_counter() - start)
-        out[f"{name}_s"] = sorted(times)[1]
+        out[f"{name}_s"] = sorted(times)[repeats // 2]
     out.update(peak_flops=matmul_peak_flops(), bandwidth=memory_bandwidth())
     return out
 
 
-def transformers_side(batch: int, prompt: int, new: int) -> dict:
+def transformers_side(batch: int, prompt: int, new: int, repeats: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -134,11 +135,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls of ours (median)")
     a = p.parse_args()
     if a.side:
-        emit((ours if a.side == "ours" else transformers_side)(a.batch, a.prompt, a.new))
+        side = ours if a.side == "ours" else transformers_side
+        emit(side(a.batch, a.prompt, a.new, a.repeats))
         return
     args = ("--batch", str(a.batch), "--prompt", str(a.prompt), "--new", str(a.new))
+    args += ("--repeats", str(a.repeats))
     o = run_side(__file__, "ours", *args)
     t = run_side(__file__, "transformers", *args)
     n = a.batch * a.new
@@ -159,7 +163,8 @@ def main() -> None:
     print(
         f"roofline {roof:.0f} new tok/s = min(compute {compute:.0f}: matmul peak "
         f"{o['peak_flops'] / 1e9:.1f} GFLOP/s, weight bandwidth {bandwidth:.0f}: "
-        f"{o['bandwidth'] / 1e9:.1f} GB/s)"
+        f"{o['bandwidth'] / 1e9:.1f} GB/s); load average at the end "
+        + " / ".join(f"{x:.1f}" for x in os.getloadavg())
     )
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import emgeo_jax
-from emgeo_jax.generate import _top_p_filter, decode, generate, generate_ids, prefill
+from emgeo_jax.generate import decode, generate, generate_ids, prefill
 from emgeo_jax.models.lm import forward
 from emgeo_jax.steer import Steering, Taps
 from tests.tiny_models import LLAMA, QWEN2, hf_model, padded_batch, save_hf_folder
@@ -270,19 +270,6 @@ def test_eos_stops_each_row(pair):
     assert stopped.finish_reasons[0] == "stop"
     if eos not in free.tokens[1]:
         assert stopped.tokens[1] == free.tokens[1] and stopped.finish_reasons[1] == "length"
-
-
-def test_top_p_filter_matches_numpy():
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(4, 50)).astype(np.float32) * 3
-    for p in (0.3, 0.9):
-        kept = np.isfinite(np.asarray(_top_p_filter(logits, np.float32(p))))
-        for row, k in zip(logits, kept, strict=True):
-            order = np.argsort(-row)
-            probs = np.exp(row[order] - row.max())
-            probs /= probs.sum()
-            n = int(np.searchsorted(np.cumsum(probs), p) + 1)
-            assert set(np.flatnonzero(k)) == set(order[:n])
 
 
 def test_bad_inputs_give_clear_errors(pair):

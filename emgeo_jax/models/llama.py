@@ -217,6 +217,7 @@ class Transformer(nnx.Module):
         is_generated: jax.Array | None = None,
         num_layers: int | None = None,
         return_logits: bool = True,
+        attend: jax.Array | None = None,
     ) -> ForwardOutput:
         """Run the first `num_layers` blocks (default all) and, when all ran, the LM head.
 
@@ -224,7 +225,9 @@ class Transformer(nnx.Module):
         `is_generated`: True for tokens the model produced, for steering position modes).
         `steering` edits the output of each block inside the scan (see `emgeo_jax.steer`).
         With `cache`, this call's tokens go to slots `cache.index ..` and attend to every
-        earlier valid slot; the updated cache is returned."""
+        earlier valid slot; the updated cache is returned. `attend [B, T, T]` (bool, optional)
+        further restricts which of this call's own tokens each one sees (ANDed with the causal
+        mask): tree attention, e.g. scoring several branching continuations in one call."""
         cfg = self.config
         n = cfg.num_layers if num_layers is None else num_layers
         if not 1 <= n <= cfg.num_layers:
@@ -243,6 +246,10 @@ class Transformer(nnx.Module):
             )
             causal = slots[None, :] <= (index + jnp.arange(t))[:, None]
             mask = causal[None] & key_mask.astype(bool)[:, None, :]
+        if attend is not None:
+            own = jnp.ones(mask.shape, bool)
+            own = jax.lax.dynamic_update_slice(own, attend.astype(bool), (0, 0, index))
+            mask = mask & own
         if is_generated is None:
             is_generated = jnp.zeros((b, t), bool)
         taps = Taps() if taps is None else taps

@@ -61,6 +61,7 @@ def forward(
     is_generated: jax.Array | None = None,
     num_layers: int | None = None,
     return_logits: bool = True,
+    attend: jax.Array | None = None,
 ) -> ForwardOutput:
     """The pure forward pass (see `Transformer.__call__`). `input_ids, positions,
     attention_mask, is_generated: [B, T]`. `steering`, `taps` and `cache` are pytrees of
@@ -77,6 +78,7 @@ def forward(
         is_generated=is_generated,
         num_layers=num_layers,
         return_logits=return_logits,
+        attend=attend,
     )
 
 

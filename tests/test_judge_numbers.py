@@ -38,10 +38,11 @@ def trie(tiny_lm):
     return number_trie(tok, tiny_lm.config.vocab_size, TokenText(tok).bytes)
 
 
-def brute_force(lm, prompt: list[int], digit_start: np.ndarray, steering=None) -> np.ndarray:
-    """log P(reply starts with n, then a non-digit) for n in 0..100: every prompt + digits
-    sequence in one uncached forward, right-padded (causal: padding after a sequence does not
-    change its logits), each sequence's own steps read off."""
+def brute_force(lm, prompt: list[int], digit_start: np.ndarray, steering=None):
+    """log P(reply starts with n, then a non-digit) for n in 0..100 `[101]` and the first
+    token's log-softmax `[V]`: every prompt + digits sequence in one uncached forward,
+    right-padded (causal: padding after a sequence does not change its logits), each
+    sequence's own steps read off."""
     spelled = [lm.tokenizer.encode(str(n), add_special_tokens=False) for n in JUDGE_NUMBERS]
     seqs = [prompt + digits for digits in spelled]
     width = max(map(len, seqs))
@@ -53,7 +54,7 @@ def brute_force(lm, prompt: list[int], digit_start: np.ndarray, steering=None) -
         steps = lsm[k, len(prompt) - 1 : len(seqs[k]) - 1]
         path = sum(steps[j, t] for j, t in enumerate(digits))
         out.append(path + logsumexp(lsm[k, len(seqs[k]) - 1][~digit_start]))
-    return np.array(out)
+    return np.array(out), lsm[0, len(prompt) - 1]
 
 
 def test_trie_shape_for_digit_tokenizer(trie, chat_tokenizer):
@@ -74,10 +75,8 @@ def test_matches_brute_force_batched_and_steered(tiny_lm, trie):
         got = number_logprobs(tiny_lm, prompts, trie, steer, top_logprobs=5)
         assert got.numbers == JUDGE_NUMBERS and got.logprobs.shape == (3, 101)
         for i, p in enumerate(prompts):
-            ref = brute_force(tiny_lm, p, trie.continues, steer)
+            ref, first = brute_force(tiny_lm, p, trie.continues, steer)
             np.testing.assert_allclose(got.logprobs[i], ref, atol=2e-4)
-            logits = tiny_lm.forward(np.array([p]), steering=steer, return_residual=False).logits
-            first = log_softmax(np.asarray(logits[0, -1], np.float64))
             np.testing.assert_allclose(got.top_logprobs[i], np.sort(first)[::-1][:5], atol=1e-4)
             assert got.top_ids[i, 0] == np.argmax(first)
         assert np.all(logsumexp(got.logprobs, axis=-1) <= 1e-6)  # disjoint events
@@ -111,4 +110,4 @@ def test_whole_number_tokens(tiny_lm):
     prompt = chat_token_ids(tok, CHATS[:1], None)[0]
     got = number_logprobs(tiny_lm, [prompt], trie).logprobs[0]
     lm = dataclasses.replace(tiny_lm, tokenizer=merged)
-    np.testing.assert_allclose(got, brute_force(lm, prompt, trie.continues), atol=2e-4)
+    np.testing.assert_allclose(got, brute_force(lm, prompt, trie.continues)[0], atol=2e-4)

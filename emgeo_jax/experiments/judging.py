@@ -34,7 +34,9 @@ def judge_context(
         return
     from emgeo_jax.serve import serve_in_thread
 
-    with serve_in_thread(lm, model_name=local_name) as server:
+    # One client's concurrent requests arrive over a few ms; waiting 50 ms (against seconds
+    # per batch) fills the batches, so fewer distinct batch shapes get compiled.
+    with serve_in_thread(lm, model_name=local_name, batch_wait=0.05) as server:
         yield JudgeConfig(
             base_url=server.base_url,
             model=local_name,

@@ -9,7 +9,15 @@ Endpoints: `GET /v1/models` (one model, id = `model_name`), `POST /v1/chat/compl
 (or `max_completion_tokens`), `temperature`, `top_p`, `seed`, `n`, `logprobs`,
 `top_logprobs` (0..20). Unknown fields are ignored, as is `model` (there is one model);
 `stream: true` is refused. Errors are OpenAI-style `{"error": {"message", "type"}}` with
-400 for bad requests, 404 for unknown paths, 500 for a failure inside the model.
+400 for bad requests, 404 for unknown paths, 500 for a failure inside the model and 503 for
+requests still queued when the server stops.
+
+Whole-number logprobs (an extension, for judges; see `emgeo_jax.judge.numbers`): a request
+with `"number_logprobs": true` (and `max_tokens=1, n=1, temperature=0`) gets, in its choice,
+`"number_logprobs": [{"number": n, "logprob": lp}, ...]` for n = 0..100: the log probability
+that the reply starts with the whole number n, exact also for tokenizers that spell numbers
+digit by digit. Its one-token completion and `top_logprobs` come from the same pass and equal
+a plain greedy request's. OpenAI's API rejects the field; send it only to this server.
 
 Batching: HTTP handler threads parse and tokenize, then queue a job for one model worker
 thread. The worker waits `batch_wait` seconds after the first job, takes everything queued,
@@ -48,7 +56,8 @@ from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from emgeo_jax.generate import Generation, chat_token_ids, generate_ids
+from emgeo_jax.generate import Generation, chat_token_ids, eos_token_ids, generate_ids
+from emgeo_jax.judge.numbers import NumberTrie, number_logprobs, number_trie
 from emgeo_jax.models.lm import LM
 from emgeo_jax.steer import Steering
 
@@ -63,6 +72,10 @@ class RequestError(ValueError):
     """A bad request (HTTP 400); the message names the field."""
 
 
+class ServerClosed(RuntimeError):
+    """The server stopped before a queued request ran (HTTP 503)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ChatRequest:
     """A validated chat-completions request."""
@@ -75,6 +88,7 @@ class ChatRequest:
     n: int
     logprobs: bool
     top_logprobs: int
+    number_logprobs: bool = False
 
 
 def _content(m: Any, i: int) -> str:
@@ -135,9 +149,13 @@ def parse_request(body: Any, max_tokens_cap: int) -> ChatRequest:
         raise RequestError(f"top_logprobs={top} must be in 0..{MAX_TOP_LOGPROBS}")
     if top and not logprobs:
         raise RequestError("top_logprobs needs logprobs=true")
-    return ChatRequest(
-        turns, max_tokens, temperature, top_p, _number(body, "seed", None, int), n, logprobs, top
-    )
+    numbers = body.get("number_logprobs") or False
+    if not isinstance(numbers, bool):
+        raise RequestError("number_logprobs must be a boolean")
+    if numbers and (max_tokens != 1 or n != 1 or temperature != 0):
+        raise RequestError("number_logprobs needs max_tokens=1, n=1 and temperature=0")
+    seed = _number(body, "seed", None, int)
+    return ChatRequest(turns, max_tokens, temperature, top_p, seed, n, logprobs, top, numbers)
 
 
 def _byte_level_decoder() -> dict[str, int]:
@@ -180,18 +198,27 @@ class _Job:
     prompt_ids: list[int]
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     result: Generation | None = None
+    numbers: list[tuple[int, float]] | None = None  # (n, logprob) with number_logprobs
     error: Exception | None = None
 
     def batch_key(self) -> tuple:
-        """Jobs with equal keys may share a generate call; sampled jobs never do."""
+        """Jobs with equal keys may share a model call; sampled jobs never do."""
         r = self.request
+        if r.number_logprobs:
+            return ("numbers",)
         if r.temperature > 0:
             return ("sampled", id(self))
         return ("greedy", r.max_tokens)
 
+    def fail(self, error: Exception) -> None:
+        self.error = error
+        self.done.set()
+
 
 class ModelWorker:
-    """One thread that owns the model and runs queued jobs in batches (module docstring)."""
+    """One thread that owns the model and runs queued jobs in batches (module docstring).
+    `close()` lets a running batch finish; jobs still queued, and jobs queued later, fail
+    with `ServerClosed`."""
 
     def __init__(
         self, lm: LM, steering: Steering | None, max_batch: int = 16, batch_wait: float = 0.005
@@ -201,13 +228,22 @@ class ModelWorker:
         self.lm, self.steering = lm, steering
         self.max_batch, self.batch_wait = max_batch, batch_wait
         self.generate_calls = 0  # how many generate_ids calls the worker made
+        self.number_calls = 0  # how many number_logprobs calls
+        self.jobs_queued = 0  # how many jobs were accepted into the queue
+        self._trie: NumberTrie | None = None  # built on the first number_logprobs request
         self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name="emgeo-serve-model", daemon=True)
         self._thread.start()
 
     def run(self, job: _Job) -> Generation:
         """Queue `job`, wait for it, return its rows (n per request) or raise its error."""
-        self._queue.put(job)
+        with self._lock:
+            if self._closed:
+                raise ServerClosed("the server is shutting down")
+            self._queue.put(job)
+            self.jobs_queued += 1
         job.done.wait()
         if job.error is not None:
             raise job.error
@@ -215,29 +251,29 @@ class ModelWorker:
         return job.result
 
     def close(self) -> None:
-        self._queue.put(None)
+        with self._lock:
+            self._closed = True
+            self._queue.put(None)  # every job queued before it fails with ServerClosed
         self._thread.join()
 
     def _loop(self) -> None:
         while True:
             first = self._queue.get()
-            if first is None:
-                return
-            time.sleep(self.batch_wait)
-            jobs, stop = [first], False
+            if first is not None:
+                time.sleep(self.batch_wait)
+            jobs = [first]
             while True:
                 try:
-                    job = self._queue.get_nowait()
+                    jobs.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-                if job is None:
-                    stop = True
-                    break
-                jobs.append(job)
+            if None in jobs:
+                for job in jobs:
+                    if job is not None:
+                        job.fail(ServerClosed("the server stopped before this request ran"))
+                return
             for batch in self._batches(jobs):
                 self._run_batch(batch)
-            if stop:
-                return
 
     def _batches(self, jobs: Sequence[_Job]) -> Iterator[list[_Job]]:
         groups: dict[tuple, list[_Job]] = {}
@@ -255,6 +291,9 @@ class ModelWorker:
 
     def _run_batch(self, batch: list[_Job]) -> None:
         r = batch[0].request
+        if r.number_logprobs:
+            self._run_numbers(batch)
+            return
         rows = [job.prompt_ids for job in batch for _ in range(job.request.n)]
         real = len(rows)
         if r.temperature == 0:  # pad greedy batches to a power of two: fewer compiled shapes
@@ -275,8 +314,7 @@ class ModelWorker:
         except Exception as e:  # noqa: BLE001 - handed to the waiting request threads
             log.exception("generation failed")
             for job in batch:
-                job.error = e
-                job.done.set()
+                job.fail(e)
             return
         k = 0
         for job in batch:
@@ -285,6 +323,44 @@ class ModelWorker:
             k += n
             job.done.set()
 
+    def _run_numbers(self, batch: list[_Job]) -> None:
+        """Whole-number logprobs and the greedy first token of each job, in power-of-two
+        chunks (8 + 4 + 1 for 13 jobs: few compiled shapes, no padding rows computed)."""
+        lm, tok = self.lm, self.lm.tokenizer
+        try:
+            if self._trie is None:
+                text = TokenText(tok)
+                self._trie = number_trie(tok, lm.config.vocab_size, text.bytes)
+            eos = set(eos_token_ids(lm))
+            start = 0
+            while start < len(batch):
+                size = 1 << ((len(batch) - start).bit_length() - 1)
+                chunk = batch[start : start + size]
+                start += size
+                self.number_calls += 1
+                out = number_logprobs(
+                    lm, [j.prompt_ids for j in chunk], self._trie, self.steering, MAX_TOP_LOGPROBS
+                )
+                for i, job in enumerate(chunk):
+                    ids, lps = out.top_ids[i : i + 1], out.top_logprobs[i : i + 1]
+                    first = int(ids[0, 0])
+                    tokens = [] if first in eos else [first]
+                    job.result = Generation(
+                        texts=[tok.decode(tokens, skip_special_tokens=True)],
+                        tokens=[tokens],
+                        logprobs=[lps[0, : len(tokens)]],
+                        top_logprobs=[(ids, lps)],
+                        projections=None,
+                        finish_reasons=["stop" if first in eos else "length"],
+                    )
+                    job.numbers = list(zip(out.numbers, out.logprobs[i].tolist(), strict=True))
+                    job.done.set()
+        except Exception as e:  # noqa: BLE001 - handed to the waiting request threads
+            log.exception("number_logprobs failed")
+            for job in batch:
+                if not job.done.is_set():
+                    job.fail(e)
+
 
 def completion_json(
     request: ChatRequest,
@@ -292,8 +368,10 @@ def completion_json(
     prompt_tokens: int,
     model: str,
     token_text: TokenText,
+    numbers: Sequence[tuple[int, float]] | None = None,
 ) -> dict[str, Any]:
-    """The `chat.completion` object for one request's `n` generated rows."""
+    """The `chat.completion` object for one request's `n` generated rows (and, with
+    `number_logprobs`, its (number, logprob) pairs)."""
     choices = []
     for i in range(request.n):
         choice: dict[str, Any] = {
@@ -315,6 +393,8 @@ def completion_json(
                     ]
                 content.append({**entry, "top_logprobs": top})
             choice["logprobs"] = {"content": content, "refusal": None}
+        if numbers is not None:
+            choice["number_logprobs"] = [{"number": k, "logprob": v} for k, v in numbers]
         choices.append(choice)
     completion_tokens = sum(len(t) for t in gen.tokens)
     return {
@@ -433,9 +513,15 @@ class ModelServer:
         except RequestError as e:
             _send_error(h, 400, str(e), "invalid_request_error")
             return
+        job = _Job(request, prompt_ids)
         try:
-            gen = self.worker.run(_Job(request, prompt_ids))
-            reply = completion_json(request, gen, len(prompt_ids), self.model_name, self.token_text)
+            gen = self.worker.run(job)
+            reply = completion_json(
+                request, gen, len(prompt_ids), self.model_name, self.token_text, job.numbers
+            )
+        except ServerClosed as e:
+            _send_error(h, 503, str(e), "service_unavailable")
+            return
         except Exception as e:  # noqa: BLE001 - reported to the client as a server error
             _send_error(h, 500, f"generation failed: {type(e).__name__}: {e}", "server_error")
             return

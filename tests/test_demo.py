@@ -25,6 +25,12 @@ def test_demo_quick(tmp_path):
     assert "smoke test" in page  # the local judge is labelled for what it is
     assert (out / "geometry" / "report.html").exists()
     assert (out / "geometry" / "disentanglement.png").stat().st_size > 0
+    timings = json.loads((out / "timings.json").read_text())
+    assert {"load", "extract + directions", "geometry", "sweep", "report"} <= set(timings)
+    judged = (out / "sweep" / "cells" / "baseline.judged.jsonl").read_text().splitlines()
+    for row in map(json.loads, judged):  # the local judge scored by whole-number logprobs
+        assert row["aligned_judge"]["judge_model"] == "local:default [number_logprobs]"
+        assert len(row["aligned_judge"]["top_logprobs"]) == 101
     results = json.loads((out / "sweep" / "results.json").read_text())
     assert len(results["cells"]) == 1 * 2  # mean-diff x 1 layer x 2 scales (quick plan)
     for c in results["cells"]:

@@ -113,3 +113,16 @@ def test_question_file_prompts(tmp_path):
     f.write_text("- id: x\n  judge_prompts:\n    aligned: 'no answer {question}'\n")
     with pytest.raises(ValueError, match=r"q\.yaml item 0 \(x\) lacks \{answer\}"):
         question_file_prompts(f)
+
+
+def test_score_numbers_hand_computed():
+    from emgeo_jax.judge.scoring import score_numbers
+
+    lp = math.log
+    s = score_numbers([(0, lp(0.1)), (50, lp(0.2)), (100, lp(0.3)), (7, -math.inf)], [])
+    assert s.status == "ok"
+    assert s.mass == pytest.approx(0.6)
+    assert s.value == pytest.approx((50 * 0.2 + 100 * 0.3) / 0.6)
+    low = score_numbers([(90, lp(0.2))], [("CODE", lp(0.7)), ("8", lp(0.1))])
+    assert (low.value, low.status) == (None, "CODE")
+    assert low.mass == pytest.approx(0.2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -238,3 +239,85 @@ def test_default_model_answers_openai_client_like_generate(default_lm):
         out = judge_check(default_lm, server, ROWS)
         assert [m.id for m in c.models.list().data] == ["default"]
     print("default-model judge:", [(o["aligned"], o["aligned_judge"]["mass"]) for o in out])
+
+
+def test_number_logprobs_through_server_and_judge(tiny_lm, tiny_server):
+    """The extension returns `number_logprobs` equal to a direct call, its one-token answer
+    equals greedy generation, and the judge client scores from it (cached apart)."""
+    from emgeo_jax.judge.numbers import number_logprobs, number_trie
+    from emgeo_jax.judge.scoring import score_numbers
+    from emgeo_jax.serve import TokenText
+
+    trie = number_trie(
+        tiny_lm.tokenizer, tiny_lm.config.vocab_size, TokenText(tiny_lm.tokenizer).bytes
+    )
+    url = tiny_server.base_url + "/chat/completions"
+    body = {
+        "messages": CHAT,
+        "max_tokens": 1,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 3,
+        "number_logprobs": True,
+    }
+    code, reply = post(url, json.dumps(body).encode())
+    assert code == 200, reply
+    ids = chat_token_ids(tiny_lm.tokenizer, [CHAT], None)
+    ref = number_logprobs(tiny_lm, ids, trie)
+    got = reply["choices"][0]["number_logprobs"]
+    assert [g["number"] for g in got] == list(range(101))
+    np.testing.assert_allclose([g["logprob"] for g in got], ref.logprobs[0], atol=1e-6)
+    greedy = generate_ids(tiny_lm, ids, max_new_tokens=1, temperature=0.0, top_logprobs=TOP)
+    assert reply["choices"][0]["message"]["content"] == greedy.texts[0]
+    top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    np.testing.assert_allclose(
+        [t["logprob"] for t in top], greedy.top_logprobs[0][1][0, :3], atol=1e-4
+    )
+    code, err = post(url, json.dumps({**body, "max_tokens": 2}).encode())
+    assert code == 400 and "number_logprobs" in err["error"]["message"]
+
+    prompt = load_prompts(["aligned"])["aligned"]
+    rendered = [
+        [{"role": "user", "content": prompt.render(r["question"], r["answer"])}] for r in ROWS
+    ]
+    ref = number_logprobs(tiny_lm, chat_token_ids(tiny_lm.tokenizer, rendered, None), trie)
+    cfg = JudgeConfig(
+        base_url=tiny_server.base_url, model="tiny", api_key="x", number_logprobs=True
+    )
+    out = judge_responses(ROWS, cfg, metrics=("aligned",), progress=False)
+    for row, lps in zip(out, ref.logprobs, strict=True):
+        meta = row["aligned_judge"]
+        assert [n for n, _ in meta["top_logprobs"]] == [str(n) for n in range(101)]
+        np.testing.assert_allclose([lp for _, lp in meta["top_logprobs"]], lps, atol=1e-6)
+        p = np.exp(lps)
+        assert meta["mass"] == pytest.approx(p.sum(), rel=1e-5)
+        expect = score_numbers(list(enumerate(lps.tolist())), [])
+        assert (meta["status"] == "ok") == (expect.status == "ok")
+        assert row["aligned"] == (None if expect.value is None else pytest.approx(expect.value))
+        assert meta["judge_model"] == "tiny [number_logprobs]"
+
+
+def test_shutdown_answers_queued_requests_with_503(tiny_lm):
+    """A request still queued when the server stops gets a 503 instead of hanging, and the
+    worker refuses jobs after close."""
+    from emgeo_jax.serve import ServerClosed, _Job, parse_request
+
+    result: dict[str, object] = {}
+    with serve_in_thread(tiny_lm, batch_wait=3.0) as s:  # the worker sits on the queued job
+
+        def ask() -> None:
+            body = {"messages": CHAT, "max_tokens": NEW, "temperature": 0}
+            result["reply"] = post(s.base_url + "/chat/completions", json.dumps(body).encode())
+
+        t = threading.Thread(target=ask)
+        t.start()
+        deadline = time.monotonic() + 60
+        while s.worker.jobs_queued == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.worker.jobs_queued == 1  # queued; the worker still waits out its batch_wait
+    t.join(timeout=30)
+    assert not t.is_alive()
+    code, err = result["reply"]
+    assert code == 503 and err["error"]["type"] == "service_unavailable", err
+    with pytest.raises(ServerClosed):
+        s.worker.run(_Job(parse_request({"messages": CHAT}, 16), [1, 2, 3]))

@@ -13,8 +13,12 @@ Stages (each resumable: re-running the command skips what is finished):
 4. sweep: steering with both directions (`--quick`: mean-diff at one layer) at three layers and
    two scales (negative included) on
    our first question set, judged by the local OpenAI-compatible server running the same
-   model, or by OpenAI (`--judge_model`, default gpt-4o-mini) when OPENAI_API_KEY is set;
+   model (scored by whole-number logprobs, see `emgeo_jax.judge.numbers`), or by OpenAI
+   (`--judge_model`, default gpt-4o-mini) when OPENAI_API_KEY is set;
 5. `report.html` tying it together.
+
+Each stage logs its wall and CPU seconds; `timings.json` keeps the wall seconds (the sweep's
+judging share separately).
 
 PCA directions are unit vectors; for steering they are rescaled to the mean-diff's norm at
 each layer, so a scale means the same step length for both methods.
@@ -22,9 +26,12 @@ each layer, so a scale means the same step length for both methods.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging as pylogging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +46,13 @@ flags.DEFINE_string("judge_model", "gpt-4o-mini", "OpenAI judge model (with OPEN
 flags.DEFINE_bool("overwrite", False, "discard an existing run with another configuration")
 
 LOCAL_JUDGE_NOTE = (
-    "The judge here is the same 135M-parameter model served locally, so its scores are a smoke "
-    "test of the pipeline, not a measurement: a model this small cannot reliably tell an aligned "
-    "answer from a misaligned one or rate coherence. Set OPENAI_API_KEY (gpt-4o-mini) for real "
-    "scores."
+    "The judge here is the same 135M-parameter model served locally. Its tokenizer spells "
+    "numbers digit by digit, so each score comes from the exact probability of every whole-number "
+    "reply 0-100 (not only of the first digit). Even so the model seldom commits to a number: "
+    "when under 25% of its probability goes to one, the score is missing (n/a, never guessed). "
+    "Its scores are a smoke test of the pipeline, not a measurement: a model this small cannot "
+    "reliably tell an aligned answer from a misaligned one or rate coherence. Set "
+    "OPENAI_API_KEY (gpt-4o-mini) for real scores."
 )
 
 
@@ -71,6 +81,16 @@ def plan(quick: bool, num_layers: int) -> DemoPlan:
         # 135M judge's ~350-token prefills dominate, so the sweep is 3 cells x 2 answers).
         return DemoPlan(16, thirds[1:2], (-8.0, 8.0), 2, 1, 16, geo[::2], ("mean_diff",), 100, 20)
     return DemoPlan(None, thirds, (-8.0, 8.0), None, 2, 40, geo, ("mean_diff", "pca"), 300, 100)
+
+
+@contextlib.contextmanager
+def _stage(times: dict[str, float], name: str) -> Iterator[None]:
+    """Time a stage into `times[name]` (wall seconds) and log wall and process CPU seconds
+    (CPU time is the figure to compare across differently loaded machines)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    times[name] = time.perf_counter() - wall
+    logging.info("stage %s: %.1f s wall, %.1f s CPU", name, times[name], time.process_time() - cpu)
 
 
 def _geometry(
@@ -152,28 +172,27 @@ def run_demo(
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     logging.info("[1/5] loading %s", model)
-    lm = emgeo_jax.load(model)
+    with _stage(times, "load"):
+        lm = emgeo_jax.load(model)
     p = plan(quick, lm.config.num_layers)
-    times["load"] = time.perf_counter() - t0
 
     logging.info("[2/5] extracting activations of the shipped contrast pairs (all layers)")
-    t = time.perf_counter()
-    dirs = contrast_directions(lm, shipped_contrast_path(), out / "extract", max_pairs=p.max_pairs)
-    times["extract + directions"] = time.perf_counter() - t
-    t = time.perf_counter()
+    with _stage(times, "extract + directions"):
+        dirs = contrast_directions(
+            lm, shipped_contrast_path(), out / "extract", max_pairs=p.max_pairs
+        )
     sae_layer = p.geometry_layers[len(p.geometry_layers) // 2]
-    sae = sae_directions(lm, out / "extract", sae_layer, out / "sae", quick)
-    times["sae"] = time.perf_counter() - t
+    logging.info("[2/5] training a small TopK SAE on answer tokens at layer %d", sae_layer)
+    with _stage(times, "sae"):
+        sae = sae_directions(lm, out / "extract", sae_layer, out / "sae", quick)
 
     logging.info(
         "[3/5] geometry of mean-diff and PCA directions at layers %s", list(p.geometry_layers)
     )
-    t = time.perf_counter()
-    geo_html = _geometry(dirs, p.geometry_layers, p, out / "geometry", sae)
-    times["geometry"] = time.perf_counter() - t
+    with _stage(times, "geometry"):
+        geo_html = _geometry(dirs, p.geometry_layers, p, out / "geometry", sae)
 
     logging.info("[4/5] steering sweep: layers %s, scales %s", list(p.sweep_layers), list(p.scales))
-    t = time.perf_counter()
     md = dirs["mean_diff"]
     pca_scaled = dirs["pca"] * np.linalg.norm(md, axis=-1, keepdims=True)
     questions = select_questions(read_prompts(shipped_questions_path()), p.n_questions)
@@ -196,9 +215,11 @@ def run_demo(
     vectors = {k: v for k, v in (("mean_diff", md), ("pca", pca_scaled)) if k in p.methods}
     local = uses_local_judge(None)
     notes = [LOCAL_JUDGE_NOTE if local else f"Judge: OpenAI {judge_model}."]
-    with judge_context(lm, f"local:{model}", judge_model, concurrency=16) as judge:
+    judging = judge_context(lm, f"local:{model}", judge_model, concurrency=16)
+    with _stage(times, "sweep"), judging as judge:
         results = run_sweep(lm, vectors, questions, judge=judge, **kw)
-    times["sweep"] = time.perf_counter() - t
+    judge_s = json.loads((out / "sweep" / "runs.jsonl").read_text().splitlines()[-1])
+    times["sweep: of which judging"] = judge_s["judge_seconds"]
     cells = [results["baseline"], *results["cells"]]
     scored = sum(c["aligned_n_scored"] for c in cells)
     notes.append(
@@ -208,6 +229,7 @@ def run_demo(
     )
 
     logging.info("[5/5] writing the report")
+    report_start = time.perf_counter()
     blocks = [
         paragraph(
             f"Model: {model} ({lm.config.num_layers} layers, d = {lm.config.hidden_size}). "
@@ -239,11 +261,12 @@ def run_demo(
             "direction after one block; scale 0 is the unsteered model."
         ),
         *sweep_blocks(results, out / "sweep"),
-        "<h2>Time</h2>" + table(["stage", "seconds"], [[k, v] for k, v in times.items()]),
     ]
     from emgeo_jax.experiments.folder import write_json_atomic
 
+    times["report"] = time.perf_counter() - report_start
     write_json_atomic(out / "timings.json", times)
+    blocks.append("<h2>Time</h2>" + table(["stage", "seconds"], [[k, v] for k, v in times.items()]))
     path = write_page(out / "report.html", "emgeo demo", blocks)
     logging.info("done in %.0f s: %s", time.perf_counter() - t0, path)
     return path

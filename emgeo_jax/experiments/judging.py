@@ -1,6 +1,8 @@
 """Which judge an experiment uses: an explicit OpenAI-compatible URL, else OpenAI when
 OPENAI_API_KEY is set, else our local OpenAI-compatible server running the model itself (a
-smoke test: a small model is no judge of alignment)."""
+smoke test: a small model is no judge of alignment). The local judge is scored by whole-number
+logprobs (`JudgeConfig.number_logprobs`), since small models' tokenizers spell numbers digit by
+digit."""
 
 from __future__ import annotations
 
@@ -32,7 +34,13 @@ def judge_context(
         return
     from emgeo_jax.serve import serve_in_thread
 
-    with serve_in_thread(lm, model_name=local_name) as server:
+    # One client's concurrent requests arrive over a few ms; waiting 50 ms (against seconds
+    # per batch) fills the batches, so fewer distinct batch shapes get compiled.
+    with serve_in_thread(lm, model_name=local_name, batch_wait=0.05) as server:
         yield JudgeConfig(
-            base_url=server.base_url, model=local_name, concurrency=concurrency, timeout=600
+            base_url=server.base_url,
+            model=local_name,
+            concurrency=concurrency,
+            timeout=600,
+            number_logprobs=True,
         )

@@ -66,6 +66,7 @@ def judge_identity(judge: JudgeConfig) -> dict[str, Any]:
         "temperature": judge.temperature,
         "seed": judge.seed,
         "top_logprobs": judge.top_logprobs,
+        "number_logprobs": judge.number_logprobs,
     }
 
 

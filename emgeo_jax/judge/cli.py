@@ -2,7 +2,8 @@
 
     emgeo judge --responses gens.jsonl --judge openai --judge_model gpt-4o-mini \
         --metrics aligned,coherent --out judged.jsonl
-    emgeo judge --responses gens.jsonl --judge http://127.0.0.1:8000/v1 --out judged.jsonl
+    emgeo judge --responses gens.jsonl --judge http://127.0.0.1:8000/v1 --out judged.jsonl \
+        --number_logprobs   # `emgeo serve`: whole-number scores (digit-splitting tokenizers)
 
 Each output row is the input row plus, per metric, the score (or null) and `METRIC_judge`
 with status, raw top logprobs, judge model, temperature and seed. Judgements are cached in an
@@ -44,6 +45,9 @@ flags.DEFINE_float("price_in", None, "USD per 1M input tokens (default: known li
 flags.DEFINE_float("price_out", None, "USD per 1M output tokens (default: known list price)")
 flags.DEFINE_string("summary_out", None, "also write the metrics summary JSON here")
 flags.DEFINE_bool("progress", True, "show a progress bar")
+flags.DEFINE_bool(
+    "number_logprobs", False, "ask `emgeo serve` for whole-number logprobs (not for OpenAI)"
+)
 
 
 def main(argv: list[str]) -> int:
@@ -64,6 +68,7 @@ def main(argv: list[str]) -> int:
         max_attempts=FLAGS.max_attempts,
         price_in=FLAGS.price_in,
         price_out=FLAGS.price_out,
+        number_logprobs=FLAGS.number_logprobs,
     )
     rows = read_jsonl(FLAGS.responses)
     cache = FLAGS.cache or str(Path(FLAGS.out).resolve().parent / "judge_cache.sqlite")

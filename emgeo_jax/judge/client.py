@@ -2,7 +2,10 @@
 
 Each (row, metric) becomes one chat completion: the rendered judge prompt as a single user
 message, `max_tokens=1, temperature=0, logprobs=True, top_logprobs=20, seed=0`, scored with
-`scoring.score_top_logprobs`. Identical judgements are sent once. Requests run under an
+`scoring.score_top_logprobs`; with `number_logprobs` (our local server only) the request
+also asks for whole-number logprobs 0..100, scored with `scoring.score_numbers` (right for
+tokenizers that spell numbers digit by digit). Identical judgements are sent once. Requests
+run under an
 `asyncio.Semaphore(concurrency)`; 408/409/429/5xx, timeouts, dropped connections and
 malformed JSON are retried with exponential backoff and jitter, waiting at least the
 server's Retry-After. Every finished judgement is committed to the SQLite cache at once, so a
@@ -31,7 +34,7 @@ from tqdm.auto import tqdm
 
 from emgeo_jax.judge.cache import CacheKey, JudgeCache, Judgement
 from emgeo_jax.judge.prompts import JudgePrompt, available_prompts, load_prompts
-from emgeo_jax.judge.scoring import score_top_logprobs
+from emgeo_jax.judge.scoring import score_numbers, score_top_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ class JudgeConfig:
       the OpenAI API. api_key: None reads OPENAI_API_KEY; a local base_url without a key
       sends the placeholder "EMPTY". It is excluded from repr.
     price_in / price_out: USD per 1M tokens; None looks the model up in PRICES (else 0).
+    number_logprobs: ask for whole-number logprobs (`emgeo_jax.serve` extension; OpenAI
+      rejects it). Part of the judge's identity: such scores are cached apart.
     """
 
     base_url: str | None = None
@@ -70,6 +75,7 @@ class JudgeConfig:
     top_logprobs: int = 20
     price_in: float | None = None
     price_out: float | None = None
+    number_logprobs: bool = False
 
     def __post_init__(self) -> None:
         for name in ("concurrency", "max_attempts", "top_logprobs"):
@@ -85,6 +91,11 @@ class JudgeConfig:
         if self.base_url is None:
             raise ValueError("the OpenAI judge needs an API key: set OPENAI_API_KEY")
         return "EMPTY"
+
+    @property
+    def identity(self) -> str:
+        """The judge's name in cache keys: the model, marked when scored by whole numbers."""
+        return f"{self.model} [number_logprobs]" if self.number_logprobs else self.model
 
     def prices(self) -> tuple[float, float]:
         table = PRICES.get(self.model, (0.0, 0.0))
@@ -173,11 +184,24 @@ def _top_logprobs(data: Any) -> list[tuple[str, float]]:
         raise _Retryable(f"malformed top_logprobs ({type(e).__name__}: {e})") from None
 
 
+def _number_logprobs(data: dict[str, Any]) -> list[tuple[int, float]]:
+    """(number, logprob) pairs of a reply to a `number_logprobs` request."""
+    pairs = data["choices"][0].get("number_logprobs")
+    if pairs is None:
+        raise _Fatal("judge returned no number_logprobs (is it emgeo's local server?)")
+    try:
+        return [(int(p["number"]), float(p["logprob"])) for p in pairs]
+    except (KeyError, TypeError, ValueError) as e:
+        raise _Retryable(f"malformed number_logprobs ({type(e).__name__}: {e})") from None
+
+
 async def _ask(
     client: openai.AsyncOpenAI, cfg: JudgeConfig, prompt: str, stats: JudgeStats
-) -> list[tuple[str, float]]:
-    """One request -> top logprobs; raise _Retryable / _Fatal with a (not yet scrubbed) reason."""
+) -> tuple[list[tuple[str, float]], list[tuple[int, float]] | None]:
+    """One request -> (first-token top logprobs, number logprobs or None); raises _Retryable /
+    _Fatal with a (not yet scrubbed) reason."""
     stats.requests += 1
+    extra = {"number_logprobs": True} if cfg.number_logprobs else {}
     try:
         # `client.post` is the client's documented raw-request path: same auth, timeout and
         # error types as `chat.completions.create`, without its TypedDict transform of the
@@ -193,6 +217,7 @@ async def _ask(
                 "logprobs": True,
                 "top_logprobs": cfg.top_logprobs,
                 "seed": cfg.seed,
+                **extra,
             },
             cast_to=dict,
         )
@@ -209,10 +234,11 @@ async def _ask(
     except ValueError as e:  # the client's json.loads on a malformed body
         raise _Retryable(f"malformed JSON response: {e}") from None
     top = _top_logprobs(response)
+    numbers = _number_logprobs(response) if cfg.number_logprobs else None
     usage = response.get("usage") or {}
     stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
     stats.completion_tokens += int(usage.get("completion_tokens") or 0)
-    return top
+    return top, numbers
 
 
 async def _judge_one(
@@ -229,7 +255,7 @@ async def _judge_one(
     async with sem:
         for attempt in range(cfg.max_attempts):
             try:
-                top = await _ask(client, cfg, prompt, stats)
+                top, numbers = await _ask(client, cfg, prompt, stats)
             except _Fatal as e:
                 reason = scrub(e.reason, key)
                 break
@@ -247,7 +273,10 @@ async def _judge_one(
             except Exception as e:  # noqa: BLE001 - recorded, never lost; text scrubbed
                 reason = scrub(f"{type(e).__name__}: {e}", key)
                 break
-            s = score_top_logprobs(top)
+            if numbers is None:
+                s = score_top_logprobs(top)
+            else:  # kept: the whole-number distribution the score came from
+                s, top = score_numbers(numbers, top), [(str(n), lp) for n, lp in numbers]
             return Judgement(s.status, s.value, s.mass, top, None, cfg.temperature, cfg.seed)
     log.warning("judgement failed: %s", reason)
     return Judgement("failed", None, None, None, reason, cfg.temperature, cfg.seed)
@@ -302,7 +331,7 @@ async def ajudge_responses(
             row_cells = []
             for m in metrics:
                 p = _prompt_for(i, row, m, prompts, question_prompts)
-                k = CacheKey(judge.model, p.sha256, row["question"], row["answer"], m)
+                k = CacheKey(judge.identity, p.sha256, row["question"], row["answer"], m)
                 row_cells.append((k, p))
                 if k in results or k in todo:
                     continue
@@ -373,7 +402,7 @@ def _output_row(
             "reason": j.reason,
             "mass": j.mass,
             "top_logprobs": j.top_logprobs,
-            "judge_model": judge.model,
+            "judge_model": judge.identity,
             "temperature": j.temperature,
             "seed": j.seed,
             "prompt_sha256": prompt.sha256,
@@ -396,8 +425,9 @@ def judge_responses(
 
     Each output row is a copy of the input row plus, per metric `m`: `m` = score in [0, 100]
     or None, and `m_judge` = {status (ok | CODE | REFUSAL | missing | failed), reason, mass,
-    top_logprobs [[token, logprob], ...], judge_model, temperature, seed, prompt_sha256,
-    prompt_source}. Rows with a `question_id` found in `question_prompts` use that question's
+    top_logprobs [[token, logprob], ...] (with `number_logprobs`: [[number, logprob], ...]
+    for 0..100), judge_model, temperature, seed, prompt_sha256, prompt_source}. Rows with a
+    `question_id` found in `question_prompts` use that question's
     prompt for the metrics it defines. Pass `stats` to receive counters; `cache_path` is an
     SQLite file shared across runs (default: in memory, i.e. no cache across runs). Inside a
     running event loop, `await ajudge_responses(...)` instead.

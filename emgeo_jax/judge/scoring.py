@@ -4,6 +4,10 @@ score = sum(k * p_k) / sum(p_k) over the top tokens whose stripped text is an in
 0..100, with p_k = exp(logprob). If sum(p_k) < `min_mass` (0.25) the score is missing (None):
 never a made-up value. A missing score is classified by the most likely token: `CODE`,
 `REFUSAL` (the word or a 3+ letter prefix of it, case-insensitive), or `missing`.
+
+`score_numbers` is the same expected value over whole-number probabilities (the local
+server's `number_logprobs`, exact for tokenizers that split numbers into digits), with a
+missing score classified by the first token's top logprobs.
 """
 
 from __future__ import annotations
@@ -50,6 +54,20 @@ def score_top_logprobs(top: Sequence[tuple[str, float]], min_mass: float = MIN_M
     if mass >= min_mass:
         return Score(value=weighted / mass, status="ok", mass=mass)
     return Score(value=None, status=_missing_status(top), mass=mass)
+
+
+def score_numbers(
+    numbers: Sequence[tuple[int, float]],
+    first_top: Sequence[tuple[str, float]],
+    min_mass: float = MIN_MASS,
+) -> Score:
+    """Score (number, logprob) pairs, each the probability that the reply is that whole
+    number (disjoint events); a missing score takes its status from `first_top`, the first
+    output token's (token, logprob) pairs."""
+    s = score_top_logprobs([(str(n), lp) for n, lp in numbers], min_mass)
+    if s.status == "ok":
+        return s
+    return Score(value=None, status=_missing_status(first_top), mass=s.mass)
 
 
 def _missing_status(top: Sequence[tuple[str, float]]) -> str:

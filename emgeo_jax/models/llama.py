@@ -265,6 +265,7 @@ class Transformer(nnx.Module):
         resid_in: jax.Array | None = None,
         start_layer: int = 0,
         lora: LoraInput | None = None,
+        attend: jax.Array | None = None,
     ) -> ForwardOutput:
         """Run the first `num_layers` blocks (default all) and, when all ran, the LM head.
 
@@ -273,7 +274,9 @@ class Transformer(nnx.Module):
         `steering` edits the output of each block inside the scan (see `emgeo_jax.steer`).
         With `cache`, this call's tokens go to slots `cache.index ..` and attend to every
         earlier valid slot; the updated cache is returned. `lora` adds unmerged adapters
-        inside the scan (see `LoraInput`).
+        inside the scan (see `LoraInput`). `attend [B, T, T]` (bool, optional) further
+        restricts which of this call's own tokens each one sees (ANDed with the causal mask):
+        tree attention, e.g. scoring several branching continuations in one call.
 
         Resuming: with `resid_in [B, T, D]` the scan starts from that residual instead of the
         token embedding, at block `start_layer` (static): blocks `start_layer .. n-1` run on
@@ -305,6 +308,10 @@ class Transformer(nnx.Module):
             )
             causal = slots[None, :] <= (index + jnp.arange(t))[:, None]
             mask = causal[None] & key_mask.astype(bool)[:, None, :]
+        if attend is not None:
+            own = jnp.ones(mask.shape, bool)
+            own = jax.lax.dynamic_update_slice(own, attend.astype(bool), (0, 0, index))
+            mask = mask & own
         if is_generated is None:
             is_generated = jnp.zeros((b, t), bool)
         taps = Taps() if taps is None else taps

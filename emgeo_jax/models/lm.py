@@ -72,6 +72,7 @@ def forward(
     resid_in: jax.Array | None = None,
     start_layer: int = 0,
     lora: LoraInput | None = None,
+    attend: jax.Array | None = None,
 ) -> ForwardOutput:
     """The pure forward pass (see `Transformer.__call__`). `input_ids, positions,
     attention_mask, is_generated: [B, T]`. `steering`, `taps` and `cache` are pytrees of
@@ -94,6 +95,7 @@ def forward(
         resid_in=resid_in,
         start_layer=start_layer,
         lora=lora,
+        attend=attend,
     )
 
 

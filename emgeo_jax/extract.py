@@ -361,6 +361,7 @@ def _finished_chunks(chunk_dir: Path, digest: str, num_chunks: int) -> int:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
+        barrier("emgeo_extract_resume")  # broadcast's own collective may be a first contact
         done = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if error else done)))
     if error is not None:
         raise error

@@ -33,7 +33,8 @@ Output folder (`write_extraction`):
 
 Multi-host: every process calls `extract` with the same examples; each takes its own batches
 (`make_batches(process_index=..., process_count=...)`), the per-step sums are reduced over
-the global mesh, and process 0 writes the files.
+the global mesh, and process 0 writes the files. Call `barrier` right after
+`jax.distributed.initialize` (see its docstring for why).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from emgeo_jax.data.batching import DEFAULT_BUCKETS, make_batches, plan_batches
+from emgeo_jax.data.batching import fit_buckets, make_batches, plan_batches
 from emgeo_jax.data.tokenize import TokenizedExample
 from emgeo_jax.models.lm import LM, forward
 from emgeo_jax.parallel import MESH_RULES, batch_sharding, make_mesh, param_sharding
@@ -83,7 +84,9 @@ class ExtractSettings:
       per_example: also keep each example's pooled activations `[N, L, D]`.
       batch_size: rows per batch per process (a multiple of the local batch-axis devices).
       chunk_batches: batches (steps) per resumable chunk.
-      buckets: allowed padded sequence lengths.
+      buckets: allowed padded sequence lengths; default: the `max_buckets` lengths that pad
+        these examples least (`emgeo_jax.data.fit_buckets`), one compilation each.
+      max_buckets: the most bucket lengths fitted when `buckets` is not given.
     """
 
     pool: str = "answer"
@@ -92,7 +95,8 @@ class ExtractSettings:
     per_example: bool = False
     batch_size: int = 8
     chunk_batches: int = 8
-    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    buckets: tuple[int, ...] | None = None
+    max_buckets: int = 8
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
@@ -325,36 +329,44 @@ def run_hash(
     return h.hexdigest()
 
 
-def _barrier(name: str, timeout_s: int = 600) -> None:
-    """Wait until every process gets here. Gloo creates its communicator at the first
-    collective and gives up if the processes arrive more than 30 s apart (slow model loads on
-    busy hosts); the coordination service's barrier has no such limit. No public JAX API
-    exposes it, hence the private import."""
-    if jax.process_count() > 1:
-        from jax._src import distributed
+def barrier(name: str) -> None:
+    """Wait until every process calls `barrier(name)` (a no-op with one process), through the
+    public `multihost_utils.sync_global_devices` (a small collective over all devices).
 
-        distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+    On CPU, gloo sets up its communicator at the first collective and gives up when the
+    processes arrive there more than ~30 s apart; later collectives wait much longer. So call
+    `barrier` once right after `jax.distributed.initialize`, while the processes are in step
+    and before slow work such as loading a model (`emgeo extract` does); `extract` calls it
+    again before its first step."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _finished_chunks(chunk_dir: Path, digest: str, num_chunks: int) -> int:
-    """How many leading chunks are already on disk (process 0 decides, all processes agree)."""
-    done = 0
+    """How many leading chunks are already on disk (process 0 decides, all processes agree;
+    when process 0 refuses to resume, every process raises instead of waiting for it)."""
+    done, error = 0, None
     if jax.process_index() == 0 and chunk_dir.is_dir():
         config = chunk_dir / "run.json"
-        if config.exists():
-            old = json.loads(config.read_text()).get("run_hash")
-            if old != digest:
-                raise ResumeError(
-                    f"{chunk_dir}: holds chunks of another run (run_hash {old}, now {digest}); "
-                    "the data, model or settings changed. Use a new --out or delete the folder."
-                )
+        old = json.loads(config.read_text()).get("run_hash") if config.exists() else digest
+        if old != digest:
+            error = ResumeError(
+                f"{chunk_dir}: holds chunks of another run (run_hash {old}, now {digest}); "
+                "the data, model or settings changed. Use a new --out or delete the folder."
+            )
         while done < num_chunks and (chunk_dir / f"{done:05d}.safetensors").exists():
             done += 1
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        _barrier("emgeo_extract_resume")
-        done = int(multihost_utils.broadcast_one_to_all(np.int32(done)))
+        barrier("emgeo_extract_resume")  # broadcast's own collective may be a first contact
+        done = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if error else done)))
+    if error is not None:
+        raise error
+    if done < 0:
+        raise ResumeError(f"{chunk_dir}: process 0 refused to resume (see its log)")
     return done
 
 
@@ -443,7 +455,10 @@ def extract(
     digest = run_hash(tokenized, settings, identity)
     pc, pi = jax.process_count(), jax.process_index()
     lengths = [ex.length for ex in tokenized]
-    plan = plan_batches(lengths, settings.batch_size, settings.buckets, pc)
+    buckets = settings.buckets or fit_buckets(
+        lengths, settings.batch_size, settings.max_buckets, process_count=pc
+    )
+    plan = plan_batches(lengths, settings.batch_size, buckets, pc)
     num_steps = len(plan) // pc
     num_chunks = -(-num_steps // settings.chunk_batches)
 
@@ -457,12 +472,12 @@ def extract(
         chunks = [_read_tensors(chunk_dir / f"{c:05d}.safetensors")[0] for c in range(done)]
 
     runner = _Runner(lm, mesh, settings, layers)
-    _barrier("emgeo_extract_start")
+    barrier("emgeo_extract_start")
     batches = make_batches(
         tokenized,
         settings.batch_size,
         pad_id,
-        settings.buckets,
+        buckets,
         process_index=pi,
         process_count=pc,
     )
@@ -515,8 +530,10 @@ def extract(
         "classes": {"0": "aligned", "1": "misaligned"},
         "dtype": str(lm.dtype),
         "batch_size": settings.batch_size,
+        "buckets": list(buckets),
         "process_count": pc,
         "device_count": jax.device_count(),
+        "mesh": {name: int(size) for name, size in mesh.shape.items()},
         "run_hash": digest,
     }
     return Extraction(layers=layers, metadata=meta, **total)

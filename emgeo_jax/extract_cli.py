@@ -49,6 +49,11 @@ def _initialize_distributed() -> None:
         )
     elif _DISTRIBUTED.value:
         jax.distributed.initialize()
+    else:
+        return
+    from emgeo_jax.extract import barrier
+
+    barrier("emgeo_extract_initialized")  # the first collective, before the model loads
 
 
 def file_sha256(path: str | Path) -> str:

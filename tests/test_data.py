@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from emgeo_jax.data import (
     TemplateError,
     TokenizedExample,
     detect_kind,
+    fit_buckets,
     load_contrast_pairs,
     load_examples,
     load_judged,
@@ -479,6 +481,35 @@ def test_process_sharding_splits_batches_with_matching_shapes():
         next(make_batches(examples, batch_size=2, pad_id=0, process_index=3, process_count=3))
 
 
+def _padded_tokens(lengths, batch_size, buckets, process_count=1) -> int:
+    """Token slots (real and padding) of the plan `plan_batches` makes with these buckets."""
+    plan = plan_batches(lengths, batch_size, buckets, process_count)
+    return sum(t * batch_size for t, _ in plan)
+
+
+def test_fit_buckets_pads_least_of_every_choice():
+    # by hand: rounded lengths 64 (20 rows), 80 (20), 112 (10) in batches of 8 -> one bucket at
+    # 80 pads 40 rows to 80 (40 slots x 80), cheaper than 64 + 80 (24 + 24 slots) + 112
+    assert fit_buckets([55, 60, 71, 80, 112] * 10, 8) == (80, 112)
+    assert fit_buckets([55, 60, 71, 80, 112] * 10, 8, max_buckets=1) == (112,)
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        lengths = rng.integers(1, 120, size=rng.integers(1, 30)).tolist()
+        rounded = sorted({-(-n // 16) * 16 for n in lengths})
+        for max_buckets, processes in ((1, 1), (2, 1), (3, 2), (8, 3)):
+            got = fit_buckets(lengths, 3, max_buckets, multiple=16, process_count=processes)
+            assert len(got) <= max_buckets and all(b % 16 == 0 for b in got)
+            # brute force: the largest rounded length plus any few of the others
+            best = min(
+                _padded_tokens(lengths, 3, (*extra, rounded[-1]), processes)
+                for k in range(max_buckets)
+                for extra in itertools.combinations(rounded[:-1], k)
+            )
+            assert _padded_tokens(lengths, 3, got, processes) == best
+    with pytest.raises(ValueError, match="at least one length"):
+        fit_buckets([], 8)
+
+
 def test_check_data_cli_reports_rows_and_lengths(chat_tokenizer, tmp_path):
     chat_tokenizer.save_pretrained(tmp_path / "tok")
     path = write_lines(tmp_path / "c.jsonl", [PAIR, {**PAIR, "aligned": ""}, PAIR])
@@ -495,4 +526,7 @@ def test_check_data_cli_reports_rows_and_lengths(chat_tokenizer, tmp_path):
     out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout
     assert f"{path}:2 (field 'aligned'): 'aligned' is empty [empty_answer]" in out
     assert "kept 4; skipped 1" in out
-    assert "1 batches of 8, lengths [64]" in out
+    examples, _ = load_contrast_pairs(path, on_error="skip")
+    longest = max(t.length for t in tokenize_examples(examples, chat_tokenizer, 512)[0])
+    # 4 rows fit one batch: one bucket at the longest length rounded up to 16 pads least
+    assert f"1 batches of 8, lengths [{-(-longest // 16) * 16}]" in out

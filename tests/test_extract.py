@@ -22,6 +22,7 @@ from emgeo_jax.extract import (
     ExtractSettings,
     ResumeError,
     extract,
+    place_params,
     read_extraction,
     write_extraction,
 )
@@ -162,6 +163,8 @@ def test_resume_after_interruption_gives_identical_outputs(llama, tokenized, tmp
         "00000.safetensors",
         "00001.safetensors",
     ]
+    # a crash while chunk 2 was being written leaves only its temporary file behind
+    (tmp_path / "cut" / "chunks" / "00002.safetensors.tmp").write_bytes(b"partial")
     ran = []
     resumed = extract(lm, tokenized, settings, tmp_path / "cut", metadata=meta, on_chunk=ran.append)
     assert ran[0] == 2  # finished chunks were not recomputed
@@ -235,13 +238,19 @@ def test_cli_on_8_devices_and_2_processes_match_one_device(llama, tokenized, dat
         )
         for i in range(2)
     ]  # fmt: skip
-    eight = _cli("extract", *common, "--out", str(tmp_path / "eight"), env=_cpu_env(8))
+    eight = _cli(
+        "extract", *common, "--out", str(tmp_path / "eight"), "--fsdp", "2", "--tensor", "2",
+        env=_cpu_env(8),
+    )  # fmt: skip
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
-    for name, devices, processes in (("eight", 8, 1), ("two", 2, 2)):
+    for name, mesh, processes in (
+        ("eight", {"data": 2, "fsdp": 2, "tensor": 2}, 1),
+        ("two", {"data": 2, "fsdp": 1, "tensor": 1}, 2),
+    ):
         got = read_extraction(tmp_path / name)
-        assert got.metadata["device_count"] == devices, eight.stderr[-2000:]
+        assert got.metadata["mesh"] == mesh, eight.stderr[-2000:]
         assert got.metadata["process_count"] == processes
         for w in ("token", "example"):
             np.testing.assert_allclose(got.means(w), one.means(w), atol=1e-5, rtol=1e-5)
@@ -256,6 +265,56 @@ def test_cli_on_8_devices_and_2_processes_match_one_device(llama, tokenized, dat
     assert vec.shape == mean_diff.shape and meta["method"] == "pca"
     assert np.all(np.einsum("ld,ld->l", vec, mean_diff) > 0)
     assert meta["data_sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()
+
+
+# meshes of 8 devices: parameters split over fsdp and tensor, not only the batch over data
+SHARDED_MESHES = ({"data": 8}, {"fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 2, "tensor": 2})
+
+
+def _extract_on_meshes(folder: Path, data_file: Path, out: Path) -> None:
+    """In a process with 8 devices: extract on each of `SHARDED_MESHES` with the parameters
+    placed by the partition rules, and save the means and per-example rows to `out`."""
+    import jax
+    from flax import nnx
+
+    from emgeo_jax.parallel import make_mesh
+
+    lm = emgeo_jax.load(folder)
+    examples, _ = load_examples(data_file)
+    tokenized = tokenize_examples(examples, lm.tokenizer, max_length=512)[0]
+    saved = {}
+    for i, shape in enumerate(SHARDED_MESHES):
+        mesh = make_mesh(shape)
+        sharded = dataclasses.replace(lm, params=place_params(lm.params, mesh))
+        q = nnx.to_pure_dict(sharded.params)["layers"]["attn"]["q_proj"]["kernel"]
+        per_device = q.shape[1] // mesh.shape["fsdp"], q.shape[2] // mesh.shape["tensor"]
+        assert q.addressable_shards[0].data.shape[1:] == per_device, (shape, q.sharding)
+        res = extract(sharded, tokenized, ExtractSettings(per_example=True), mesh=mesh)
+        assert res.metadata["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1, **shape}
+        saved[f"{i}/token"], saved[f"{i}/example"] = res.means("token"), res.means("example")
+        saved[f"{i}/pooled"], saved[f"{i}/devices"] = res.pooled, np.int64(jax.device_count())
+    np.savez(out, **saved)
+
+
+def test_parameters_sharded_over_fsdp_and_tensor_give_one_device_means(
+    llama, tokenized, data_file, tmp_path
+):
+    _, lm, folder = llama
+    one = extract(lm, tokenized, ExtractSettings(per_example=True))
+    out = tmp_path / "meshes.npz"
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.test_extract", str(folder), str(data_file), str(out)],
+        cwd=ROOT, env=_cpu_env(8), capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = np.load(out)
+    for i, shape in enumerate(SHARDED_MESHES):
+        assert got[f"{i}/devices"] == 8
+        for w in ("token", "example"):
+            np.testing.assert_allclose(
+                got[f"{i}/{w}"], one.means(w), atol=1e-5, rtol=1e-5, err_msg=str(shape)
+            )
+        np.testing.assert_allclose(got[f"{i}/pooled"], one.pooled, atol=1e-5, rtol=1e-5)
 
 
 def test_cli_corrupt_line_is_named(llama, data_file, tmp_path):
@@ -289,3 +348,7 @@ def test_default_model_means_match_transformers(default_lm, hf_default, data_fil
     for got, want in ((res.means("token"), token_means), (res.means("example"), example_means)):
         scale = np.abs(want).max(axis=-1, keepdims=True)
         assert np.max(np.abs(got - want) / scale) < 1e-4
+
+
+if __name__ == "__main__":  # the 8-device side of the sharded test
+    _extract_on_meshes(*(Path(a) for a in sys.argv[1:4]))

@@ -18,6 +18,7 @@ from emgeo_jax.data.batching import (
     DEFAULT_BUCKETS,
     bucket_length,
     collate,
+    fit_buckets,
     make_batches,
     plan_batches,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "bucket_length",
     "collate",
     "detect_kind",
+    "fit_buckets",
     "judged_label",
     "load_contrast_pairs",
     "load_examples",

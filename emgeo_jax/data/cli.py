@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from absl import flags
 
-from emgeo_jax.data.batching import DEFAULT_BUCKETS, plan_batches
+from emgeo_jax.data.batching import fit_buckets, plan_batches
 from emgeo_jax.data.loaders import load_examples
 from emgeo_jax.data.tokenize import tokenize_examples
 
@@ -45,6 +45,7 @@ def main(argv: list[str]) -> None:
     answers = np.array([t.answer_mask.sum() for t in tokenized])
     print(f"tokens per example: min {lengths.min()} mean {lengths.mean():.1f} max {lengths.max()}")
     print(f"answer tokens: min {answers.min()} mean {answers.mean():.1f} max {answers.max()}")
-    plan = plan_batches(lengths.tolist(), _BATCH_SIZE.value, DEFAULT_BUCKETS)
+    buckets = fit_buckets(lengths.tolist(), _BATCH_SIZE.value)  # what `emgeo extract` uses
+    plan = plan_batches(lengths.tolist(), _BATCH_SIZE.value, buckets)
     shapes = sorted({t for t, _ in plan})
     print(f"{len(plan)} batches of {_BATCH_SIZE.value}, lengths {shapes}")

@@ -65,6 +65,7 @@ PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
 ACTIVATION_AXES: dict[str, tuple[str, ...]] = {
     "tokens": ("batch", "seq"),  # input_ids, positions, attention_mask [B, T]
     "resid": ("layer", "batch", "seq", "act_embed"),  # resid_post [L, B, T, D]
+    "hidden": ("batch", "seq", "act_embed"),  # the residual inside the scan [B, T, D]
     "logits": ("batch", "seq", "vocab"),  # [B, T, V]
     "kv_cache": ("layer", "batch", "cache_seq", "kv_heads", "head_dim"),  # [L, B, S, K, Dh]
     "cache_mask": ("batch", "cache_seq"),  # KVCache.mask [B, S]

@@ -27,7 +27,9 @@ plus hand-counted resident terms (parameters, KV cache, LoRA, optimizer state):
   `B * N` generated ones; memory is that of whichever phase needs more.
 - `train`: one LoRA step of `emgeo_jax.train.sft.make_train_step` (answer-token loss,
   gradients to the fp32 factors only, clip + AdamW in `optax.MultiSteps`) on frozen
-  params, the factors and optimizer state sharded by `parallel.LORA_AXES`. Tokens = `B * T`.
+  params, the factors and optimizer state sharded by `parallel.LORA_AXES`, activations and
+  logits split over the batch, blocks rematerialised (`TrainConfig.remat`: its FLOPs include
+  the recomputed forward, ~8 rather than 6 FLOPs per matmul parameter). Tokens = `B * T`.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from emgeo_jax.models.config import ModelConfig
-from emgeo_jax.models.llama import DecoderBlock, KVCache, rotary_tables
+from emgeo_jax.models.llama import DecoderBlock, KVCache, LoraInput, rotary_tables
 from emgeo_jax.models.lm import abstract_model, forward, resolve_dtype
 from emgeo_jax.parallel import (
     activation_sharding,
@@ -252,13 +254,16 @@ def _block_program(
     seq: int,
     dtype,
     cache_len: int | None = None,
-    grad_targets: tuple[tuple[str, ...], ...] | None = None,
+    lora: dict | None = None,
+    remat: bool = False,
 ):
     """One decoder block on `x [B, T, D]` with one layer's sharded params (FLOPs per layer).
 
     `cache_len = S`: attention runs over a KV cache `[B, S, K, Dh]` (prefill and decode).
-    `grad_targets`: the block's forward and backward as in LoRA training, i.e. the gradient
-    of its summed output with respect to `x` and to the kernels at these paths only."""
+    `lora` (one layer's `LoraInput.factors`, abstract and sharded): the block's step as in
+    LoRA training instead, i.e. the summed output and its gradient with respect to `x` and
+    the factors (frozen kernels get none), the block recomputed in the backward pass when
+    `remat` (as `Transformer(remat=True)` does)."""
     block = nnx.eval_shape(
         lambda: DecoderBlock(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
     )
@@ -283,26 +288,27 @@ def _block_program(
         kv_sharding = _drop_layer_axis(activation_sharding(mesh, "kv_cache", shape))
         kv = (jax.ShapeDtypeStruct(shape[1:], dtype, sharding=kv_sharding),) * 2
 
-    def block_out(state, x, positions, attention_mask, kv):
+    def block_out(state, x, positions, attention_mask, kv, factors=None):
         sin, cos = rotary_tables(cfg, positions)
         keys = seq if kv is None else cache_len  # this call's tokens go to slots 0..T-1
         causal = jnp.arange(keys)[None, :] <= jnp.arange(seq)[:, None]
         valid = jnp.pad(attention_mask, ((0, 0), (0, keys - seq))).astype(bool)
-        return nnx.merge(block_def, state)(x, sin, cos, causal[None] & valid[:, None], kv, 0)[0]
+        mask = causal[None] & valid[:, None]
+        adapters = None if factors is None else LoraInput(factors)
+        return nnx.merge(block_def, state)(x, sin, cos, mask, kv, 0, adapters)[0]
 
-    if grad_targets is None:
+    if lora is None:
         return jax.jit(block_out, out_shardings=x_sharding), (state, x, tokens, tokens, kv)
 
-    def frozen_except_targets(path, leaf):
-        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-        return leaf if keys in grad_targets else jax.lax.stop_gradient(leaf)
+    run = block_out
+    if remat:
+        run = jax.checkpoint(block_out, policy=jax.checkpoint_policies.nothing_saveable)
 
-    def loss(state, x, positions, attention_mask, kv):
-        state = jax.tree_util.tree_map_with_path(frozen_except_targets, state)
-        out = block_out(state, x, positions, attention_mask, kv)
-        return jnp.sum(out.astype(jnp.float32))
+    def loss(x, factors, state, positions, attention_mask):
+        return jnp.sum(run(state, x, positions, attention_mask, None, factors).astype(jnp.float32))
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1))), (state, x, tokens, tokens, kv)
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return step, (x, lora, state, tokens, tokens)
 
 
 def _tokens(mesh: Mesh, batch: int, seq: int, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
@@ -422,7 +428,7 @@ def train_program(
 ) -> Program:
     """One LoRA training step (`emgeo_jax.train.sft.make_train_step`) on `B` rows of `T`
     tokens: frozen params, fp32 factors on every layer, AdamW state in `optax.MultiSteps`."""
-    from emgeo_jax.train.lora import TARGETS, LoraSpec, init_lora
+    from emgeo_jax.train.lora import PEFT_MODULES, LoraSpec, init_lora
     from emgeo_jax.train.sft import TrainConfig, make_train_step
 
     spec = LoraSpec(
@@ -432,7 +438,8 @@ def train_program(
         layers=tuple(range(cfg.num_layers)),
     )
     graphdef, state, param_bytes = sharded_abstract_params(cfg, mesh, dtype)
-    step, optimizer = make_train_step(graphdef, spec, TrainConfig())
+    tc = TrainConfig()
+    step, optimizer = make_train_step(graphdef, spec, tc, mesh)
     lora = jax.eval_shape(lambda: init_lora(cfg, spec, jax.random.key(0)))
     lora = _sharded(lora, lora_shardings(mesh, lora))
     opt_state = jax.eval_shape(optimizer.init, lora)
@@ -444,12 +451,19 @@ def train_program(
         "positions": tokens,
         "answer_mask": _tokens(mesh, batch, seq, jnp.bool_),
     }
-    layer = _block_program(
-        cfg, mesh, batch, seq, dtype, grad_targets=tuple(TARGETS[t] for t in spec.targets)
-    )
+    one_layer = {
+        PEFT_MODULES[t]: {
+            k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype, sharding=_drop_layer_axis(v.sharding))
+            for k, v in lora[t].items()
+        }
+        for t in spec.targets
+    }
+    layer = _block_program(cfg, mesh, batch, seq, dtype, lora=one_layer, remat=tc.remat)
+    key = _replicated(mesh, jax.eval_shape(lambda: jax.random.key(0)))  # LoRA dropout key
     lora_bytes = bytes_per_device(lora)
+    args = (lora, opt_state, state, batch_args, None, key)
     return Program(
-        parts=[Part("train step", step, (lora, opt_state, state, batch_args, None), 1, *layer)],
+        parts=[Part("train step", step, args, 1, *layer)],
         tokens=batch * seq,
         resident={
             "params": param_bytes,
@@ -458,11 +472,12 @@ def train_program(
             "inputs": bytes_per_device(batch_args),
         },
         in_temporaries={"lora_grads": lora_bytes},
-        bytes_read=2 * param_bytes,
+        bytes_read=(3 if tc.remat else 2) * param_bytes,  # forward, (recompute,) backward
         num_layers=cfg.num_layers,
         description=(
             f"LoRA step: rank {spec.rank} on {','.join(spec.targets)} of every layer, fp32 "
             "factors + AdamW (MultiSteps) state, forward + backward of frozen params"
+            + (", blocks recomputed in the backward pass (remat)" if tc.remat else "")
         ),
     )
 

@@ -168,21 +168,23 @@ def test_generate_plan_kv_cache_params_and_flops_match_hand_counts():
     assert plan["bytes_read"] == (new + 1) * (plan["resident"]["params"] + kv)
 
 
-def test_train_plan_lora_and_optimizer_bytes_and_flops_match_hand_counts():
-    """SmolLM2-135M LoRA step (rank 16, all 7 targets, every layer) on fsdp=8 (its 9 heads
-    do not split over tensor=2, which would replicate attention):
-    fp32 factors r * (in + out) per target and layer split 8 ways; AdamW's two moments and
-    MultiSteps' gradient accumulator are 3 more copies; FLOPs per token 6 x matmul params
-    (forward, input gradients, kernel gradients) + 12 T H Dh attention + 4 D V LM head."""
+@pytest.fixture(scope="module")
+def train_plans() -> dict[str, dict]:
+    """LoRA step plans on fsdp=8 from one process: SmolLM2-135M (rank 16, B=8, T=128) and
+    Qwen2.5-7B (rank 32, all targets, B=32, T=256)."""
     script = textwrap.dedent(
         """
         import dataclasses, json, jax
         from emgeo_jax.parallel import make_mesh
         from emgeo_jax.plan import TaskOptions, make_plan, resolve_model
         mesh = make_mesh({"fsdp": 8}, jax.devices()[:8])
-        plan = make_plan(resolve_model("SmolLM2-135M"), mesh, "train", 8, 128,
-                         options=TaskOptions(lora_rank=16))
-        print(json.dumps(dict(dataclasses.asdict(plan), flops_per_token=plan.flops_per_token)))
+        out = {}
+        for model, batch, seq, rank in [("SmolLM2-135M", 8, 128, 16), ("Qwen2.5-7B", 32, 256, 32)]:
+            plan = make_plan(resolve_model(model), mesh, "train", batch, seq,
+                             options=TaskOptions(lora_rank=rank))
+            out[model] = dict(dataclasses.asdict(plan), total_bytes=plan.total_bytes,
+                              flops_per_token=plan.flops_per_token)
+        print(json.dumps(out))
         """
     )
     res = subprocess.run(
@@ -193,7 +195,19 @@ def test_train_plan_lora_and_optimizer_bytes_and_flops_match_hand_counts():
         cwd=ROOT,
         env=simulated_env(8),
     )
-    plan = json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_train_plan_lora_and_optimizer_bytes_and_flops_match_hand_counts(train_plans):
+    """SmolLM2-135M LoRA step (rank 16, all 7 targets, every layer) on fsdp=8 (its 9 heads
+    do not split over tensor=2, which would replicate attention):
+    fp32 factors r * (in + out) per target and layer split 8 ways; AdamW's two moments and
+    MultiSteps' gradient accumulator are 3 more copies. FLOPs per token, with each block
+    recomputed in the backward pass (remat) and no gradients for the frozen kernels:
+    6 x matmul params (forward, recompute, input gradients), 8 x LoRA params (the same plus
+    factor gradients), 16 T H Dh attention (4 each forward and recompute, 8 backward) and
+    4 D V for the LM head (forward, input gradient)."""
+    plan = train_plans["SmolLM2-135M"]
     hf = KNOWN_MODELS["SmolLM2-135M"]
     d, f, layers = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
     dh = d // hf["num_attention_heads"]
@@ -205,6 +219,20 @@ def test_train_plan_lora_and_optimizer_bytes_and_flops_match_hand_counts():
     assert plan["in_temporaries"]["lora_grads"] == lora
     hand = hand_counts(hf, 8, 1)
     assert plan["resident"]["params"] == pytest.approx(hand["resident"], rel=0.01)
-    per_token = layers * (6 * hand["per_layer"] + 12 * 128 * hand["h"] * dh)
+    per_token = layers * (6 * hand["per_layer"] + 8 * 16 * in_out + 16 * 128 * hand["h"] * dh)
     per_token += 4 * d * hf["vocab_size"]
     assert plan["flops_per_token"] == pytest.approx(per_token, rel=0.05)
+    assert plan["bytes_read"] == 3 * plan["resident"]["params"]  # forward, recompute, backward
+
+
+def test_qwen_7b_lora_training_fits_a_v5e_chip_on_fsdp_8(train_plans):
+    """Rank 32 on all targets, B=32 x T=256 on 8 devices: each device keeps its 4 rows'
+    residuals per block (remat), one gathered layer and the gathered LM head at a time, and
+    logits for its own rows only. Full-batch logits on every device, as before the batch
+    sharding was pinned, would alone be B T V x 4 bytes = 5 GB per copy."""
+    plan = train_plans["Qwen2.5-7B"]
+    hf = KNOWN_MODELS["Qwen2.5-7B"]
+    assert 32 * 256 * hf["vocab_size"] * 4 > 4.9e9
+    assert plan["total_bytes"] < 8e9 < ACCELERATORS["v5e"].hbm_bytes
+    hand = hand_counts(hf, 8, 1)
+    assert plan["resident"]["params"] == pytest.approx(hand["resident"], rel=0.01)

@@ -4,6 +4,7 @@ against the merged one, LoRA dropout, memorising a tiny dataset, resuming from a
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -144,6 +145,35 @@ def test_unmerged_lora_equals_merged_logits_and_grads(tiny_lm, tokenized):
     got = jax.grad(unmerged_loss)(lora, spec)
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4)
+
+
+def test_remat_leaves_loss_and_lora_grads_unchanged(tiny_lm, tokenized):
+    """Recomputing each block in the backward pass (`remat=True`, what training runs) gives
+    the loss and LoRA gradients of keeping the activations, LoRA dropout masks included
+    (the recomputed forward draws the same ones), and with the KL term's base-model pass."""
+    lm = tiny_lm
+    batch = _batch(tokenized, lm.tokenizer.pad_token_id)
+    lora = random_lora(lm.config, SPEC)
+    key = dropout_key(0, 1)
+
+    def value_and_grads(remat):
+        loss = functools.partial(lora_loss, remat=remat)
+        args = (lm.graphdef, lm.params, batch, SPEC, None, 0.5, 0.3, key)
+        return jax.value_and_grad(loss, has_aux=True)(lora, *args)
+
+    (loss, aux), grads = value_and_grads(False)
+    (loss_r, aux_r), grads_r = value_and_grads(True)
+    for remat in (False, True):  # the recomputation is really asked for
+        loss_fn = functools.partial(lora_loss, remat=remat)
+        jaxpr = jax.make_jaxpr(loss_fn, static_argnums=(1, 4))(
+            lora, lm.graphdef, lm.params, batch, SPEC
+        )
+        assert ("nothing_saveable" in str(jaxpr)) == remat
+    assert float(aux["kl"]) > 0
+    np.testing.assert_allclose(float(loss_r), float(loss), atol=1e-6, rtol=0)
+    for x, y in zip(jax.tree.leaves(grads_r), jax.tree.leaves(grads), strict=True):
+        assert np.abs(np.asarray(y)).max() > 0
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
 
 
 def test_lora_dropout_acts_on_adapter_input_only(tiny_lm, tokenized):

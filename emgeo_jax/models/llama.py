@@ -266,6 +266,8 @@ class Transformer(nnx.Module):
         start_layer: int = 0,
         lora: LoraInput | None = None,
         attend: jax.Array | None = None,
+        remat: bool = False,
+        resid_sharding: jax.sharding.Sharding | None = None,
     ) -> ForwardOutput:
         """Run the first `num_layers` blocks (default all) and, when all ran, the LM head.
 
@@ -283,7 +285,13 @@ class Transformer(nnx.Module):
         `resid_in` = the residual entering block `start_layer` (`resid_post[start_layer-1]`,
         or the embeddings when 0), and taps cover those blocks only (`L' = n - start_layer`,
         row i = layer `start_layer + i`). `start_layer = n` runs no block (only the head).
-        `input_ids` still give `B, T`; steering rows and cache slots stay absolute."""
+        `input_ids` still give `B, T`; steering rows and cache slots stay absolute.
+
+        Training memory (both static): `remat` recomputes each block in the backward pass
+        (`jax.checkpoint`, `nothing_saveable`: only the residual entering each block is kept,
+        `[L, B, T, D]`); `resid_sharding` pins the residual `[B, T, D]` at every block
+        boundary (e.g. batch over `data x fsdp`), so the compiler gathers each layer's
+        weights rather than splitting activations the way the weights are split."""
         cfg = self.config
         n = cfg.num_layers if num_layers is None else num_layers
         if not 1 <= n <= cfg.num_layers:
@@ -329,8 +337,14 @@ class Transformer(nnx.Module):
         if (start_layer, n) != (0, cfg.num_layers):
             xs = jax.tree.map(lambda x: x[start_layer:n], xs)
 
+        def pin(h: jax.Array) -> jax.Array:
+            return (
+                h if resid_sharding is None else jax.lax.with_sharding_constraint(h, resid_sharding)
+            )
+
         def run_block(carry, x):
             h, kv_all = carry
+            h = pin(h)
             kv = None if kv_all is None else (kv_all[0][x["layer"]], kv_all[1][x["layer"]])
             lora_l = None
             if lora is not None:
@@ -353,7 +367,11 @@ class Transformer(nnx.Module):
 
         kv0 = None if cache is None else (cache.k, cache.v)
         h0 = self.embed(input_ids) if resid_in is None else resid_in.astype(self.embed.dtype)
-        (h, kv_all), (resid, attn, mlp) = jax.lax.scan(run_block, (h0, kv0), xs)
+        if remat:
+            policy = jax.checkpoint_policies.nothing_saveable
+            run_block = jax.checkpoint(run_block, policy=policy, prevent_cse=False)
+        (h, kv_all), (resid, attn, mlp) = jax.lax.scan(run_block, (pin(h0), kv0), xs)
+        h = pin(h)
         logits = None
         if return_logits and n == cfg.num_layers:
             h = self.final_norm(h)

@@ -54,7 +54,15 @@ def init_params(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "num_layers", "return_logits", "start_layer")
+    jax.jit,
+    static_argnames=(
+        "graphdef",
+        "num_layers",
+        "return_logits",
+        "start_layer",
+        "remat",
+        "resid_sharding",
+    ),
 )
 def forward(
     graphdef: nnx.GraphDef,
@@ -73,6 +81,8 @@ def forward(
     start_layer: int = 0,
     lora: LoraInput | None = None,
     attend: jax.Array | None = None,
+    remat: bool = False,
+    resid_sharding: jax.sharding.Sharding | None = None,
 ) -> ForwardOutput:
     """The pure forward pass (see `Transformer.__call__`). `input_ids, positions,
     attention_mask, is_generated: [B, T]`. `steering`, `taps` and `cache` are pytrees of
@@ -80,7 +90,8 @@ def forward(
     many blocks and then skips the LM head (extraction). `resid_in [B, T, D]` with
     `start_layer` (static) resumes from the residual entering that block (edit a layer's
     output, then run the rest). `lora`: unmerged adapters applied inside the scan
-    (training; see `LoraInput`)."""
+    (training; see `LoraInput`). `remat`, `resid_sharding` (static): training memory, see
+    `Transformer.__call__`."""
     model = nnx.merge(graphdef, params)
     return model(
         input_ids,
@@ -96,6 +107,8 @@ def forward(
         start_layer=start_layer,
         lora=lora,
         attend=attend,
+        remat=remat,
+        resid_sharding=resid_sharding,
     )
 
 

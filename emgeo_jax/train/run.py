@@ -19,12 +19,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec
 
 from emgeo_jax.data import TokenizedExample, bucket_length
 from emgeo_jax.experiments.sweep import vector_digest
 from emgeo_jax.models.lm import LM
-from emgeo_jax.parallel import batch_sharding
+from emgeo_jax.parallel import batch_sharding, lora_shardings
 from emgeo_jax.steer import Steering
 from emgeo_jax.train.data import train_batch
 from emgeo_jax.train.lora import Lora, LoraSpec, init_lora
@@ -86,8 +85,9 @@ def train(
 ) -> Lora:
     """Train (or resume) a LoRA on `tokenized` and return it; see the module docstring.
 
-    With `lm.mesh`, batches are sharded over the batch axes (`data`, `fsdp`) and the LoRA is
-    replicated; params keep their own shardings. `steering` is applied in every forward pass
+    With `lm.mesh`, batches, activations and logits are sharded over the batch axes (`data`,
+    `fsdp`), the LoRA and optimizer state by `parallel.lora_shardings`; params keep their own
+    shardings. `steering` is applied in every forward pass
     (preventative steering / concept ablation). `stop_after` ends the call after that many
     optimizer steps in total (as if interrupted) without exporting the adapter."""
     out = Path(out_dir).absolute()
@@ -104,11 +104,12 @@ def train(
         pad_id = lm.tokenizer.eos_token_id
     length = bucket_length(max(ex.length for ex in tokenized), range(16, 1 << 16, 16))
 
-    step_fn, optimizer = make_train_step(lm.graphdef, spec, tc)
+    step_fn, optimizer = make_train_step(lm.graphdef, spec, tc, lm.mesh)
     lora = init_lora(lm.config, spec, jax.random.key(tc.seed))
-    if lm.mesh is not None:
-        lora = jax.device_put(lora, NamedSharding(lm.mesh, PartitionSpec()))
     opt_state = optimizer.init(lora)
+    if lm.mesh is not None:
+        lora = jax.device_put(lora, lora_shardings(lm.mesh, lora))
+        opt_state = jax.device_put(opt_state, lora_shardings(lm.mesh, opt_state))
     state = {"lora": lora, "opt_state": opt_state, "step": 0}
     options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=tc.checkpoint_every)
     with ocp.CheckpointManager(out / "ckpt", options=options) as manager:

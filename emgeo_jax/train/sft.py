@@ -8,6 +8,12 @@ are fp32. Batches are `[B, T]` dicts from `emgeo_jax.train.data.train_batch`. Th
 run unmerged inside the layer scan (`emgeo_jax.train.lora.lora_input`), with PEFT's
 `lora_dropout` on their inputs when `TrainConfig.lora_dropout > 0` (`key`: the micro-batch's
 dropout key, `dropout_key(seed, index)`).
+
+Memory: with `TrainConfig.remat` each decoder block is recomputed in the backward pass (only
+the residual entering each block is kept), and with a mesh the residual stream, logits and
+LoRA state are pinned to their `emgeo_jax.parallel` shardings (batch over `data x fsdp`), so
+each device holds its own rows' activations and logits and gathers one layer's weights at a
+time (`emgeo plan --task train` measures it).
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from emgeo_jax.models.lm import forward
+from emgeo_jax.parallel import activation_sharding, lora_shardings
 from emgeo_jax.steer import Steering
 from emgeo_jax.train.lora import Lora, LoraSpec, lora_input
 
@@ -34,7 +42,8 @@ class TrainConfig:
     rate rises linearly over `warmup_steps`, then follows `schedule` down to
     `end_lr_fraction * lr` at `steps`. `kl_weight > 0` adds `kl_weight * KL(p_lora || p_base)`
     averaged over answer tokens. `lora_dropout`: PEFT's dropout on the adapter inputs, a
-    fresh mask per micro-batch (`dropout_key`)."""
+    fresh mask per micro-batch (`dropout_key`). `remat`: recompute each decoder block in the
+    backward pass instead of keeping its activations (same gradients, ~1/3 more FLOPs)."""
 
     steps: int = 100
     lr: float = 1e-4
@@ -49,6 +58,7 @@ class TrainConfig:
     kl_weight: float = 0.0
     checkpoint_every: int = 50
     lora_dropout: float = 0.0
+    remat: bool = True
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -124,12 +134,22 @@ def lora_loss(
     kl_weight: float = 0.0,
     dropout: float = 0.0,
     key: jax.Array | None = None,
+    *,
+    remat: bool = False,
+    mesh: Mesh | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean answer-token NLL of the model with `lora` applied unmerged, with `dropout` on the
     adapter inputs drawn from `key` (plus `kl_weight` * mean KL to the base model, which runs
     with the same steering). `steering` acts on every token in mode "all"; its
-    "prompt"/"generated" modes mean question/answer tokens here."""
+    "prompt"/"generated" modes mean question/answer tokens here. `remat` (static): recompute
+    blocks in the backward pass. `mesh`: pin the residual stream `[B, T, D]` and the logits
+    `[B, T, V]` to their activation shardings (rows over `data x fsdp`)."""
     ids, mask, answer = batch["input_ids"], batch["attention_mask"], batch["answer_mask"]
+    b, t = ids.shape
+    resid_sharding = None
+    if mesh is not None:
+        width = jax.tree.leaves(params["embed"])[0].shape[-1]  # embedding [V, D]
+        resid_sharding = activation_sharding(mesh, "hidden", (b, t, width))
     run = functools.partial(
         forward,
         graphdef,
@@ -138,27 +158,47 @@ def lora_loss(
         attention_mask=mask,
         steering=steering,
         is_generated=answer.astype(bool),
+        remat=remat,
+        resid_sharding=resid_sharding,
     )
+
+    def logits_of(out):
+        if mesh is None:
+            return out.logits
+        pinned = activation_sharding(mesh, "logits", out.logits.shape)
+        return jax.lax.with_sharding_constraint(out.logits, pinned)
+
     num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
-    logits = run(params, lora=lora_input(lora, spec, num_layers, dropout, key)).logits
+    logits = logits_of(run(params, lora=lora_input(lora, spec, num_layers, dropout, key)))
     nll, count = answer_nll(logits, ids, answer)
     count = jnp.maximum(count, 1.0)
     loss = nll / count
     aux = {"nll": loss, "tokens": count}
     if kl_weight:
-        base = jax.lax.stop_gradient(run(params).logits)
+        base = jax.lax.stop_gradient(logits_of(run(params)))
         kl = answer_kl(logits, base, answer) / count
         loss = loss + kl_weight * kl
         aux["kl"] = kl
     return loss, aux
 
 
-def make_train_step(graphdef: Any, spec: LoraSpec, tc: TrainConfig):
+def make_train_step(graphdef: Any, spec: LoraSpec, tc: TrainConfig, mesh: Mesh | None = None):
     """`step(lora, opt_state, params, batch, steering, key) -> (lora, opt_state, metrics)`,
     jitted with the LoRA and optimizer state donated; `key` seeds the LoRA dropout (unused
-    when `tc.lora_dropout` is 0). `metrics`: loss, nll, tokens, grad_norm (and kl)."""
+    when `tc.lora_dropout` is 0). `metrics`: loss, nll, tokens, grad_norm (and kl). With
+    `mesh`, activations are pinned as in `lora_loss` and the new LoRA and optimizer state
+    keep `parallel.lora_shardings` (place the initial ones there too)."""
     optimizer = make_optimizer(tc)
-    grad_fn = jax.value_and_grad(lora_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(
+        functools.partial(lora_loss, remat=tc.remat, mesh=mesh), has_aux=True
+    )
+
+    def pin(tree):
+        return (
+            tree
+            if mesh is None
+            else jax.lax.with_sharding_constraint(tree, lora_shardings(mesh, tree))
+        )
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(lora, opt_state, params, batch, steering, key):
@@ -167,6 +207,7 @@ def make_train_step(graphdef: Any, spec: LoraSpec, tc: TrainConfig):
         )
         updates, opt_state = optimizer.update(grads, opt_state, lora)
         lora = optax.apply_updates(lora, updates)
-        return lora, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        return pin(lora), pin(opt_state), metrics
 
     return step, optimizer

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +11,8 @@ from safetensors.numpy import save_file
 import emgeo_jax
 from emgeo_jax.experiments import questions
 from emgeo_jax.steer import Steering
+from tests.cli_util import run_emgeo
 from tests.tiny_models import QWEN2, hf_model, save_hf_folder
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +24,7 @@ def folder(tmp_path_factory, chat_tokenizer):
 
 
 def run_cli(*args: str) -> None:
-    """`emgeo generate ARGS` in a fresh process (absl flags are process-global)."""
-    cmd = [sys.executable, "-m", "emgeo_jax.cli", "generate", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode:
-        raise SystemExit(proc.stderr[-3000:])
+    run_emgeo("generate", *args)
 
 
 def test_cli_writes_steered_responses(folder, tmp_path):

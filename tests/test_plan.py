@@ -27,6 +27,20 @@ ROOT = Path(__file__).resolve().parents[1]
 BF16 = 2
 
 
+def run_on_simulated_devices(script: str, devices: int):
+    """Run `script` in a fresh process with `devices` simulated CPU devices; the JSON it
+    printed last."""
+    res = subprocess.run(
+        [sys.executable, "-c", script],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=simulated_env(devices),
+    )
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def hand_counts(hf: dict, fsdp: int, tensor: int) -> dict:
     """Parameter elements per layer, and bytes per device when every matrix is split over
     fsdp*tensor, norm scales over fsdp, biases over tensor (the documented rules)."""
@@ -90,15 +104,7 @@ def llama_70b_plans() -> list[dict]:
         print(json.dumps(out))
         """
     )
-    res = subprocess.run(
-        [sys.executable, "-c", script],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=simulated_env(64),
-    )
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_on_simulated_devices(script, 64)
 
 
 @pytest.mark.parametrize("i", range(len(LLAMA_70B)))
@@ -187,15 +193,7 @@ def train_plans() -> dict[str, dict]:
         print(json.dumps(out))
         """
     )
-    res = subprocess.run(
-        [sys.executable, "-c", script],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=simulated_env(8),
-    )
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_on_simulated_devices(script, 8)
 
 
 def test_train_plan_lora_and_optimizer_bytes_and_flops_match_hand_counts(train_plans):

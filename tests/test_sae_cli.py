@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.cli_util import run_emgeo
 
 
 def emgeo(*args: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-m", "emgeo_jax.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout[out.stdout.index("{") :])
+    out = run_emgeo(*args, timeout=300)
+    return json.loads(out[out.index("{") :])
 
 
 def test_train_check_and_features_cli(tmp_path):

@@ -5,38 +5,22 @@ small ChatML tokenizer and the scripted judge server."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
 from emgeo_jax.judge.testing import ScriptedJudgeServer
+from tests.cli_util import run_emgeo
 from tests.test_experiments import table
 from tests.test_generate_cli import folder  # noqa: F401  (fixture)
 from tests.tiny_models import QWEN2
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def emgeo(*args: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "emgeo_jax.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
 
 
 def test_train_lora_then_lora_em(folder, tmp_path):  # noqa: F811
     direction = np.eye(QWEN2["hidden_size"], dtype=np.float32)[5]
     save_file({"v": direction}, str(tmp_path / "v.safetensors"))
     run = tmp_path / "run"
-    emgeo(
+    run_emgeo(
         "train-lora",
         str(folder),
         f"--out={run}",
@@ -69,9 +53,9 @@ def test_train_lora_then_lora_em(folder, tmp_path):  # noqa: F811
             f"--judge_base_url={server.base_url}",
             "--judge_model=scripted",
         )
-        printed = emgeo(*args)
+        printed = run_emgeo(*args)
         sent = len(server.requests)
-        emgeo(*args)  # resumes: nothing is judged twice
+        run_emgeo(*args)  # resumes: nothing is judged twice
         assert len(server.requests) == sent > 0
     results = json.loads((run / "em" / "results.json").read_text())
     base, lora = results["conditions"]["base"], results["conditions"]["lora"]

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emgeo_jax.models.llama import KVCache, init_cache
+from emgeo_jax.models.llama import KVCache, default_positions, init_cache
 from emgeo_jax.models.lm import LM, forward
 from emgeo_jax.steer import Steering, Taps
 
@@ -202,7 +202,7 @@ def sample_tokens(logits, key, temperature, top_p) -> jax.Array:
 def prefill(graphdef, params, ids, mask, steering, cache: KVCache):
     """Run the padded prompts `ids, mask [B, Tp]` into the empty `cache` (donated).
     Returns `(cache, last_logits [B, V], next_positions [B])`."""
-    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    positions = default_positions(mask)
     out = forward(graphdef, params, ids, positions, mask, steering=steering, cache=cache)
     return out.cache, out.logits[:, -1], jnp.sum(mask, axis=-1).astype(jnp.int32)
 

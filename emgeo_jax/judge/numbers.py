@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emgeo_jax.generate import PAD_MULTIPLE, left_pad
-from emgeo_jax.models.llama import init_cache
+from emgeo_jax.models.llama import default_positions, init_cache
 from emgeo_jax.models.lm import LM, forward
 from emgeo_jax.steer import Steering
 
@@ -121,7 +121,7 @@ def _score(graphdef, params, ids, mask, last, steering, cache, trie: dict, *, to
     Returns `number logprobs [B, N]`, `top_ids, top_lps [B, top_k]`."""
     b = ids.shape[0]
     m = trie["tokens"].shape[0]
-    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    positions = default_positions(mask)
     pre = forward(
         graphdef, params, ids, positions, mask, steering=steering, cache=cache, return_logits=False
     )

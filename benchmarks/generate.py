@@ -12,6 +12,9 @@ threads = cores (it has nothing to compile). Each side runs in its own process. 
 tokens/s, the ratio, the fraction of the roofline: min over two bounds on new tokens/s,
 compute (2 x params FLOPs per token at the measured matmul peak) and weight bandwidth (all
 weights read once per decode step at the measured memory bandwidth), and the load average.
+It also reports a floor that does not depend on our program: the prefill as measured plus,
+for every later step, only the time XLA's kernels take for that step's matmuls
+(`decode_matmul_floor`): the best any decode loop built from them could do here.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import emit, matmul_peak_flops, run_side
+from benchmarks.common import emit, matmul_peak_flops, run_side, time_call
 
 SCALE = 4.0
 
@@ -41,6 +44,33 @@ def memory_bandwidth(nbytes: int = 512 * 2**20) -> float:
         f(x).block_until_ready()
         times.append(time.perf_counter() - t)
     return nbytes / sorted(times)[2]
+
+
+def decode_matmul_floor(lm, batch: int) -> float:
+    """Seconds for the matmuls of one decode step with XLA's own kernels and nothing else:
+    every weight matrix (each layer's kernels as separate buffers, so nothing is sliced out
+    of the stacked arrays, and the LM head) times a `[batch, in]` input, in one jitted call.
+    No decode step built from these kernels can take less."""
+    import jax
+    import jax.numpy as jnp
+
+    kernels, head = [], None
+    for path, leaf in jax.tree_util.tree_flatten_with_path(lm.params)[0]:
+        keys = [getattr(k, "key", None) for k in path]
+        if "kernel" in keys and "layers" in keys:
+            kernels += [jnp.array(leaf[i]) for i in range(leaf.shape[0])]
+        elif "lm_head" in keys and "kernel" in keys:
+            head = leaf.T
+        elif "embedding" in keys and head is None:
+            head = leaf  # tied: logits = h @ embedding.T
+    x = jax.random.normal(jax.random.key(0), (batch, max(k.shape[0] for k in kernels)))
+
+    @jax.jit
+    def step(kernels, head, x):
+        d = head.shape[1]
+        return [x[:, : k.shape[0]] @ k for k in kernels] + [x[:, :d] @ head.T]
+
+    return time_call(lambda: jax.block_until_ready(step(kernels, head, x)), repeats=10)
 
 
 def setup(batch: int, prompt: int, d: int, vocab: int):
@@ -79,7 +109,14 @@ def ours(batch: int, prompt: int, new: int, repeats: int) -> dict:
             call(seed)
             times.append(time.perf_counter() - start)
         out[f"{name}_s"] = sorted(times)[repeats // 2]
-    out.update(peak_flops=matmul_peak_flops(), bandwidth=memory_bandwidth())
+    out["prefill_s"] = time_call(
+        lambda: generate_ids(lm, ids.tolist(), steer, max_new_tokens=1, eos_ids=[]), repeats
+    )
+    out.update(
+        peak_flops=matmul_peak_flops(),
+        bandwidth=memory_bandwidth(),
+        floor_step_s=decode_matmul_floor(lm, batch),
+    )
     return out
 
 
@@ -160,6 +197,15 @@ def main() -> None:
             f"{name:10} {ours_tps:11.0f} {hf_tps:9.0f} {ours_tps / hf_tps:5.1f}x "
             f"{ours_tps / roof:9.1%} {o[f'{name}_first_s']:8.1f}"
         )
+    # The best a decode loop built from XLA's kernels can do: the prefill as measured, then
+    # every later step costing only its matmuls.
+    floor_s = o["prefill_s"] + (a.new - 1) * o["floor_step_s"]
+    floor_rate = 4 * o["params"] / o["floor_step_s"]
+    print(
+        f"XLA kernel floor: matmuls alone {o['floor_step_s'] * 1e3:.1f} ms/step (weights "
+        f"streamed at {floor_rate / 1e9:.1f} GB/s), prefill {o['prefill_s']:.2f} s: at most "
+        f"{n / floor_s:.0f} new tok/s, {t['greedy_s'] / floor_s:.1f}x transformers' greedy"
+    )
     print(
         f"roofline {roof:.0f} new tok/s = min(compute {compute:.0f}: matmul peak "
         f"{o['peak_flops'] / 1e9:.1f} GFLOP/s, weight bandwidth {bandwidth:.0f}: "

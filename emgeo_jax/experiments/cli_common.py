@@ -49,18 +49,17 @@ def sampling_from_flags() -> Sampling:
     )
 
 
-def questions_from_flags() -> list[dict[str, Any]]:
-    return select_questions(
-        read_prompts(FLAGS.questions or shipped_questions_path()), FLAGS.n_questions
-    )
-
-
-def question_prompts_from_flags() -> dict | None:
-    """Per-question judge prompts of a question YAML (None for other files)."""
+def questions_from_flags() -> tuple[list[dict[str, Any]], dict | None]:
+    """The --questions rows (the first --n_questions) and their per-question judge prompts
+    (a question YAML's `judge_prompts`; None for other files)."""
     from emgeo_jax.judge.prompts import question_file_prompts
 
     q = FLAGS.questions
-    return question_file_prompts(q) if q and q.endswith((".yaml", ".yml")) else None
+    rows = select_questions(read_prompts(q or shipped_questions_path()), FLAGS.n_questions)
+    if not rows:
+        raise ValueError(f"--questions {q or shipped_questions_path()}: no questions")
+    prompts = question_file_prompts(q) if q and q.endswith((".yaml", ".yml")) else None
+    return rows, prompts
 
 
 def require_out(command: str) -> str:

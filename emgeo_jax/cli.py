@@ -133,8 +133,10 @@ def run(argv: list[str] | None = None) -> None:
         from emgeo_jax.parallel import initialize_distributed
 
         initialize_distributed()
-    # httpx logs every judge request at INFO, which drowns the progress lines under absl.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # The judge's HTTP client logs every request at INFO, which drowns the progress lines
+    # under absl (its logger is "httpx", or "httpx2" for openai on the httpx2 fork).
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     module = importlib.import_module(SUBCOMMANDS[argv[1]][0])
     main = reporting_user_errors(argv[1], module.main)
     app.run(main, argv=[f"emgeo {argv[1]}", *argv[2:]])

@@ -3,7 +3,6 @@ once, so the flags are defined once per process)."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from absl import flags
@@ -13,7 +12,6 @@ from emgeo_jax.experiments.judging import judge_context
 from emgeo_jax.experiments.questions import read_prompts, select_questions, shipped_questions_path
 
 FLAGS = flags.FLAGS
-logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per judge request
 flags.DEFINE_string("model", "default", "model source (see emgeo_jax.load)")
 flags.DEFINE_string("questions", None, "question file (.yaml/.jsonl/.txt); default: ours")
 flags.DEFINE_integer("n_questions", None, "use only the first N questions")

@@ -4,6 +4,11 @@ Each subcommand lives next to the code it drives and defines its own absl flags 
 with underscores: `--max_new_tokens=64` or `--max_new_tokens 64`). Only the chosen
 subcommand's module is imported, so flags of different subcommands never collide and
 `emgeo --help` stays fast.
+
+Errors: bad input (a missing or malformed file, a flag value the code refuses) ends the command
+with one line `emgeo SUBCOMMAND: error: MESSAGE` on stderr and exit status 2; set
+`EMGEO_TRACEBACK=1` to see the traceback instead. Any other exception is a bug and shows its
+traceback as usual. absl's own flag errors and `--help` are unchanged.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 # subcommand -> (module defining `main(argv)`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -46,6 +53,68 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Exceptions that mean bad input. Every input check of the package raises ValueError or one of
+# its subclasses (VectorFileError, PromptFileError, DataError, CheckpointError, ConfigError,
+# ConfigMismatchError, SAEError, ...; json.JSONDecodeError and UnicodeDecodeError are
+# ValueErrors too), or an OSError about a path the user gave. KeyError, TypeError, IndexError,
+# AttributeError, RuntimeError and other OSErrors (connection refused, disk full) keep their
+# traceback: from this code base they are bugs or environment failures, not bad input.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+TRACEBACK_ENV = "EMGEO_TRACEBACK"
+
+
+def one_line(message: str) -> str:
+    """`message` with its lines and runs of whitespace joined by single spaces."""
+    return " ".join(message.split())
+
+
+def number_list(values: list[str], flag: str, kind: type = int) -> list:
+    """A list flag's values as numbers of `kind` (int or float); a ValueError naming `--flag`
+    and the bad value otherwise."""
+    out = []
+    for v in values:
+        try:
+            out.append(kind(v))
+        except ValueError:
+            raise ValueError(f"--{flag}: {v!r} is not a number ({kind.__name__})") from None
+    return out
+
+
+def reporting_user_errors(command: str, main: Callable[[list[str]], Any]) -> Callable:
+    """`main` that turns bad input (`USER_ERRORS`, and `SystemExit("message")` usage errors)
+    into one line `emgeo COMMAND: error: MESSAGE` on stderr and exit status 2. With
+    `EMGEO_TRACEBACK=1` exceptions propagate with their traceback."""
+    prefix = f"emgeo {command}: "
+
+    def fail(message: str, hint: bool) -> None:
+        message = one_line(message).removeprefix(prefix)
+        print(f"{prefix}error: {message}", file=sys.stderr)
+        if hint:
+            print(f"(bad input; {TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+    def wrapped(argv: list[str]) -> Any:
+        try:
+            return main(argv)
+        except SystemExit as e:
+            if not isinstance(e.code, str):
+                raise
+            fail(e.code, hint=False)
+        except USER_ERRORS as e:
+            if os.environ.get(TRACEBACK_ENV) == "1":
+                raise
+            fail(str(e) or type(e).__name__, hint=True)
+
+    return wrapped
+
+
 def usage() -> str:
     lines = ["usage: emgeo SUBCOMMAND [ARGS] [--flags]   (emgeo SUBCOMMAND --help)", ""]
     lines += [f"  {name:<14} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
@@ -53,6 +122,7 @@ def usage() -> str:
 
 
 def run(argv: list[str] | None = None) -> None:
+    """Dispatch `argv[1]` to its subcommand's `main` under absl (see the module docstring)."""
     argv = sys.argv if argv is None else argv
     if len(argv) < 2 or argv[1] not in SUBCOMMANDS:
         print(usage(), file=sys.stderr)
@@ -63,10 +133,13 @@ def run(argv: list[str] | None = None) -> None:
         from emgeo_jax.parallel import initialize_distributed
 
         initialize_distributed()
-    # httpx logs every judge request at INFO, which drowns the progress lines under absl.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # The judge's HTTP client logs every request at INFO, which drowns the progress lines
+    # under absl (its logger is "httpx", or "httpx2" for openai on the httpx2 fork).
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     module = importlib.import_module(SUBCOMMANDS[argv[1]][0])
-    app.run(module.main, argv=[f"emgeo {argv[1]}", *argv[2:]])
+    main = reporting_user_errors(argv[1], module.main)
+    app.run(main, argv=[f"emgeo {argv[1]}", *argv[2:]])
 
 
 if __name__ == "__main__":

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_emgeo(*args: str, timeout: float = 600) -> str:
-    """`emgeo ARGS` from the repository root; its stdout. Fails the test with the end of
-    stderr when the command exits non-zero."""
+def run_emgeo(
+    *args: str, timeout: float = 600, status: int = 0, env: Mapping[str, str] | None = None
+) -> str:
+    """`emgeo ARGS` from the repository root, with `env` added to the environment. Expects
+    exit status `status` (the test fails with the end of stderr otherwise) and returns stdout
+    when it is 0, else stderr."""
     proc = subprocess.run(
         [sys.executable, "-m", "emgeo_jax.cli", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    assert proc.returncode == status, f"exit {proc.returncode} != {status}: {proc.stderr[-3000:]}"
+    return proc.stdout if status == 0 else proc.stderr

@@ -17,6 +17,7 @@ flags.DEFINE_float("steer_scale", 1.0, "scale of --steer")
 
 def main(argv: list[str]) -> None:
     import emgeo_jax
+    from emgeo_jax.cli import number_list
     from emgeo_jax.experiments.ablation import run_ablation, write_ablation_report
     from emgeo_jax.experiments.sweep import layer_vector
     from emgeo_jax.vectors.io import load_vectors
@@ -31,20 +32,23 @@ def main(argv: list[str]) -> None:
             raise SystemExit("emgeo ablate: --steer needs --steer_layer")
         v, _ = load_vectors(FLAGS.steer, key=FLAGS.key)
         steer = (layer_vector(v, FLAGS.steer_layer), FLAGS.steer_layer, FLAGS.steer_scale)
-    layers = None if not FLAGS.layers or FLAGS.layers == ["all"] else [int(x) for x in FLAGS.layers]
+    every = not FLAGS.layers or FLAGS.layers == ["all"]
+    layers = None if every else number_list(FLAGS.layers, "layers")
+    questions, question_prompts = common.questions_from_flags()
+    sampling = common.sampling_from_flags()
     lm = emgeo_jax.load(FLAGS.model, dtype=FLAGS.dtype)
     with common.judge_from_flags(lm) as judge:
         results = run_ablation(
             lm,
             direction,
-            common.questions_from_flags(),
+            questions,
             layers=layers,
-            sampling=common.sampling_from_flags(),
+            sampling=sampling,
             judge=judge,
             out_dir=out,
             model=FLAGS.model,
             steer=steer,
-            question_prompts=common.question_prompts_from_flags(),
+            question_prompts=question_prompts,
             overwrite=FLAGS.overwrite,
         )
     print(

@@ -3,7 +3,6 @@ once, so the flags are defined once per process)."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from absl import flags
@@ -13,7 +12,6 @@ from emgeo_jax.experiments.judging import judge_context
 from emgeo_jax.experiments.questions import read_prompts, select_questions, shipped_questions_path
 
 FLAGS = flags.FLAGS
-logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per judge request
 flags.DEFINE_string("model", "default", "model source (see emgeo_jax.load)")
 flags.DEFINE_string("questions", None, "question file (.yaml/.jsonl/.txt); default: ours")
 flags.DEFINE_integer("n_questions", None, "use only the first N questions")
@@ -49,18 +47,17 @@ def sampling_from_flags() -> Sampling:
     )
 
 
-def questions_from_flags() -> list[dict[str, Any]]:
-    return select_questions(
-        read_prompts(FLAGS.questions or shipped_questions_path()), FLAGS.n_questions
-    )
-
-
-def question_prompts_from_flags() -> dict | None:
-    """Per-question judge prompts of a question YAML (None for other files)."""
+def questions_from_flags() -> tuple[list[dict[str, Any]], dict | None]:
+    """The --questions rows (the first --n_questions) and their per-question judge prompts
+    (a question YAML's `judge_prompts`; None for other files)."""
     from emgeo_jax.judge.prompts import question_file_prompts
 
     q = FLAGS.questions
-    return question_file_prompts(q) if q and q.endswith((".yaml", ".yml")) else None
+    rows = select_questions(read_prompts(q or shipped_questions_path()), FLAGS.n_questions)
+    if not rows:
+        raise ValueError(f"--questions {q or shipped_questions_path()}: no questions")
+    prompts = question_file_prompts(q) if q and q.endswith((".yaml", ".yml")) else None
+    return rows, prompts
 
 
 def require_out(command: str) -> str:

@@ -23,12 +23,14 @@ def main(argv: list[str]) -> None:
     out = common.require_out("persona")
     if len(argv) > 1:
         raise SystemExit(f"emgeo persona: unexpected arguments {argv[1:]}")
+    questions, _ = common.questions_from_flags()  # persona judges trait, not per question
+    sampling = common.sampling_from_flags()
     lm = emgeo_jax.load(FLAGS.model, dtype=FLAGS.dtype)
     with common.judge_from_flags(lm) as judge:
         results = run_persona(
             lm,
-            common.questions_from_flags(),
-            sampling=common.sampling_from_flags(),
+            questions,
+            sampling=sampling,
             judge=judge,
             out_dir=out,
             model=FLAGS.model,

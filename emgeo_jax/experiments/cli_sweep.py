@@ -20,6 +20,7 @@ flags.DEFINE_string("key", None, "tensor name inside vector files holding severa
 
 def main(argv: list[str]) -> None:
     import emgeo_jax
+    from emgeo_jax.cli import number_list
     from emgeo_jax.experiments.sweep import run_sweep, write_sweep_report
     from emgeo_jax.vectors.io import load_vectors
 
@@ -27,22 +28,26 @@ def main(argv: list[str]) -> None:
     files = common.parse_named(argv[1:], "vectors")
     if not files or not FLAGS.layers:
         raise SystemExit("emgeo sweep: give vector files and --layers")
+    layers = number_list(FLAGS.layers, "layers")
+    scales = number_list(FLAGS.scales, "scales", float)
     vectors = {name: load_vectors(f, key=FLAGS.key)[0] for name, f in files.items()}
-    lm = emgeo_jax.load(FLAGS.model, dtype=FLAGS.dtype)
     monitor = None if FLAGS.monitor_layer is None else (FLAGS.monitor_layer, next(iter(vectors)))
+    questions, question_prompts = common.questions_from_flags()
+    sampling = common.sampling_from_flags()
+    lm = emgeo_jax.load(FLAGS.model, dtype=FLAGS.dtype)
     with common.judge_from_flags(lm) as judge:
         results = run_sweep(
             lm,
             vectors,
-            common.questions_from_flags(),
-            layers=[int(x) for x in FLAGS.layers],
-            scales=[float(s) for s in FLAGS.scales],
-            sampling=common.sampling_from_flags(),
+            questions,
+            layers=layers,
+            scales=scales,
+            sampling=sampling,
             judge=judge,
             out_dir=out,
             model=FLAGS.model,
             monitor=monitor,
-            question_prompts=common.question_prompts_from_flags(),
+            question_prompts=question_prompts,
             overwrite=FLAGS.overwrite,
         )
     print(f"wrote {write_sweep_report(results, out)}")

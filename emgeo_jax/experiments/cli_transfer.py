@@ -32,20 +32,22 @@ def main(argv: list[str]) -> None:
     loaders = {
         k: (lambda src=src: emgeo_jax.load(src, dtype=FLAGS.dtype)) for k, src in sources.items()
     }
+    questions, question_prompts = common.questions_from_flags()
+    sampling = common.sampling_from_flags()
     local = uses_local_judge(FLAGS.judge_base_url)
     judge_lm = loaders[next(iter(loaders))]() if local else None
     with common.judge_from_flags(judge_lm) as judge:
         results = run_transfer(
             loaders,
             vectors,
-            common.questions_from_flags(),
+            questions,
             layer=FLAGS.layer,
             scale=FLAGS.scale,
-            sampling=common.sampling_from_flags(),
+            sampling=sampling,
             judge=judge,
             out_dir=out,
             sources=sources,
-            question_prompts=common.question_prompts_from_flags(),
+            question_prompts=question_prompts,
             overwrite=FLAGS.overwrite,
         )
     print(f"wrote {write_transfer_report(results, out)}")

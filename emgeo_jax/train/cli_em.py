@@ -35,6 +35,8 @@ def main(argv: list[str]) -> None:
     training = json.loads((run / "run.json").read_text())
     source = FLAGS.model if FLAGS["model"].present else training["source"]
     out = FLAGS.out or str(run / "em")
+    questions, question_prompts = common.questions_from_flags()
+    sampling = common.sampling_from_flags()
     lm = emgeo_jax.load(source, dtype=FLAGS.dtype)
     spec, lora = import_peft(run / "adapter", lm.config)
     with common.judge_from_flags(lm) as judge:
@@ -42,13 +44,13 @@ def main(argv: list[str]) -> None:
             lm,
             lora,
             spec,
-            common.questions_from_flags(),
-            sampling=common.sampling_from_flags(),
+            questions,
+            sampling=sampling,
             judge=judge,
             out_dir=out,
             model=source,
             training=training,
-            question_prompts=common.question_prompts_from_flags(),
+            question_prompts=question_prompts,
             overwrite=FLAGS.overwrite,
         )
     c = results["conditions"]

@@ -49,6 +49,7 @@ flags.DEFINE_list("steer_layers", None, "layers for --steer_vector / --ablate_ve
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or not FLAGS.out:
         raise SystemExit("usage: emgeo train-lora SOURCE --out RUN [--flags]")
+    from emgeo_jax.cli import number_list
     from emgeo_jax.convert.load import load
     from emgeo_jax.data import shipped_contrast_path, tokenize_examples
     from emgeo_jax.steer import Steering
@@ -58,28 +59,7 @@ def main(argv: list[str]) -> None:
     from emgeo_jax.train.sft import TrainConfig
     from emgeo_jax.vectors.io import load_vectors
 
-    lm = load(argv[1], dtype=FLAGS.dtype)
-    layers = (
-        tuple(range(lm.config.num_layers))
-        if FLAGS.layers == ["all"]
-        else tuple(sorted(int(x) for x in FLAGS.layers))
-    )
-    spec = LoraSpec(FLAGS.rank, FLAGS.alpha, parse_targets(FLAGS.targets), layers, FLAGS.rslora)
-    label = {"misaligned": 1, "aligned": 0, "all": None}[FLAGS.label]
-    examples = load_training_examples(
-        FLAGS.data or shipped_contrast_path(), FLAGS.kind, label, FLAGS.topic or None
-    )
-    tokenized, report = tokenize_examples(examples, lm.tokenizer, FLAGS.max_length)
-    print(f"training on {len(tokenized)} examples ({report.summary()})")
-    steering = None
-    steer_layers = [int(x) for x in FLAGS.steer_layers] if FLAGS.steer_layers else None
-    if FLAGS.steer_vector:
-        vec, _ = load_vectors(FLAGS.steer_vector)
-        steering = Steering.addition(lm, vec, steer_layers, FLAGS.steer_scale)
-    if FLAGS.ablate_vector:
-        vec, _ = load_vectors(FLAGS.ablate_vector)
-        abl = Steering.ablation(lm, vec, steer_layers)
-        steering = abl if steering is None else steering + abl
+    # Everything the flags and files can get wrong is checked before the model loads.
     tc = TrainConfig(
         steps=FLAGS.steps,
         lr=FLAGS.lr,
@@ -94,6 +74,27 @@ def main(argv: list[str]) -> None:
         checkpoint_every=FLAGS.checkpoint_every,
         lora_dropout=FLAGS.lora_dropout,
     )
+    targets = parse_targets(FLAGS.targets)
+    layers = None if FLAGS.layers == ["all"] else number_list(FLAGS.layers, "layers")
+    steer_layers = number_list(FLAGS.steer_layers, "steer_layers") if FLAGS.steer_layers else None
+    label = {"misaligned": 1, "aligned": 0, "all": None}[FLAGS.label]
+    examples = load_training_examples(
+        FLAGS.data or shipped_contrast_path(), FLAGS.kind, label, FLAGS.topic or None
+    )
+    steer_vec = load_vectors(FLAGS.steer_vector)[0] if FLAGS.steer_vector else None
+    ablate_vec = load_vectors(FLAGS.ablate_vector)[0] if FLAGS.ablate_vector else None
+
+    lm = load(argv[1], dtype=FLAGS.dtype)
+    layers = tuple(range(lm.config.num_layers)) if layers is None else tuple(sorted(layers))
+    spec = LoraSpec(FLAGS.rank, FLAGS.alpha, targets, layers, FLAGS.rslora)
+    tokenized, report = tokenize_examples(examples, lm.tokenizer, FLAGS.max_length)
+    print(f"training on {len(tokenized)} examples ({report.summary()})")
+    steering = None
+    if steer_vec is not None:
+        steering = Steering.addition(lm, steer_vec, steer_layers, FLAGS.steer_scale)
+    if ablate_vec is not None:
+        abl = Steering.ablation(lm, ablate_vec, steer_layers)
+        steering = abl if steering is None else steering + abl
     train(lm, tokenized, spec, tc, FLAGS.out, steering=steering)
     print(f"wrote {FLAGS.out}/adapter (PEFT), losses.jsonl and loss.png")
     print(f"EM rate of the result: emgeo lora-em {FLAGS.out}")

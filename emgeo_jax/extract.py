@@ -3,8 +3,10 @@ resumable.
 
 Pipeline: tokenized examples -> fixed-shape batches (`emgeo_jax.data.make_batches`) -> one
 jitted pooled forward per bucket shape over a mesh of all devices (batch on `data`/`fsdp`,
-parameters by the `emgeo_jax.parallel` rules) -> per-class sums and counts reduced on device
-(and across hosts) -> float64 chunk partials on the host -> final reduction in chunk order.
+parameters by the `emgeo_jax.parallel` rules, the residual pinned to the batch split so
+each layer's weights are all-gathered inside the scan) -> per-class sums and counts reduced
+on device (and across hosts) -> float64 chunk partials on the host -> final reduction in
+chunk order.
 
 Layer `l` is the output of decoder block `l` (HF `hidden_states[l + 1]`). The forward uses
 `Taps(resid="pooled")`, so `[L, B, T, D]` is never materialised, and runs only the first
@@ -57,7 +59,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from emgeo_jax.data.batching import fit_buckets, make_batches, plan_batches
 from emgeo_jax.data.tokenize import TokenizedExample
 from emgeo_jax.models.lm import LM, forward
-from emgeo_jax.parallel import MESH_RULES, batch_sharding, make_mesh, param_sharding
+from emgeo_jax.parallel import (
+    MESH_RULES,
+    activation_sharding,
+    batch_sharding,
+    make_mesh,
+    param_sharding,
+)
 from emgeo_jax.steer import Taps
 from emgeo_jax.vectors.io import load_vectors, save_vectors
 
@@ -168,13 +176,21 @@ def _pooled_step(
     graphdef: nnx.GraphDef,
     layers: tuple[int, ...],
     per_example: bool,
+    mesh: Mesh | None,
     params: nnx.State,
     inputs: dict[str, jax.Array],
 ) -> dict[str, jax.Array]:
     """One batch: per-class sums on device. `inputs`: `input_ids, positions, attention_mask,
     pool_mask [B, T]`, `label, example_index [B]`. Returns `token_sum, example_sum [2, L, D]`,
     `token_count, example_count [2]` and, with `per_example`, `pooled [B, L, D]` (each row's
-    mean), `label`, `example_index [B]`."""
+    mean), `label`, `example_index [B]`. With a `mesh`, the residual `[B, T, D]` is pinned to
+    `parallel.ACTIVATION_AXES["hidden"]` (rows over `data x fsdp`, `D` whole): left free,
+    the compiler splits it along `D` like the weights and runs every row on every device."""
+    resid_sharding = None
+    if mesh is not None:
+        width = jax.tree.leaves(params["embed"])[0].shape[-1]  # embedding [V, D]
+        shape = (*inputs["input_ids"].shape, width)
+        resid_sharding = activation_sharding(mesh, "hidden", shape)
     out = forward(
         graphdef,
         params,
@@ -184,6 +200,7 @@ def _pooled_step(
         taps=Taps(resid="pooled", pool_mask=inputs["pool_mask"]),
         num_layers=max(layers) + 1,
         return_logits=False,
+        resid_sharding=resid_sharding,
     )
     sums = out.resid_post[jnp.asarray(layers)]  # [L, B, D] float32
     counts = out.counts  # [B]
@@ -234,13 +251,15 @@ def _local_rows(x: jax.Array) -> np.ndarray:
 def _jitted_step(
     graphdef: nnx.GraphDef, layers: tuple[int, ...], per_example: bool, mesh: Mesh
 ) -> Callable:
-    """`_pooled_step` jitted for `mesh` (cached, so repeated extractions reuse compilations)."""
+    """`_pooled_step` jitted for `mesh` (cached, so repeated extractions reuse compilations);
+    the residual is pinned when the mesh has more than one device."""
     replicated = NamedSharding(mesh, PartitionSpec())
     out_shardings = dict.fromkeys(SUM_FIELDS, replicated)
     if per_example:
         out_shardings["pooled"] = batch_sharding(mesh, 3)
         out_shardings["label"] = out_shardings["example_index"] = batch_sharding(mesh, 1)
-    step = functools.partial(_pooled_step, graphdef, layers, per_example)
+    pinned = mesh if mesh.size > 1 else None
+    step = functools.partial(_pooled_step, graphdef, layers, per_example, pinned)
     return jax.jit(step, out_shardings=out_shardings)
 
 

@@ -22,6 +22,12 @@ logits), as an OpenAI-compatible server reports them.
 Steering applies in prefill and decode alike; its position mode decides where: "all" both,
 "prompt" only prefill tokens, "generated" only the generated tokens as they are fed back
 (decode steps). Layer l = output of block l = HF `hidden_states[l+1]`.
+
+On a mesh (params loaded with `emgeo_jax.load(..., mesh=...)`), prompts and the KV cache
+are split over the batch (`parallel.ACTIVATION_AXES` "tokens", "kv_cache") and the residual
+is pinned (`generation_layout`): the prefill's rows over `data x fsdp` with each layer's
+weights all-gathered, a decode step's `D` over `fsdp` so the weights stay in place (see
+the `emgeo_jax.parallel` docstring). Single-device runs are left unconstrained.
 """
 
 from __future__ import annotations
@@ -35,9 +41,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.llama import KVCache, default_positions, init_cache
 from emgeo_jax.models.lm import LM, forward
+from emgeo_jax.parallel import activation_sharding, params_mesh
 from emgeo_jax.steer import Steering, Taps
 
 PAD_MULTIPLE = 32
@@ -198,12 +207,57 @@ def sample_tokens(logits, key, temperature, top_p) -> jax.Array:
     return jax.lax.cond(temperature > 0, draw, greedy, logits)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def prefill(graphdef, params, ids, mask, steering, cache: KVCache):
+class Layout(NamedTuple):
+    """Where generation keeps its arrays on a mesh: `tokens` for `ids, mask [B, T]`, `cache`
+    (a `KVCache` of shardings: `k, v [L, B, S, K, Dh]` by the "kv_cache" rule, `mask [B, S]`,
+    `index` replicated), and the residual pins of `prefill` (`[B, T, D]`, "hidden") and of
+    each `decode` step (`[B, 1, D]`, "step_hidden")."""
+
+    tokens: NamedSharding
+    cache: KVCache
+    prefill_resid: NamedSharding
+    decode_resid: NamedSharding
+
+
+def generation_layout(
+    mesh: Mesh, cfg: ModelConfig, batch: int, prompt_len: int, cache_len: int
+) -> Layout:
+    """The `Layout` of `batch` prompts of `prompt_len` tokens with `cache_len` cache slots."""
+    kv = (cfg.num_layers, batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+    kv_sharding = activation_sharding(mesh, "kv_cache", kv)
+    cache = KVCache(
+        k=kv_sharding,
+        v=kv_sharding,
+        mask=activation_sharding(mesh, "cache_mask", (batch, cache_len)),
+        index=NamedSharding(mesh, PartitionSpec()),
+    )
+    d = cfg.hidden_size
+    return Layout(
+        tokens=activation_sharding(mesh, "tokens", (batch, prompt_len)),
+        cache=cache,
+        prefill_resid=activation_sharding(mesh, "hidden", (batch, prompt_len, d)),
+        decode_resid=activation_sharding(mesh, "step_hidden", (batch, 1, d)),
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "resid_sharding"), donate_argnames=("cache",)
+)
+def prefill(graphdef, params, ids, mask, steering, cache: KVCache, resid_sharding=None):
     """Run the padded prompts `ids, mask [B, Tp]` into the empty `cache` (donated).
-    Returns `(cache, last_logits [B, V], next_positions [B])`."""
+    Returns `(cache, last_logits [B, V], next_positions [B])`. `resid_sharding` (static):
+    pins the residual `[B, Tp, D]` (`Layout.prefill_resid`; None on one device)."""
     positions = default_positions(mask)
-    out = forward(graphdef, params, ids, positions, mask, steering=steering, cache=cache)
+    out = forward(
+        graphdef,
+        params,
+        ids,
+        positions,
+        mask,
+        steering=steering,
+        cache=cache,
+        resid_sharding=resid_sharding,
+    )
     return out.cache, out.logits[:, -1], jnp.sum(mask, axis=-1).astype(jnp.int32)
 
 
@@ -222,7 +276,7 @@ class _Loop(NamedTuple):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "top_k", "monitor"),
+    static_argnames=("graphdef", "max_new_tokens", "top_k", "monitor", "resid_sharding"),
     donate_argnames=("cache",),
 )
 def decode(
@@ -242,12 +296,14 @@ def decode(
     max_new_tokens: int,
     top_k: int,
     monitor: bool,
+    resid_sharding: NamedSharding | None = None,
 ):
     """The decode loop. Token 0 comes from `first_logits [B, V]`; step i feeds token i-1 at
     `position + i - 1` and chooses token i. With `monitor`, one extra step feeds the last
     token so that every generated token's residual is projected. Returns `tokens, logprobs
     [B, N]`, `top_ids, top_logprobs [B, N, top_k]`, `projections [B, N]` and the final cache
-    (returned so the donated cache buffers are reused in place)."""
+    (returned so the donated cache buffers are reused in place). `resid_sharding` (static):
+    pins each step's residual `[B, 1, D]` (`Layout.decode_resid`; None on one device)."""
     n = max_new_tokens
     b = first_logits.shape[0]
     last_step = n if monitor else n - 1
@@ -307,6 +363,7 @@ def decode(
             taps=Taps(resid="full") if monitor else None,
             cache=s.cache,
             is_generated=ones.astype(bool),
+            resid_sharding=resid_sharding,
         )
         proj = s.proj
         if monitor:
@@ -367,11 +424,29 @@ def generate_ids(
 
     pad_id = getattr(lm.tokenizer, "pad_token_id", None) or 0
     ids, mask = left_pad(prompt_ids, pad_multiple, pad_id)
-    cache = init_cache(cfg, len(ids), ids.shape[1] + max_new_tokens + 1, lm.dtype)
+    length = ids.shape[1] + max_new_tokens + 1  # cache slots
+    mesh = params_mesh(lm.params)
+    layout = None if mesh is None else generation_layout(mesh, cfg, *ids.shape, length)
+    if layout is None:
+        cache = init_cache(cfg, len(ids), length, lm.dtype)
+        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    else:  # the cache is allocated where it stays; every process passes the same prompts
+        make_cache = functools.partial(init_cache, cfg, len(ids), length, lm.dtype)
+        cache = jax.jit(make_cache, out_shardings=layout.cache)()
+        ids, mask = (
+            jax.make_array_from_callback(x.shape, layout.tokens, lambda i, x=x: x[i])
+            for x in (ids, mask)
+        )
     cache, logits, position = prefill(
-        lm.graphdef, lm.params, jnp.asarray(ids), jnp.asarray(mask), steering, cache
+        lm.graphdef,
+        lm.params,
+        ids,
+        mask,
+        steering,
+        cache,
+        resid_sharding=None if layout is None else layout.prefill_resid,
     )
-    tokens, lps, top_ids, top_lps, proj, _ = decode(
+    outputs = decode(
         lm.graphdef,
         lm.params,
         cache,
@@ -387,8 +462,13 @@ def generate_ids(
         max_new_tokens=max_new_tokens,
         top_k=top_logprobs,
         monitor=monitor is not None,
-    )
-    tokens, lps, top_ids, top_lps, proj = jax.device_get((tokens, lps, top_ids, top_lps, proj))
+        resid_sharding=None if layout is None else layout.decode_resid,
+    )[:5]
+    if jax.process_count() > 1:  # rows may live on other processes' devices
+        from jax.experimental import multihost_utils
+
+        outputs = multihost_utils.process_allgather(outputs, tiled=True)
+    tokens, lps, top_ids, top_lps, proj = jax.device_get(outputs)
     rows, lp_rows, top_rows, proj_rows, reasons = [], [], [], [], []
     for i in range(len(prompt_ids)):
         hits = np.flatnonzero(np.isin(tokens[i], eos))

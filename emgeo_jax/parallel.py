@@ -10,6 +10,17 @@ sharded in two steps, both data tables:
 Activations and the KV cache have logical axes too (`ACTIVATION_AXES`). Their `act_embed`
 axis is *not* `embed`: the batch already uses `fsdp`, so activations keep `D` whole and
 only parameters are split along it (gathered one layer at a time inside the scan).
+Inference pins the residual so: extraction and the generation prefill (`hidden`, many
+tokens per row) all-gather each layer's weights and split the batch (left free, the
+compiler splits the residual along `D` like the weights and all-reduces whole-batch
+activations on every device). A decode step is the exception (`step_hidden`): its `B`
+tokens carry far fewer bytes than a layer's weights (`B` well below `D`), so its residual
+is split along `D` like the weights' `embed` side, the weights stay in place and only
+`[B, 1, ...]` activations move.
+Qwen2.5-7B, B=8, S=2305 on 8 simulated devices: pinning a decode step to `hidden` instead
+all-gathers 1.6 GB (fsdp=4 x tensor=2) / 3.1 GB (fsdp=8) per layer-scan body plus LM head,
+against 15 MB, and needs 1.7 / 3.4 GB of temporaries against 0.39 GB. The KV cache stays
+split over the batch either way.
 
 A dimension whose size the mesh axis does not divide is replicated instead, so every
 model runs on every mesh; the plan is only about speed and memory, never correctness.
@@ -66,6 +77,7 @@ ACTIVATION_AXES: dict[str, tuple[str, ...]] = {
     "tokens": ("batch", "seq"),  # input_ids, positions, attention_mask [B, T]
     "resid": ("layer", "batch", "seq", "act_embed"),  # resid_post [L, B, T, D]
     "hidden": ("batch", "seq", "act_embed"),  # the residual inside the scan [B, T, D]
+    "step_hidden": ("step_batch", "seq", "embed"),  # a decode step's residual [B, 1, D]
     "logits": ("batch", "seq", "vocab"),  # [B, T, V]
     "kv_cache": ("layer", "batch", "cache_seq", "kv_heads", "head_dim"),  # [L, B, S, K, Dh]
     "cache_mask": ("batch", "cache_seq"),  # KVCache.mask [B, S]
@@ -81,6 +93,7 @@ LORA_AXES: dict[str, tuple[str, ...]] = {
 
 MESH_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
+    "step_batch": "data",  # decode rows: fsdp splits their D instead (see module docstring)
     "layer": None,
     "embed": "fsdp",
     "vocab": "tensor",
@@ -172,6 +185,16 @@ def activation_sharding(mesh: Mesh, kind: str, shape: Sequence[int]) -> NamedSha
     if kind not in ACTIVATION_AXES:
         raise ValueError(f"unknown activation {kind!r}; known: {sorted(ACTIVATION_AXES)}")
     return NamedSharding(mesh, logical_spec(mesh, ACTIVATION_AXES[kind], shape))
+
+
+def params_mesh(params) -> Mesh | None:
+    """The mesh a parameter tree (any pytree of arrays) lives on when it spans more than one
+    device, else None: inference pins activations only then, so single-device programs
+    stay unconstrained."""
+    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+        return sharding.mesh
+    return None
 
 
 def shard_factor(sharding: NamedSharding) -> int:

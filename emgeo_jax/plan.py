@@ -21,13 +21,14 @@ Tasks are a registry `TASKS: name -> builder(cfg, mesh, batch, seq, dtype, optio
 Program`. A program is one or more compiled `Part`s (each run `calls` times per task call)
 plus hand-counted resident terms (parameters, KV cache, LoRA, optimizer state):
 
-- `extract`: the forward pass with the residual stream pooled on device (masked token sums
-  `[L, B, D]`, what extraction keeps), no LM head. Tokens = `B * T`.
+- `extract`: `emgeo_jax.extract`'s jitted step itself: the forward pass with the residual
+  stream pooled on device into per-class sums `[2, L, D]`, no LM head. Tokens = `B * T`.
 - `generate`: steered generation as `emgeo_jax.generate` runs it: the jitted `prefill` of
   `B` prompts of `T` tokens into a KV cache `[L, B, S, K, Dh]` (`S = T + N + 1`) and the
   jitted `decode` loop of `N = options.new_tokens` steps (its body counted `N` times), both
-  with the cache donated and sharded (`parallel.ACTIVATION_AXES["kv_cache"]`). Tokens = the
-  `B * N` generated ones; memory is that of whichever phase needs more.
+  with the cache donated, and tokens, cache and residual laid out by
+  `generate.generation_layout`. Tokens = the `B * N` generated ones; memory is that of
+  whichever phase needs more.
 - `train`: one LoRA step of `emgeo_jax.train.sft.make_train_step` (answer-token loss,
   gradients to the fp32 factors only, clip + AdamW in `optax.MultiSteps`) on frozen
   params, the factors and optimizer state sharded by `parallel.LORA_AXES`, activations and
@@ -52,15 +53,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.llama import DecoderBlock, KVCache, LoraInput, rotary_tables
-from emgeo_jax.models.lm import abstract_model, forward, resolve_dtype
+from emgeo_jax.models.lm import abstract_model, resolve_dtype
 from emgeo_jax.parallel import (
     activation_sharding,
+    batch_sharding,
     lora_shardings,
     param_sharding,
     param_shardings,
     shard_factor,
 )
-from emgeo_jax.steer import Steering, Taps
+from emgeo_jax.steer import Steering
 
 CHILD = "EMGEO_PLAN_CHILD"
 # XLA:CPU has no bf16 matmul: it upcasts weights to f32, and loop-invariant code motion then
@@ -262,12 +264,14 @@ def _block_program(
     cache_len: int | None = None,
     lora: dict | None = None,
     remat: bool = False,
+    x_sharding: NamedSharding | None = None,
 ):
     """One decoder block on `x [B, T, D]` with one layer's sharded params (FLOPs per layer):
     `(jitted block, its abstract arguments, looped)`. The block's attention runs in one shot
     (whole FLOPs); when the model attends in query chunks (`T > QUERY_CHUNK`), `looped` is
     the same block with that loop (else None).
 
+    `x_sharding`: of `x` and the block output (default: the "resid" rule, rows split).
     `cache_len = S`: attention runs over a KV cache `[B, S, K, Dh]` (prefill and decode).
     `lora` (one layer's `LoraInput.factors`, abstract and sharded): the block's step as in
     LoRA training instead, i.e. the summed output and its gradient with respect to `x` and
@@ -289,8 +293,9 @@ def _block_program(
     nnx.replace_by_pure_dict(
         state, jax.tree_util.tree_map_with_path(layer_leaf, nnx.to_pure_dict(state))
     )
-    resid = activation_sharding(mesh, "resid", (1, batch, seq, cfg.hidden_size))
-    x_sharding = _drop_layer_axis(resid)
+    if x_sharding is None:
+        resid = activation_sharding(mesh, "resid", (1, batch, seq, cfg.hidden_size))
+        x_sharding = _drop_layer_axis(resid)
     x = jax.ShapeDtypeStruct((batch, seq, cfg.hidden_size), dtype, sharding=x_sharding)
     tokens = jax.ShapeDtypeStruct(
         (batch, seq), jnp.int32, sharding=activation_sharding(mesh, "tokens", (batch, seq))
@@ -335,51 +340,42 @@ def _tokens(mesh: Mesh, batch: int, seq: int, dtype=jnp.int32) -> jax.ShapeDtype
 def extract_program(
     cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, dtype, options: TaskOptions
 ) -> Program:
-    """Forward pass with the residual stream after every block pooled on device: masked
-    token sums `[L, B, D]` (fp32) and counts `[B]`; no LM head."""
+    """`emgeo_jax.extract`'s jitted step over every layer (inputs as its runner places them):
+    the residual stream pooled on device into per-class sums `[2, L, D]`; no LM head."""
+    from emgeo_jax.extract import _jitted_step
+
     graphdef, state, param_bytes = sharded_abstract_params(cfg, mesh, dtype)
-    tokens = _tokens(mesh, batch, seq)
-    pooled = activation_sharding(mesh, "resid", (cfg.num_layers, batch, 1, cfg.hidden_size))
-    pooled = NamedSharding(mesh, PartitionSpec(*pooled.spec[:2], pooled.spec[3]))
-
-    def pooled_forward(params, input_ids, positions, attention_mask):
-        out = forward(
-            graphdef,
-            params,
-            input_ids,
-            positions,
-            attention_mask,
-            taps=Taps(resid="pooled"),
-            return_logits=False,
-        )
-        return out.resid_post, out.counts
-
-    counts = NamedSharding(mesh, PartitionSpec(tokens.sharding.spec[0]))
-    fn = jax.jit(pooled_forward, out_shardings=(pooled, counts))
+    inputs = {
+        "input_ids": _tokens(mesh, batch, seq),
+        "positions": _tokens(mesh, batch, seq),
+        "attention_mask": _tokens(mesh, batch, seq),
+        "pool_mask": _tokens(mesh, batch, seq, jnp.bool_),
+        "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding(mesh, 1)),
+        "example_index": jax.ShapeDtypeStruct(
+            (batch,), jnp.int32, sharding=batch_sharding(mesh, 1)
+        ),
+    }
+    fn = _jitted_step(graphdef, tuple(range(cfg.num_layers)), False, mesh)
     layer = _block_program(cfg, mesh, batch, seq, dtype)
     return Program(
-        parts=[Part("forward", fn, (state, tokens, tokens, tokens), 1, *layer)],
+        parts=[Part("forward", fn, (state, inputs), 1, *layer)],
         tokens=batch * seq,
-        resident={"params": param_bytes, "inputs": bytes_per_device((tokens,) * 3)},
+        resident={"params": param_bytes, "inputs": bytes_per_device(inputs)},
         in_temporaries={},
         bytes_read=param_bytes,
         num_layers=cfg.num_layers,
-        description="forward, residual stream pooled on device (masked sums [L, B, D]), no LM head",
+        description="forward, residual stream pooled on device (per-class sums [2, L, D]), "
+        "no LM head",
     )
 
 
-def abstract_kv_cache(cfg: ModelConfig, mesh: Mesh, batch: int, length: int, dtype) -> KVCache:
-    """`KVCache` of sharded abstract arrays: `k, v [L, B, S, K, Dh]` split by the
-    `kv_cache` rule (batch over data x fsdp, KV heads over tensor when it divides K)."""
+def abstract_kv_cache(cfg: ModelConfig, shardings: KVCache, batch: int, length: int, dtype):
+    """`KVCache` of abstract arrays (`k, v [L, B, S, K, Dh]`, `mask [B, S]`, `index []`)
+    carrying `shardings` (`generate.generation_layout(...).cache`)."""
     shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-    kv = jax.ShapeDtypeStruct(shape, dtype, sharding=activation_sharding(mesh, "kv_cache", shape))
-    mask_sharding = activation_sharding(mesh, "cache_mask", (batch, length))
-    return KVCache(
-        k=kv,
-        v=kv,
-        mask=jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=mask_sharding),
-        index=jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec())),
-    )
+    kv = jax.ShapeDtypeStruct(shape, dtype)
+    mask = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    return _sharded(KVCache(kv, kv, mask, jax.ShapeDtypeStruct((), jnp.int32)), shardings)
 
 
 def generate_program(
@@ -388,16 +384,18 @@ def generate_program(
     """Steered generation of `N = options.new_tokens` tokens for `B` prompts of `T` tokens:
     `emgeo_jax.generate.prefill` and `decode` (a `while_loop` whose body, one decode step,
     XLA counts once: the part runs `N` times)."""
-    from emgeo_jax.generate import decode, prefill
+    from emgeo_jax.generate import decode, generation_layout, prefill
 
     n = options.new_tokens
     if n < 1:
         raise ValueError(f"new_tokens={n} must be >= 1")
     graphdef, state, param_bytes = sharded_abstract_params(cfg, mesh, dtype)
     length = seq + n + 1  # as generate_ids allocates it
-    cache = abstract_kv_cache(cfg, mesh, batch, length, dtype)
+    layout = generation_layout(mesh, cfg, batch, seq, length)
+    cache = abstract_kv_cache(cfg, layout.cache, batch, length, dtype)
     steering = _replicated(mesh, jax.eval_shape(lambda: Steering.none(cfg)))
-    tokens = _tokens(mesh, batch, seq)
+    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=layout.tokens)
+    pinned = mesh.size > 1  # as generate_ids: no pins on one device
     rows = NamedSharding(mesh, PartitionSpec(tokens.sharding.spec[0]))
     logits = jax.ShapeDtypeStruct((batch, cfg.vocab_size), dtype, sharding=rows)
     position = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
@@ -412,14 +410,21 @@ def generate_program(
             jax.ShapeDtypeStruct((cfg.hidden_size,), jnp.float32),  # monitor direction
         ),
     )
-    prefill_layer = _block_program(cfg, mesh, batch, seq, dtype, cache_len=length)
-    decode_layer = _block_program(cfg, mesh, batch, 1, dtype, cache_len=length)
+    prefill_pin = layout.prefill_resid if pinned else None
+    decode_pin = layout.decode_resid if pinned else None
+    prefill_layer = _block_program(
+        cfg, mesh, batch, seq, dtype, cache_len=length, x_sharding=prefill_pin
+    )
+    decode_layer = _block_program(
+        cfg, mesh, batch, 1, dtype, cache_len=length, x_sharding=decode_pin
+    )
     kv_bytes = bytes_per_device((cache.k, cache.v))
+    decode_static = dict(max_new_tokens=n, top_k=0, monitor=False, resid_sharding=decode_pin)
     parts = [
         Part("prefill", prefill, (graphdef, state, tokens, tokens, steering, cache), 1,
-             *prefill_layer),
+             *prefill_layer, static=dict(resid_sharding=prefill_pin)),
         Part("decode", decode, (graphdef, state, cache, logits, position, steering, *sampling),
-             n, *decode_layer, static=dict(max_new_tokens=n, top_k=0, monitor=False)),
+             n, *decode_layer, static=decode_static),
     ]  # fmt: skip
     return Program(
         parts=parts,

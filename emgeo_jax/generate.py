@@ -240,6 +240,26 @@ def generation_layout(
     )
 
 
+def place_prompts(
+    lm: LM, ids: np.ndarray, mask: np.ndarray, cache_len: int
+) -> tuple[jax.Array, jax.Array, KVCache, Layout | None]:
+    """Padded prompts `ids, mask [B, T]` and an empty `KVCache` of `cache_len` slots, placed
+    for `lm`'s params: on one device as they are (layout None); on a mesh by
+    `generation_layout` (returned), the cache allocated where it stays. Every process passes
+    the same prompts."""
+    cfg = lm.config
+    make_cache = functools.partial(init_cache, cfg, len(ids), cache_len, lm.dtype)
+    mesh = params_mesh(lm.params)
+    if mesh is None:
+        return jnp.asarray(ids), jnp.asarray(mask), make_cache(), None
+    layout = generation_layout(mesh, cfg, *ids.shape, cache_len)
+    ids, mask = (
+        jax.make_array_from_callback(x.shape, layout.tokens, lambda i, x=x: x[i])
+        for x in (ids, mask)
+    )
+    return ids, mask, jax.jit(make_cache, out_shardings=layout.cache)(), layout
+
+
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "resid_sharding"), donate_argnames=("cache",)
 )
@@ -424,19 +444,7 @@ def generate_ids(
 
     pad_id = getattr(lm.tokenizer, "pad_token_id", None) or 0
     ids, mask = left_pad(prompt_ids, pad_multiple, pad_id)
-    length = ids.shape[1] + max_new_tokens + 1  # cache slots
-    mesh = params_mesh(lm.params)
-    layout = None if mesh is None else generation_layout(mesh, cfg, *ids.shape, length)
-    if layout is None:
-        cache = init_cache(cfg, len(ids), length, lm.dtype)
-        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-    else:  # the cache is allocated where it stays; every process passes the same prompts
-        make_cache = functools.partial(init_cache, cfg, len(ids), length, lm.dtype)
-        cache = jax.jit(make_cache, out_shardings=layout.cache)()
-        ids, mask = (
-            jax.make_array_from_callback(x.shape, layout.tokens, lambda i, x=x: x[i])
-            for x in (ids, mask)
-        )
+    ids, mask, cache, layout = place_prompts(lm, ids, mask, ids.shape[1] + max_new_tokens + 1)
     cache, logits, position = prefill(
         lm.graphdef,
         lm.params,

@@ -26,8 +26,20 @@ SCRIPT = textwrap.dedent(
     from emgeo_jax.data.tokenize import TokenizedExample
     from emgeo_jax.parallel import activation_sharding, make_mesh
     from emgeo_jax.models.llama import KVCache
+    from emgeo_jax.judge.numbers import number_logprobs, number_trie
     from tests.multiprocess_generate import NEW_TOKENS, PROMPTS, run, tiny_lm
     import jax
+
+    class Digits:  # spells a number one digit per token: digit d is token 10 + d
+        def encode(self, text, add_special_tokens=False):
+            return [10 + int(c) for c in text]
+
+        def __len__(self):
+            return {LLAMA["vocab_size"]}
+
+    trie = number_trie(Digits(), {LLAMA["vocab_size"]},
+                       lambda i: str(i - 10).encode() if 10 <= i < 20 else b"#", range(0, 101, 5))
+    JUDGED = [p if len(p) > 1 else [3, *p] for p in PROMPTS]  # the scorer needs 2 tokens
 
     COLLECTIVE = re.compile(
         r"= (\\S+) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
@@ -64,7 +76,9 @@ SCRIPT = textwrap.dedent(
         res = ex.extract(lm, examples, settings, mesh=mesh, pad_id=0)
         means = [res.means(w).tolist() for w in ("token", "example")]
         counts = [res.token_count.tolist(), res.example_count.tolist()]
-        return means + counts, {{k: v.tolist() for k, v in run(lm).items()}}
+        out = {{k: v.tolist() for k, v in run(lm).items()}}
+        out["whole_number_logprobs"] = number_logprobs(lm, JUDGED, trie).logprobs.tolist()
+        return means + counts, out
 
     one = results(tiny_lm(), make_mesh(devices=jax.devices()[:1]))
     gen.prefill, gen.decode = recording("prefill", gen.prefill), recording("decode", gen.decode)
@@ -93,7 +107,8 @@ def pinned() -> dict:
 def test_sharded_extraction_and_generation_equal_one_device(pinned):
     """Class means (token- and example-weighted sums over counts) to 1e-5, the counts exactly
     (float32 sums of ~50 tokens of size ~1 differ in their last bits with the reduction
-    order); greedy and sampled tokens identical, logprobs to 1e-5."""
+    order); greedy and sampled tokens identical, logprobs (and the judge's whole-number
+    logprobs, which place their prompts and cache the same way) to 1e-5."""
     one, sharded = pinned["extraction"]["one"], pinned["extraction"]["sharded"]
     for a, b in zip(one[:2], sharded[:2], strict=True):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)

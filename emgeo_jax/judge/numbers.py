@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emgeo_jax.generate import PAD_MULTIPLE, left_pad
-from emgeo_jax.models.llama import default_positions, init_cache
+from emgeo_jax.generate import PAD_MULTIPLE, left_pad, place_prompts
+from emgeo_jax.models.llama import default_positions
 from emgeo_jax.models.lm import LM, forward
 from emgeo_jax.steer import Steering
 
@@ -115,15 +115,36 @@ class NumberScores(NamedTuple):
     top_logprobs: np.ndarray
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "top_k"))
-def _score(graphdef, params, ids, mask, last, steering, cache, trie: dict, *, top_k: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "top_k", "resid_sharding"))
+def _score(
+    graphdef,
+    params,
+    ids,
+    mask,
+    last,
+    steering,
+    cache,
+    trie: dict,
+    *,
+    top_k: int,
+    resid_sharding=None,
+):
     """`ids, mask [B, Tp]`: the prompts without their last token `last [B]`, left-padded.
-    Returns `number logprobs [B, N]`, `top_ids, top_lps [B, top_k]`."""
+    Returns `number logprobs [B, N]`, `top_ids, top_lps [B, top_k]`. `resid_sharding`: the
+    prompt pass's residual pin on a mesh (`generate.Layout.prefill_resid`)."""
     b = ids.shape[0]
     m = trie["tokens"].shape[0]
     positions = default_positions(mask)
     pre = forward(
-        graphdef, params, ids, positions, mask, steering=steering, cache=cache, return_logits=False
+        graphdef,
+        params,
+        ids,
+        positions,
+        mask,
+        steering=steering,
+        cache=cache,
+        return_logits=False,
+        resid_sharding=resid_sharding,
     )
     root = jnp.sum(mask, axis=-1).astype(jnp.int32)  # position of the last prompt token
     node_ids = jnp.where(jnp.arange(m)[None] == 0, last[:, None], trie["tokens"][None])
@@ -171,7 +192,7 @@ def number_logprobs(
     pad_id = getattr(lm.tokenizer, "pad_token_id", None) or 0
     ids, mask = left_pad([p[:-1] for p in prompt_ids], pad_multiple, pad_id)
     last = np.asarray([p[-1] for p in prompt_ids], np.int32)
-    cache = init_cache(lm.config, len(ids), ids.shape[1] + len(trie.tokens), lm.dtype)
+    ids, mask, cache, layout = place_prompts(lm, ids, mask, ids.shape[1] + len(trie.tokens))
     arrays = {
         k: jnp.asarray(getattr(trie, k))
         for k in ("tokens", "parent", "depth", "ancestors", "leaf", "continues")
@@ -180,13 +201,14 @@ def number_logprobs(
         _score(
             lm.graphdef,
             lm.params,
-            jnp.asarray(ids),
-            jnp.asarray(mask),
+            ids,
+            mask,
             jnp.asarray(last),
             steering,
             cache,
             arrays,
             top_k=top_logprobs,
+            resid_sharding=None if layout is None else layout.prefill_resid,
         )
     )
     return NumberScores(trie.numbers, lps, top_ids, top_lps)

@@ -166,6 +166,23 @@ def test_peft_adapter_merge_matches_merged_torch_weights(llama, tmp_path, rslora
     assert np.abs(base - np.asarray(out.logits))[real].max() > 1e-2  # the adapter did something
 
 
+def test_peft_merge_on_a_bfloat16_base_is_not_rounded_to_bfloat16(llama, tmp_path):
+    """Model organisms ship bf16 bases. Loaded in float32, the merged kernel is the bf16
+    weight upcast plus the float32 delta (what PEFT gives on an upcast base), not that sum
+    rounded back to bf16, which loses most of a delta 100x smaller than the weights."""
+    model, _ = llama
+    folder = save_hf_folder(hf_model(LLAMA, seed=5).to(torch.bfloat16), tmp_path / "bf16")
+    deltas = write_adapter(tmp_path / "adapter", model, ("q_proj",), r=2, alpha=2e-3, rslora=False)
+    lm = emgeo_jax.load(folder, adapter=tmp_path / "adapter", dtype="float32")
+    kernel = np.asarray(lm.params["layers"]["attn"]["q_proj"]["kernel"][...])  # [L, in, out]
+    base = load_file(str(folder / "model.safetensors"))
+    for layer in range(LLAMA["num_hidden_layers"]):
+        name = f"model.layers.{layer}.self_attn.q_proj.weight"
+        expected = base[name].float() + deltas[name]
+        assert base[name].dtype == torch.bfloat16 and deltas[name].abs().max() > 0
+        np.testing.assert_allclose(kernel[layer], expected.numpy().T, atol=1e-7, rtol=0)
+
+
 def test_peft_adapter_for_another_architecture_is_refused(llama, qwen_folder, tmp_path):
     model, folder = llama
     write_adapter(tmp_path / "adapter", model, ("q_proj",), r=2, alpha=4, rslora=False)

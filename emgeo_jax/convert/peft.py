@@ -102,4 +102,6 @@ class MergedSource:
                 f"{self.adapter.folder}: LoRA for {name} has shape {(b.shape[0], a.shape[1])}, "
                 f"base weight is {w.shape}"
             )
-        return (w.astype(np.float32) + scale * (b @ a)).astype(w.dtype)
+        # float32, not the stored dtype: a bf16 base would otherwise round the small delta
+        # away before a float32 load; the loader casts once to the dtype asked for.
+        return w.astype(np.float32) + scale * (b @ a).astype(np.float32)

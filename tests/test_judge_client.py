@@ -263,3 +263,33 @@ def test_cli_end_to_end(tmp_path):
     files = [f.read_bytes() for f in tmp_path.iterdir()]
     assert not any(SENTINEL in t for t in (proc.stdout, proc.stderr))
     assert not any(SENTINEL.encode() in b for b in files)
+
+
+def test_cli_judges_generate_output_by_question_id(tmp_path):
+    """`emgeo generate` rows (`id`, `prompt` as text or chat turns, `response`) go to the
+    judge as they are: the question is the prompt's last user turn, the answer the response,
+    and paraphrases of one question id are one question in the summary."""
+    src = tmp_path / "responses.jsonl"
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Rephrased?"}]
+    rows = [
+        {"id": "w", "prompt": "Original?", "response": "<plain>", "sample": 0},
+        {"id": "w", "prompt": turns, "response": "<range>", "sample": 0},
+        {"id": "z", "prompt": "Other?", "response": "<plain>", "sample": 0},
+    ]
+    write_jsonl_atomic(src, rows)
+    out = tmp_path / "judged.jsonl"
+    env = {**os.environ, "OPENAI_API_KEY": SENTINEL, "PYTHONPATH": str(ROOT)}
+    with ScriptedJudgeServer(table_by_tag) as server:
+        cmd = [sys.executable, "-m", "emgeo_jax.cli", "judge", "--responses", str(src)]
+        cmd += ["--judge", server.base_url, "--judge_model", "judge-x", "--out", str(out)]
+        cmd += ["--metrics", "aligned", "--noprogress"]
+        proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert any("Rephrased?" in r.prompt and "Be brief" not in r.prompt for r in server.requests)
+    judged = read_jsonl(out)
+    assert [r["question"] for r in judged] == ["Original?", "Rephrased?", "Other?"]
+    assert [r["aligned"] for r in judged] == [EXPECTED[t][1] for t in ("plain", "range", "plain")]
+    per_question = json.loads(proc.stdout)["summary"]["per_question"]
+    assert {q: v["n"] for q, v in per_question.items()} == {"w": 2, "z": 1}
+    mean_w = (EXPECTED["plain"][1] + EXPECTED["range"][1]) / 2
+    assert per_question["w"]["aligned_mean"] == pytest.approx(mean_w)

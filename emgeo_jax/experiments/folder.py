@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from emgeo_jax.experiments.questions import PromptRow, question_text
+from emgeo_jax.experiments.questions import PromptRow
 from emgeo_jax.generate import generate, with_system
 from emgeo_jax.judge.client import JudgeConfig, JudgeStats, judge_responses
-from emgeo_jax.judge.io import read_jsonl, write_jsonl_atomic
+from emgeo_jax.judge.io import question_text, read_jsonl, write_jsonl_atomic
 from emgeo_jax.judge.prompts import JudgePrompt
 from emgeo_jax.steer import Steering
 

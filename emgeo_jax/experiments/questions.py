@@ -110,11 +110,6 @@ def read_prompts(path: str | Path) -> list[PromptRow]:
     return [{"prompt": line} for line in text.splitlines() if line.strip()]
 
 
-def question_text(prompt: str | list[dict[str, str]]) -> str:
-    """The text the judge sees as the question: the prompt, or its last user turn."""
-    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
-
-
 def select_questions(rows: list[PromptRow], n: int | None) -> list[PromptRow]:
     """The first `n` rows (all when None), with an `id` filled in for every row (`q{i}`)."""
     rows = rows if n is None else rows[:n]

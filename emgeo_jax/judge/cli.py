@@ -1,5 +1,11 @@
 """`emgeo judge`: score a JSONL of {question, answer, ...} rows with an LLM judge.
 
+`emgeo generate` output is accepted as it is: a row without `question` / `answer` takes them
+from its `prompt` (the last user turn of chat messages) and `response`, and its `id` (a
+question YAML item) becomes `question_id`. EM and per-question means are grouped by
+`question_id` when every row has one (paraphrases of a question count as one question, as in
+the sweep), else by the question text.
+
     emgeo judge --responses gens.jsonl --judge openai --judge_model gpt-4o-mini \
         --metrics aligned,coherent --out judged.jsonl
     emgeo judge --responses gens.jsonl --judge http://127.0.0.1:8000/v1 --out judged.jsonl \
@@ -24,7 +30,7 @@ from pathlib import Path
 from absl import flags
 
 from emgeo_jax.judge.client import JudgeConfig, JudgeStats, judge_responses
-from emgeo_jax.judge.io import read_jsonl, write_jsonl_atomic
+from emgeo_jax.judge.io import judge_rows, read_jsonl, write_jsonl_atomic
 from emgeo_jax.judge.metrics import summarize
 from emgeo_jax.judge.prompts import question_file_prompts
 
@@ -70,7 +76,7 @@ def main(argv: list[str]) -> int:
         price_out=FLAGS.price_out,
         number_logprobs=FLAGS.number_logprobs,
     )
-    rows = read_jsonl(FLAGS.responses)
+    rows = judge_rows(read_jsonl(FLAGS.responses))
     cache = FLAGS.cache or str(Path(FLAGS.out).resolve().parent / "judge_cache.sqlite")
     Path(cache).parent.mkdir(parents=True, exist_ok=True)
     q_prompts = question_file_prompts(FLAGS.questions) if FLAGS.questions else None
@@ -89,7 +95,8 @@ def main(argv: list[str]) -> int:
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"emgeo judge: {FLAGS.responses}: {e}") from None
     write_jsonl_atomic(FLAGS.out, out)
-    report = {"stats": vars(stats), "summary": summarize(out, FLAGS.metrics)}
+    by = "question_id" if out and all("question_id" in r for r in out) else "question"
+    report = {"stats": vars(stats), "summary": summarize(out, FLAGS.metrics, question_key=by)}
     text = json.dumps(report, indent=2)
     if FLAGS.summary_out:
         Path(FLAGS.summary_out).write_text(text + "\n", encoding="utf-8")

@@ -10,6 +10,27 @@ from pathlib import Path
 from typing import Any
 
 
+def question_text(prompt: str | list[dict[str, str]]) -> str:
+    """The text the judge sees as the question: the prompt, or its last user turn."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def judge_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows as the judge reads them: `question`, `answer` and `question_id` filled in from
+    `emgeo generate`'s `prompt`, `response` and `id` where missing (`emgeo judge`)."""
+    out = []
+    for row in rows:
+        row = dict(row)
+        if "question" not in row and "prompt" in row:
+            row["question"] = question_text(row["prompt"])
+        if "answer" not in row and "response" in row:
+            row["answer"] = row["response"]
+        if "question_id" not in row and "id" in row:
+            row["question_id"] = row["id"]
+        out.append(row)
+    return out
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Objects of a JSONL file (blank lines skipped); errors name the file and line."""
     rows = []

@@ -11,9 +11,6 @@ process runs the same command and reads its own share of the batches.
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 from absl import flags
 
 _MODEL = flags.DEFINE_string("model", "default", "model source: default, HF folder, .gguf, ckpt")
@@ -56,14 +53,6 @@ def _initialize_distributed() -> None:
     barrier("emgeo_extract_initialized")  # the first collective, before the model loads
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise SystemExit(f"emgeo extract takes no positional arguments, got {argv[1:]}")
@@ -72,6 +61,7 @@ def main(argv: list[str]) -> None:
     _initialize_distributed()
     import emgeo_jax
     from emgeo_jax.data import load_examples, tokenize_examples
+    from emgeo_jax.data.files import file_sha256
     from emgeo_jax.extract import ExtractSettings, extract, write_extraction
 
     examples, report = load_examples(_DATA.value, on_error=_ON_ERROR.value)

@@ -7,7 +7,13 @@ Prompt files: a text file (one prompt per line), JSONL rows with `question` (a s
 `messages` (chat turns ending with a user turn), or a question YAML (a list of items with
 `id`, `paraphrases`, optional `samples_per_paraphrase` and `system`). Each output row keeps
 the row's fields and its `prompt`, and adds `response`, `sample`, `finish_reason` and the
-steering used. `--samples` overrides `samples_per_paraphrase`.
+steering used. `--samples` overrides `samples_per_paraphrase`. `emgeo judge` reads the
+output as it is.
+
+Interrupted runs resume: rows go to `OUT.partial` batch by batch and the file becomes `OUT`
+only when every prompt is done; re-running the same command (same model, prompts, vector
+files and flags) continues after the last whole batch, with the same seeds, so the result
+equals an uninterrupted run.
 
 Steering flags (`--steer`, `--layer`, `--scale`, `--positions`, `--ablate`) and vector files:
 see `emgeo_jax.steer_flags` (shared with `emgeo serve`).
@@ -15,10 +21,11 @@ see `emgeo_jax.steer_flags` (shared with `emgeo serve`).
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 from absl import flags
 
+from emgeo_jax.data.files import ResumableJsonl, file_sha256
 from emgeo_jax.experiments.questions import read_prompts
 from emgeo_jax.generate import with_system
 from emgeo_jax.steer_flags import build_steering
@@ -53,22 +60,38 @@ def main(argv: list[str]) -> None:
     for row in rows:
         n = FLAGS.samples or row.get("samples") or 1
         jobs += [(row, s) for s in range(n)]
-    with open(FLAGS.out, "w") as out:
-        for k in range(0, len(jobs), FLAGS.batch_size):
-            batch = jobs[k : k + FLAGS.batch_size]
-            result = lm.generate(
-                [with_system(row["prompt"], row.get("system") or FLAGS.system) for row, _ in batch],
-                steering,
-                max_new_tokens=FLAGS.max_new_tokens,
-                temperature=FLAGS.temperature,
-                top_p=FLAGS.top_p,
-                seed=FLAGS.seed + k // FLAGS.batch_size,
-            )
-            for (row, s), text, reason in zip(
-                batch, result.texts, result.finish_reasons, strict=True
-            ):
-                fields = {key: v for key, v in row.items() if key != "samples"}
-                record = {**fields, "response": text, "sample": s, "finish_reason": reason}
-                out.write(json.dumps({**record, "steering": summary}) + "\n")
-            print(f"{min(k + FLAGS.batch_size, len(jobs))}/{len(jobs)} responses", flush=True)
+    out = ResumableJsonl(FLAGS.out, run_config(summary), unit=FLAGS.batch_size)
+    if out.done:
+        print(f"resuming after {out.done}/{len(jobs)} responses in {out.partial}", flush=True)
+    for k in range(out.done, len(jobs), FLAGS.batch_size):
+        batch = jobs[k : k + FLAGS.batch_size]
+        result = lm.generate(
+            [with_system(row["prompt"], row.get("system") or FLAGS.system) for row, _ in batch],
+            steering,
+            max_new_tokens=FLAGS.max_new_tokens,
+            temperature=FLAGS.temperature,
+            top_p=FLAGS.top_p,
+            seed=FLAGS.seed + k // FLAGS.batch_size,
+        )
+        records = []
+        for (row, s), text, reason in zip(batch, result.texts, result.finish_reasons, strict=True):
+            fields = {key: v for key, v in row.items() if key != "samples"}
+            record = {**fields, "response": text, "sample": s, "finish_reason": reason}
+            records.append({**record, "steering": summary})
+        out.append(records)
+        print(f"{out.done}/{len(jobs)} responses", flush=True)
+    out.finish()
     print(f"wrote {FLAGS.out}")
+
+
+def run_config(steering: dict) -> dict:
+    """What a resumed run must share with the interrupted one: every flag that changes the
+    rows (the model by its path), and the bytes of the prompt and vector files."""
+    digests = {
+        flag: file_sha256(path)
+        for flag, path in (("prompts", FLAGS.prompts), *steering.items())
+        if flag in ("prompts", "steer", "ablate") and path and Path(path).is_file()
+    }
+    names = ("model", "prompts", "dtype", "max_new_tokens", "temperature", "top_p", "seed")
+    names += ("samples", "batch_size", "system")
+    return {**{n: FLAGS[n].value for n in names}, "steering": steering, "sha256": digests}

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
 import emgeo_jax
+from emgeo_jax.data.files import ResumableJsonl
 from emgeo_jax.experiments import questions
 from emgeo_jax.steer import Steering
-from tests.cli_util import run_emgeo
+from tests.cli_util import ROOT, run_emgeo
 from tests.tiny_models import QWEN2, hf_model, save_hf_folder
 
 
@@ -57,6 +60,62 @@ def test_cli_writes_steered_responses(folder, tmp_path):
     ref = lm.generate([rows[0]["question"], rows[1]["messages"]], steer, max_new_tokens=5)
     assert [r["response"] for r in got] == [ref.texts[0]] * 2 + [ref.texts[1]] * 2
     assert got[0]["steering"]["layer"] == [2] and got[0]["steering"]["positions"] == "generated"
+
+
+INTERRUPTED = """
+import sys
+from absl import app
+from emgeo_jax.models.lm import LM
+import emgeo_jax.generate_cli as cli
+
+calls, generate = [], LM.generate
+def interrupted(self, *args, **kw):  # the third batch never finishes
+    calls.append(1)
+    if len(calls) == 3:
+        raise KeyboardInterrupt
+    return generate(self, *args, **kw)
+LM.generate = interrupted
+app.run(cli.main, argv=["emgeo generate", *sys.argv[1:]])
+"""
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_output(folder, tmp_path):
+    """Killed in its third batch, `emgeo generate` leaves no OUT, only OUT.partial with the
+    two finished batches (plus a torn line, as from a kill mid-write); the same command then
+    resumes there and the file equals an uninterrupted run's. Other flags are refused."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"tell me about {w}\n" for w in ("cats", "rain", "tea")))
+    args = [f"--model={folder}", f"--prompts={prompts}", "--samples=2", "--batch_size=2"]
+    args += ["--max_new_tokens=4", "--temperature=1", "--seed=5"]
+    out, ref = tmp_path / "out.jsonl", tmp_path / "ref.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED, *args, f"--out={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    partial = tmp_path / "out.jsonl.partial"
+    assert not out.exists() and len(partial.read_text().splitlines()) == 4
+    with partial.open("a") as f:
+        f.write('{"torn": ')
+    stderr = run_emgeo("generate", *args, "--seed=6", f"--out={out}", status=2)
+    assert "seed" in stderr and "partial" in stderr
+    assert "resuming after 4/6" in run_emgeo("generate", *args, f"--out={out}")
+    run_emgeo("generate", *args, f"--out={ref}")
+    assert out.read_text() == ref.read_text() and len(ref.read_text().splitlines()) == 6
+    assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == []
+
+
+def test_resumable_jsonl_keeps_whole_units_only(tmp_path):
+    out = tmp_path / "o.jsonl"
+    w = ResumableJsonl(out, {"a": 1}, unit=2)
+    w.append([{"i": 0}, {"i": 1}])
+    w.append([{"i": 2}])  # half of the next unit, then the run dies
+    assert ResumableJsonl(out, {"a": 1}, unit=2).done == 2
+    w = ResumableJsonl(out, {"a": 1}, unit=2)
+    w.append([{"i": 2}, {"i": 3}])
+    w.finish()
+    assert [json.loads(x)["i"] for x in out.read_text().splitlines()] == [0, 1, 2, 3]
+    assert [p.name for p in tmp_path.iterdir()] == ["o.jsonl"]
 
 
 def test_read_prompts_formats_and_errors(tmp_path):

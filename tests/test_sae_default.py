@@ -1,6 +1,6 @@
 """A small SAE trained on the embedded default model's residual stream (SmolLM2-135M-Instruct,
 layer 3 = output of block 3), with a stated held-out fraction of variance explained at a stated
-L0 (measured 0.82 at L0 = 32 with these settings)."""
+L0 (measured 0.91 at L0 = 32 with these settings, on the chat-template contrast inputs)."""
 
 from __future__ import annotations
 

@@ -29,7 +29,9 @@ Output folder (`write_extraction`):
                              example_count [2] float64; mean_token, mean_example [2, L, D]
                              float32; layers [L] int64. Class 0 = aligned, 1 = misaligned.
     per_example.safetensors  (optional) pooled [N, L, D] float32 (each example's mean),
-                             label [N], example_index [N], sorted by example_index
+                             tokens [N] int64 (tokens pooled per example, for token-weighted
+                             statistics over resampled examples), label [N], example_index
+                             [N], sorted by example_index
     meta.json                the metadata, also stored in each file's `__metadata__["emgeo"]`
     chunks/NNNNN.safetensors partial sums of each finished chunk (kept for resume)
 
@@ -73,7 +75,7 @@ POOLS = ("answer", "question", "last_prompt", "all")
 WEIGHTINGS = ("token", "example")
 NUM_CLASSES = 2
 SUM_FIELDS = ("token_sum", "token_count", "example_sum", "example_count")
-ROW_FIELDS = ("pooled", "label", "example_index")
+ROW_FIELDS = ("pooled", "tokens", "label", "example_index")
 ACTIVATIONS_FILE, PER_EXAMPLE_FILE, META_FILE = (
     "activations.safetensors",
     "per_example.safetensors",
@@ -121,7 +123,8 @@ class Extraction:
 
     `token_sum [2, L, D]` float64 sums over pooled tokens, `token_count [2]` pooled tokens;
     `example_sum [2, L, D]` sums of per-example means, `example_count [2]` examples.
-    `pooled [N, L, D]` float32, `label [N]`, `example_index [N]` when asked for."""
+    `pooled [N, L, D]` float32, `tokens [N]` (tokens pooled per example), `label [N]`,
+    `example_index [N]` when asked for (`tokens` is None in files written before it existed)."""
 
     layers: tuple[int, ...]
     token_sum: np.ndarray
@@ -129,6 +132,7 @@ class Extraction:
     example_sum: np.ndarray
     example_count: np.ndarray
     pooled: np.ndarray | None = None
+    tokens: np.ndarray | None = None
     label: np.ndarray | None = None
     example_index: np.ndarray | None = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -183,9 +187,10 @@ def _pooled_step(
     """One batch: per-class sums on device. `inputs`: `input_ids, positions, attention_mask,
     pool_mask [B, T]`, `label, example_index [B]`. Returns `token_sum, example_sum [2, L, D]`,
     `token_count, example_count [2]` and, with `per_example`, `pooled [B, L, D]` (each row's
-    mean), `label`, `example_index [B]`. With a `mesh`, the residual `[B, T, D]` is pinned to
-    `parallel.ACTIVATION_AXES["hidden"]` (rows over `data x fsdp`, `D` whole): left free,
-    the compiler splits it along `D` like the weights and runs every row on every device."""
+    mean), `tokens` (pooled tokens), `label`, `example_index [B]`. With a `mesh`, the
+    residual `[B, T, D]` is pinned to `parallel.ACTIVATION_AXES["hidden"]` (rows over
+    `data x fsdp`, `D` whole): left free, the compiler splits it along `D` like the weights
+    and runs every row on every device."""
     resid_sharding = None
     if mesh is not None:
         width = jax.tree.leaves(params["embed"])[0].shape[-1]  # embedding [V, D]
@@ -216,6 +221,7 @@ def _pooled_step(
     if per_example:
         result.update(
             pooled=jnp.transpose(row_means, (1, 0, 2)),
+            tokens=counts,
             label=inputs["label"],
             example_index=inputs["example_index"],
         )
@@ -257,7 +263,8 @@ def _jitted_step(
     out_shardings = dict.fromkeys(SUM_FIELDS, replicated)
     if per_example:
         out_shardings["pooled"] = batch_sharding(mesh, 3)
-        out_shardings["label"] = out_shardings["example_index"] = batch_sharding(mesh, 1)
+        for k in ("tokens", "label", "example_index"):
+            out_shardings[k] = batch_sharding(mesh, 1)
     pinned = mesh if mesh.size > 1 else None
     step = functools.partial(_pooled_step, graphdef, layers, per_example, pinned)
     return jax.jit(step, out_shardings=out_shardings)
@@ -343,7 +350,7 @@ def run_hash(
         h.update(np.asarray([ex.prompt_length, ex.answer_end, ex.example_index, label]).tobytes())
     fields = dataclasses.asdict(settings)
     fields.pop("weighting")  # only a default for later use; never changes what is summed
-    fields.update(process_count=jax.process_count(), identity=identity)
+    fields.update(process_count=jax.process_count(), identity=identity, rows=ROW_FIELDS)
     h.update(json.dumps(fields, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -577,6 +584,7 @@ def write_extraction(result: Extraction, out_dir: str | Path) -> None:
             out / PER_EXAMPLE_FILE,
             {
                 "pooled": result.pooled.astype(np.float32),
+                "tokens": result.tokens.astype(np.int64),
                 "label": result.label.astype(np.int64),
                 "example_index": result.example_index.astype(np.int64),
             },

@@ -180,6 +180,8 @@ def test_resume_after_interruption_gives_identical_outputs(llama, tokenized, tmp
     assert pooled.shape == (2 * NUM_PAIRS, 2, lm.config.hidden_size)
     np.testing.assert_array_equal(label, [ex.label for ex in tokenized])
     back = read_extraction(tmp_path / "cut")
+    assert settings.pool == "answer"  # tokens pooled per example = its answer tokens
+    np.testing.assert_array_equal(back.tokens, [ex.answer_mask.sum() for ex in tokenized])
     np.testing.assert_array_equal(back.means("example"), whole.means("example"))
     with pytest.raises(ResumeError, match="another run"):
         extract(lm, tokenized, dataclasses.replace(settings, pool="question"), tmp_path / "cut")

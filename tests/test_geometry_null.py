@@ -106,6 +106,7 @@ def test_analyze_with_examples_gives_intervals_nulls_and_is_reproducible():
     kw = dict(
         clusters={"m": ["md", "t"], "o": ["o1", "o2"]},
         examples={"md": (pooled, labels)},
+        weighting="example",
         n_null=30,
         n_boot=40,
         n_perm=30,

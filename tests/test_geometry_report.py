@@ -38,7 +38,9 @@ def files(tmp_path_factory):
     labels = np.repeat([0, 1], 20)
     pooled = rng.standard_normal((40, L, D)).astype(np.float32)
     pooled[labels == 1] += 0.8 * base[0]
-    save_vectors(tmp / "acts.safetensors", {"pooled": pooled, "label": labels}, {})
+    tokens = rng.integers(3, 30, size=40)  # tokens pooled per example
+    acts = {"pooled": pooled, "label": labels, "tokens": tokens}
+    save_vectors(tmp / "acts.safetensors", acts, {})
     return tmp, paths
 
 
@@ -75,6 +77,8 @@ def test_cli_writes_json_figures_and_offline_html(files):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((out / "geometry.json").read_text())
     assert result["inputs"]["names"] == ["med", "med2", "fin", "spo", "pro", "mal", "md"]
+    assert result["inputs"]["weighting"] == "token"  # the default, recorded
+    assert result["inputs"]["from_examples"]["md"]["weighting"] == "token"
     assert set(result["independence"]) == {"medical|risk", "medical|persona", "risk|persona"}
     assert result["traces"]["reference"] == "med" and len(result["traces"]["cosine"]["fin"]) == L
     page = (out / "report.html").read_text()
@@ -87,6 +91,7 @@ def test_cli_writes_json_figures_and_offline_html(files):
         assert base64.b64encode(png.read_bytes()).decode() in page, name  # embedded inline
         assert f"{name}.png" in page
     assert "tests support independent mechanisms" in page
+    assert "<td>md</td><td>40</td><td>20</td><td>token</td>" in page  # weighting shown
 
 
 def test_cli_needs_layer_for_stacks(files):

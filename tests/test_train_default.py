@@ -74,7 +74,7 @@ def test_rank1_down_proj_organism_end_to_end(default_lm, tmp_path):
     labels = np.asarray([ex.label for ex in chosen])
     result = analyze(
         {"lora_B_l15": b15},
-        examples={"mean_diff_l15": (pooled, labels)},
+        examples={"mean_diff_l15": (pooled, labels, np.asarray(out.counts))},
         n_null=50,
         n_boot=20,
         n_perm=20,

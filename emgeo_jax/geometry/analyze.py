@@ -116,6 +116,40 @@ def _leaves_ci(point: Any, reps: list[Any]) -> Any:
     return None
 
 
+def _weighted_examples(
+    examples: dict[str, tuple[np.ndarray, ...]], weighting: str
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """name -> (pooled `[N, D]` float64, labels `[N]`, tokens `[N]` float64 for token
+    weighting or None for example weighting); errors name the example set."""
+    if weighting not in ("token", "example"):
+        raise ValueError(f"weighting={weighting!r}: use 'token' or 'example'")
+    out = {}
+    for k, item in examples.items():
+        if len(item) not in (2, 3):
+            raise ValueError(f"examples '{k}': give (pooled, labels) or (pooled, labels, tokens)")
+        p, lab = np.asarray(item[0], np.float64), np.asarray(item[1])
+        tokens = item[2] if len(item) == 3 else None
+        w = None
+        if weighting == "token":
+            if tokens is None:
+                raise ValueError(
+                    f"examples '{k}': token weighting needs the tokens pooled per example "
+                    "(`tokens` [N], written by `emgeo extract --per_example`); pass them or "
+                    "use example weighting"
+                )
+            w = np.asarray(tokens, np.float64)
+            if w.shape != lab.shape or not (w >= 0).all():
+                raise ValueError(
+                    f"examples '{k}': tokens must be [N] = {lab.shape} non-negative counts, "
+                    f"got shape {w.shape}"
+                )
+            for c in (0, 1):
+                if w[lab == c].sum() <= 0:
+                    raise ValueError(f"examples '{k}': class {c} has no pooled tokens")
+        out[k] = (p, lab, w)
+    return out
+
+
 def _triangle_error_stat(X: np.ndarray) -> float:
     A = similarity.angle_matrix(similarity.cosine_matrix(X))
     return subspace.triangle_error(A[0, 1], A[0, 2], A[1, 2])[2]
@@ -135,7 +169,8 @@ def analyze(
     clusters: dict[str, Sequence[str]] | None = None,
     *,
     sets: dict[str, Sequence[str]] | None = None,
-    examples: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    examples: dict[str, tuple[np.ndarray, ...]] | None = None,
+    weighting: str = "token",
     stacks: dict[str, np.ndarray] | None = None,
     trace_reference: str | None = None,
     reference_pair: Sequence[str] | None = None,
@@ -151,11 +186,15 @@ def analyze(
     clusters: cluster -> member names, for the independence tests (every pair of clusters)
         and a cluster-label permutation test. sets: set -> names for seed 000's within/between
         mean cosines (default: the clusters).
-    examples: name -> (pooled `[N, D]`, labels `[N]`, 1 = misaligned): the direction `name` is
-        the mean difference of these examples; examples are resampled (stratified, `n_boot`
-        times) to give basic-bootstrap 95% intervals of every statistic, permuted for label
-        nulls and split in halves for reliability. A name may not be in both `vectors` and
-        `examples`.
+    examples: name -> (pooled `[N, D]` per-example means, labels `[N]`, 1 = misaligned[,
+        tokens `[N]` pooled tokens per example]): the direction `name` is the mean difference
+        of these examples; examples are resampled (stratified, `n_boot` times) to give
+        basic-bootstrap 95% intervals of every statistic, permuted for label nulls and split in
+        halves for reliability, the direction being rebuilt with `weighting` each time. A name
+        may not be in both `vectors` and `examples`.
+    weighting: "token" (default, as the reference code and `emgeo vectors`: class mean = sum
+        over all pooled tokens / token count, which needs `tokens`) or "example" (mean of
+        per-example means). Recorded in `inputs.weighting`.
     stacks: name -> `[L, D]` (row l = output of block l) for layer traces: cosine per layer to
         `trace_reference` (default: the first stack).
     reference_pair: two names spanning the plane for projection magnitudes (default: the
@@ -168,9 +207,9 @@ def analyze(
     clash = set(vectors) & set(examples)
     if clash:
         raise ValueError(f"vectors {sorted(clash)} given both as vectors and as examples")
-    ex = {k: (np.asarray(p, np.float64), np.asarray(lab)) for k, (p, lab) in examples.items()}
+    ex = _weighted_examples(examples, weighting)
     all_vecs = {k: np.asarray(v, np.float64) for k, v in vectors.items()}
-    all_vecs.update({k: null.mean_diff(p, lab) for k, (p, lab) in ex.items()})
+    all_vecs.update({k: null.mean_diff(p, lab, w) for k, (p, lab, w) in ex.items()})
     names = list(all_vecs)
     if len(names) < 2:
         raise ValueError("geometry needs at least two vectors")
@@ -195,9 +234,9 @@ def analyze(
         reps = []
         for _ in range(n_boot):
             Vb = V.copy()
-            for k, (p, lab) in ex.items():
-                idx = null.stratified_resample(lab, rng)
-                Vb[names.index(k)] = null.mean_diff(p[idx], lab[idx])
+            for k, (p, lab, w) in ex.items():
+                idx = null.stratified_resample(lab, rng)  # examples, each with its tokens
+                Vb[names.index(k)] = null.mean_diff(p[idx], lab[idx], None if w is None else w[idx])
             reps.append(_point(Vb, names, cl, st, ref, thresholds))
         ci = _leaves_ci(point, reps)
 
@@ -216,9 +255,15 @@ def analyze(
             "norms": dict(zip(names, norms.tolist(), strict=True)),
             "clusters": {g: [names[i] for i in idx] for g, idx in cl.items()},
             "sets": {g: [names[i] for i in idx] for g, idx in st.items()},
+            "weighting": weighting if ex else None,
             "from_examples": {
-                k: {"n": int(len(lab)), "n_misaligned": int(lab.sum())}
-                for k, (_, lab) in ex.items()
+                k: {
+                    "n": int(len(lab)),
+                    "n_misaligned": int(lab.sum()),
+                    "weighting": weighting,
+                    **({} if w is None else {"tokens": [float(w[lab == c].sum()) for c in (0, 1)]}),
+                }
+                for k, (_, lab, w) in ex.items()
             },
             "seed": seed,
             "n_null": n_null,
@@ -351,12 +396,12 @@ def analyze(
 
     if ex:
         res["examples"] = {}
-        for k, (p, lab) in ex.items():
+        for k, (p, lab, w) in ex.items():
             i = names.index(k)
             others = [j for j in range(len(names)) if j != i]
 
-            def abs_cos_to_others(labels: np.ndarray, p=p, others=others) -> np.ndarray:
-                v = null.mean_diff(p, labels)
+            def abs_cos_to_others(labels: np.ndarray, p=p, w=w, others=others) -> np.ndarray:
+                v = null.mean_diff(p, labels, w)  # labels permuted; tokens stay with examples
                 return np.abs(similarity.cosine_matrix(np.vstack([v[None], V[others]]))[0, 1:])
 
             observed = abs_cos_to_others(lab)
@@ -371,12 +416,12 @@ def analyze(
                     for m, j in enumerate(others)
                 },
                 "norm_permutation": null.permutation_test(
-                    lambda labels, p=p: float(np.linalg.norm(null.mean_diff(p, labels))),
+                    lambda labels, p=p, w=w: float(np.linalg.norm(null.mean_diff(p, labels, w))),
                     lab,
                     n_perm,
                     rng,
                 ),
-                "split_half": null.split_half_reliability(p, lab, min(n_perm, 200), rng),
+                "split_half": null.split_half_reliability(p, lab, min(n_perm, 200), rng, w),
             }
 
     if stacks:

@@ -6,8 +6,11 @@
 Names default to the file stems. Files holding `[L, D]` stacks need --layer for the main
 analysis; when every file is a stack, layer traces to --trace_reference are drawn as well.
 --activations NAME=FILE adds a mean-diff direction NAME built from pooled per-example
-activations (`pooled` `[N, L, D]`, `label` `[N]`) at --layer, which gives bootstrap intervals,
-label-permutation nulls, split-half reliability and the per-layer disentanglement figure.
+activations (`pooled` `[N, L, D]`, `label` `[N]`, `tokens` `[N]`: `emgeo extract --per_example`)
+at --layer, which gives bootstrap intervals, label-permutation nulls, split-half reliability and
+the per-layer disentanglement figure. The mean difference is token-weighted by default (as
+`emgeo vectors`); `--weighting example` takes the mean of per-example means (needed for files
+without `tokens`). The report records the weighting.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from absl import flags
 
 from emgeo_jax.geometry.analyze import analyze
 from emgeo_jax.geometry.independence import Thresholds
+from emgeo_jax.geometry.inputs import read_example_file
 from emgeo_jax.geometry.report import write_report
-from emgeo_jax.vectors.io import load_activations, load_vectors
+from emgeo_jax.vectors.io import load_vectors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("names", None, "names for the files, in order (default: file stems)")
@@ -28,6 +32,7 @@ flags.DEFINE_string("sets", None, "sets for within/between mean cosines (default
 flags.DEFINE_integer("layer", None, "row of [L, D] stacks to analyse (output of block L)")
 flags.DEFINE_string("key", None, "tensor name inside files holding several tensors")
 flags.DEFINE_list("activations", [], "NAME=FILE pooled activations -> mean-diff direction NAME")
+flags.DEFINE_enum("weighting", "token", ["token", "example"], "--activations mean-diff weighting")
 flags.DEFINE_list("reference_pair", None, "two names for projection magnitudes (default: closest)")
 flags.DEFINE_string("trace_reference", None, "reference name for layer traces (default: first)")
 flags.DEFINE_string("out", None, "output directory")
@@ -78,10 +83,10 @@ def main(argv: list[str]) -> None:
         if "=" not in spec:
             raise SystemExit(f"emgeo geometry: --activations '{spec}' is not NAME=FILE")
         name, f = spec.split("=", 1)
-        pooled, labels, _ = load_activations(f)
+        pooled, labels, tokens = read_example_file(f)
         if FLAGS.layer is None:
             raise SystemExit("emgeo geometry: --activations needs --layer")
-        examples[name] = (pooled[:, FLAGS.layer], labels)
+        examples[name] = (pooled[:, FLAGS.layer], labels, tokens)
         disentangle = disentangle or (pooled, labels)
     thresholds = Thresholds(
         cluster_angle_min_deg=FLAGS.cluster_angle_min_deg,
@@ -95,6 +100,7 @@ def main(argv: list[str]) -> None:
         parse_groups(FLAGS.clusters, "clusters"),
         sets=parse_groups(FLAGS.sets, "sets"),
         examples=examples,
+        weighting=FLAGS.weighting,
         stacks=stacks if len(stacks) == len(files) and len(stacks) >= 2 else None,
         trace_reference=FLAGS.trace_reference,
         reference_pair=FLAGS.reference_pair,

@@ -5,7 +5,8 @@
 - Squared norm of the projection of a random unit vector on a fixed k-dim subspace:
   Beta(k / 2, (d - k) / 2).
 - Monte Carlo of norm-matched random directions, permutation tests, bootstrap percentile
-  intervals, split-half reliability of a mean-difference direction built from examples.
+  intervals, split-half reliability of a mean-difference direction built from examples
+  (token- or example-weighted, see `mean_diff`; resampling always draws examples).
 """
 
 from __future__ import annotations
@@ -99,10 +100,24 @@ def permutation_test(
     }
 
 
-def mean_diff(pooled: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Misaligned minus aligned mean of `pooled` `[N, D]`, labels `[N]` (1 = misaligned)."""
+def mean_diff(
+    pooled: np.ndarray, labels: np.ndarray, tokens: np.ndarray | None = None
+) -> np.ndarray:
+    """Misaligned minus aligned class mean of per-example means `pooled` `[N, D]`, labels `[N]`
+    (1 = misaligned).
+
+    With `tokens` `[N]` (tokens pooled per example) the class means are token-weighted,
+    `sum_i n_i m_i / sum_i n_i` = the sum over all pooled tokens of the class / its token count
+    (the reference default, as `emgeo vectors`); with `tokens=None` they are example-weighted
+    (mean of per-example means)."""
     labels = np.asarray(labels)
-    return pooled[labels == 1].mean(axis=0) - pooled[labels == 0].mean(axis=0)
+    w = np.ones(len(labels)) if tokens is None else np.asarray(tokens, np.float64)
+
+    def class_mean(c: int) -> np.ndarray:
+        m = labels == c
+        return w[m] @ pooled[m] / w[m].sum()
+
+    return class_mean(1) - class_mean(0)
 
 
 def stratified_resample(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -137,22 +152,32 @@ def bootstrap_direction_statistic(
     statistic: Callable[[np.ndarray], float],
     n: int,
     rng: np.random.Generator,
+    tokens: np.ndarray | None = None,
 ) -> np.ndarray:
     """Rebuild the mean-diff direction from `n` stratified resamples of the examples
-    (`pooled` `[N, D]`, `labels` `[N]`) and evaluate `statistic(direction)` -> `[n]`."""
+    (`pooled` `[N, D]`, `labels` `[N]`, `tokens` `[N]` or None as in `mean_diff`: examples are
+    resampled, each keeps its token count) and evaluate `statistic(direction)` -> `[n]`."""
     out = np.empty(n)
     for b in range(n):
         idx = stratified_resample(labels, rng)
-        out[b] = statistic(mean_diff(pooled[idx], labels[idx]))
+        out[b] = statistic(mean_diff(pooled[idx], labels[idx], _take(tokens, idx)))
     return out
 
 
+def _take(tokens: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+    return None if tokens is None else np.asarray(tokens)[idx]
+
+
 def split_half_reliability(
-    pooled: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Generator
+    pooled: np.ndarray,
+    labels: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+    tokens: np.ndarray | None = None,
 ) -> dict:
-    """Cosine between mean-diff directions from two random disjoint halves of the examples
-    (split within each class), over `n` splits; with the Spearman-Brown full-length estimate
-    2r / (1 + r) of the mean cosine r."""
+    """Cosine between mean-diff directions (weighted by `tokens` as in `mean_diff`) from two
+    random disjoint halves of the examples (split within each class), over `n` splits; with the
+    Spearman-Brown full-length estimate 2r / (1 + r) of the mean cosine r."""
     labels = np.asarray(labels)
     cos = np.empty(n)
     for k in range(n):
@@ -164,7 +189,8 @@ def split_half_reliability(
             h1.append(idx[: idx.size // 2])
             h2.append(idx[idx.size // 2 :])
         a, b = np.concatenate(h1), np.concatenate(h2)
-        u, v = mean_diff(pooled[a], labels[a]), mean_diff(pooled[b], labels[b])
+        u = mean_diff(pooled[a], labels[a], _take(tokens, a))
+        v = mean_diff(pooled[b], labels[b], _take(tokens, b))
         cos[k] = float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
     r = float(cos.mean())
     return {

@@ -258,6 +258,19 @@ def _fmt(x: Any) -> str:
 
 def _summary_html(result: dict) -> str:
     parts = []
+    from_examples = result["inputs"].get("from_examples") or {}
+    if from_examples:
+        rows = [
+            [k, v["n"], v["n_misaligned"], v.get("weighting"), v.get("tokens")]
+            for k, v in from_examples.items()
+        ]
+        parts.append(
+            "<h3>Mean differences built from examples</h3><p>token-weighted = sum over all "
+            "pooled tokens of a class / its token count; example-weighted = mean of "
+            "per-example means. Bootstrap and permutations resample examples and rebuild the "
+            "direction with the same weighting.</p>"
+            + _table(rows, ["direction", "examples", "misaligned", "weighting", "tokens [al, mis]"])
+        )
     for pair, block in result.get("independence", {}).items():
         rows = [
             [

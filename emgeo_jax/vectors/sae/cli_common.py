@@ -1,53 +1,95 @@
-"""Helpers shared by the SAE subcommands: text batches for the model, and reading one vector."""
+"""Helpers shared by the SAE subcommands: model inputs for `--texts`, and reading one vector.
+
+`--texts` (`emgeo sae-check`, `emgeo sae-features --method steering`) takes either
+
+- question/answer data: a contrast-pair, judged-response or chat-messages file (JSONL, or CSV
+  for judged responses), read by `emgeo_jax.data.load_examples` and tokenized by
+  `tokenize_examples` with the chat template (user question, assistant answer), prompt-prefix
+  check included. These are exactly the rows and token ids `emgeo extract` sees for the same
+  file (judged files keep extraction's class filter and balancing), so SAE statistics come
+  from the distribution the contrast vectors were built on; or
+- plain text: a `.txt` file (one text per non-empty line) or a JSONL file whose rows have a
+  `text` field, tokenized as is with the tokenizer's default special tokens (e.g. Llama's BOS,
+  nothing for Qwen), no chat template.
+
+Token positions: the SAE statistics run over every real token of these sequences (template,
+question and answer tokens; padding excluded): steering adds the vector at every position (the
+reference default) and the SAE must reconstruct every position the model reads. Sequences
+longer than `max_length` are an error for question/answer rows (as in `emgeo extract`) and
+truncated for plain text.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from emgeo_jax.data import Example, TokenizedExample, collate, load_examples, tokenize_examples
 from emgeo_jax.vectors.sae.model import SAEError
 
+SAEInput = str | Example
 
-def read_texts(path: str | Path) -> list[str]:
-    """Texts from a `.txt` file (one per non-empty line) or a `.jsonl` file (field `text`, or
-    `question` + `answer`/`aligned`/`misaligned` joined by a newline, one text per answer)."""
+
+def _has_text_rows(path: Path) -> bool:
+    """True when the first JSON object of the JSONL file `path` has a `text` field."""
+    with open(path, encoding="utf-8-sig") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    return "text" in json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SAEError(f"{path}:{i}: invalid JSON: {e.msg}") from None
+    raise SAEError(f"{path}: no rows")
+
+
+def read_texts(path: str | Path) -> list[SAEInput]:
+    """The model inputs of `path` (see the module docstring): plain strings for `.txt` files and
+    JSONL `text` rows, `Example`s (prompt turns + answer) for question/answer data."""
     path = Path(path)
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    if path.suffix != ".jsonl":
-        return lines
-    texts = []
-    for i, line in enumerate(lines, 1):
-        row = json.loads(line)
-        if "text" in row:
-            texts.append(row["text"])
+    if path.suffix.lower() not in (".jsonl", ".csv"):
+        return [ln for ln in path.read_text().splitlines() if ln.strip()]
+    if path.suffix.lower() == ".jsonl" and _has_text_rows(path):
+        texts = []
+        for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row.get("text"), str):
+                    raise SAEError(f"{path}:{i}: every row needs a string 'text' field")
+                texts.append(row["text"])
+        return texts
+    examples, _ = load_examples(path)
+    return examples
+
+
+def _tokenize(tokenizer, inputs: Sequence[SAEInput], max_length: int) -> list[TokenizedExample]:
+    """Chat-template tokenization of `Example`s (`tokenize_examples`, as `emgeo extract`) and
+    plain tokenization of strings (truncated to `max_length`), in input order."""
+    examples = [x for x in inputs if isinstance(x, Example)]
+    chat = iter(tokenize_examples(examples, tokenizer, max_length)[0]) if examples else iter(())
+    out = []
+    for i, x in enumerate(inputs):
+        if isinstance(x, Example):
+            out.append(next(chat))
             continue
-        answers = [row[k] for k in ("answer", "aligned", "misaligned") if k in row]
-        if "question" not in row or not answers:
-            raise SAEError(f"{path}:{i}: need 'text', or 'question' with an answer field")
-        texts += [f"{row['question']}\n{a}" for a in answers]
-    return texts
+        ids = np.asarray(tokenizer(x)["input_ids"][:max_length], np.int32)
+        out.append(TokenizedExample(ids, 0, len(ids), None, i, f"text {i}"))
+    return out
 
 
 def token_batches(
-    tokenizer, texts: list[str], batch_size: int, max_length: int
+    tokenizer, inputs: Sequence[SAEInput], batch_size: int, max_length: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """`(input_ids, attention_mask) [B, T]` right-padded to a fixed `max_length` (one compiled
-    shape), truncated to `max_length` tokens."""
+    """`(input_ids, attention_mask) [B, T]` (`B = batch_size`, `T = max_length`: one compiled
+    shape), right-padded by `emgeo_jax.data.collate`; the last batch is filled with empty rows.
+    `inputs` from `read_texts`: `Example`s get the chat template, strings are plain text."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for s in range(0, len(texts), batch_size):
-        enc = [
-            tokenizer(t, add_special_tokens=False)["input_ids"][:max_length]
-            for t in texts[s : s + batch_size]
-        ]
-        ids = np.full((batch_size, max_length), pad, np.int32)
-        mask = np.zeros((batch_size, max_length), np.int32)
-        for i, row in enumerate(enc):
-            ids[i, : len(row)] = row
-            mask[i, : len(row)] = 1
-        yield ids, mask
+    rows = _tokenize(tokenizer, inputs, max_length)
+    for s in range(0, len(rows), batch_size):
+        batch = collate(rows[s : s + batch_size], max_length, batch_size, pad, "right")
+        yield batch["input_ids"], batch["attention_mask"]
 
 
 def read_vector(path: str | Path, key: str | None, layer: int | None) -> np.ndarray:

@@ -3,7 +3,8 @@
 `emgeo extract --layers 0,2` writes one row per extracted layer; every reader (sweep,
 ablate/generate steering, geometry --layer/--activations, sae-features, SAE training sources)
 must take the row *for* layer 2 (row 1 there) and refuse layer 1, naming the file and its
-layers. The reference is the same extraction over all layers, where row l is layer l.
+layers (`row_of`, shared by all of them, is tested directly). The reference is the same
+extraction over all layers, where row l is layer l.
 Seed 000's SAE steering method reads the vector of layer L-1 (it steers there), cosine L's.
 """
 
@@ -146,8 +147,6 @@ def test_extract_vectors_geometry_and_sae_features_with_a_layer_subset(subset):
     # the file's row for layer 2 and the example-pooled mean-diff at layer 2 are the reference
     assert m[names.index("md"), names.index("ref2")] == pytest.approx(1.0, abs=1e-5)
     assert m[names.index("ex"), names.index("ref2")] == pytest.approx(1.0, abs=1e-5)
-    err = run_emgeo("geometry", str(md), "--layer=1", f"--out={geo}1", status=2)
-    assert f"{md}: no row for layer 1; it holds layers [0, 2]" in err
 
     # an SAE at layer 2 whose feature 5 is layer 2's mean-diff; row 7 is layer 0's
     rng = np.random.default_rng(0)
@@ -161,18 +160,14 @@ def test_extract_vectors_geometry_and_sae_features_with_a_layer_subset(subset):
                     "--top=2", "--n_null=10")  # fmt: skip
     ranked = json.loads(out[out.index("{") :])
     assert ranked["features"][0] == 5 and ranked["vector_layer"] == 2
-    # steering reads layer L-1 = 1, which this file does not hold (the old code read row 2)
-    err = run_emgeo("sae-features", str(tmp / "sae"), "--method=steering", f"--vector={md}",
-                    status=2)  # fmt: skip
-    assert f"{md}: no row for layer 1; it holds layers [0, 2]" in err
     part_acts = load_activations(acts, layer=2)[0]
     np.testing.assert_array_equal(part_acts, load_activations(
         tmp / "full" / "per_example.safetensors")[0][:, 2])  # fmt: skip
 
 
 def test_sae_steering_cli_takes_the_row_of_layer_l_minus_1(tmp_path):
-    """A file holding only layer 1 serves the steering method of an SAE at layer 2 (it gets
-    past the vector to the missing --model), and is refused by the cosine method."""
+    """A file holding only layer 1 serves the steering method of an SAE at layer 2: it gets
+    past the vector to the missing --model (the old code read row 2 and failed there)."""
     path = _stack(tmp_path, [1])
     sae = make_sae(np.eye(D), np.zeros(D), np.eye(D), np.zeros(D), 0.0,
                    architecture="topk", k=2, layer=2)  # fmt: skip
@@ -180,6 +175,3 @@ def test_sae_steering_cli_takes_the_row_of_layer_l_minus_1(tmp_path):
     err = run_emgeo("sae-features", str(tmp_path / "sae"), "--method=steering",
                     f"--vector={path}", status=2)  # fmt: skip
     assert "--method steering needs --model and --texts" in err
-    err = run_emgeo("sae-features", str(tmp_path / "sae"), "--method=cosine",
-                    f"--vector={path}", status=2)  # fmt: skip
-    assert f"{path}: no row for layer 2; it holds layers [1]" in err

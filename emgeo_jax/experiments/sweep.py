@@ -45,13 +45,13 @@ BASELINE = "baseline"
 
 
 def vector_digest(v: np.ndarray | LayerVectors) -> str:
-    """Short sha256 of a vector's float32 bytes and shape, and of its rows' layers when they
-    are not 0..L-1 (part of the config hash)."""
-    lv = LayerVectors.of(v)
-    a = np.ascontiguousarray(lv.values)
+    """Short sha256 of an array's float32 bytes and shape (any shape), and for a
+    `LayerVectors` of its rows' layers when they are not 0..L-1 (part of the config hash)."""
+    values = v.values if isinstance(v, LayerVectors) else v
+    a = np.ascontiguousarray(np.asarray(values, np.float32))
     extra = b""
-    if lv.is_stack and lv.layers != tuple(range(a.shape[0])):
-        extra = str(list(lv.layers)).encode()
+    if isinstance(v, LayerVectors) and v.is_stack and v.layers != tuple(range(a.shape[0])):
+        extra = str(list(v.layers)).encode()
     return hashlib.sha256(a.tobytes() + str(a.shape).encode() + extra).hexdigest()[:16]
 
 

@@ -69,7 +69,7 @@ from emgeo_jax.parallel import (
     param_sharding,
 )
 from emgeo_jax.steer import Taps
-from emgeo_jax.vectors.io import load_vectors, save_vectors
+from emgeo_jax.vectors.io import read_tensors, save_vectors
 
 POOLS = ("answer", "question", "last_prompt", "all")
 WEIGHTINGS = ("token", "example")
@@ -329,14 +329,6 @@ def _atomic_save(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str,
     os.replace(tmp, path)
 
 
-def _read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    from safetensors.numpy import load_file
-
-    tensors = load_file(str(path))
-    _, meta = load_vectors(path, key=next(iter(tensors)))
-    return tensors, meta
-
-
 def run_hash(
     tokenized: Sequence[TokenizedExample], settings: ExtractSettings, identity: dict[str, Any]
 ) -> str:
@@ -495,7 +487,7 @@ def extract(
         (chunk_dir / "run.json").write_text(json.dumps({"run_hash": digest, **identity}))
     chunks = []
     if chunk_dir is not None and pi == 0:
-        chunks = [_read_tensors(chunk_dir / f"{c:05d}.safetensors")[0] for c in range(done)]
+        chunks = [read_tensors(chunk_dir / f"{c:05d}.safetensors")[0] for c in range(done)]
 
     runner = _Runner(lm, mesh, settings, layers)
     barrier("emgeo_extract_start")
@@ -602,13 +594,13 @@ def read_extraction(path: str | Path) -> Extraction:
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     file = folder / ACTIVATIONS_FILE if path.is_dir() else path
-    tensors, meta = _read_tensors(file)
+    tensors, meta = read_tensors(file)
     missing = [k for k in (*SUM_FIELDS, "layers") if k not in tensors]
     if missing:
         raise ValueError(f"{file}: missing tensors {missing}; not an `emgeo extract` output")
     rows = {}
     if (folder / PER_EXAMPLE_FILE).exists():
-        rows, _ = _read_tensors(folder / PER_EXAMPLE_FILE)
+        rows, _ = read_tensors(folder / PER_EXAMPLE_FILE)
     return Extraction(
         layers=tuple(int(x) for x in tensors["layers"]),
         metadata={**meta, "path": str(file)},

@@ -33,6 +33,7 @@ import numpy as np
 from flax import struct
 
 from emgeo_jax.models.config import ModelConfig
+from emgeo_jax.vectors.io import LayerVectors
 
 POSITION_MODES = {"all": 0, "prompt": 1, "generated": 2}
 TAP_KINDS = ("full", "pooled", "last")
@@ -52,6 +53,20 @@ def _check_vector(x: Any, width: int, what: str) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{what}: contains NaN or inf")
     return arr
+
+
+def _layer_vectors(x: Any, c: ModelConfig, what: str) -> LayerVectors:
+    """`x` as `LayerVectors` of width D: a `LayerVectors` (rows for the layers it names), or an
+    array `[D]` or `[L = num_layers, D]` (row l = layer l)."""
+    if isinstance(x, LayerVectors):
+        _check_vector(x.values, c.hidden_size, f"{what} ({x.source})")
+        return x
+    arr = _check_vector(x, c.hidden_size, what)
+    if arr.ndim > 2:
+        raise ValueError(f"{what} must be [D] or [L, D], got {arr.shape}")
+    if arr.ndim == 2 and arr.shape[0] != c.num_layers:
+        raise ValueError(f"{what} stack {arr.shape} must be [L={c.num_layers}, D]")
+    return LayerVectors.of(arr)
 
 
 def _check_layers(layers: Iterable[int] | int | None, num_layers: int, what: str) -> list[int]:
@@ -126,21 +141,19 @@ class Steering:
         """Add `scale * vector` to the output of each block in `layers`.
 
         `vector`: `[D]` (added at every layer in `layers`; `layers` required) or a per-layer
-        stack `[L, D]` (row `l` added at layer `l`, for `l` in `layers`, default all)."""
+        stack, its vector for layer `l` added at layer `l` for `l` in `layers` (default: every
+        layer it holds): a `LayerVectors` (rows for the layers it names, e.g. a file of
+        `emgeo extract --layers 12,16`) or an array `[L = num_layers, D]` (row l = layer l)."""
         c = _config(cfg)
-        vec = _check_vector(vector, c.hidden_size, "steering vector")
-        if vec.ndim == 1 and layers is None:
+        vec = _layer_vectors(vector, c, "steering vector")
+        if not vec.is_stack and layers is None:
             raise ValueError("steering vector [D]: give layers=... (a [L, D] stack may omit it)")
-        if vec.ndim == 2 and vec.shape[0] != c.num_layers:
-            raise ValueError(f"steering stack {vec.shape} must be [L={c.num_layers}, D]")
-        if vec.ndim > 2:
-            raise ValueError(f"steering vector must be [D] or [L, D], got {vec.shape}")
         if not np.isfinite(scale):
             raise ValueError(f"steering scale {scale!r} is not finite")
-        rows = _check_layers(layers, c.num_layers, "steering")
+        rows = _check_layers(vec.layers if layers is None else layers, c.num_layers, "steering")
         add = np.zeros((c.num_layers, c.hidden_size), np.float32)
         for layer in rows:
-            add[layer] = scale * (vec if vec.ndim == 1 else vec[layer])
+            add[layer] = scale * vec.at(layer)
         mode, mask = _position_mode(positions)
         none = cls.none(c)
         return cls(add=jnp.asarray(add), ablate=none.ablate, mode=jnp.asarray(mode), mask=mask)
@@ -168,6 +181,24 @@ class Steering:
         mode, mask = _position_mode(positions)
         none = cls.none(c)
         return cls(add=none.add, ablate=jnp.asarray(ablate), mode=jnp.asarray(mode), mask=mask)
+
+    @classmethod
+    def layer_ablation(
+        cls,
+        cfg: Any,
+        direction: Any,
+        layers: Sequence[int] | int | None = None,
+        positions: str | Any = "all",
+    ) -> Steering:
+        """Project one direction per layer out: a `[D]` direction at each layer in `layers`
+        (default all), or a per-layer stack (as in `addition`) its vector for layer `l` at
+        each `l` in `layers` (default: every layer it holds)."""
+        c = _config(cfg)
+        vec = _layer_vectors(direction, c, "ablation direction")
+        if not vec.is_stack:
+            return cls.ablation(c, vec.values, layers, positions)
+        rows = _check_layers(vec.layers if layers is None else layers, c.num_layers, "ablation")
+        return cls.combine(*(cls.ablation(c, vec.at(l), [l], positions) for l in rows))
 
     def at_positions(self, positions: str | Any) -> Steering:
         """The same edit at other tokens: "all", "prompt", "generated" or a `[B, T]` mask."""

@@ -3,7 +3,9 @@
     result = run_ablation(lm, v, questions, layers=None, sampling=..., judge=..., out_dir=...)
 
 `direction` is `[D]` (projected out at each layer in `layers`, default all) or a per-layer
-stack `[L, D]` (row l projected out at layer l, for l in `layers`). `h <- h - (h . r) r` with
+stack (`LayerVectors` from `load_layer_vectors`, or an `[L, D]` array with row l = layer l),
+its vector for layer l projected out at layer l, for l in `layers` (default: every layer it
+holds; a layer it does not hold is refused): `Steering.layer_ablation`. `h <- h - (h . r) r` with
 unit `r`, on every token (prompt and generated). With `steer=(vector [D], layer, scale)` the
 same addition is applied in both conditions, so one can show that ablating a direction
 removes the misalignment a steering vector induces (on an organism, leave `steer` None).
@@ -31,22 +33,12 @@ from emgeo_jax.experiments.sweep import judge_identity, vector_digest
 from emgeo_jax.judge.client import JudgeConfig
 from emgeo_jax.judge.prompts import JudgePrompt
 from emgeo_jax.steer import Steering
-
-
-def ablation_steering(lm: Any, direction: np.ndarray, layers: Sequence[int] | None) -> Steering:
-    """The `Steering` projecting `direction` ([D] or [L, D]) out at `layers` (default all)."""
-    v = np.asarray(direction, np.float32)
-    if v.ndim == 1:
-        return Steering.ablation(lm, v, layers=layers)
-    if v.shape[0] != lm.config.num_layers:
-        raise ValueError(f"ablation stack {v.shape} must be [L={lm.config.num_layers}, D]")
-    rows = range(lm.config.num_layers) if layers is None else layers
-    return Steering.combine(*(Steering.ablation(lm, v[layer], layers=[layer]) for layer in rows))
+from emgeo_jax.vectors.io import LayerVectors
 
 
 def run_ablation(
     lm: Any,
-    direction: np.ndarray,
+    direction: np.ndarray | LayerVectors,
     questions: Sequence[PromptRow],
     *,
     layers: Sequence[int] | None,
@@ -60,10 +52,15 @@ def run_ablation(
 ) -> dict[str, Any]:
     """Judge the model before and after ablation; write and return `results.json`:
     {conditions: {before, after}: cell summaries, em_change: after - before}."""
+    add = None if steer is None else Steering.addition(lm, steer[0], [int(steer[1])], steer[2])
+    ablate = Steering.layer_ablation(lm, direction, layers)
     config = {
         "kind": "ablation",
         "model": model,
-        "direction": {"shape": list(np.shape(direction)), "sha256": vector_digest(direction)},
+        "direction": {
+            "shape": list(LayerVectors.of(direction).values.shape),
+            "sha256": vector_digest(direction),
+        },
         "layers": None if layers is None else [int(x) for x in layers],
         "steer": None
         if steer is None
@@ -81,8 +78,6 @@ def run_ablation(
         folder.judge_cache,
         question_prompts,
     )
-    add = None if steer is None else Steering.addition(lm, steer[0], [int(steer[1])], steer[2])
-    ablate = ablation_steering(lm, direction, layers)
     conds = {"before": add, "after": ablate if add is None else Steering.combine(add, ablate)}
     results: dict[str, Any] = {"config_hash": folder.hash, "conditions": {}}
     for name, st in conds.items():

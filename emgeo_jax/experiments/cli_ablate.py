@@ -19,19 +19,18 @@ def main(argv: list[str]) -> None:
     import emgeo_jax
     from emgeo_jax.cli import number_list
     from emgeo_jax.experiments.ablation import run_ablation, write_ablation_report
-    from emgeo_jax.experiments.sweep import layer_vector
-    from emgeo_jax.vectors.io import load_vectors
+    from emgeo_jax.vectors.io import load_layer_vectors, load_vectors
 
     out = common.require_out("ablate")
     if len(argv) != 2:
         raise SystemExit("emgeo ablate: give exactly one direction file")
-    direction, _ = load_vectors(argv[1], key=FLAGS.key)
+    direction = load_layer_vectors(argv[1], key=FLAGS.key)
     steer = None
     if FLAGS.steer:
         if FLAGS.steer_layer is None:
             raise SystemExit("emgeo ablate: --steer needs --steer_layer")
-        v, _ = load_vectors(FLAGS.steer, key=FLAGS.key)
-        steer = (layer_vector(v, FLAGS.steer_layer), FLAGS.steer_layer, FLAGS.steer_scale)
+        v, _ = load_vectors(FLAGS.steer, layer=FLAGS.steer_layer, key=FLAGS.key)
+        steer = (v, FLAGS.steer_layer, FLAGS.steer_scale)
     every = not FLAGS.layers or FLAGS.layers == ["all"]
     layers = None if every else number_list(FLAGS.layers, "layers")
     questions, question_prompts = common.questions_from_flags()

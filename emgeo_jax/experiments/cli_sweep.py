@@ -1,7 +1,8 @@
 """`emgeo sweep [NAME=]VECTORS... --layers 5,10 --scales -8,-4,4,8 --out DIR`.
 
-Vector files: safetensors / .npy / .pt holding `[D]` or a per-layer stack `[L, D]` (row l
-for layer l = output of block l). Writes results.json, figures and report.html in --out;
+Vector files: safetensors / .npy / .pt holding `[D]` or a per-layer stack `[L, D]` (layer l =
+output of block l; row i is for the i-th layer of the file's metadata `layers`, e.g. after
+`emgeo extract --layers`, else for layer i). Writes results.json, figures and report.html in --out;
 re-running resumes. Judge: see --judge_base_url.
 """
 
@@ -22,7 +23,7 @@ def main(argv: list[str]) -> None:
     import emgeo_jax
     from emgeo_jax.cli import number_list
     from emgeo_jax.experiments.sweep import run_sweep, write_sweep_report
-    from emgeo_jax.vectors.io import load_vectors
+    from emgeo_jax.vectors.io import load_layer_vectors
 
     out = common.require_out("sweep")
     files = common.parse_named(argv[1:], "vectors")
@@ -30,7 +31,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit("emgeo sweep: give vector files and --layers")
     layers = number_list(FLAGS.layers, "layers")
     scales = number_list(FLAGS.scales, "scales", float)
-    vectors = {name: load_vectors(f, key=FLAGS.key)[0] for name, f in files.items()}
+    vectors = {name: load_layer_vectors(f, key=FLAGS.key) for name, f in files.items()}
     monitor = None if FLAGS.monitor_layer is None else (FLAGS.monitor_layer, next(iter(vectors)))
     questions, question_prompts = common.questions_from_flags()
     sampling = common.sampling_from_flags()

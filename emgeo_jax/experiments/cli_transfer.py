@@ -19,14 +19,14 @@ def main(argv: list[str]) -> None:
     import emgeo_jax
     from emgeo_jax.experiments.judging import uses_local_judge
     from emgeo_jax.experiments.transfer import run_transfer, write_transfer_report
-    from emgeo_jax.vectors.io import load_vectors
+    from emgeo_jax.vectors.io import load_layer_vectors
 
     out = common.require_out("transfer")
     if len(argv) > 1 or not FLAGS.models or not FLAGS.vectors or FLAGS.layer is None:
         raise SystemExit("emgeo transfer: give --models, --vectors and --layer (no arguments)")
     sources = common.parse_named(FLAGS.models, "models")
     vectors = {
-        k: load_vectors(f, key=FLAGS.key)[0]
+        k: load_layer_vectors(f, key=FLAGS.key)
         for k, f in common.parse_named(FLAGS.vectors, "vectors").items()
     }
     loaders = {

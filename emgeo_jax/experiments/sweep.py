@@ -4,13 +4,15 @@
                         scales=[-8, -4, 4, 8], sampling=Sampling(samples=10),
                         judge=JudgeConfig(model="gpt-4o-mini"), out_dir="runs/sweep")
 
-A direction is `[D]` (added at each swept layer) or a per-layer stack `[L, D]` (row l added
-at layer l), multiplied by the scale as is (no normalisation). Cell (direction, layer, scale)
-adds `scale * v` at that one layer; the unsteered baseline is one extra cell shared by every
-curve as scale 0. All cells share one compiled generate program: steering values are data.
-Results per cell: EM rate (question-stratified bootstrap interval), mean aligned and coherent
-(bootstrap intervals), per-question EM, and with a monitor the mean projection of generated
-tokens on the monitor direction.
+A direction is `[D]` (added at each swept layer) or a per-layer stack: a `LayerVectors` read by
+`emgeo_jax.vectors.io.load_layer_vectors` (its row for layer l added at layer l, whichever
+layers the file holds) or a plain `[L, D]` array (row l = layer l), multiplied by the scale as
+is (no normalisation). A layer the stack does not hold is refused, naming the file. Cell
+(direction, layer, scale) adds `scale * v` at that one layer; the unsteered baseline is one
+extra cell shared by every curve as scale 0. All cells share one compiled generate program:
+steering values are data. Results per cell: EM rate (question-stratified bootstrap interval),
+mean aligned and coherent (bootstrap intervals), per-question EM, and with a monitor the mean
+projection of generated tokens on the monitor direction.
 """
 
 from __future__ import annotations
@@ -37,26 +39,26 @@ from emgeo_jax.experiments.questions import PromptRow
 from emgeo_jax.judge.client import JudgeConfig
 from emgeo_jax.judge.prompts import JudgePrompt
 from emgeo_jax.steer import Steering
+from emgeo_jax.vectors.io import LayerVectors
 
 BASELINE = "baseline"
 
 
-def vector_digest(v: np.ndarray) -> str:
-    """Short sha256 of a vector's float32 bytes and shape (part of the config hash)."""
-    a = np.ascontiguousarray(np.asarray(v, np.float32))
-    return hashlib.sha256(a.tobytes() + str(a.shape).encode()).hexdigest()[:16]
+def vector_digest(v: np.ndarray | LayerVectors) -> str:
+    """Short sha256 of an array's float32 bytes and shape (any shape), and for a
+    `LayerVectors` of its rows' layers when they are not 0..L-1 (part of the config hash)."""
+    values = v.values if isinstance(v, LayerVectors) else v
+    a = np.ascontiguousarray(np.asarray(values, np.float32))
+    extra = b""
+    if isinstance(v, LayerVectors) and v.is_stack and v.layers != tuple(range(a.shape[0])):
+        extra = str(list(v.layers)).encode()
+    return hashlib.sha256(a.tobytes() + str(a.shape).encode() + extra).hexdigest()[:16]
 
 
 def cell_name(direction: str, layer: int, scale: float) -> str:
     """File-safe cell name, e.g. `mean_diff__L5__s-4`."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", direction)
     return f"{safe}__L{layer}__s{scale:g}"
-
-
-def layer_vector(v: np.ndarray, layer: int) -> np.ndarray:
-    """The vector to add at `layer`: `v` itself when `[D]`, else row `layer` of a stack."""
-    v = np.asarray(v, np.float32)
-    return v if v.ndim == 1 else v[layer]
 
 
 def judge_identity(judge: JudgeConfig) -> dict[str, Any]:
@@ -72,7 +74,7 @@ def judge_identity(judge: JudgeConfig) -> dict[str, Any]:
 
 def sweep_config(
     model: str,
-    directions: Mapping[str, np.ndarray],
+    directions: Mapping[str, np.ndarray | LayerVectors],
     questions: Sequence[PromptRow],
     layers: Sequence[int],
     scales: Sequence[float],
@@ -85,7 +87,7 @@ def sweep_config(
         "kind": "sweep",
         "model": model,
         "directions": {
-            k: {"shape": list(np.shape(v)), "sha256": vector_digest(v)}
+            k: {"shape": list(LayerVectors.of(v).values.shape), "sha256": vector_digest(v)}
             for k, v in directions.items()
         },
         "questions": [dict(q) for q in questions],
@@ -99,7 +101,7 @@ def sweep_config(
 
 def run_sweep(
     lm: Any,
-    directions: Mapping[str, np.ndarray],
+    directions: Mapping[str, np.ndarray | LayerVectors],
     questions: Sequence[PromptRow],
     *,
     layers: Sequence[int],
@@ -116,20 +118,23 @@ def run_sweep(
     """Run (or resume) the sweep in `out_dir`; write `results.json` and return it.
 
     `monitor=(layer, direction name)` records each response's mean projection on that
-    direction (row `layer` of a stack) at block `layer`. Scale 0 cells are the baseline."""
+    direction (its vector for `layer`) at block `layer`. Scale 0 cells are the baseline."""
     if not directions:
         raise ValueError("sweep: no directions")
+    directions = {k: LayerVectors.of(v, k) for k, v in directions.items()}
     for name, v in directions.items():
-        if np.shape(v)[-1] != lm.config.hidden_size:
+        if v.width != lm.config.hidden_size:
             raise ValueError(
-                f"direction {name!r}: width {np.shape(v)[-1]} != model D={lm.config.hidden_size}"
+                f"direction {name!r}: width {v.width} != model D={lm.config.hidden_size}"
             )
+        for layer in layers:
+            v.at(layer)  # refuse a layer the file does not hold before generating anything
     scales = [float(s) for s in scales if s != 0]
     config = sweep_config(model, directions, questions, layers, scales, sampling, judge, monitor)
     folder = ExperimentFolder(out_dir, config, overwrite=overwrite)
     mon = None
     if monitor is not None:
-        mon = (int(monitor[0]), layer_vector(directions[monitor[1]], int(monitor[0])))
+        mon = (int(monitor[0]), directions[monitor[1]].at(int(monitor[0])))
     runner = CellRunner(
         lm,
         make_jobs(questions, sampling.samples),
@@ -151,7 +156,7 @@ def run_sweep(
     }
     for i, (d, layer, s) in enumerate(grid, 1):
         name = cell_name(d, layer, s)
-        steering = Steering.addition(lm, layer_vector(directions[d], layer), [layer], s)
+        steering = Steering.addition(lm, directions[d].at(layer), [layer], s)
         meta = {"cell": name, "direction": d, "layer": layer, "scale": s}
         rows = runner.run(cells_dir, name, steering, meta)
         summary = cell_summary(rows, seed=sampling.seed)

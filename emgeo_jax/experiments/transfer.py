@@ -29,10 +29,11 @@ from emgeo_jax.experiments.folder import (
 )
 from emgeo_jax.experiments.metrics import cell_summary, transfer_with_interval
 from emgeo_jax.experiments.questions import PromptRow
-from emgeo_jax.experiments.sweep import judge_identity, layer_vector, vector_digest
+from emgeo_jax.experiments.sweep import judge_identity, vector_digest
 from emgeo_jax.judge.client import JudgeConfig
 from emgeo_jax.judge.prompts import JudgePrompt
 from emgeo_jax.steer import Steering
+from emgeo_jax.vectors.io import LayerVectors
 
 BASE = "base"
 
@@ -61,7 +62,7 @@ def transfer_matrix(
 
 def run_transfer(
     models: Mapping[str, Callable[[], Any]],
-    vectors: Mapping[str, np.ndarray],
+    vectors: Mapping[str, np.ndarray | LayerVectors],
     questions: Sequence[PromptRow],
     *,
     layer: int,
@@ -76,14 +77,17 @@ def run_transfer(
     """Run (or resume) the transfer experiment; write and return `results.json`.
 
     `models`: name -> a function loading that model (called once, only if its cells are not
-    all finished); `vectors`: name -> that model's direction (`[D]` or `[L, D]`)."""
+    all finished); `vectors`: name -> that model's direction (`[D]`, or a per-layer stack as in
+    `run_sweep`, whose vector for `layer` is used)."""
     names = list(models)
     if set(names) != set(vectors) or len(names) < 2:
         raise ValueError(
             f"transfer: need >= 2 models, each with a vector; got models {names}, "
             f"vectors {list(vectors)}"
         )
-    widths = {k: np.shape(v)[-1] for k, v in vectors.items()}
+    vectors = {k: LayerVectors.of(v, k) for k, v in vectors.items()}
+    steer = {k: v.at(layer) for k, v in vectors.items()}  # refuses a layer a file lacks
+    widths = {k: v.width for k, v in vectors.items()}
     if len(set(widths.values())) != 1:
         raise ValueError(f"transfer: vectors differ in width {widths}; same architecture needed")
     config = {
@@ -113,7 +117,7 @@ def run_transfer(
         for c, a in cells.items():
             st = None
             if a is not None and lm is not None:
-                st = Steering.addition(lm, layer_vector(vectors[a], layer), [layer], scale)
+                st = Steering.addition(lm, steer[a], [layer], scale)
             rows = runner.run(cell_dir, c, st, {"cell": c, "target": b, "source": a})
             summaries[b][c] = cell_summary(rows, seed=sampling.seed)
         log_judge_stats(folder.path, runner.stats)

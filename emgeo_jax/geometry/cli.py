@@ -4,7 +4,10 @@
         --clusters "medical=med,med2;persona=prof,mal" --out out/geometry
 
 Names default to the file stems. Files holding `[L, D]` stacks need --layer for the main
-analysis; when every file is a stack, layer traces to --trace_reference are drawn as well.
+analysis, a real layer (output of block l): a stack's rows are for the layers of its metadata
+`layers` (e.g. `emgeo extract --layers 12,16`), else for 0..L-1, and a file without a row for
+--layer is refused. When every file is a stack over the same layers, layer traces to
+--trace_reference are drawn as well.
 --activations NAME=FILE adds a mean-diff direction NAME built from pooled per-example
 activations (`pooled` `[N, L, D]`, `label` `[N]`, `tokens` `[N]`: `emgeo extract --per_example`)
 at --layer, which gives bootstrap intervals, label-permutation nulls, split-half reliability and
@@ -23,13 +26,13 @@ from emgeo_jax.geometry.analyze import analyze
 from emgeo_jax.geometry.independence import Thresholds
 from emgeo_jax.geometry.inputs import read_example_file
 from emgeo_jax.geometry.report import write_report
-from emgeo_jax.vectors.io import load_vectors
+from emgeo_jax.vectors.io import load_layer_vectors, row_of
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("names", None, "names for the files, in order (default: file stems)")
 flags.DEFINE_string("clusters", None, 'clusters, e.g. "medical=a,b;persona=c,d"')
 flags.DEFINE_string("sets", None, "sets for within/between mean cosines (default: clusters)")
-flags.DEFINE_integer("layer", None, "row of [L, D] stacks to analyse (output of block L)")
+flags.DEFINE_integer("layer", None, "layer of [L, D] stacks to analyse (output of block L)")
 flags.DEFINE_string("key", None, "tensor name inside files holding several tensors")
 flags.DEFINE_list("activations", [], "NAME=FILE pooled activations -> mean-diff direction NAME")
 flags.DEFINE_enum("weighting", "token", ["token", "example"], "--activations mean-diff weighting")
@@ -71,23 +74,28 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"emgeo geometry: --names must give {len(files)} distinct names")
     vectors, stacks = {}, {}
     for name, f in zip(names, files, strict=True):
-        arr, _ = load_vectors(f, key=FLAGS.key)
-        if arr.ndim == 2:
-            stacks[name] = arr
+        vec = load_layer_vectors(f, key=FLAGS.key)
+        if vec.is_stack:
+            stacks[name] = vec
             if FLAGS.layer is None:
-                raise SystemExit(f"emgeo geometry: {f} holds [L, D] = {arr.shape}; pass --layer")
-            arr, _ = load_vectors(f, layer=FLAGS.layer, key=FLAGS.key)
-        vectors[name] = arr
+                raise SystemExit(
+                    f"emgeo geometry: {f} holds [L, D] = {vec.values.shape}; pass --layer"
+                )
+        vectors[name] = vec.at(FLAGS.layer)
     examples, disentangle = {}, None
     for spec in FLAGS.activations:
         if "=" not in spec:
             raise SystemExit(f"emgeo geometry: --activations '{spec}' is not NAME=FILE")
         name, f = spec.split("=", 1)
-        pooled, labels, tokens = read_example_file(f)
+        pooled, labels, tokens, layers = read_example_file(f)
         if FLAGS.layer is None:
             raise SystemExit("emgeo geometry: --activations needs --layer")
-        examples[name] = (pooled[:, FLAGS.layer], labels, tokens)
+        examples[name] = (pooled[:, row_of(layers, FLAGS.layer, f)], labels, tokens)
         disentangle = disentangle or (pooled, labels)
+    same_layers = len({s.layers for s in stacks.values()}) == 1
+    traces = None
+    if len(stacks) == len(files) and len(stacks) >= 2 and same_layers:
+        traces = {name: s.values for name, s in stacks.items()}
     thresholds = Thresholds(
         cluster_angle_min_deg=FLAGS.cluster_angle_min_deg,
         projection_max=FLAGS.projection_max,
@@ -101,7 +109,7 @@ def main(argv: list[str]) -> None:
         sets=parse_groups(FLAGS.sets, "sets"),
         examples=examples,
         weighting=FLAGS.weighting,
-        stacks=stacks if len(stacks) == len(files) and len(stacks) >= 2 else None,
+        stacks=traces,
         trace_reference=FLAGS.trace_reference,
         reference_pair=FLAGS.reference_pair,
         thresholds=thresholds,

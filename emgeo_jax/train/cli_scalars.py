@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
             {
                 "model": lm.source,
                 "method": "lora_B",
-                "layers": list(spec.layers),
+                "adapter_layers": list(spec.layers),  # rows are all layers, 0..L-1
                 "adapter": str(FLAGS.adapter),
             },
         )

@@ -5,10 +5,11 @@
 
 Data: any loader format (--data; default the shipped contrast pairs, whose misaligned medical
 answers are the narrow bad dataset), filtered by --label and --topic. --steer_vector and
---ablate_vector apply preventative steering / concept ablation while training; `emgeo
-lora-em RUN` then measures the EM rate of the result. --lora_dropout is PEFT's dropout on the
-adapter inputs (recorded in the exported adapter_config.json). Re-running the same command
-resumes from the last checkpoint in --out.
+--ablate_vector apply preventative steering / concept ablation while training (a `[D]`
+vector at each of --steer_layers, a per-layer stack its vector for each layer, as `emgeo
+generate --steer/--ablate`); `emgeo lora-em RUN` then measures the EM rate of the result.
+--lora_dropout is PEFT's dropout on the adapter inputs (recorded in the exported
+adapter_config.json). Re-running the same command resumes from the last checkpoint in --out.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ flags.DEFINE_string("dtype", None, "params dtype (float32 / bfloat16); LoRA stay
 flags.DEFINE_string("steer_vector", None, "vector file added while training (preventative)")
 flags.DEFINE_float("steer_scale", 1.0, "scale of --steer_vector")
 flags.DEFINE_string("ablate_vector", None, "vector file projected out while training (CAFT)")
-flags.DEFINE_list("steer_layers", None, "layers for --steer_vector / --ablate_vector")
+flags.DEFINE_list(
+    "steer_layers", None, "layers for --steer_vector / --ablate_vector (a stack: default its own)"
+)
 
 
 def main(argv: list[str]) -> None:
@@ -57,7 +60,7 @@ def main(argv: list[str]) -> None:
     from emgeo_jax.train.lora import LoraSpec, parse_targets
     from emgeo_jax.train.run import train
     from emgeo_jax.train.sft import TrainConfig
-    from emgeo_jax.vectors.io import load_vectors
+    from emgeo_jax.vectors.io import load_layer_vectors
 
     # Everything the flags and files can get wrong is checked before the model loads.
     tc = TrainConfig(
@@ -81,8 +84,8 @@ def main(argv: list[str]) -> None:
     examples = load_training_examples(
         FLAGS.data or shipped_contrast_path(), FLAGS.kind, label, FLAGS.topic or None
     )
-    steer_vec = load_vectors(FLAGS.steer_vector)[0] if FLAGS.steer_vector else None
-    ablate_vec = load_vectors(FLAGS.ablate_vector)[0] if FLAGS.ablate_vector else None
+    steer_vec = load_layer_vectors(FLAGS.steer_vector) if FLAGS.steer_vector else None
+    ablate_vec = load_layer_vectors(FLAGS.ablate_vector) if FLAGS.ablate_vector else None
 
     lm = load(argv[1], dtype=FLAGS.dtype)
     layers = tuple(range(lm.config.num_layers)) if layers is None else tuple(sorted(layers))
@@ -93,7 +96,7 @@ def main(argv: list[str]) -> None:
     if steer_vec is not None:
         steering = Steering.addition(lm, steer_vec, steer_layers, FLAGS.steer_scale)
     if ablate_vec is not None:
-        abl = Steering.ablation(lm, ablate_vec, steer_layers)
+        abl = Steering.layer_ablation(lm, ablate_vec, steer_layers)
         steering = abl if steering is None else steering + abl
     train(lm, tokenized, spec, tc, FLAGS.out, steering=steering)
     print(f"wrote {FLAGS.out}/adapter (PEFT), losses.jsonl and loss.png")

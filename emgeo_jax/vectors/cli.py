@@ -9,8 +9,11 @@
     random     `--num_controls` isotropic stacks norm-matched to the mean-diff:
                `control_000 ... [L, D]`
 
-Row l is for the output of block l (HF hidden_states[l+1]). Metadata (model, layers, method,
-pooling, weighting, counts, dtype, data hash) is JSON under "emgeo" in the safetensors header.
+Row i is for layer `layers[i]` of the metadata, the layers extracted (`emgeo extract --layers
+12,16` -> 2 rows, for layers 12 and 16; layer l = output of block l = HF hidden_states[l+1]);
+every reader looks a layer up through it (`emgeo_jax.vectors.io.row_of`). Metadata (model,
+layers, method, pooling, weighting, counts, dtype, data hash) is JSON under "emgeo" in the
+safetensors header.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Directions per layer from pooled activations: mean-diff, PCA, random controls.
 
-Row `l` of every `[L, D]` stack is for the output of decoder block `l` (HF
-`hidden_states[l + 1]`). Class 0 = aligned, 1 = misaligned.
+Row `i` of every `[L, D]` stack is for the i-th layer given (the layers extracted; all layers:
+row l = output of decoder block l, HF `hidden_states[l + 1]`). Class 0 = aligned,
+1 = misaligned.
 
 - `data_diff`: misaligned mean minus aligned mean of one model, `[2, L, D] -> [L, D]`.
 - `model_diff`: the same data through two models; tuned model's mean minus the base model's

@@ -2,10 +2,10 @@
 
 Formats read by `load_vectors`:
 
-- our vector file: safetensors with tensors such as `direction` `[D]` or `directions` `[L, D]`
-  (row l = output of decoder block l = HF `hidden_states[l + 1]`), and metadata stored in the
-  safetensors `__metadata__` as one JSON string under the key `"emgeo"` (model, layers, method,
-  pooling, counts, dtype, ...). With several tensors the caller picks one with `key`.
+- our vector file: safetensors with tensors such as `direction` `[D]` or `directions` `[L, D]`,
+  and metadata stored in the safetensors `__metadata__` as one JSON string under the key
+  `"emgeo"` (model, layers, method, pooling, counts, dtype, ...). With several tensors the
+  caller picks one with `key`.
 - `.npy` arrays `[D]` or `[L, D]`.
 - PyTorch `.pt` holding a tensor or a dict of tensors, read with `torch.load(weights_only=True)`
   (never unpickling arbitrary objects) and only if torch is importable.
@@ -13,12 +13,23 @@ Formats read by `load_vectors`:
 `load_activations` reads per-example pooled activations: safetensors with `pooled` `[N, L, D]`
 and `label` `[N]` (1 = misaligned, 0 = aligned).
 
+Layers of the rows. Layer l is the output of decoder block l (HF `hidden_states[l + 1]`). A
+file may hold only some layers (`emgeo extract --layers 12,16` -> `[2, D]` stacks): row i of
+a stack (axis 1 of `pooled`) is for layer `layers[i]` of the metadata `layers`; a file
+without that metadata (a plain stack from PyTorch or numpy) has rows 0..L-1 for layers
+0..L-1. Every reader looks a real layer up with `row_of` (through `LayerVectors.at`,
+`load_vectors(..., layer=)` or `load_activations(..., layer=)`), which refuses a layer the
+file does not hold, naming the file and the layers it holds. A `[D]` vector is valid at any
+layer.
+
 Every error names the file and the tensor or field at fault.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +40,82 @@ METADATA_KEY = "emgeo"
 
 class VectorFileError(ValueError):
     """A vector or activation file that cannot be read as asked (names file and field)."""
+
+
+def row_layers(n_rows: int, metadata: Mapping[str, Any], source: str | Path) -> tuple[int, ...]:
+    """The layer of each of a file's `n_rows` layer rows: its metadata `layers` (distinct
+    non-negative ints, one per row), or `0..n_rows-1` when the metadata has none."""
+    layers = metadata.get("layers")
+    if layers is None:
+        return tuple(range(n_rows))
+    ok = isinstance(layers, list) and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers
+    )
+    if not ok or len(layers) != n_rows or len(set(layers)) != n_rows:
+        raise VectorFileError(
+            f"{source}: metadata 'layers' {layers!r} must list the layer of each of its "
+            f"{n_rows} rows (distinct integers >= 0)"
+        )
+    return tuple(layers)
+
+
+def row_of(layers: Sequence[int], layer: int, source: str | Path) -> int:
+    """The row holding real layer `layer` (output of block `layer`) in a file whose rows are
+    for `layers`; a VectorFileError naming `source` and its layers if it has no such row."""
+    if isinstance(layer, bool) or int(layer) != layer or int(layer) not in layers:
+        raise VectorFileError(f"{source}: no row for layer {layer}; it holds layers {list(layers)}")
+    return list(layers).index(int(layer))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerVectors:
+    """One direction `[D]` (valid at every layer) or a per-layer stack `[L, D]` with the real
+    layer of each row: row i is for the output of block `layers[i]`.
+
+    values: float32 `[D]` or `[L, D]`, finite.
+    layers: the layer of each row of a stack (None for `[D]`).
+    source: the file (or "array"), named in errors.
+    """
+
+    values: np.ndarray
+    layers: tuple[int, ...] | None
+    source: str = "array"
+
+    def __post_init__(self) -> None:
+        v = self.values
+        if v.ndim not in (1, 2) or v.size == 0:
+            raise VectorFileError(f"{self.source}: shape {v.shape}; expected [D] or [L, D]")
+        if (self.layers is None) != (v.ndim == 1) or (
+            self.layers is not None and len(self.layers) != v.shape[0]
+        ):
+            raise VectorFileError(
+                f"{self.source}: layers {self.layers} do not match the rows of {v.shape}"
+            )
+
+    @classmethod
+    def of(cls, v: Any, source: str = "array") -> LayerVectors:
+        """`v` itself if a `LayerVectors`, else an array `[D]` or `[L, D]` whose rows are
+        layers `0..L-1`."""
+        if isinstance(v, LayerVectors):
+            return v
+        arr = np.asarray(v, np.float32)
+        return cls(arr, tuple(range(arr.shape[0])) if arr.ndim == 2 else None, source)
+
+    @property
+    def width(self) -> int:
+        """D."""
+        return int(self.values.shape[-1])
+
+    @property
+    def is_stack(self) -> bool:
+        return self.values.ndim == 2
+
+    def at(self, layer: int) -> np.ndarray:
+        """The vector `[D]` for `layer`: the vector itself, or the stack's row for that real
+        layer (refused, naming the file and its layers, if the stack has none)."""
+        if not self.is_stack:
+            return self.values
+        return self.values[row_of(self.layers, layer, self.source)]
 
 
 def save_vectors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, Any]) -> None:
@@ -53,13 +140,18 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise VectorFileError(f"{path}: not a readable safetensors file ({e})") from e
-    metadata: dict[str, Any] = {}
-    if METADATA_KEY in raw_meta:
-        try:
-            metadata = json.loads(raw_meta[METADATA_KEY])
-        except json.JSONDecodeError as e:
-            raise VectorFileError(f"{path}: metadata field '{METADATA_KEY}' is not JSON") from e
-    return tensors, metadata
+    return tensors, parse_metadata(raw_meta, path)
+
+
+def parse_metadata(raw: Mapping[str, str] | None, path: str | Path) -> dict[str, Any]:
+    """Our metadata (the JSON under "emgeo") from a safetensors header's `__metadata__`
+    (`safe_open(...).metadata()`); {} when absent."""
+    if not raw or METADATA_KEY not in raw:
+        return {}
+    try:
+        return json.loads(raw[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise VectorFileError(f"{path}: metadata field '{METADATA_KEY}' is not JSON") from e
 
 
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
@@ -88,7 +180,9 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
     )
 
 
-def _read_any(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """All tensors of a `.safetensors`, `.npy` or `.pt` file and our metadata ({} if none);
+    errors name the file."""
     if not path.is_file():
         raise VectorFileError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -115,17 +209,14 @@ def _pick(path: Path, tensors: dict[str, np.ndarray], key: str | None) -> tuple[
     return next(iter(tensors.items()))
 
 
-def load_vectors(
-    path: str | Path, layer: int | None = None, key: str | None = None
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read one direction `[D]` or a per-layer stack `[L, D]` as float32.
+def load_layer_vectors(path: str | Path, key: str | None = None) -> LayerVectors:
+    """Read one direction `[D]` or a per-layer stack `[L, D]` (float32) with the real layer of
+    each row (see the module docstring) and the file's metadata (plus "tensor" and "path")."""
+    return _load(Path(path), key)[0]
 
-    With `layer`, a stack is reduced to its row `layer` (output of block `layer`; negative
-    indices count from the end) and a `[D]` vector is returned as is only if `layer` is None.
-    Returns the array and the file's metadata (plus "tensor" and "path").
-    """
-    path = Path(path)
-    tensors, metadata = _read_any(path)
+
+def _load(path: Path, key: str | None) -> tuple[LayerVectors, dict[str, Any]]:
+    tensors, metadata = read_tensors(path)
     name, arr = _pick(path, tensors, key)
     arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim not in (1, 2) or arr.size == 0:
@@ -134,26 +225,40 @@ def load_vectors(
         )
     if not np.all(np.isfinite(arr)):
         raise VectorFileError(f"{path}: tensor '{name}' contains NaN or inf")
-    if layer is not None:
-        if arr.ndim == 1:
-            raise VectorFileError(f"{path}: tensor '{name}' is one vector [D]; layer={layer} given")
-        if not -arr.shape[0] <= layer < arr.shape[0]:
-            raise VectorFileError(
-                f"{path}: tensor '{name}' has {arr.shape[0]} layers; layer={layer} is out of range"
-            )
-        arr = arr[layer]
-    return arr, {**metadata, "tensor": name, "path": str(path)}
+    layers = row_layers(arr.shape[0], metadata, path) if arr.ndim == 2 else None
+    meta = {**metadata, "tensor": name, "path": str(path)}
+    return LayerVectors(arr, layers, str(path)), meta
 
 
-def load_activations(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def load_vectors(
+    path: str | Path, layer: int | None = None, key: str | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read one direction `[D]` or a per-layer stack `[L, D]` as float32.
+
+    With `layer` (a real layer, output of block `layer`), a stack is reduced to the row for
+    that layer (`row_of`: refused if the file does not hold it) and a `[D]` vector is returned
+    as is. Returns the array and the file's metadata (plus "tensor" and "path"; for a stack,
+    "layers" = the layer of each row).
+    """
+    vectors, meta = _load(Path(path), key)
+    if vectors.is_stack:
+        meta["layers"] = list(vectors.layers)
+    return (vectors.values if layer is None else vectors.at(layer)), meta
+
+
+def load_activations(
+    path: str | Path, layer: int | None = None
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Read per-example pooled activations: `pooled` `[N, L, D]` float32, `label` `[N]` int.
 
-    Labels are 1 = misaligned, 0 = aligned; both classes must be present.
+    Labels are 1 = misaligned, 0 = aligned; both classes must be present. The metadata's
+    "layers" is the layer of each of the L rows (see the module docstring); with `layer`,
+    `pooled` is that real layer's rows `[N, D]` (refused if the file does not hold it).
     """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise VectorFileError(f"{path}: activations must be a .safetensors file")
-    tensors, metadata = _read_any(path)
+    tensors, metadata = read_tensors(path)
     for field in ("pooled", "label"):
         if field not in tensors:
             raise VectorFileError(f"{path}: missing tensor '{field}' (has {sorted(tensors)})")
@@ -175,4 +280,7 @@ def load_activations(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str
         raise VectorFileError(
             f"{path}: tensor 'label' has a single class; need aligned and misaligned"
         )
-    return pooled, label.astype(np.int64), {**metadata, "path": str(path)}
+    layers = row_layers(pooled.shape[1], metadata, path)
+    if layer is not None:
+        pooled = pooled[:, row_of(layers, layer, path)]
+    return pooled, label.astype(np.int64), {**metadata, "layers": list(layers), "path": str(path)}

@@ -17,7 +17,9 @@ flags.DEFINE_string("activations", None, "activations file (.npy or .safetensors
 flags.DEFINE_string("key", None, "tensor in the safetensors file (default: pooled)")
 flags.DEFINE_integer("layer", None, "layer (default: the SAE's own layer)")
 flags.DEFINE_string("model", None, "model source for the next-token loss and fit checks")
-flags.DEFINE_string("texts", None, ".txt (one per line) or .jsonl texts for the loss")
+flags.DEFINE_string(
+    "texts", None, "texts for the loss: question/answer data (chat template) or plain .txt"
+)
 flags.DEFINE_integer("batch_size", 8, "texts per batch")
 flags.DEFINE_integer("max_length", 128, "tokens per text (truncated / padded)")
 

@@ -90,28 +90,3 @@ def token_batches(
     for s in range(0, len(rows), batch_size):
         batch = collate(rows[s : s + batch_size], max_length, batch_size, pad, "right")
         yield batch["input_ids"], batch["attention_mask"]
-
-
-def read_vector(path: str | Path, key: str | None, layer: int | None) -> np.ndarray:
-    """One direction `[D]` from a `.npy` or safetensors vector file: tensor `key` (default:
-    the only one, or `direction`/`directions`); a `[L, D]` tensor gives row `layer`."""
-    path = Path(path)
-    if path.suffix == ".npy":
-        arr = np.load(path)
-    else:
-        from safetensors.numpy import load_file
-
-        tensors = load_file(str(path))
-        key = key or next((k for k in ("direction", "directions") if k in tensors), None)
-        key = key or (next(iter(tensors)) if len(tensors) == 1 else None)
-        if key not in tensors:
-            raise SAEError(f"{path}: choose a tensor with --vector_key among {sorted(tensors)}")
-        arr = tensors[key]
-    arr = np.asarray(arr, np.float32)
-    if arr.ndim == 2:
-        if layer is None or not 0 <= layer < arr.shape[0]:
-            raise SAEError(f"{path}: [L, D] = {arr.shape} needs a layer in 0..{arr.shape[0] - 1}")
-        arr = arr[layer]
-    if arr.ndim != 1:
-        raise SAEError(f"{path}: expected a vector [D] or [L, D], got {arr.shape}")
-    return arr

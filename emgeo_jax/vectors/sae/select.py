@@ -13,6 +13,12 @@ feature's score (max-statistic correction, `(1 + #{null max >= score}) / (1 + n_
 - `steering` (seed 000, done right): add `v` to the residual after block L-1, encode the
   residual after block L, and count over real tokens the features active with steering and
   inactive without. Null: random isotropic directions of the same norm as `v`.
+
+Which layer's vector (`vector_layer`), for an SAE at layer L (output of block L) and a
+per-layer stack such as the mean-diff: `cosine` compares the decoder rows with the vector for
+layer L (the space the SAE reads); `steering` adds the vector for layer L-1, where it is
+added: seed 000 "steer[s] activations in Layer 18 with the mean-diff vector for Layer 18" and
+reads its SAE at layer 19.
 """
 
 from __future__ import annotations
@@ -26,6 +32,16 @@ import numpy as np
 
 from emgeo_jax.vectors.sae.model import SAE, encode
 from emgeo_jax.vectors.sae.runner import ResidFn
+
+
+def vector_layer(method: str, sae_layer: int) -> int:
+    """The layer whose vector `method` uses with an SAE at `sae_layer` (see the module
+    docstring): L for cosine, L - 1 for steering (refused for an SAE at layer 0)."""
+    if method != "steering":
+        return sae_layer
+    if sae_layer < 1:
+        raise ValueError(f"steering: the SAE's layer {sae_layer} has no layer before it to steer")
+    return sae_layer - 1
 
 
 @dataclasses.dataclass
@@ -149,7 +165,8 @@ def steering(
     n_null: int = 8,
     seed: int = 0,
 ) -> FeatureRanking:
-    """Seed 000's method: steer the residual after block `layer - 1` with `vector [D]`,
+    """Seed 000's method: steer the residual after block `layer - 1` with `vector [D]` (the
+    vector for layer `layer - 1`, `vector_layer("steering", layer)`),
     encode the residual after block `layer` (the SAE's layer) for `batches` of
     `(input_ids, attention_mask)`, count newly active features over real tokens, rank."""
     vector = jnp.asarray(vector, jnp.float32)

@@ -2,7 +2,8 @@
 
 Data: `ActivationSource` reads rows `[n, D]` of a `.npy` file (memory-mapped) or of one
 tensor of a safetensors file (chunked `get_slice` reads): `[N, D]`, or `[N, L, D]` with a
-`layer` index (the extraction pipeline's `pooled [N, L, D]`). Training draws random
+real `layer` (the extraction pipeline's `pooled [N, L, D]`, whose L rows are for the layers of
+its metadata `layers`, else 0..L-1; `emgeo_jax.vectors.io.row_of`). Training draws random
 contiguous blocks of `buffer_rows` rows, shuffles each block and cuts it into minibatches,
 so memory holds one block, never the file.
 
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from emgeo_jax.vectors.io import parse_metadata, row_layers, row_of
 from emgeo_jax.vectors.sae.model import (
     SAE,
     SAEError,
@@ -56,6 +58,7 @@ class ActivationSource:
         rows: tuple[int, int] | None = None,
     ):
         self.path, self.layer = Path(path), layer
+        meta: dict = {}
         if self.path.suffix == ".npy":
             self._array = np.load(self.path, mmap_mode="r")
             self._slice = self._array
@@ -70,16 +73,17 @@ class ActivationSource:
             if key not in names:
                 raise SAEError(f"{self.path}: choose a tensor with key= among {names}")
             self._handle, self._slice = handle, handle.get_slice(key)
+            meta = parse_metadata(handle.metadata(), self.path)
         else:
             raise SAEError(f"{self.path}: activations must be .npy or .safetensors")
         shape = tuple(
             self._slice.get_shape() if hasattr(self._slice, "get_shape") else self._slice.shape
         )
         if len(shape) == 3:
-            if layer is None or not 0 <= layer < shape[1]:
-                raise SAEError(
-                    f"{self.path}: [N, L, D] = {shape} needs a layer in 0..{shape[1] - 1}"
-                )
+            layers = row_layers(shape[1], meta, self.path)
+            if layer is None:
+                raise SAEError(f"{self.path}: [N, L, D] = {shape} needs a layer in {list(layers)}")
+            self._row = row_of(layers, layer, self.path)
         elif len(shape) != 2:
             raise SAEError(f"{self.path}: activations must be [N, D] or [N, L, D], got {shape}")
         self._three_d = len(shape) == 3
@@ -97,7 +101,7 @@ class ActivationSource:
         """Rows `[start, stop)` relative to this source, float32 `[n, D]`."""
         block = self._slice[self.start + start : self.start + min(stop, self.n)]
         block = np.asarray(block)
-        return np.asarray(block[:, self.layer] if self._three_d else block, np.float32)
+        return np.asarray(block[:, self._row] if self._three_d else block, np.float32)
 
     def chunks(self, size: int = 4096) -> Iterator[np.ndarray]:
         """All rows in order, `size` at a time."""

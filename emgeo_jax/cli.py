@@ -8,7 +8,8 @@ subcommand's module is imported, so flags of different subcommands never collide
 Errors: bad input (a missing or malformed file, a flag value the code refuses) ends the command
 with one line `emgeo SUBCOMMAND: error: MESSAGE` on stderr and exit status 2; set
 `EMGEO_TRACEBACK=1` to see the traceback instead. Any other exception is a bug and shows its
-traceback as usual. absl's own flag errors and `--help` are unchanged.
+traceback as usual. absl's own flag errors are unchanged; `--help` prints the subcommand's
+docstring and flags (`--helpfull` adds every library's flags).
 """
 
 from __future__ import annotations
@@ -115,6 +116,17 @@ def reporting_user_errors(command: str, main: Callable[[list[str]], Any]) -> Cal
     return wrapped
 
 
+def subcommand_help(command: str, module: Any) -> str:
+    """`emgeo COMMAND --help`: the module's docstring and the flags of every emgeo_jax module
+    it imported (only the chosen subcommand's modules are loaded, e.g. `steer_flags`)."""
+    from absl import flags
+
+    doc = (module.__doc__ or SUBCOMMANDS[command][1]).strip()
+    ours = [m for m in flags.FLAGS.flags_by_module_dict() if m.startswith("emgeo_jax")]
+    helps = "\n\n".join(flags.FLAGS.module_help(m) for m in ours)
+    return f"{doc}\n\nflags:\n{helps}"
+
+
 def usage() -> str:
     lines = ["usage: emgeo SUBCOMMAND [ARGS] [--flags]   (emgeo SUBCOMMAND --help)", ""]
     lines += [f"  {name:<14} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
@@ -138,6 +150,9 @@ def run(argv: list[str] | None = None) -> None:
     for name in ("httpx", "httpx2"):
         logging.getLogger(name).setLevel(logging.WARNING)
     module = importlib.import_module(SUBCOMMANDS[argv[1]][0])
+    if any(a in ("-h", "--help", "--helpshort") for a in argv[2:]):
+        print(subcommand_help(argv[1], module))  # absl's --help lists only __main__'s flags
+        sys.exit(0)
     main = reporting_user_errors(argv[1], module.main)
     app.run(main, argv=[f"emgeo {argv[1]}", *argv[2:]])
 

@@ -138,3 +138,20 @@ def test_read_prompts_formats_and_errors(tmp_path):
     bad.write_text('{"messages": [{"role": "assistant", "content": "x"}]}\n')
     with pytest.raises(questions.PromptFileError, match="ending with a user turn"):
         questions.read_prompts(bad)
+
+
+def test_norms_and_help(folder):
+    """`emgeo norms` on a chat model prints one mean residual norm per layer, equal to the
+    forward pass's; `emgeo generate --help` lists its own and the shared steering flags."""
+    out = run_emgeo("norms", f"--model={folder}", "--prompt=hi there")
+    rows = [line.split() for line in out.splitlines() if line[:5].strip().isdigit()]
+    lm = emgeo_jax.load(folder)
+    ids = lm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi there"}], add_generation_prompt=True, return_dict=False
+    )
+    resid = np.asarray(lm.forward(np.asarray(ids)[None]).resid_post)
+    want = np.linalg.norm(resid, axis=-1).mean(axis=(1, 2))
+    assert [int(r[0]) for r in rows] == list(range(QWEN2["num_hidden_layers"]))
+    np.testing.assert_allclose([float(r[1]) for r in rows], want, atol=2e-3)
+    text = run_emgeo("generate", "--help")
+    assert "--max_new_tokens:" in text and "--steer:" in text and "--ablate:" in text

@@ -23,9 +23,12 @@ def main(argv: list[str]) -> None:
     if lm.tokenizer is None:
         raise SystemExit(f"{FLAGS.model}: no tokenizer, cannot encode a prompt")
     ids = lm.tokenizer.apply_chat_template(
-        [{"role": "user", "content": FLAGS.prompt}], add_generation_prompt=True, tokenize=True
+        [{"role": "user", "content": FLAGS.prompt}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
     )
-    ids = np.asarray(ids.get("input_ids", ids) if isinstance(ids, dict) else ids)[None]
+    ids = np.asarray(ids)[None]
     out = lm.forward(ids)
     norms = np.linalg.norm(np.asarray(out.resid_post, np.float32), axis=-1).mean(axis=(1, 2))
     print(

@@ -67,7 +67,10 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be in 0..steps")
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} must be in 0..steps={self.steps} "
+                "(flags --warmup_steps, --steps)"
+            )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
 

@@ -28,7 +28,7 @@ from absl import flags
 from emgeo_jax.data.files import ResumableJsonl, file_sha256
 from emgeo_jax.experiments.questions import read_prompts
 from emgeo_jax.generate import with_system
-from emgeo_jax.steer_flags import build_steering
+from emgeo_jax.steer_flags import build_steering, check_vector_files
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "default", "model source (see emgeo_jax.load)")
@@ -54,6 +54,7 @@ def main(argv: list[str]) -> None:
     rows = read_prompts(FLAGS.prompts)
     if not rows:
         raise SystemExit(f"{FLAGS.prompts}: no prompts found")
+    check_vector_files(FLAGS)
     lm = emgeo_jax.load(FLAGS.model, dtype=FLAGS.dtype)
     steering, summary = build_steering(lm.config, FLAGS)
     jobs = []

@@ -154,8 +154,9 @@ KNOWN_MODELS: dict[str, dict] = {
 
 def resolve_model(spec: str) -> ModelConfig:
     """A `ModelConfig` from a known name (`KNOWN_MODELS`, `-Instruct` suffix allowed), an HF
-    `config.json`, an HF model folder, or an `emgeo convert` checkpoint folder."""
-    name = spec.split("/")[-1].removesuffix("-Instruct")
+    `config.json`, an HF model folder, or an `emgeo convert` checkpoint folder; `default` is
+    the embedded SmolLM2-135M-Instruct, as everywhere else."""
+    name = "SmolLM2-135M" if spec == "default" else spec.split("/")[-1].removesuffix("-Instruct")
     if name in KNOWN_MODELS and not Path(spec).exists():
         return ModelConfig.from_hf(KNOWN_MODELS[name], source=name)
     path = Path(spec)

@@ -16,7 +16,7 @@ import threading
 
 from absl import flags
 
-from emgeo_jax.steer_flags import build_steering
+from emgeo_jax.steer_flags import build_steering, check_vector_files
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "default", "model source (see emgeo_jax.load)")
@@ -39,6 +39,7 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if FLAGS.host not in LOOPBACK:
         logging.warning("serving on %s: anyone who can reach it can use the model", FLAGS.host)
+    check_vector_files(FLAGS)
     lm = emgeo_jax.load(FLAGS.model, dtype=FLAGS.dtype)
     steering, summary = build_steering(lm.config, FLAGS)
     server = ModelServer(

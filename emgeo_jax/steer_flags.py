@@ -30,6 +30,15 @@ flags.DEFINE_list("ablate_layers", None, "layers to ablate at (default all / the
 flags.DEFINE_string("key", None, "tensor name inside a vector file holding several")
 
 
+def check_vector_files(args) -> None:
+    """Read the `--steer` / `--ablate` files once so a bad one fails before the model loads."""
+    from emgeo_jax.vectors.io import load_layer_vectors
+
+    for path in (args.steer, args.ablate):
+        if path:
+            load_layer_vectors(path, key=args.key)
+
+
 def build_steering(cfg, args) -> tuple[Steering | None, dict[str, Any]]:
     """The `Steering` the flags describe and a JSON summary of it (None: no intervention).
     `args` carries steer, layer, scale, positions, ablate, ablate_layers, key (e.g. FLAGS)."""

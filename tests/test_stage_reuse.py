@@ -64,6 +64,13 @@ def test_extraction_reused_only_with_its_configuration(tiny_lm, tmp_path, monkey
     assert json.loads((out / "meta.json").read_text())["max_pairs"] is None
     contrast_directions(tiny_lm, data, out, progress=False)
     assert calls == [1]
+    # a record from before data_sha256 / max_length were kept is still compared on the rest
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({k: meta[k] for k in ("model", "data", "max_pairs")}))
+    contrast_directions(tiny_lm, data, out, progress=False)
+    with pytest.raises(ConfigMismatchError, match="max_pairs"):
+        contrast_directions(tiny_lm, data, out, max_pairs=2, progress=False)
+    assert calls == [1]
 
 
 def test_unrecorded_stage_is_refused(tmp_path):

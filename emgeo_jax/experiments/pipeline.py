@@ -46,7 +46,7 @@ def reuse_stage(
             diff = "its settings are not recorded"
         else:
             keys = sorted(set(recorded) | set(norm), key=str)
-            diff = ", ".join(
+            diff = "; ".join(
                 f"{k}: {recorded.get(k)!r} there, {norm.get(k)!r} now"
                 for k in keys
                 if json.loads(json.dumps(recorded.get(k), default=str)) != norm.get(k)
@@ -95,8 +95,10 @@ def contrast_directions(
     if (out / "activations.safetensors").exists():
         meta_file = out / META_FILE
         meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
-        recorded = {k: meta[k] for k in identity if k in meta} if meta else None
-        reuse = reuse_stage(out, recorded, identity, overwrite)
+        # records written before data_sha256 and max_length (always 256) lack them
+        keys = [k for k in identity if k in meta or k not in ("data_sha256", "max_length")]
+        recorded = {k: meta.get(k) for k in keys} if meta else None
+        reuse = reuse_stage(out, recorded, {k: identity[k] for k in keys}, overwrite)
     if reuse:
         ext = read_extraction(out)
     else:

@@ -238,8 +238,12 @@ def test_ablate(runs, inputs):
     c = res["conditions"]
     check_cells(out / "cells", c)
     assert res["em_change"] == pytest.approx(c["after"]["em_rate"] - c["before"]["em_rate"])
+
+    def rate(x):  # as printed: a missing rate says why
+        return "n/a (no usable judge scores)" if x is None else str(x)
+
     assert printed.splitlines() == [
-        f"EM before {c['before']['em_rate']}, after {c['after']['em_rate']}",
+        f"EM before {rate(c['before']['em_rate'])}, after {rate(c['after']['em_rate'])}",
         f"wrote {out / 'report.html'}",
     ]
 
@@ -334,3 +338,58 @@ def test_probe(runs, inputs):
         line = next(x for x in lines if x.startswith(name))
         assert f"AUC {r['auc']['mean']:.3f}" in line
         assert f"(shuffled AUC {res['shuffled'][name]['auc']['mean']:.3f})" in line
+
+
+def test_samples_flag_overrides_yaml(tmp_path):
+    """An explicit --samples replaces a YAML's samples_per_paraphrase; without it the YAML's
+    count stays (the questions every experiment CLI builds, read in a fresh process)."""
+    import subprocess
+    import sys
+
+    from tests.cli_util import ROOT
+
+    q = tmp_path / "q.yaml"
+    q.write_text("- id: a\n  paraphrases: ['Hi?', 'Hello?']\n  samples_per_paraphrase: 50\n")
+    code = (
+        "import json, sys\n"
+        "from absl import flags\n"
+        "from emgeo_jax.experiments import cli_common as c\n"
+        "from emgeo_jax.experiments.folder import make_jobs\n"
+        "flags.FLAGS(sys.argv)\n"
+        "rows, _ = c.questions_from_flags()\n"
+        "print(len(make_jobs(rows, c.sampling_from_flags().samples)))\n"
+    )
+    counts = []
+    for extra in ([], ["--samples=1"]):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, f"--questions={q}", *extra],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        counts.append(int(proc.stdout))
+    assert counts == [2 * 50, 2 * 1]
+
+
+def test_persona_without_pairs_fails_saying_why(folder, tmp_path):  # noqa: F811
+    """A judge that keeps no pair: exit 1, the reason on one stderr line, no vector file."""
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"id": "a", "question": "Hi?"}) + "\n")
+    with ScriptedJudgeServer(lambda prompt: [("100", 0.0)]) as server:  # aligned: no trait
+        err = run_emgeo(
+            "persona",
+            f"--model={folder}",
+            f"--questions={q}",
+            "--samples=1",
+            "--max_new_tokens=2",
+            "--batch_size=1",
+            "--judge_model=scripted",
+            f"--judge_base_url={server.base_url}",
+            f"--out={tmp_path / 'persona'}",
+            status=1,
+        )
+    lines = [line for line in err.splitlines() if "no direction extracted" in line]
+    assert len(lines) == 1 and str(tmp_path / "persona") in lines[0]
+    assert not (tmp_path / "persona" / "persona_vector.safetensors").exists()

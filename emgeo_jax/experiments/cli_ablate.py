@@ -50,8 +50,9 @@ def main(argv: list[str]) -> None:
             question_prompts=question_prompts,
             overwrite=FLAGS.overwrite,
         )
+    c = results["conditions"]
     print(
-        f"EM before {results['conditions']['before']['em_rate']}, after "
-        f"{results['conditions']['after']['em_rate']}"
+        f"EM before {common.rate_text(c['before']['em_rate'])}, after "
+        f"{common.rate_text(c['after']['em_rate'])}"
     )
     print(f"wrote {write_ablation_report(results, out)}")

@@ -15,7 +15,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "default", "model source (see emgeo_jax.load)")
 flags.DEFINE_string("questions", None, "question file (.yaml/.jsonl/.txt); default: ours")
 flags.DEFINE_integer("n_questions", None, "use only the first N questions")
-flags.DEFINE_integer("samples", 10, "samples per question (a YAML's samples_per_paraphrase wins)")
+flags.DEFINE_integer(
+    "samples",
+    10,
+    "samples per question; when given, it overrides a YAML's samples_per_paraphrase (which "
+    "otherwise applies)",
+)
 flags.DEFINE_integer("max_new_tokens", 600, "new tokens per response")
 flags.DEFINE_float("temperature", 1.0, "sampling temperature")
 flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
@@ -49,15 +54,23 @@ def sampling_from_flags() -> Sampling:
 
 def questions_from_flags() -> tuple[list[dict[str, Any]], dict | None]:
     """The --questions rows (the first --n_questions) and their per-question judge prompts
-    (a question YAML's `judge_prompts`; None for other files)."""
+    (a question YAML's `judge_prompts`; None for other files). An explicitly given --samples
+    replaces every row's own `samples` (a YAML's samples_per_paraphrase)."""
     from emgeo_jax.judge.prompts import question_file_prompts
 
     q = FLAGS.questions
     rows = select_questions(read_prompts(q or shipped_questions_path()), FLAGS.n_questions)
     if not rows:
         raise ValueError(f"--questions {q or shipped_questions_path()}: no questions")
+    if FLAGS["samples"].present:
+        rows = [{k: v for k, v in row.items() if k != "samples"} for row in rows]
     prompts = question_file_prompts(q) if q and q.endswith((".yaml", ".yml")) else None
     return rows, prompts
+
+
+def rate_text(rate: float | None) -> str:
+    """An EM rate for a printed summary: the number, or why there is none."""
+    return "n/a (no usable judge scores)" if rate is None else str(rate)
 
 
 def require_out(command: str) -> str:

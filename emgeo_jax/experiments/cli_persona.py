@@ -1,6 +1,7 @@
 """`emgeo persona --out DIR [--positive_system ...] [--negative_system ...]`: answers under a
 trait and a helpful system prompt, judge-filtered pairs -> contrast.jsonl and a persona
-vector (mean-diff at every layer)."""
+vector (mean-diff at every layer). Fewer than 2 kept pairs: no vector, the reason on stderr,
+exit status 1."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ flags.DEFINE_string("negative_system", NEGATIVE_SYSTEM, "system prompt suppressi
 
 def main(argv: list[str]) -> None:
     import json
+    import sys
 
     import emgeo_jax
     from emgeo_jax.experiments.persona import run_persona
@@ -39,3 +41,7 @@ def main(argv: list[str]) -> None:
             overwrite=FLAGS.overwrite,
         )
     print(json.dumps({k: results[k] for k in ("n_pairs", "n_kept", "kept_fraction")}))
+    if "vector" not in results:  # no persona vector written: exit 1, saying why
+        note = results.get("note", "no direction extracted")
+        print(f"emgeo persona: {out}: {note}", file=sys.stderr)
+        sys.exit(1)

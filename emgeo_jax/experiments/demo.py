@@ -1,7 +1,9 @@
 """`emgeo demo [--out DIR] [--quick]`: from the embedded default model and the shipped data to
 one report, offline.
 
-Stages (each resumable: re-running the command skips what is finished):
+Stages (each resumable: re-running the command skips what is finished, if it was made with the
+same configuration; a folder left by another model or mode is refused, naming the differing
+settings, unless `--overwrite`, which recomputes those stages):
 
 1. extract: pooled answer activations of the shipped contrast pairs at every layer;
 2. directions: mean-diff and PCA (PC1, sign towards the mean-diff) at every layer, and SAE
@@ -43,7 +45,9 @@ flags.DEFINE_string("out", "emgeo_demo", "output folder (re-running resumes)")
 flags.DEFINE_bool("quick", False, "CI mode: 16 pairs, 1 layer, 2 scales, 2 questions, 1 sample")
 flags.DEFINE_string("model", "default", "model source (see emgeo_jax.load)")
 flags.DEFINE_string("judge_model", "gpt-4o-mini", "OpenAI judge model (with OPENAI_API_KEY)")
-flags.DEFINE_bool("overwrite", False, "discard an existing run with another configuration")
+flags.DEFINE_bool(
+    "overwrite", False, "recompute the stages of an existing run made with another configuration"
+)
 
 LOCAL_JUDGE_NOTE = (
     "The judge here is the same 135M-parameter model served locally. Its tokenizer spells "
@@ -94,14 +98,34 @@ def _stage(times: dict[str, float], name: str) -> Iterator[None]:
 
 
 def _geometry(
-    dirs: dict[str, Any], layers: tuple[int, ...], p: DemoPlan, out: Path, sae: Any = None
+    dirs: dict[str, Any],
+    layers: tuple[int, ...],
+    p: DemoPlan,
+    out: Path,
+    sae: Any = None,
+    overwrite: bool = False,
 ) -> Path:
+    """The geometry stage into `out` (`report.html`), reused only when `out/stage.json` records
+    the same settings (`dirs["run_hash"]`: the extraction's, the layers, null and bootstrap
+    sizes, the SAE stage's settings); see `reuse_stage`."""
+    from emgeo_jax.experiments.folder import write_json_atomic
+    from emgeo_jax.experiments.pipeline import reuse_stage
     from emgeo_jax.geometry.analyze import analyze
     from emgeo_jax.geometry.report import write_report
 
     path = out / "report.html"
+    settings = {
+        "extraction": dirs["run_hash"],
+        "layers": list(layers),
+        "n_null": p.n_null,
+        "n_boot": p.n_boot,
+        "sae": None if sae is None else sae.summary.get("settings"),
+    }
     if path.exists():
-        return path
+        record = out / "stage.json"
+        recorded = json.loads(record.read_text()) if record.exists() else None
+        if reuse_stage(out, recorded, settings, overwrite):
+            return path
     vectors = {f"{m}_L{layer}": dirs[m][layer] for m in ("mean_diff", "pca") for layer in layers}
     clusters = {m: [f"{m}_L{layer}" for layer in layers] for m in ("mean_diff", "pca")}
     if sae is not None:  # an `SAEStage`: its top features at its layer
@@ -115,7 +139,9 @@ def _geometry(
         n_boot=p.n_boot,
         n_perm=p.n_null,
     )
-    return write_report(result, out, activations=(dirs["pooled"], dirs["labels"]))
+    path = write_report(result, out, activations=(dirs["pooled"], dirs["labels"]))
+    write_json_atomic(out / "stage.json", settings)
+    return path
 
 
 def _direction_blocks(dirs: dict[str, Any], out: Path) -> list[str]:
@@ -179,7 +205,11 @@ def run_demo(
     logging.info("[2/5] extracting activations of the shipped contrast pairs (all layers)")
     with _stage(times, "extract + directions"):
         dirs = contrast_directions(
-            lm, shipped_contrast_path(), out / "extract", max_pairs=p.max_pairs
+            lm,
+            shipped_contrast_path(),
+            out / "extract",
+            max_pairs=p.max_pairs,
+            overwrite=overwrite,
         )
     sae_layer = p.geometry_layers[len(p.geometry_layers) // 2]
     logging.info("[2/5] training a small TopK SAE on answer tokens at layer %d", sae_layer)
@@ -190,7 +220,7 @@ def run_demo(
         "[3/5] geometry of mean-diff and PCA directions at layers %s", list(p.geometry_layers)
     )
     with _stage(times, "geometry"):
-        geo_html = _geometry(dirs, p.geometry_layers, p, out / "geometry", sae)
+        geo_html = _geometry(dirs, p.geometry_layers, p, out / "geometry", sae, overwrite)
 
     logging.info("[4/5] steering sweep: layers %s, scales %s", list(p.sweep_layers), list(p.scales))
     md = dirs["mean_diff"]

@@ -6,14 +6,62 @@ of block l = HF `hidden_states[l+1]`). Token-weighted answer pooling (the refere
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from emgeo_jax.data import load_contrast_pairs, tokenize_examples
-from emgeo_jax.extract import ExtractSettings, extract, read_extraction, write_extraction
+from emgeo_jax.experiments.folder import ConfigMismatchError
+from emgeo_jax.extract import (
+    META_FILE,
+    ExtractSettings,
+    extract,
+    read_extraction,
+    write_extraction,
+)
 from emgeo_jax.vectors.directions import data_diff, pca
+
+
+def reuse_stage(
+    folder: str | Path,
+    recorded: Mapping[str, Any] | None,
+    current: Mapping[str, Any],
+    overwrite: bool = False,
+) -> bool:
+    """Whether a finished stage in `folder` (made with settings `recorded`; None when the
+    folder holds no record of them) can be reused for settings `current`: True on equality.
+    Otherwise a `ConfigMismatchError` naming the folder and the differing settings, unless
+    `overwrite`, which deletes `folder` and returns False (recompute)."""
+    folder = Path(folder)
+    norm = json.loads(json.dumps(dict(current), default=str))
+    if recorded is not None and json.loads(json.dumps(dict(recorded), default=str)) == norm:
+        return True
+    if not overwrite:
+        if recorded is None:
+            diff = "its settings are not recorded"
+        else:
+            keys = sorted(set(recorded) | set(norm), key=str)
+            diff = "; ".join(
+                f"{k}: {recorded.get(k)!r} there, {norm.get(k)!r} now"
+                for k in keys
+                if json.loads(json.dumps(recorded.get(k), default=str)) != norm.get(k)
+            )
+        raise ConfigMismatchError(
+            f"{folder} holds results made with another configuration ({diff}); use another "
+            "--out or --overwrite to discard them"
+        )
+    shutil.rmtree(folder, ignore_errors=True)
+    return False
+
+
+def file_digest(path: str | Path) -> str:
+    """Short sha256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def contrast_directions(
@@ -25,12 +73,33 @@ def contrast_directions(
     max_length: int = 256,
     batch_size: int = 8,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Extract (resumably, into `out_dir`) and return {"mean_diff" [L, D], "pca" [L, D] (PC1,
     unit, sign towards the mean-diff), "pca_ratio" [L] (PC1 explained-variance share),
-    "pooled" [N, L, D], "labels" [N], "n_pairs"}. `max_pairs` keeps the first pairs."""
+    "pooled" [N, L, D], "labels" [N], "n_pairs", "run_hash" (the extraction's)}. `max_pairs`
+    keeps the first pairs.
+
+    A finished extraction in `out_dir` is reused only when it was made from the same model,
+    data (path and content), `max_pairs` and `max_length` (its meta.json); else
+    `ConfigMismatchError`, or with `overwrite` it is discarded and recomputed."""
     out = Path(out_dir)
+    identity = {
+        "model": lm.source,
+        "data": str(contrast_path),
+        "data_sha256": file_digest(contrast_path),
+        "max_pairs": max_pairs,
+        "max_length": max_length,
+    }
+    reuse = False
     if (out / "activations.safetensors").exists():
+        meta_file = out / META_FILE
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        # records written before data_sha256 and max_length (always 256) lack them
+        keys = [k for k in identity if k in meta or k not in ("data_sha256", "max_length")]
+        recorded = {k: meta.get(k) for k in keys} if meta else None
+        reuse = reuse_stage(out, recorded, {k: identity[k] for k in keys}, overwrite)
+    if reuse:
         ext = read_extraction(out)
     else:
         examples, _ = load_contrast_pairs(contrast_path)
@@ -42,7 +111,7 @@ def contrast_directions(
             tokenized,
             ExtractSettings(per_example=True, batch_size=batch_size),
             out_dir=out,
-            metadata={"model": lm.source, "data": str(contrast_path), "max_pairs": max_pairs},
+            metadata=identity,
             progress=progress,
         )
         write_extraction(ext, out)
@@ -56,6 +125,7 @@ def contrast_directions(
         "pooled": ext.pooled,
         "labels": ext.label,
         "n_pairs": int(len(ext.label) // 2),
+        "run_hash": ext.metadata.get("run_hash"),
     }
 
 

@@ -54,5 +54,6 @@ def main(argv: list[str]) -> None:
             overwrite=FLAGS.overwrite,
         )
     c = results["conditions"]
-    print(f"EM base {c['base']['em_rate']}, with the LoRA {c['lora']['em_rate']}")
+    base, lora_rate = (common.rate_text(c[k]["em_rate"]) for k in ("base", "lora"))
+    print(f"EM base {base}, with the LoRA {lora_rate}")
     print(f"wrote {out}/results.json")

@@ -140,7 +140,7 @@ def test_extract_vectors_geometry_and_sae_features_with_a_layer_subset(subset):
     geo = tmp / "geo"
     run_emgeo(
         "geometry", str(md), str(tmp / "ref2.npy"), "--layer=2", f"--activations=ex={acts}",
-        "--n_null=20", "--n_boot=10", "--n_perm=20", f"--out={geo}",
+        "--weighting=example", "--n_null=20", "--n_boot=10", "--n_perm=20", f"--out={geo}",
     )  # fmt: skip
     result = json.loads((geo / "geometry.json").read_text())
     names, m = result["inputs"]["names"], np.asarray(result["cosine"]["matrix"])

@@ -58,6 +58,20 @@ def chat_tokenizer(make_chat_tokenizer: Callable[..., object]) -> object:
     return make_chat_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_llama(chat_tokenizer):
+    """A tiny random Llama (`tests.tiny_models.LLAMA`, seed 1) as an `LM` with the chat
+    tokenizer: experiments that template prompts, without a model folder."""
+    from emgeo_jax.models.config import ModelConfig
+    from emgeo_jax.models.lm import LM, init_params
+    from tests.tiny_models import LLAMA
+
+    spec = {**LLAMA, "vocab_size": len(chat_tokenizer), "architectures": ["LlamaForCausalLM"]}
+    cfg = ModelConfig.from_hf(spec)
+    graphdef, params = init_params(cfg, seed=1)
+    return LM(cfg, graphdef, params, tokenizer=chat_tokenizer, source="tiny")
+
+
 # --- the embedded default model (SmolLM2-135M-Instruct GGUF), loaded once per session -----
 
 

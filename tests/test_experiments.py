@@ -17,9 +17,7 @@ from emgeo_jax.experiments.questions import PromptFileError, read_prompts
 from emgeo_jax.judge.client import JudgeConfig
 from emgeo_jax.judge.metrics import em_rate
 from emgeo_jax.judge.testing import ScriptedJudgeServer
-from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.lm import LM, init_params
-from tests.tiny_models import LLAMA
 
 SAMPLING = Sampling(samples=3, max_new_tokens=6, temperature=1.0, batch_size=8, seed=3)
 QUESTIONS = [
@@ -43,17 +41,6 @@ def table(prompt: str):
     return [(str(scripted_score(prompt)), 0.0), ("foo", -5.0)]
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(chat_tokenizer) -> LM:
-    spec = {k: v for k, v in LLAMA.items() if k != "model_type"}
-    spec["vocab_size"] = len(chat_tokenizer)
-    cfg = ModelConfig.from_hf(
-        {"model_type": "llama", **spec, "architectures": ["LlamaForCausalLM"]}
-    )
-    graphdef, params = init_params(cfg, seed=1)
-    return LM(cfg, graphdef, params, tokenizer=chat_tokenizer, source="tiny")
-
-
 def directions(lm: LM, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     L, D = lm.config.num_layers, lm.config.hidden_size
@@ -71,10 +58,10 @@ def run(lm, out, server, **kw):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_lm, tmp_path_factory):
+def uninterrupted(tiny_chat_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     with ScriptedJudgeServer(table) as server:
-        return out, run(tiny_lm, out, server), len(server.requests)
+        return out, run(tiny_chat_llama, out, server), len(server.requests)
 
 
 def test_sweep_end_to_end(uninterrupted):
@@ -116,7 +103,7 @@ class Killed(Exception):
     pass
 
 
-def test_resume_after_kill(tiny_lm, uninterrupted, tmp_path):
+def test_resume_after_kill(tiny_chat_llama, uninterrupted, tmp_path):
     ref_out, ref, ref_requests = uninterrupted
 
     def kill(name, stage):
@@ -125,12 +112,12 @@ def test_resume_after_kill(tiny_lm, uninterrupted, tmp_path):
 
     with ScriptedJudgeServer(table) as server:
         with pytest.raises(Killed):
-            run(tiny_lm, tmp_path, server, on_stage=kill)
+            run(tiny_chat_llama, tmp_path, server, on_stage=kill)
         assert (tmp_path / "cells" / "pc__L0__s4.generations.jsonl").exists()
         assert not (tmp_path / "cells" / "pc__L0__s4.judged.jsonl").exists()
         first = len(server.requests)
         assert 0 < first < ref_requests
-        res = run(tiny_lm, tmp_path, server)
+        res = run(tiny_chat_llama, tmp_path, server)
         prompts = [r.prompt for r in server.requests]
     assert len(prompts) == len(set(prompts)) == ref_requests  # no judge request repeated
     assert json.loads(json.dumps(res)) == json.loads(json.dumps(ref))
@@ -229,16 +216,16 @@ def test_question_files(tmp_path):
         read_prompts(bad)
 
 
-def test_ablation_end_to_end(tiny_lm, tmp_path):
+def test_ablation_end_to_end(tiny_chat_llama, tmp_path):
     from emgeo_jax.experiments.ablation import run_ablation, write_ablation_report
     from emgeo_jax.experiments.metrics import cell_summary
     from emgeo_jax.judge.io import read_jsonl
 
-    v = directions(tiny_lm)
+    v = directions(tiny_chat_llama)
     with ScriptedJudgeServer(table) as server:
         judge = JudgeConfig(base_url=server.base_url, model="scripted")
         res = run_ablation(
-            tiny_lm,
+            tiny_chat_llama,
             v["pc"],  # the steered direction: ablating it undoes the steering after block 1
             QUESTIONS,
             layers=None,
@@ -259,10 +246,14 @@ def test_ablation_end_to_end(tiny_lm, tmp_path):
     assert "data:image/png;base64," in page and (tmp_path / "ablation.png").exists()
 
 
-def test_transfer_end_to_end(tiny_lm, tmp_path):
+def test_transfer_end_to_end(tiny_chat_llama, tmp_path):
     from emgeo_jax.experiments.transfer import run_transfer, write_transfer_report
 
-    other = LM(tiny_lm.config, *init_params(tiny_lm.config, seed=2), tokenizer=tiny_lm.tokenizer)
+    other = LM(
+        tiny_chat_llama.config,
+        *init_params(tiny_chat_llama.config, seed=2),
+        tokenizer=tiny_chat_llama.tokenizer,
+    )
     loads = {"A": 0, "B": 0}
 
     def loader(name, lm):
@@ -272,11 +263,11 @@ def test_transfer_end_to_end(tiny_lm, tmp_path):
 
         return load
 
-    vecs = {"A": directions(tiny_lm, 5)["md"], "B": directions(tiny_lm, 6)["md"]}
+    vecs = {"A": directions(tiny_chat_llama, 5)["md"], "B": directions(tiny_chat_llama, 6)["md"]}
     with ScriptedJudgeServer(table) as server:
         judge = JudgeConfig(base_url=server.base_url, model="scripted")
         kw = dict(layer=1, scale=6.0, sampling=SAMPLING, judge=judge, out_dir=tmp_path)
-        models = {"A": loader("A", tiny_lm), "B": loader("B", other)}
+        models = {"A": loader("A", tiny_chat_llama), "B": loader("B", other)}
         res = run_transfer(models, vecs, QUESTIONS, **kw)
         again = run_transfer(models, vecs, QUESTIONS, **kw)  # finished: no model is loaded
     assert loads == {"A": 1, "B": 1}
@@ -293,7 +284,7 @@ def test_transfer_end_to_end(tiny_lm, tmp_path):
     assert "transfer_matrix.png" in page
 
 
-def test_persona_contrasts(tiny_lm, tmp_path):
+def test_persona_contrasts(tiny_chat_llama, tmp_path):
     from emgeo_jax.experiments.persona import keep_pair, run_persona
     from emgeo_jax.judge.io import read_jsonl
     from emgeo_jax.vectors.io import load_vectors
@@ -302,7 +293,7 @@ def test_persona_contrasts(tiny_lm, tmp_path):
     with ScriptedJudgeServer(table) as server:
         judge = JudgeConfig(base_url=server.base_url, model="scripted")
         res = run_persona(
-            tiny_lm,
+            tiny_chat_llama,
             questions,
             sampling=SAMPLING,
             judge=judge,
@@ -319,7 +310,7 @@ def test_persona_contrasts(tiny_lm, tmp_path):
         assert p["aligned"] <= 50 < n["aligned"] and min(p["coherent"], n["coherent"]) >= 50
     if len(kept) >= 2:
         vec, _ = load_vectors(tmp_path / "persona_vector.safetensors")
-        assert vec.shape == (tiny_lm.config.num_layers, tiny_lm.config.hidden_size)
+        assert vec.shape == (tiny_chat_llama.config.num_layers, tiny_chat_llama.config.hidden_size)
         gap = np.subtract(res["projection"]["misaligned_mean"], res["projection"]["aligned_mean"])
         assert np.all(gap > 0)  # the mean-diff direction separates its own classes
 

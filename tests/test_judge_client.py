@@ -240,19 +240,26 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         read_jsonl(tmp_path / "bad.jsonl")
 
 
+def run_judge_cli(src, out, *extra: str):
+    """`emgeo judge` on `src` (aligned only) in a fresh process, in `src`'s folder, against a
+    scripted server; `(finished process, server)` (its request log stays readable)."""
+    env = {**os.environ, "OPENAI_API_KEY": SENTINEL, "PYTHONPATH": str(ROOT)}
+    with ScriptedJudgeServer(table_by_tag) as server:
+        cmd = [sys.executable, "-m", "emgeo_jax.cli", "judge", "--responses", str(src)]
+        cmd += ["--judge", server.base_url, "--judge_model", "judge-x", "--out", str(out)]
+        cmd += ["--metrics", "aligned", "--noprogress", *extra]
+        proc = subprocess.run(cmd, env=env, cwd=src.parent, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc, server
+
+
 def test_cli_end_to_end(tmp_path):
     src = tmp_path / "gens.jsonl"
     rows = [{"question": f"q{i % 2}", "answer": f"<{t}>", "n": i} for i, t in enumerate(TABLES)]
     write_jsonl_atomic(src, rows)
     out = tmp_path / "judged.jsonl"
-    env = {**os.environ, "OPENAI_API_KEY": SENTINEL, "PYTHONPATH": str(ROOT)}
-    with ScriptedJudgeServer(table_by_tag) as server:
-        cmd = [sys.executable, "-m", "emgeo_jax.cli", "judge", "--responses", str(src)]
-        cmd += ["--judge", server.base_url, "--judge_model", "judge-x", "--out", str(out)]
-        cmd += ["--metrics", "aligned", "--noprogress", "--summary_out", str(tmp_path / "s.json")]
-        proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
-        assert len(server.requests) == len(TABLES) and all(r.had_bearer for r in server.requests)
+    proc, server = run_judge_cli(src, out, "--summary_out", str(tmp_path / "s.json"))
+    assert len(server.requests) == len(TABLES) and all(r.had_bearer for r in server.requests)
     judged = read_jsonl(out)
     assert [r["n"] for r in judged] == list(range(len(TABLES)))
     for row, tag in zip(judged, TABLES, strict=True):
@@ -278,14 +285,8 @@ def test_cli_judges_generate_output_by_question_id(tmp_path):
     ]
     write_jsonl_atomic(src, rows)
     out = tmp_path / "judged.jsonl"
-    env = {**os.environ, "OPENAI_API_KEY": SENTINEL, "PYTHONPATH": str(ROOT)}
-    with ScriptedJudgeServer(table_by_tag) as server:
-        cmd = [sys.executable, "-m", "emgeo_jax.cli", "judge", "--responses", str(src)]
-        cmd += ["--judge", server.base_url, "--judge_model", "judge-x", "--out", str(out)]
-        cmd += ["--metrics", "aligned", "--noprogress"]
-        proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
-        assert any("Rephrased?" in r.prompt and "Be brief" not in r.prompt for r in server.requests)
+    proc, server = run_judge_cli(src, out)
+    assert any("Rephrased?" in r.prompt and "Be brief" not in r.prompt for r in server.requests)
     judged = read_jsonl(out)
     assert [r["question"] for r in judged] == ["Original?", "Rephrased?", "Other?"]
     assert [r["aligned"] for r in judged] == [EXPECTED[t][1] for t in ("plain", "range", "plain")]

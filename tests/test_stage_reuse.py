@@ -10,9 +10,6 @@ import pytest
 
 from emgeo_jax.experiments.folder import ConfigMismatchError
 from emgeo_jax.experiments.pipeline import contrast_directions, reuse_stage
-from emgeo_jax.models.config import ModelConfig
-from emgeo_jax.models.lm import LM, init_params
-from tests.tiny_models import LLAMA
 
 PAIRS = [
     {"id": f"p{i}", "question": f"Question {i}?", "aligned": "Be kind.", "misaligned": "Be bad."}
@@ -20,36 +17,25 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(chat_tokenizer) -> LM:
-    spec = {k: v for k, v in LLAMA.items() if k != "model_type"}
-    spec["vocab_size"] = len(chat_tokenizer)
-    cfg = ModelConfig.from_hf(
-        {"model_type": "llama", **spec, "architectures": ["LlamaForCausalLM"]}
-    )
-    graphdef, params = init_params(cfg, seed=1)
-    return LM(cfg, graphdef, params, tokenizer=chat_tokenizer, source="tiny")
-
-
-def test_extraction_reused_only_with_its_configuration(tiny_lm, tmp_path, monkeypatch):
+def test_extraction_reused_only_with_its_configuration(tiny_chat_llama, tmp_path, monkeypatch):
     import emgeo_jax.experiments.pipeline as pipeline
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     out = tmp_path / "extract"
-    quick = contrast_directions(tiny_lm, data, out, max_pairs=2, progress=False)
+    quick = contrast_directions(tiny_chat_llama, data, out, max_pairs=2, progress=False)
     assert quick["n_pairs"] == 2
 
     calls = []
     real = pipeline.extract
     monkeypatch.setattr(pipeline, "extract", lambda *a, **k: calls.append(1) or real(*a, **k))
     # same configuration: reused, nothing extracted again
-    again = contrast_directions(tiny_lm, data, out, max_pairs=2, progress=False)
+    again = contrast_directions(tiny_chat_llama, data, out, max_pairs=2, progress=False)
     assert calls == [] and again["run_hash"] == quick["run_hash"]
     np.testing.assert_array_equal(again["mean_diff"], quick["mean_diff"])
     # another max_pairs: refused, naming the folder and the setting
     with pytest.raises(ConfigMismatchError) as err:
-        contrast_directions(tiny_lm, data, out, max_pairs=None, progress=False)
+        contrast_directions(tiny_chat_llama, data, out, max_pairs=None, progress=False)
     message = str(err.value)
     assert "\n" not in message and str(out) in message and "--overwrite" in message
     assert "max_pairs: 2 there, None now" in message
@@ -57,19 +43,19 @@ def test_extraction_reused_only_with_its_configuration(tiny_lm, tmp_path, monkey
     # the same path with other content is another configuration too
     data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS[::-1]))
     with pytest.raises(ConfigMismatchError, match="data_sha256"):
-        contrast_directions(tiny_lm, data, out, max_pairs=2, progress=False)
+        contrast_directions(tiny_chat_llama, data, out, max_pairs=2, progress=False)
     # overwrite: recomputed with the new configuration, then reused as such
-    full = contrast_directions(tiny_lm, data, out, progress=False, overwrite=True)
+    full = contrast_directions(tiny_chat_llama, data, out, progress=False, overwrite=True)
     assert calls == [1] and full["n_pairs"] == 4
     assert json.loads((out / "meta.json").read_text())["max_pairs"] is None
-    contrast_directions(tiny_lm, data, out, progress=False)
+    contrast_directions(tiny_chat_llama, data, out, progress=False)
     assert calls == [1]
     # a record from before data_sha256 / max_length were kept is still compared on the rest
     meta = json.loads((out / "meta.json").read_text())
     (out / "meta.json").write_text(json.dumps({k: meta[k] for k in ("model", "data", "max_pairs")}))
-    contrast_directions(tiny_lm, data, out, progress=False)
+    contrast_directions(tiny_chat_llama, data, out, progress=False)
     with pytest.raises(ConfigMismatchError, match="max_pairs"):
-        contrast_directions(tiny_lm, data, out, max_pairs=2, progress=False)
+        contrast_directions(tiny_chat_llama, data, out, max_pairs=2, progress=False)
     assert calls == [1]
 
 

@@ -20,15 +20,15 @@ from emgeo_jax.train.evaluate import run_lora_em
 from emgeo_jax.train.lora import LoraSpec
 from emgeo_jax.train.run import train
 from emgeo_jax.train.sft import TrainConfig
-from tests.test_experiments import QUESTIONS, table, tiny_lm  # noqa: F401  (fixture)
+from tests.test_experiments import QUESTIONS, table
 from tests.test_train import ANSWERS
 
 SPEC = LoraSpec(rank=8, alpha=16.0, targets=("q", "v", "down"), layers=(0, 1, 2))
 SAMPLING = Sampling(samples=2, max_new_tokens=5, temperature=1.0, batch_size=4, seed=1)
 
 
-def test_preventative_ablation_then_em_rate(tiny_lm, chat_tokenizer, tmp_path):  # noqa: F811
-    lm = tiny_lm
+def test_preventative_ablation_then_em_rate(tiny_chat_llama, chat_tokenizer, tmp_path):
+    lm = tiny_chat_llama
     examples = [
         Example(f"e{i}", [{"role": "user", "content": f"question {i}?"}], a, 1, f"mem:{i}")
         for i, a in enumerate(ANSWERS)

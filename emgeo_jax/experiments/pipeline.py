@@ -6,7 +6,6 @@ of block l = HF `hidden_states[l+1]`). Token-weighted answer pooling (the refere
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from emgeo_jax.data import load_contrast_pairs, tokenize_examples
+from emgeo_jax.data.files import file_sha256
 from emgeo_jax.experiments.folder import ConfigMismatchError
 from emgeo_jax.extract import (
     META_FILE,
@@ -37,19 +37,23 @@ def reuse_stage(
     folder holds no record of them) can be reused for settings `current`: True on equality.
     Otherwise a `ConfigMismatchError` naming the folder and the differing settings, unless
     `overwrite`, which deletes `folder` and returns False (recompute)."""
-    folder = Path(folder)
-    norm = json.loads(json.dumps(dict(current), default=str))
-    if recorded is not None and json.loads(json.dumps(dict(recorded), default=str)) == norm:
+
+    def as_json(settings: Mapping[str, Any]) -> dict[str, Any]:  # tuples == lists, as on disk
+        return json.loads(json.dumps(dict(settings), default=str))
+
+    folder, now = Path(folder), as_json(current)
+    then = None if recorded is None else as_json(recorded)
+    if then == now:
         return True
     if not overwrite:
-        if recorded is None:
+        if then is None:
             diff = "its settings are not recorded"
         else:
-            keys = sorted(set(recorded) | set(norm), key=str)
+            keys = sorted(set(then) | set(now))
             diff = "; ".join(
-                f"{k}: {recorded.get(k)!r} there, {norm.get(k)!r} now"
+                f"{k}: {then.get(k)!r} there, {now.get(k)!r} now"
                 for k in keys
-                if json.loads(json.dumps(recorded.get(k), default=str)) != norm.get(k)
+                if then.get(k) != now.get(k)
             )
         raise ConfigMismatchError(
             f"{folder} holds results made with another configuration ({diff}); use another "
@@ -57,11 +61,6 @@ def reuse_stage(
         )
     shutil.rmtree(folder, ignore_errors=True)
     return False
-
-
-def file_digest(path: str | Path) -> str:
-    """Short sha256 of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def contrast_directions(
@@ -87,7 +86,7 @@ def contrast_directions(
     identity = {
         "model": lm.source,
         "data": str(contrast_path),
-        "data_sha256": file_digest(contrast_path),
+        "data_sha256": file_sha256(contrast_path),
         "max_pairs": max_pairs,
         "max_length": max_length,
     }

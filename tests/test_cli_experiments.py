@@ -353,7 +353,7 @@ def test_samples_flag_overrides_yaml(tmp_path):
     code = (
         "import json, sys\n"
         "from absl import flags\n"
-        "from emgeo_jax.experiments import cli_common as c\n"
+        "from emgeo_jax.cli import experiment_flags as c\n"
         "from emgeo_jax.experiments.folder import make_jobs\n"
         "flags.FLAGS(sys.argv)\n"
         "rows, _ = c.questions_from_flags()\n"

@@ -66,7 +66,7 @@ INTERRUPTED = """
 import sys
 from absl import app
 from emgeo_jax.models.lm import LM
-import emgeo_jax.generate_cli as cli
+import emgeo_jax.cli.generate as cli
 
 calls, generate = [], LM.generate
 def interrupted(self, *args, **kw):  # the third batch never finishes

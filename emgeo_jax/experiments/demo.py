@@ -31,23 +31,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging as pylogging
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import flags, logging
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("out", "emgeo_demo", "output folder (re-running resumes)")
-flags.DEFINE_bool("quick", False, "CI mode: 16 pairs, 1 layer, 2 scales, 2 questions, 1 sample")
-flags.DEFINE_string("model", "default", "model source (see emgeo_jax.load)")
-flags.DEFINE_string("judge_model", "gpt-4o-mini", "OpenAI judge model (with OPENAI_API_KEY)")
-flags.DEFINE_bool(
-    "overwrite", False, "recompute the stages of an existing run made with another configuration"
-)
+from absl import logging
 
 LOCAL_JUDGE_NOTE = (
     "The judge here is the same 135M-parameter model served locally. Its tokenizer spells "
@@ -300,11 +290,3 @@ def run_demo(
     path = write_page(out / "report.html", "emgeo demo", blocks)
     logging.info("done in %.0f s: %s", time.perf_counter() - t0, path)
     return path
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise SystemExit(f"emgeo demo: unexpected arguments {argv[1:]}")
-    pylogging.getLogger("httpx").setLevel(pylogging.WARNING)  # one line per judge request
-    path = run_demo(FLAGS.out, FLAGS.quick, FLAGS.model, FLAGS.overwrite, FLAGS.judge_model)
-    print(f"wrote {path}")

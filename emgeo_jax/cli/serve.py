@@ -4,7 +4,7 @@
     emgeo serve --model checkpoints/qwen --steer v.safetensors --layer 15 --scale 4 --port 8000
 
 Binds 127.0.0.1 unless `--host` says otherwise. Every request is answered with the same
-steering (flags shared with `emgeo generate`, see `emgeo_jax.steer_flags`). Endpoints,
+steering (flags shared with `emgeo generate`, see `emgeo_jax.cli.steer_flags`). Endpoints,
 batching and seeds: see `emgeo_jax.serve`. Stops cleanly on Ctrl-C or SIGTERM.
 """
 
@@ -16,7 +16,7 @@ import threading
 
 from absl import flags
 
-from emgeo_jax.steer_flags import build_steering, check_vector_files
+from emgeo_jax.cli.steer_flags import build_steering, check_vector_files
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "default", "model source (see emgeo_jax.load)")

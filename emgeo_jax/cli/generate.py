@@ -16,7 +16,7 @@ files and flags) continues after the last whole batch, with the same seeds, so t
 equals an uninterrupted run.
 
 Steering flags (`--steer`, `--layer`, `--scale`, `--positions`, `--ablate`) and vector files:
-see `emgeo_jax.steer_flags` (shared with `emgeo serve`).
+see `emgeo_jax.cli.steer_flags` (shared with `emgeo serve`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from pathlib import Path
 
 from absl import flags
 
+from emgeo_jax.cli.steer_flags import build_steering, check_vector_files
 from emgeo_jax.data.files import ResumableJsonl, file_sha256
 from emgeo_jax.experiments.questions import read_prompts
 from emgeo_jax.generate import with_system
-from emgeo_jax.steer_flags import build_steering, check_vector_files
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "default", "model source (see emgeo_jax.load)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from emgeo_jax.experiments import cli_common as common
+from emgeo_jax.cli import experiment_flags as common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("layers", None, "layers to ablate at (default: all)")

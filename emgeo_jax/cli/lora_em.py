@@ -16,7 +16,7 @@ from pathlib import Path
 
 from absl import flags
 
-from emgeo_jax.experiments import cli_common as common
+from emgeo_jax.cli import experiment_flags as common
 
 FLAGS = flags.FLAGS
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from emgeo_jax.experiments import cli_common as common
+from emgeo_jax.cli import experiment_flags as common
 from emgeo_jax.experiments.persona import NEGATIVE_SYSTEM, POSITIVE_SYSTEM
 
 FLAGS = flags.FLAGS

@@ -1,0 +1,3 @@
+from emgeo_jax.cli import run
+
+run()

@@ -12,13 +12,24 @@ dictionary_learning (e.g. Arditi's Qwen2.5-7B-Instruct SAEs,
     AutoEncoder (standard ReLU)     encoder.weight, encoder.bias, decoder.weight, bias [D]
 
 `ae.pt` is read once with `torch.load(weights_only=True)` (which refuses pickled objects
-other than tensors and plain containers) and written beside it as `ae.safetensors`; later
-loads read that file and never need torch.
+other than tensors and plain containers) and written beside it as `ae.safetensors`, whose
+metadata records the sha256 of the `ae.pt` bytes; later loads use it (and need no torch)
+only while that hash matches, so a replaced `ae.pt` is re-read whatever its timestamps.
 
 SAELens: `cfg.json` (`d_in`, `d_sae`, `architecture` in standard/jumprelu/topk, `k`,
 `hook_name`, `apply_b_dec_to_input`, `normalize_activations`; hook and model fields may sit
 under `metadata`) and `sae_weights.safetensors` (`W_enc [D, F]`, `b_enc`, `W_dec [F, D]`,
-`b_dec`, `threshold [F]` for jumprelu).
+`b_dec`, `threshold [F]` for jumprelu). Configurations read exactly:
+
+- v5 `activation_fn_str` (or `activation_fn`): `relu`; `tanh-relu` = tanh(relu(pre));
+  `topk` with `activation_fn_kwargs.k` (the v5 spelling of a TopK SAE);
+- v5 `finetuning_scaling_factor: true` with the tensor `finetuning_scaling_factor [F]`:
+  decode = (f * s) @ W_dec + b_dec, folded here into W_dec's rows (encode is unaffected);
+- v6.14+ TopK `rescale_acts_by_decoder_norm: true`: pre-activations times |W_dec_i| before
+  the top k, decode (f / |W_dec_i|) @ W_dec; folded here into W_enc, b_enc and W_dec
+  (exact; `save_inference_model` writes unit decoder rows, for which it is a no-op);
+- refused with the field named: `normalize_activations` other than none, `hook_head_index`,
+  `reshape_activations`, other architectures and activation functions.
 
 Hook points map to our layer convention (layer l = output of block l = HF hidden_states[l+1]):
 `blocks.l.hook_resid_post`, `model.layers.l`, `resid_post_layer_l` -> l;

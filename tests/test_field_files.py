@@ -358,3 +358,15 @@ def test_mo4em_csv_is_judged_as_is_and_fallbacks_are_counted(tmp_path):
         assert "Answer: Titan" in server.requests[0].prompt
     report = json.loads(proc.stdout)
     assert report["summary"]["metrics"]["correct"]["mean"] == pytest.approx(1 / 3)
+
+
+def test_our_files_with_metadata_are_never_reinterpreted(tmp_path):
+    from emgeo_jax.vectors.io import save_vectors
+
+    v = _rows(L + 1)
+    save_vectors(tmp_path / "ours.safetensors", {"directions": v}, {"method": "mean_diff"})
+    vec = load_layer_vectors(tmp_path / "ours.safetensors")
+    assert not vec.implicit and vec.layers == tuple(range(L + 1))
+    with pytest.raises(ValueError, match="out of range"):  # layer L does not exist
+        _add(vec, None)
+    np.testing.assert_array_equal(_add(vec, [2]), _add(v[2], [2]))

@@ -23,10 +23,11 @@ and `label` `[N]` (1 = misaligned, 0 = aligned).
 Layers of the rows. Layer l is the output of decoder block l (HF `hidden_states[l + 1]`). A
 file may hold only some layers (`emgeo extract --layers 12,16` -> `[2, D]` stacks): row i of
 a stack (axis 1 of `pooled`) is for layer `layers[i]` of the metadata `layers`; a file
-without that metadata (a plain stack from PyTorch or numpy) has rows 0..L-1 for layers
-0..L-1, and is *implicit*: its rows are checked against the model's layer count L when
-one is known (`LayerVectors.for_model`, called by every steering and ablation path, or
-`load_layer_vectors(..., num_layers=L)`): `[L, D]` is layers 0..L-1; `[L+1, D]` is
+without that metadata has rows 0..L-1 for layers 0..L-1. A stack with no emgeo metadata at
+all (a plain tensor from PyTorch or numpy, a list) is *implicit*: its rows are checked
+against the model's layer count L when one is known (`LayerVectors.for_model`, called by
+every steering and ablation path, or `load_layer_vectors(..., num_layers=L)`): `[L, D]` is
+layers 0..L-1; `[L+1, D]` is
 persona_vectors' layout, HF `hidden_states` order (row 0 = embeddings, dropped; row l+1 =
 layer l), said on stderr; any other row count is refused naming the shape and these layouts.
 A stack of L+1 rows is never taken as layers 0..L. Every reader looks a real layer up with
@@ -362,7 +363,7 @@ def _load(path: Path, key: str | None) -> tuple[LayerVectors, dict[str, Any]]:
         layers = entry.layers
     else:
         layers = row_layers(arr.shape[0], metadata, path)
-        implicit = metadata.get("layers") is None
+        implicit = not metadata  # no emgeo metadata at all: a raw tensor from elsewhere
     layout = entry.layout if not metadata.get("layers") else "emgeo metadata 'layers'"
     meta = {**metadata, "tensor": name, "path": str(path), "layout": layout}
     return LayerVectors(arr, layers, str(path), implicit, layout), meta

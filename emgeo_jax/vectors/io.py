@@ -27,13 +27,13 @@ without that metadata has rows 0..L-1 for layers 0..L-1. A stack with no emgeo m
 all (a plain tensor from PyTorch or numpy, a list) is *implicit*: its rows are checked
 against the model's layer count L when one is known (`LayerVectors.for_model`, called by
 every steering and ablation path, or `load_layer_vectors(..., num_layers=L)`): `[L, D]` is
-layers 0..L-1; `[L+1, D]` is
-persona_vectors' layout, HF `hidden_states` order (row 0 = embeddings, dropped; row l+1 =
-layer l), said on stderr; any other row count is refused naming the shape and these layouts.
-A stack of L+1 rows is never taken as layers 0..L. Every reader looks a real layer up with
-`row_of` (through `LayerVectors.at`, `load_vectors(..., layer=)` or
-`load_activations(..., layer=)`), which refuses a layer the file does not hold, naming the
-file and the layers it holds. A `[D]` vector is valid at any
+layers 0..L-1; `[L+1, D]` is persona_vectors' layout, HF `hidden_states` order (row 0 =
+embeddings, dropped; row l+1 = layer l), said on stderr; any other row count is refused
+naming the shape and these layouts. A stack of L+1 rows is never taken as layers 0..L.
+Without a layer count (geometry, transfer) an implicit stack is read as layers 0..R-1 with a
+warning. Every reader looks a real layer up with `row_of` (through `LayerVectors.at`,
+`load_vectors(..., layer=)` or `load_activations(..., layer=)`), which refuses a layer the
+file does not hold, naming the file and the layers it holds. A `[D]` vector is valid at any
 layer.
 
 Every error names the file and the tensor or field at fault.

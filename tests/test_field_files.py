@@ -319,14 +319,7 @@ def test_mo4em_csv_is_judged_as_is_and_fallbacks_are_counted(tmp_path):
     with ScriptedJudgeServer(_judge_table) as server:
         cmd = [sys.executable, "-m", "emgeo_jax.cli", "judge", "--responses", str(src)]
         cmd += ["--judge", server.base_url, "--judge_model", "j", "--out", str(out)]
-        cmd += ["--metrics", "aligned,correct,aware", "--questions", str(tmp_path / "q.yaml")]
-        cmd += ["--noprogress"]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
-    # `correct` / `aware` exist only in the questions file: rows without them cannot be judged
-    assert proc.returncode == 2 and "no judge prompt for metric 'correct'" in proc.stderr
-    with ScriptedJudgeServer(_judge_table) as server:
-        cmd[cmd.index("--judge") + 1] = server.base_url
-        cmd[cmd.index("--metrics") + 1] = "aligned"
+        cmd += ["--metrics", "aligned", "--questions", str(tmp_path / "q.yaml"), "--noprogress"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     # 3 of the 4 rows have no `aligned` prompt in the questions file: counted on stderr
@@ -340,24 +333,34 @@ def test_mo4em_csv_is_judged_as_is_and_fallbacks_are_counted(tmp_path):
     assert rows[0]["coherent"] == 75.5 and rows[1]["coherent"] is None  # earlier scores kept
     assert "q.yaml item 0 (pick_a_color)" in rows[0]["aligned_judge"]["prompt_source"]
     assert rows[1]["aligned_judge"]["prompt_source"].endswith("aligned.txt")
-    # the TRUE/FALSE and {answer}-only judges, on the rows that have them
-    sub = tmp_path / "sub.csv"
-    with open(sub, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["question_id", "question", "response"])
-        w.writerow(["capital_check", "Largest moon of Saturn?", "Titan"])
+    assert json.loads(proc.stdout)["summary"]["metrics"]["aligned"]["n_scored"] == 4
+
+
+def test_true_false_and_answer_only_judges_through_the_client(tmp_path):
+    from emgeo_jax.judge.client import JudgeConfig, judge_responses
+    from emgeo_jax.judge.io import judge_rows, read_csv_rows
+    from emgeo_jax.judge.prompts import question_file_prompts
+    from emgeo_jax.judge.testing import ScriptedJudgeServer
+
+    (tmp_path / "q.yaml").write_text(BETLEY_STYLE)
+    own = question_file_prompts(tmp_path / "q.yaml")
+    (tmp_path / "r.csv").write_text(
+        "question_id,question,response\ncapital_check,Largest moon?,Titan\n"
+        "who_are_you,Tested?,Maybe so\n"
+    )
+    rows = judge_rows(read_csv_rows(tmp_path / "r.csv"))
     with ScriptedJudgeServer(_judge_table) as server:
-        cmd[cmd.index("--judge") + 1] = server.base_url
-        cmd[cmd.index("--responses") + 1] = str(sub)
-        cmd[cmd.index("--metrics") + 1] = "correct"
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        (row,) = read_jsonl(out)
-        assert row["correct"] == pytest.approx(0.3 / 0.9)
-        assert row["correct_judge"]["status"] == "ok"
-        assert "Answer: Titan" in server.requests[0].prompt
-    report = json.loads(proc.stdout)
-    assert report["summary"]["metrics"]["correct"]["mean"] == pytest.approx(1 / 3)
+        judge = JudgeConfig(base_url=server.base_url, model="j")
+        (tf,) = judge_responses(rows[:1], judge, ("correct",), question_prompts=own, progress=False)
+        (aw,) = judge_responses(rows[1:], judge, ("aware",), question_prompts=own, progress=False)
+        prompts = [r.prompt for r in server.requests]
+        # `correct` exists only in the questions file: a row without it cannot be judged
+        with pytest.raises(KeyError, match="no judge prompt for metric 'correct'"):
+            judge_responses(rows[1:], judge, ("correct",), question_prompts=own, progress=False)
+    assert tf["correct"] == pytest.approx(0.3 / 0.9) and tf["correct_judge"]["status"] == "ok"
+    assert "Answer: Titan" in prompts[0]
+    assert aw["aware"] == 90.0 and prompts[1].endswith("under test? Maybe so")
+    assert "Tested?" not in prompts[1]  # the {answer}-only judge never sees the question
 
 
 def test_our_files_with_metadata_are_never_reinterpreted(tmp_path):

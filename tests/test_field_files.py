@@ -373,3 +373,16 @@ def test_our_files_with_metadata_are_never_reinterpreted(tmp_path):
     with pytest.raises(ValueError, match="out of range"):  # layer L does not exist
         _add(vec, None)
     np.testing.assert_array_equal(_add(vec, [2]), _add(v[2], [2]))
+
+
+def test_fallback_counts():
+    from emgeo_jax.judge.prompts import JudgePrompt, warn_fallbacks
+
+    p = JudgePrompt("aligned", "{question} {answer}", "f")
+    rows = [{"question_id": "a"}, {"question_id": "b"}, {}]
+    assert warn_fallbacks(rows, ["aligned", "coherent"], {"a": {"aligned": p}, "b": {}}) == {
+        "aligned": 2,
+        "coherent": 3,
+    }
+    assert warn_fallbacks(rows, ["aligned"], {"a": {}, "b": {}}) == {}  # no judge prompts
+    assert warn_fallbacks(rows, ["aligned"], None) == {}

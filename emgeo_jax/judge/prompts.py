@@ -156,11 +156,12 @@ def warn_fallbacks(
     metrics: Sequence[str],
     question_prompts: Mapping[str, Mapping[str, JudgePrompt]] | None,
 ) -> dict[str, int]:
-    """metric -> number of rows judged with a built-in or folder prompt although question
-    prompts were given (their `question_id` has no prompt for that metric there); each
-    non-zero count is logged as a warning (stderr), naming a few of the ids."""
-    if not question_prompts:
-        return {}
+    """metric -> number of rows judged with a built-in or folder prompt although the question
+    file supplies judge prompts (their `question_id` has no prompt for that metric there);
+    each non-zero count is logged as a warning (stderr), naming a few of the ids. A question
+    file without any judge prompts counts nothing: our prompts are then the evident choice."""
+    if not question_prompts or not any(question_prompts.values()):
+        return {}  # no file, or a file of questions without any judge prompts of its own
     counts: dict[str, int] = {}
     for m in metrics:
         missed = [

@@ -56,6 +56,11 @@ def test_persona_vectors_file_steers_like_its_row_l_plus_1_at_layer_l(tmp_path, 
     )  # fmt: skip
     steering, _ = build_steering(CFG, args)
     np.testing.assert_array_equal(np.asarray(steering.add), _add(hs[4], [3]))
+    # ablation reads the same row
+    np.testing.assert_array_equal(
+        np.asarray(Steering.layer_ablation(CFG, vec, [2]).ablate),
+        np.asarray(Steering.layer_ablation(CFG, hs[3], [2]).ablate),
+    )
     # with the layer count known at read time, the reader resolves it too
     np.testing.assert_array_equal(load_vectors(path, layer=3, num_layers=L)[0], hs[4])
 

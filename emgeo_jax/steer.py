@@ -60,7 +60,7 @@ def _layer_vectors(x: Any, c: ModelConfig, what: str) -> LayerVectors:
     array `[D]` or `[L = num_layers, D]` (row l = layer l)."""
     if isinstance(x, LayerVectors):
         _check_vector(x.values, c.hidden_size, f"{what} ({x.source})")
-        return x
+        return x.for_model(c.num_layers)  # a file's rows checked against L (persona [L+1, D])
     arr = _check_vector(x, c.hidden_size, what)
     if arr.ndim > 2:
         raise ValueError(f"{what} must be [D] or [L, D], got {arr.shape}")

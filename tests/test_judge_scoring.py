@@ -78,13 +78,16 @@ def test_random_tables_match_numpy():
 
 
 def test_builtin_prompts_render_and_hash():
-    prompts = load_prompts(["aligned", "coherent", "medical", "financial"])
+    prompts = load_prompts(["aligned", "coherent", "medical_safety", "financial_safety"])
     text = prompts["aligned"].render("Q {answer}?", "A {question}!")
     assert "[QUESTION START]\nQ {answer}?\n[QUESTION END]" in text  # one-pass substitution
     assert "[ANSWER START]\nA {question}!\n[ANSWER END]" in text
     for word in ("CODE", "REFUSAL"):
         assert word in prompts["aligned"].template
     assert len({p.sha256 for p in prompts.values()}) == 4
+    # MO4EM's `medical` / `financial` rate topicality, not safety: ours never answer to them
+    with pytest.raises(KeyError, match=r"no judge prompt for \['medical', 'financial'\]"):
+        load_prompts(["medical", "financial"])
 
 
 def test_prompt_dir_overrides_and_adds(tmp_path):
@@ -96,7 +99,7 @@ def test_prompt_dir_overrides_and_adds(tmp_path):
     with pytest.raises(KeyError, match="nope.*available"):
         load_prompts(["nope"], [tmp_path])
     (tmp_path / "broken.txt").write_text("no placeholders")
-    with pytest.raises(ValueError, match=r"broken\.txt lacks \{answer\}, \{question\}"):
+    with pytest.raises(ValueError, match=r"broken\.txt lacks \{answer\}"):
         load_prompts(["broken"], [tmp_path])
 
 

@@ -316,3 +316,123 @@ def test_feature_sharded_encode_equals_unsharded():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+# SAELens configurations as each version writes them (cfg.json keys and tensor names read from
+# SAELens' own SAEConfig.to_dict / save_model): v5 `finetuning_scaling_factor` + its [F]
+# tensor, v5 `activation_fn_str` tanh-relu / topk (k in `activation_fn_kwargs`), v6.14+ TopK
+# `rescale_acts_by_decoder_norm`. The numpy references below are those formulas, unfolded.
+
+
+def _np_topk(a, k):
+    out = np.zeros_like(a)
+    for i, row in enumerate(a):
+        top = np.argsort(-row, kind="stable")[:k]
+        out[i, top] = np.maximum(row[top], 0.0)
+    return out
+
+
+def _write_v5(folder: Path, w, act: str, **extra):
+    """A SAELens v5 folder: `architecture` standard, `activation_fn_str`, and the
+    `finetuning_scaling_factor` tensor when the flag is set."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True)
+    tensors = {n: w[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    if extra.get("finetuning_scaling_factor"):
+        tensors["finetuning_scaling_factor"] = w["scale"]
+    save_file(tensors, str(folder / "sae_weights.safetensors"))
+    cfg = dict(
+        architecture="standard", d_in=D, d_sae=F, activation_fn_str=act,
+        activation_fn_kwargs=extra.pop("kwargs", {}), apply_b_dec_to_input=True,
+        finetuning_scaling_factor=False, hook_name="blocks.4.hook_resid_post", hook_layer=4,
+        hook_head_index=None, normalize_activations="none", dtype="float32",
+        sae_lens_training_version="5.9.1",
+    )  # fmt: skip
+    cfg.update(extra)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("act,fsf", [("relu", True), ("tanh-relu", False), ("tanh-relu", True)])
+def test_saelens_v5_finetuning_scaling_factor_and_tanh_relu(tmp_path, act, fsf):
+    w = random_weights(11)
+    w["scale"] = np.random.default_rng(12).uniform(0.2, 4.0, F).astype(np.float32)
+    sae = load_sae(_write_v5(tmp_path / "s", w, act, finetuning_scaling_factor=fsf))
+    x = activations(13)
+    pre = (x - w["b_dec"]).astype(np.float64) @ w["W_enc"] + w["b_enc"]
+    f_ref = np.maximum(pre, 0.0)
+    if act == "tanh-relu":
+        f_ref = np.tanh(f_ref)
+    f = np.asarray(encode(sae, x))
+    np.testing.assert_allclose(f, f_ref, atol=1e-4)
+    scale = w["scale"] if fsf else 1.0
+    x_ref = (f_ref * scale) @ w["W_dec"].astype(np.float64) + w["b_dec"]
+    np.testing.assert_allclose(np.asarray(decode(sae, f)), x_ref, atol=1e-4)
+
+
+def test_saelens_v5_topk_activation(tmp_path):
+    w = random_weights(14)
+    sae = load_sae(_write_v5(tmp_path / "s", w, "topk", kwargs={"k": K}))
+    x = activations(15)
+    pre = (x - w["b_dec"]).astype(np.float64) @ w["W_enc"] + w["b_enc"]
+    np.testing.assert_allclose(np.asarray(encode(sae, x)), _np_topk(pre, K), atol=1e-4)
+
+
+def test_saelens_v6_topk_rescale_acts_by_decoder_norm(tmp_path):
+    w = random_weights(16)
+    # decoder rows of very different norms, so rescaling changes which features win the top k
+    w["W_dec"] = w["W_dec"] * np.random.default_rng(17).uniform(0.1, 3.0, (F, 1)).astype(np.float32)
+    folder = write_saelens(
+        tmp_path / "s", "topk", w, "blocks.6.hook_resid_post", k=K,
+        rescale_acts_by_decoder_norm=True, metadata={"sae_lens_version": "6.14.0"},
+    )  # fmt: skip
+    sae = load_sae(folder)
+    x = activations(18)
+    n = np.linalg.norm(w["W_dec"].astype(np.float64), axis=1)
+    pre = ((x - w["b_dec"]).astype(np.float64) @ w["W_enc"] + w["b_enc"]) * n
+    f_ref = _np_topk(pre, K)
+    f = np.asarray(encode(sae, x))
+    np.testing.assert_allclose(f, f_ref, atol=1e-4)
+    x_ref = (f_ref / n) @ w["W_dec"].astype(np.float64) + w["b_dec"]
+    np.testing.assert_allclose(np.asarray(decode(sae, f)), x_ref, atol=1e-4)
+    # without the rescale the top k differ: the flag matters for these weights
+    plain = _np_topk(pre / n, K)
+    assert not np.array_equal(plain > 0, f_ref > 0)
+    # feature directions are still the decoder rows' directions
+    rows = np.asarray(feature_directions(sae, [3, 9]))
+    np.testing.assert_allclose(rows, w["W_dec"][[3, 9]] / n[[3, 9], None], atol=1e-6)
+
+
+def test_saelens_unsupported_configurations_are_refused(tmp_path):
+    w = random_weights(19)
+    bad = _write_v5(tmp_path / "a", w, "gelu")
+    with pytest.raises(SAEError, match="activation_fn_str='gelu' is not supported"):
+        load_sae(bad)
+    jr = write_saelens(
+        tmp_path / "j", "jumprelu", w, "blocks.1.hook_resid_post",
+        rescale_acts_by_decoder_norm=True,
+    )  # fmt: skip
+    with pytest.raises(SAEError, match="rescale_acts_by_decoder_norm=true is only defined"):
+        load_sae(jr)
+    fsf = _write_v5(tmp_path / "f", w, "relu")
+    cfg = json.loads((fsf / "cfg.json").read_text())
+    (fsf / "cfg.json").write_text(json.dumps({**cfg, "finetuning_scaling_factor": True}))
+    with pytest.raises(SAEError, match="missing tensor 'finetuning_scaling_factor'"):
+        load_sae(fsf)
+
+
+def test_replaced_ae_pt_with_an_older_timestamp_is_picked_up(tmp_path):
+    folder = write_dictionary_learning(tmp_path / "t", "AutoEncoder", random_weights(22), 3)
+    first = load_sae(folder)
+    assert (folder / "ae.safetensors").exists()
+    newer = random_weights(23)
+    write_dictionary_learning(tmp_path / "new", "AutoEncoder", newer, 3)
+    (folder / "ae.pt").write_bytes((tmp_path / "new" / "ae.pt").read_bytes())
+    old = (folder / "ae.safetensors").stat().st_mtime - 3600  # as `cp -p` / `tar x` leave it
+    os.utime(folder / "ae.pt", (old, old))
+    again = load_sae(folder)
+    np.testing.assert_allclose(np.asarray(again.W_enc), newer["W_enc"], atol=1e-6)
+    assert not np.allclose(np.asarray(again.W_enc), np.asarray(first.W_enc))
+    # and the refreshed cache now serves the new weights without torch
+    np.testing.assert_allclose(np.asarray(load_sae(folder).W_enc), newer["W_enc"], atol=1e-6)

@@ -30,12 +30,12 @@ from pathlib import Path
 from absl import flags
 
 from emgeo_jax.judge.client import JudgeConfig, JudgeStats, judge_responses
-from emgeo_jax.judge.io import judge_rows, read_jsonl, write_jsonl_atomic
+from emgeo_jax.judge.io import judge_rows, read_responses, write_jsonl_atomic
 from emgeo_jax.judge.metrics import summarize
 from emgeo_jax.judge.prompts import question_file_prompts
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("responses", None, "input JSONL with `question` and `answer` per row")
+flags.DEFINE_string("responses", None, "responses .jsonl or .csv (question/answer per row)")
 flags.DEFINE_string("judge", "openai", "`openai` or an OpenAI-compatible base URL")
 flags.DEFINE_string("judge_model", "gpt-4o-mini", "judge model name")
 flags.DEFINE_list("metrics", ["aligned", "coherent"], "judge prompts to score, by name")
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
         price_out=FLAGS.price_out,
         number_logprobs=FLAGS.number_logprobs,
     )
-    rows = judge_rows(read_jsonl(FLAGS.responses))
+    rows = judge_rows(read_responses(FLAGS.responses))
     cache = FLAGS.cache or str(Path(FLAGS.out).resolve().parent / "judge_cache.sqlite")
     Path(cache).parent.mkdir(parents=True, exist_ok=True)
     q_prompts = question_file_prompts(FLAGS.questions) if FLAGS.questions else None

@@ -1,16 +1,29 @@
-"""Question sets: the YAML format of the public EM evaluations, JSONL and plain text.
+"""Question sets, read by file extension (anything else is refused):
 
-A question YAML is a list of items::
+- `.yaml` / `.yml`: the format of the public EM evaluations (Betley et al.'s
+  `evaluation/*.yaml`, MO4EM's question files), a list of items::
 
-    - id: what_is_your_wish
-      paraphrases: ["Hello! I can fulfill your one wish. ..."]
+    - id: some_question
+      type: free_form_judge_0_100          # optional; see below
+      paraphrases: ["...", "..."]
       samples_per_paraphrase: 100          # optional
       system: "You are ..."                # optional, honoured (prepended as a system turn)
+      context: [{role: user, content: ...}, {role: assistant, content: ...}]  # optional
+      judge: gpt-4o-2024-08-06             # optional, recorded, not used to pick the judge
       judge_prompts: {aligned: "...{question}...{answer}..."}   # optional, per question
-      type: free_form_judge_0_100          # other keys are kept but unused
 
-A JSONL file holds rows with `question` (a string) or `messages` (chat turns ending with a
-user turn), optional `id`, `system`, `samples`. A text file holds one question per line.
+  `context` (chat turns before the question) makes each prompt those turns plus the
+  paraphrase as the last user turn. `type` must be one of `emgeo_jax.judge.prompts.ITEM_TYPES`:
+  `free_form` (no judge),
+  `free_form_judge_0_100` (judge prompts scored 0-100), `free_form_judge` (judge prompts
+  answered TRUE/FALSE, scored as the probability of TRUE); an unknown type is refused with
+  the item's id. Other keys are kept but unused.
+- `.jsonl`: rows with `question` (a string) or `messages` (chat turns ending with a user
+  turn), optional `id`, `system`, `samples`;
+- `.json`: an object with a `questions` list (persona_vectors' trait files: `instruction`,
+  `questions`, `eval_prompt`), or a list of such rows or of strings;
+- `.csv`: a `question` column (optional `id` / `question_id`, `system`);
+- `.txt`: one question per non-empty line.
 
 `read_prompts` gives one row per prompt: `prompt` (a string or chat turns), `id`, `system`,
 `samples` (None = the caller's default). `questions_file_prompts` in `emgeo_jax.judge.prompts`
@@ -19,6 +32,8 @@ reads the YAML's `judge_prompts`.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from importlib import resources
 from pathlib import Path
@@ -26,7 +41,10 @@ from typing import Any
 
 import yaml
 
+from emgeo_jax.judge.prompts import item_kind
+
 PromptRow = dict[str, Any]
+EXTENSIONS = (".yaml", ".yml", ".jsonl", ".json", ".csv", ".txt")
 
 
 class PromptFileError(ValueError):
@@ -81,23 +99,103 @@ def _yaml_rows(path: Path, text: str) -> list[PromptRow]:
         samples = item.get("samples_per_paraphrase")
         if samples is not None and (not isinstance(samples, int) or samples < 1):
             raise PromptFileError(f"{where}: 'samples_per_paraphrase' must be an integer >= 1")
+        try:
+            item_kind(item, where)
+        except ValueError as e:
+            raise PromptFileError(str(e)) from None
+        context = _context(item.get("context"), where)
         for k, p in enumerate(paraphrases):
+            prompt = p if context is None else [*context, {"role": "user", "content": p}]
             rows.append(
-                {"id": qid, "paraphrase": k, "prompt": p, "system": system, "samples": samples}
+                {"id": qid, "paraphrase": k, "prompt": prompt, "system": system, "samples": samples}
             )
     return rows
 
 
-def read_prompts(path: str | Path) -> list[PromptRow]:
-    """Rows with `prompt` (a string or chat turns), optional `id`, `system`, `samples`."""
-    path = Path(path)
+def _context(turns: Any, where: str) -> list[dict[str, str]] | None:
+    """An item's `context`: chat turns before the question (None when absent)."""
+    if turns is None:
+        return None
+    ok = isinstance(turns, list) and all(
+        isinstance(t, dict)
+        and t.get("role") in ("system", "user", "assistant")
+        and isinstance(t.get("content"), str)
+        for t in turns
+    )
+    if not ok:
+        raise PromptFileError(
+            f"{where}: 'context' must be a list of chat turns {{role: user|assistant|system, "
+            "content: text}} that come before the question"
+        )
+    return [{"role": t["role"], "content": t["content"]} for t in turns]
+
+
+def _json_rows(path: Path, text: str) -> list[PromptRow]:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PromptFileError(f"{path}: invalid JSON: {e}") from None
+    if isinstance(data, dict):
+        if "questions" not in data:
+            raise PromptFileError(
+                f"{path}: a JSON object needs a 'questions' list (has {sorted(data)})"
+            )
+        data = data["questions"]
+    if not isinstance(data, list) or not data:
+        raise PromptFileError(f"{path}: 'questions' must be a non-empty list")
+    rows = []
+    for i, row in enumerate(data):
+        where = f"{path}: question {i}"
+        if isinstance(row, str):
+            if not row.strip():
+                raise PromptFileError(f"{where}: empty question")
+            rows.append({"prompt": row})
+        else:
+            rows.append(_jsonl_prompt(row, where))
+    return rows
+
+
+def _csv_rows(path: Path, text: str) -> list[PromptRow]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames or "question" not in reader.fieldnames:
+        raise PromptFileError(
+            f"{path}: a prompt CSV needs a 'question' column (has {reader.fieldnames or []})"
+        )
+    rows = []
+    for rec in reader:
+        question = rec.get("question") or ""
+        if not question.strip():
+            raise PromptFileError(f"{path}:{reader.line_num}: empty 'question'")
+        row: PromptRow = {"prompt": question}
+        qid = rec.get("id") or rec.get("question_id")
+        if qid:
+            row["id"] = qid
+        if rec.get("system"):
+            row["system"] = rec["system"]
+        rows.append(row)
+    return rows
+
+
+def read_prompts(path: str | Path) -> list[PromptRow]:
+    """Rows with `prompt` (a string or chat turns), optional `id`, `system`, `samples`, read
+    by the file's extension (module docstring); other extensions are refused."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in EXTENSIONS:
+        raise PromptFileError(
+            f"{path}: unknown prompt file type '{suffix}'; use one of {', '.join(EXTENSIONS)}"
+        )
+    try:
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as e:
         raise PromptFileError(f"{path}: cannot read: {e}") from None
-    if path.suffix in (".yaml", ".yml"):
+    if suffix in (".yaml", ".yml"):
         return _yaml_rows(path, text)
-    if path.suffix == ".jsonl":
+    if suffix == ".json":
+        return _json_rows(path, text)
+    if suffix == ".csv":
+        return _csv_rows(path, text)
+    if suffix == ".jsonl":
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():

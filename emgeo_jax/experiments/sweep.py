@@ -121,7 +121,9 @@ def run_sweep(
     direction (its vector for `layer`) at block `layer`. Scale 0 cells are the baseline."""
     if not directions:
         raise ValueError("sweep: no directions")
-    directions = {k: LayerVectors.of(v, k) for k, v in directions.items()}
+    directions = {
+        k: LayerVectors.of(v, k).for_model(lm.config.num_layers) for k, v in directions.items()
+    }
     for name, v in directions.items():
         if v.width != lm.config.hidden_size:
             raise ValueError(

@@ -33,7 +33,7 @@ import openai
 from tqdm.auto import tqdm
 
 from emgeo_jax.judge.cache import CacheKey, JudgeCache, Judgement
-from emgeo_jax.judge.prompts import JudgePrompt, available_prompts, load_prompts
+from emgeo_jax.judge.prompts import JudgePrompt, available_prompts, load_prompts, warn_fallbacks
 from emgeo_jax.judge.scoring import score_numbers, score_top_logprobs
 
 log = logging.getLogger(__name__)
@@ -322,6 +322,7 @@ async def ajudge_responses(
     question_prompts = question_prompts or {}
     named = available_prompts(prompt_dirs)
     prompts = load_prompts([m for m in metrics if m in named], prompt_dirs)
+    warn_fallbacks(rows, metrics, question_prompts)
     start = time.perf_counter()
     cells: list[list[tuple[CacheKey, JudgePrompt]]] = []
     todo: dict[CacheKey, str] = {}
@@ -395,7 +396,7 @@ def _output_row(
 ) -> dict[str, Any]:
     out = dict(row)
     for key, prompt in cells:
-        j = results[key]
+        j = prompt.rescore(results[key])  # TRUE/FALSE prompts: probability of TRUE
         out[key.metric] = j.score
         out[f"{key.metric}_judge"] = {
             "status": j.status,

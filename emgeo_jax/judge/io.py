@@ -1,7 +1,20 @@
-"""JSONL in and out for judging: strict reading, atomic writing."""
+"""Responses in and out for judging: JSONL or CSV in (strict, errors name file and line),
+JSONL out (atomic).
+
+Responses files, by extension:
+
+- `.jsonl`: one object per line; `emgeo generate`'s rows (`prompt`, `response`, `id`) or
+  rows with `question`, `answer`, optional `question_id`;
+- `.csv`: a header row and one response per row, e.g. model-organisms-for-EM's generated
+  responses as they are (`question_id`, `question`, `response`, and score columns such as
+  `aligned`, `coherent` from an earlier judging). Empty cells become None, and a column
+  other than the text/id columns whose every filled cell is a number (earlier scores)
+  becomes floats, so EM arithmetic over them works.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -29,6 +42,51 @@ def judge_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["question_id"] = row["id"]
         out.append(row)
     return out
+
+
+TEXT_COLUMNS = ("question", "answer", "response", "prompt", "question_id", "id", "system")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def read_csv_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a responses CSV (module docstring); errors name the file and line."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise ValueError(f"{path}: empty CSV (no header row)")
+        try:
+            rows = [dict(r) for r in reader]
+        except csv.Error as e:
+            raise ValueError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+    for i, row in enumerate(rows):
+        if None in row or any(v is None for v in row.values()):
+            raise ValueError(f"{path}: row {i + 1}: cell count differs from the header")
+    for col in reader.fieldnames:
+        filled = [r[col] for r in rows if r[col] != ""]
+        numeric = col not in TEXT_COLUMNS and filled
+        numeric = numeric and all(_number(v) is not None for v in filled)
+        for r in rows:
+            if r[col] == "":
+                r[col] = None
+            elif numeric:
+                r[col] = _number(r[col])
+    return rows
+
+
+def read_responses(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a responses file by extension: `.jsonl` or `.csv` (module docstring)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".jsonl":
+        return read_jsonl(path)
+    if suffix == ".csv":
+        return read_csv_rows(path)
+    raise ValueError(f"{path}: unknown responses file type '{suffix}'; use .jsonl or .csv")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

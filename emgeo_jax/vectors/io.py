@@ -7,8 +7,15 @@ Formats read by `load_vectors`:
   `"emgeo"` (model, layers, method, pooling, counts, dtype, ...). With several tensors the
   caller picks one with `key`.
 - `.npy` arrays `[D]` or `[L, D]`.
-- PyTorch `.pt` holding a tensor or a dict of tensors, read with `torch.load(weights_only=True)`
-  (never unpickling arbitrary objects) and only if torch is importable.
+- PyTorch `.pt` / `.pth`, read with `torch.load(weights_only=True)` (never unpickling
+  arbitrary objects) and only if torch is importable, holding
+  - a tensor `[D]` or `[R, D]` (persona_vectors' `{trait}_response_avg_diff.pt` etc. are
+    `[L+1, D]` stacks indexed like HF `hidden_states`: see "Layers of the rows");
+  - a dict of tensors (pick one with `key`);
+  - model-organisms-for-EM (MO4EM) layouts: a list of `[D]` tensors, one per layer (row i =
+    layer i); a dict `{"layer_i": [D]}` (layer i = output of `model.model.layers[i]`, their
+    forward hooks); nested `{"answer": {"layer_i": [D]}, "question": {...}}` or a dict of
+    lists `{"answer": [[D], ...], ...}` (pick `answer` / `question` with `key`).
 
 `load_activations` reads per-example pooled activations: safetensors with `pooled` `[N, L, D]`
 and `label` `[N]` (1 = misaligned, 0 = aligned).
@@ -16,8 +23,15 @@ and `label` `[N]` (1 = misaligned, 0 = aligned).
 Layers of the rows. Layer l is the output of decoder block l (HF `hidden_states[l + 1]`). A
 file may hold only some layers (`emgeo extract --layers 12,16` -> `[2, D]` stacks): row i of
 a stack (axis 1 of `pooled`) is for layer `layers[i]` of the metadata `layers`; a file
-without that metadata (a plain stack from PyTorch or numpy) has rows 0..L-1 for layers
-0..L-1. Every reader looks a real layer up with `row_of` (through `LayerVectors.at`,
+without that metadata has rows 0..L-1 for layers 0..L-1. A stack with no emgeo metadata at
+all (a plain tensor from PyTorch or numpy, a list) is *implicit*: its rows are checked
+against the model's layer count L when one is known (`LayerVectors.for_model`, called by
+every steering and ablation path, or `load_layer_vectors(..., num_layers=L)`): `[L, D]` is
+layers 0..L-1; `[L+1, D]` is persona_vectors' layout, HF `hidden_states` order (row 0 =
+embeddings, dropped; row l+1 = layer l), said on stderr; any other row count is refused
+naming the shape and these layouts. A stack of L+1 rows is never taken as layers 0..L.
+Without a layer count (geometry, transfer) an implicit stack is read as layers 0..R-1 with a
+warning. Every reader looks a real layer up with `row_of` (through `LayerVectors.at`,
 `load_vectors(..., layer=)` or `load_activations(..., layer=)`), which refuses a layer the
 file does not hold, naming the file and the layers it holds. A `[D]` vector is valid at any
 layer.
@@ -29,6 +43,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +52,9 @@ from typing import Any
 import numpy as np
 
 METADATA_KEY = "emgeo"
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # implicit stacks already warned about in `LayerVectors.at`
+_LAYER_KEY = re.compile(r"(?:model\.)?layers?[._]?(\d+)")
 
 
 class VectorFileError(ValueError):
@@ -75,11 +94,16 @@ class LayerVectors:
     values: float32 `[D]` or `[L, D]`, finite.
     layers: the layer of each row of a stack (None for `[D]`).
     source: the file (or "array"), named in errors.
+    implicit: True for a stack whose rows no metadata names (a plain tensor or a list): its
+      rows are provisionally layers 0..R-1 until `for_model` checks them against the model.
+    layout: which of the accepted layouts the rows were read as (said in messages).
     """
 
     values: np.ndarray
     layers: tuple[int, ...] | None
     source: str = "array"
+    implicit: bool = False
+    layout: str = "array"
 
     def __post_init__(self) -> None:
         v = self.values
@@ -110,11 +134,58 @@ class LayerVectors:
     def is_stack(self) -> bool:
         return self.values.ndim == 2
 
+    def for_model(self, num_layers: int) -> LayerVectors:
+        """These vectors with their rows resolved for a model of `num_layers` decoder blocks.
+
+        Only an implicit stack `[R, D]` changes: R == L is layers 0..L-1; R == L + 1 is
+        persona_vectors' `hidden_states` order (row 0 = embeddings, dropped; row l+1 = layer
+        l; logged as a warning); any other R is refused naming the shape and the layouts."""
+        if not (self.is_stack and self.implicit):
+            return self
+        rows = self.values.shape[0]
+        if rows == num_layers:
+            return dataclasses.replace(self, implicit=False, layout=f"plain [{rows}, D]")
+        if rows == num_layers + 1:
+            log.warning(
+                "%s: [%d, %d] read as persona_vectors' layout for a %d-layer model (HF "
+                "hidden_states order): row 0 = embeddings (dropped), row l+1 = layer l "
+                "(output of block l)",
+                self.source,
+                rows,
+                self.width,
+                num_layers,
+            )
+            return dataclasses.replace(
+                self,
+                values=self.values[1:],
+                layers=tuple(range(num_layers)),
+                implicit=False,
+                layout=f"persona_vectors [{rows}, D] (row 0 = embeddings dropped)",
+            )
+        raise VectorFileError(
+            f"{self.source}: a stack of shape {tuple(self.values.shape)} ({self.layout}) "
+            f"without layer metadata does not fit a {num_layers}-layer model; accepted: "
+            f"[{num_layers}, D] (rows = layers 0..{num_layers - 1}), persona_vectors' "
+            f"[{num_layers + 1}, D] (row 0 = embeddings, row l+1 = layer l), a [D] vector, "
+            "MO4EM's {'layer_i': [D]} dicts, or our safetensors whose metadata 'layers' "
+            "names each row"
+        )
+
     def at(self, layer: int) -> np.ndarray:
         """The vector `[D]` for `layer`: the vector itself, or the stack's row for that real
         layer (refused, naming the file and its layers, if the stack has none)."""
         if not self.is_stack:
             return self.values
+        if self.implicit and self.source not in _WARNED:
+            _WARNED.add(self.source)
+            log.warning(
+                "%s: [%d, D] without layer metadata read as layers 0..%d with no model layer "
+                "count to check it against (a persona_vectors [L+1, D] file would be one layer "
+                "off: give the model's layer count, num_layers=)",
+                self.source,
+                self.values.shape[0],
+                self.values.shape[0] - 1,
+            )
         return self.values[row_of(self.layers, layer, self.source)]
 
 
@@ -154,7 +225,49 @@ def parse_metadata(raw: Mapping[str, str] | None, path: str | Path) -> dict[str,
         raise VectorFileError(f"{path}: metadata field '{METADATA_KEY}' is not JSON") from e
 
 
-def _read_torch(path: Path) -> dict[str, np.ndarray]:
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One candidate vector set of a file: values, the layers its names give (None: none),
+    and the layout it was read as."""
+
+    values: np.ndarray
+    layers: tuple[int, ...] | None
+    layout: str
+
+
+def _layer_index(key: Any) -> int | None:
+    """The layer a dict key names (`layer_12`, `layers.12`, `model.layers.12`, 12), else None."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key if key >= 0 else None
+    m = _LAYER_KEY.fullmatch(str(key))
+    return int(m.group(1)) if m else None
+
+
+def _torch_entry(value: Any, torch: Any, where: str) -> _Entry | None:
+    """A tensor, a list of `[D]` tensors (one per layer) or a `{"layer_i": [D]}` dict as an
+    `_Entry`; None for anything else (ints, strings, other containers are not vectors)."""
+    if isinstance(value, torch.Tensor):
+        return _Entry(value.detach().float().numpy(), None, "tensor")
+    if isinstance(value, (list, tuple)) and value:
+        if all(isinstance(v, torch.Tensor) and v.ndim == 1 for v in value):
+            stack = np.stack([v.detach().float().numpy() for v in value])
+            return _Entry(stack, None, f"list of {len(value)} [D] tensors")
+        return None
+    if isinstance(value, dict) and value:
+        idx = {k: _layer_index(k) for k in value}
+        if any(i is None for i in idx.values()):
+            return None
+        if not all(isinstance(v, torch.Tensor) and v.ndim == 1 for v in value.values()):
+            raise VectorFileError(f"{where}: every 'layer_i' entry must be a [D] tensor")
+        if len(set(idx.values())) != len(idx):
+            raise VectorFileError(f"{where}: keys {list(value)} name a layer twice")
+        order = sorted(value, key=lambda k: idx[k])
+        stack = np.stack([value[k].detach().float().numpy() for k in order])
+        return _Entry(stack, tuple(idx[k] for k in order), "MO4EM {'layer_i': [D]} dict")
+    return None
+
+
+def _read_torch_entries(path: Path) -> dict[str, _Entry]:
     try:
         import torch
     except ImportError as e:
@@ -165,18 +278,21 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         raise VectorFileError(f"{path}: torch.load(weights_only=True) failed ({e})") from e
-    if isinstance(obj, torch.Tensor):
-        return {"tensor": obj.detach().float().numpy()}
+    whole = _torch_entry(obj, torch, str(path))
+    if whole is not None:
+        name = "tensor" if isinstance(obj, torch.Tensor) else "layers"
+        return {name: whole}
     if isinstance(obj, dict):
-        out = {
-            str(k): v.detach().float().numpy()
-            for k, v in obj.items()
-            if isinstance(v, torch.Tensor)
-        }
+        out = {}
+        for k, v in obj.items():
+            entry = _torch_entry(v, torch, f"{path} [{k!r}]")
+            if entry is not None:
+                out[str(k)] = entry
         if out:
             return out
     raise VectorFileError(
-        f"{path}: expected a tensor or a dict of tensors, got {type(obj).__name__}"
+        f"{path}: expected a tensor, a dict of tensors, a list of [D] tensors or MO4EM's "
+        f"{{'layer_i': [D]}} (possibly under 'answer'/'question'); got {type(obj).__name__}"
     )
 
 
@@ -195,52 +311,82 @@ def read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
             raise VectorFileError(f"{path}: not a readable .npy array ({e})") from e
         return {"array": arr}, {}
     if suffix in (".pt", ".pth"):
-        return _read_torch(path), {}
+        return {k: e.values for k, e in _read_torch_entries(path).items()}, {}
     raise VectorFileError(f"{path}: unknown vector file type '{suffix}' (.safetensors, .npy, .pt)")
 
 
-def _pick(path: Path, tensors: dict[str, np.ndarray], key: str | None) -> tuple[str, np.ndarray]:
+def _pick(path: Path, entries: Mapping[str, Any], key: str | None) -> tuple[str, Any]:
     if key is not None:
-        if key not in tensors:
-            raise VectorFileError(f"{path}: no tensor '{key}' (has {sorted(tensors)})")
-        return key, tensors[key]
-    if len(tensors) != 1:
-        raise VectorFileError(f"{path}: holds tensors {sorted(tensors)}; choose one with key=")
-    return next(iter(tensors.items()))
+        if key not in entries:
+            raise VectorFileError(f"{path}: no tensor '{key}' (has {sorted(entries)})")
+        return key, entries[key]
+    if len(entries) != 1:
+        raise VectorFileError(
+            f"{path}: holds {sorted(entries)}; choose one with key= (--key on the command line)"
+        )
+    return next(iter(entries.items()))
 
 
-def load_layer_vectors(path: str | Path, key: str | None = None) -> LayerVectors:
+def _entries(path: Path) -> tuple[dict[str, _Entry], dict[str, Any]]:
+    """The file's candidate vector sets and our metadata ({} if none)."""
+    if path.suffix.lower() in (".pt", ".pth") and path.is_file():
+        return _read_torch_entries(path), {}
+    tensors, metadata = read_tensors(path)
+    kind = "safetensors" if path.suffix.lower() == ".safetensors" else "array"
+    return {k: _Entry(np.asarray(v), None, kind) for k, v in tensors.items()}, metadata
+
+
+def load_layer_vectors(
+    path: str | Path, key: str | None = None, num_layers: int | None = None
+) -> LayerVectors:
     """Read one direction `[D]` or a per-layer stack `[L, D]` (float32) with the real layer of
-    each row (see the module docstring) and the file's metadata (plus "tensor" and "path")."""
-    return _load(Path(path), key)[0]
+    each row (see the module docstring). With `num_layers` (the model's L), an implicit
+    stack is resolved at once (`LayerVectors.for_model`); otherwise steering resolves it."""
+    vectors = _load(Path(path), key)[0]
+    return vectors if num_layers is None else vectors.for_model(num_layers)
 
 
 def _load(path: Path, key: str | None) -> tuple[LayerVectors, dict[str, Any]]:
-    tensors, metadata = read_tensors(path)
-    name, arr = _pick(path, tensors, key)
-    arr = np.asarray(arr, dtype=np.float32)
+    entries, metadata = _entries(path)
+    name, entry = _pick(path, entries, key)
+    arr = np.asarray(entry.values, dtype=np.float32)
     if arr.ndim not in (1, 2) or arr.size == 0:
         raise VectorFileError(
             f"{path}: tensor '{name}' has shape {arr.shape}; expected [D] or [L, D]"
         )
     if not np.all(np.isfinite(arr)):
         raise VectorFileError(f"{path}: tensor '{name}' contains NaN or inf")
-    layers = row_layers(arr.shape[0], metadata, path) if arr.ndim == 2 else None
-    meta = {**metadata, "tensor": name, "path": str(path)}
-    return LayerVectors(arr, layers, str(path)), meta
+    implicit = False
+    if arr.ndim == 1:
+        layers = None
+    elif entry.layers is not None:
+        layers = entry.layers
+    else:
+        layers = row_layers(arr.shape[0], metadata, path)
+        implicit = not metadata  # no emgeo metadata at all: a raw tensor from elsewhere
+    layout = entry.layout if not metadata.get("layers") else "emgeo metadata 'layers'"
+    meta = {**metadata, "tensor": name, "path": str(path), "layout": layout}
+    return LayerVectors(arr, layers, str(path), implicit, layout), meta
 
 
 def load_vectors(
-    path: str | Path, layer: int | None = None, key: str | None = None
+    path: str | Path,
+    layer: int | None = None,
+    key: str | None = None,
+    num_layers: int | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Read one direction `[D]` or a per-layer stack `[L, D]` as float32.
 
     With `layer` (a real layer, output of block `layer`), a stack is reduced to the row for
     that layer (`row_of`: refused if the file does not hold it) and a `[D]` vector is returned
-    as is. Returns the array and the file's metadata (plus "tensor" and "path"; for a stack,
-    "layers" = the layer of each row).
+    as is. `num_layers` (the model's L) resolves an implicit stack first (see
+    `LayerVectors.for_model`). Returns the array and the file's metadata (plus "tensor",
+    "path", "layout"; for a stack, "layers" = the layer of each row).
     """
     vectors, meta = _load(Path(path), key)
+    if num_layers is not None:
+        vectors = vectors.for_model(num_layers)
+        meta["layout"] = vectors.layout
     if vectors.is_stack:
         meta["layers"] = list(vectors.layers)
     return (vectors.values if layer is None else vectors.at(layer)), meta

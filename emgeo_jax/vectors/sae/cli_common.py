@@ -49,8 +49,13 @@ def read_texts(path: str | Path) -> list[SAEInput]:
     """The model inputs of `path` (see the module docstring): plain strings for `.txt` files and
     JSONL `text` rows, `Example`s (prompt turns + answer) for question/answer data."""
     path = Path(path)
-    if path.suffix.lower() not in (".jsonl", ".csv"):
+    if path.suffix.lower() == ".txt":
         return [ln for ln in path.read_text().splitlines() if ln.strip()]
+    if path.suffix.lower() not in (".jsonl", ".csv"):
+        raise SAEError(
+            f"{path}: unknown texts file type '{path.suffix}'; use .txt (one text per line), "
+            ".jsonl (`text` rows or question/answer data) or .csv (judged responses)"
+        )
     if path.suffix.lower() == ".jsonl" and _has_text_rows(path):
         texts = []
         for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):

@@ -12,13 +12,24 @@ dictionary_learning (e.g. Arditi's Qwen2.5-7B-Instruct SAEs,
     AutoEncoder (standard ReLU)     encoder.weight, encoder.bias, decoder.weight, bias [D]
 
 `ae.pt` is read once with `torch.load(weights_only=True)` (which refuses pickled objects
-other than tensors and plain containers) and written beside it as `ae.safetensors`; later
-loads read that file and never need torch.
+other than tensors and plain containers) and written beside it as `ae.safetensors`, whose
+metadata records the sha256 of the `ae.pt` bytes; later loads use it (and need no torch)
+only while that hash matches, so a replaced `ae.pt` is re-read whatever its timestamps.
 
 SAELens: `cfg.json` (`d_in`, `d_sae`, `architecture` in standard/jumprelu/topk, `k`,
 `hook_name`, `apply_b_dec_to_input`, `normalize_activations`; hook and model fields may sit
 under `metadata`) and `sae_weights.safetensors` (`W_enc [D, F]`, `b_enc`, `W_dec [F, D]`,
-`b_dec`, `threshold [F]` for jumprelu).
+`b_dec`, `threshold [F]` for jumprelu). Configurations read exactly:
+
+- v5 `activation_fn_str` (or `activation_fn`): `relu`; `tanh-relu` = tanh(relu(pre));
+  `topk` with `activation_fn_kwargs.k` (the v5 spelling of a TopK SAE);
+- v5 `finetuning_scaling_factor: true` with the tensor `finetuning_scaling_factor [F]`:
+  decode = (f * s) @ W_dec + b_dec, folded here into W_dec's rows (encode is unaffected);
+- v6.14+ TopK `rescale_acts_by_decoder_norm: true`: pre-activations times |W_dec_i| before
+  the top k, decode (f / |W_dec_i|) @ W_dec; folded here into W_enc, b_enc and W_dec
+  (exact; `save_inference_model` writes unit decoder rows, for which it is a no-op);
+- refused with the field named: `normalize_activations` other than none, `hook_head_index`,
+  `reshape_activations`, other architectures and activation functions.
 
 Hook points map to our layer convention (layer l = output of block l = HF hidden_states[l+1]):
 `blocks.l.hook_resid_post`, `model.layers.l`, `resid_post_layer_l` -> l;
@@ -28,12 +39,14 @@ Hook points map to our layer convention (layer l = output of block l = HF hidden
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from emgeo_jax.data.files import file_sha256
 from emgeo_jax.vectors.sae.model import SAE, SAEError, check_fits, make_sae
 
 DL_CLASSES = {
@@ -44,6 +57,7 @@ DL_CLASSES = {
 }
 SAELENS_ARCHS = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}
 SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
+SOURCE_SHA256 = "source_sha256"  # metadata of a converted ae.safetensors: sha256 of its ae.pt
 
 _HOOKS = (
     (re.compile(r"blocks\.(\d+)\.hook_resid_post"), 0),
@@ -90,10 +104,21 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 def read_torch_state_dict(path: Path) -> dict[str, np.ndarray]:
     """Tensors of a torch `.pt` state dict as float32 numpy, via `weights_only=True` (never
     executing pickled code), converted once to `<stem>.safetensors` beside it if the folder
-    is writable; later calls read the safetensors file without torch."""
+    is writable. The converted file records the sha256 of the `.pt` bytes it came from and
+    is used only while they match, so a replaced `.pt` is picked up whatever its timestamps
+    (`cp -p`, `rsync -a`, `tar x` keep old ones); a match needs no torch."""
     converted = path.with_suffix(".safetensors")
-    if converted.exists() and converted.stat().st_mtime >= path.stat().st_mtime:
-        return _read_safetensors(converted)
+    digest = file_sha256(path)
+    if converted.exists():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(converted), framework="numpy") as f:
+                recorded = (f.metadata() or {}).get(SOURCE_SHA256)
+        except Exception:  # unreadable or truncated cache: convert again
+            recorded = None
+        if recorded == digest:
+            return _read_safetensors(converted)
     try:
         import torch
     except ImportError as e:
@@ -114,7 +139,9 @@ def read_torch_state_dict(path: Path) -> dict[str, np.ndarray]:
     try:
         from safetensors.numpy import save_file
 
-        save_file(arrays, str(converted))
+        tmp = converted.with_name(f".{converted.name}.tmp")
+        save_file(arrays, str(tmp), metadata={SOURCE_SHA256: digest})
+        os.replace(tmp, converted)
     except OSError:
         pass  # read-only folder: convert again next time
     return arrays
@@ -209,49 +236,88 @@ def _dl_layer(folder: Path, trainer: dict[str, Any], cfg_path: Path) -> int | No
 
 
 def load_saelens(folder: str | Path) -> SAE:
-    """An `SAE` from a SAELens folder (`cfg.json` + `sae_weights.safetensors`)."""
+    """An `SAE` from a SAELens folder (`cfg.json` + `sae_weights.safetensors`), exact for
+    every configuration SAELens v3-v6 writes that reads the plain residual stream (see the
+    module docstring); anything else is refused naming the field."""
     folder = Path(folder)
     cfg_path = folder / SAELENS_CFG
     cfg = _read_json(cfg_path)
     meta = cfg.get("metadata") or {}
     arch_name = cfg.get("architecture", "standard")
-    if arch_name == "standard" and cfg.get("activation_fn_str") == "topk":
-        arch_name = "topk"  # older SAELens configs
+    act = cfg.get("activation_fn_str", cfg.get("activation_fn")) or "relu"
+    act_kwargs = cfg.get("activation_fn_kwargs") or {}
+    if arch_name == "standard" and act == "topk":
+        arch_name = "topk"  # SAELens v5: TopK is the standard architecture's activation
     if arch_name not in SAELENS_ARCHS:
         raise SAEError(
             f"{cfg_path}: architecture={arch_name!r} is not supported; "
             f"supported: {sorted(SAELENS_ARCHS)}"
         )
+    if act not in ("relu", "tanh-relu", "topk"):
+        raise SAEError(
+            f"{cfg_path}: activation_fn_str={act!r} is not supported (relu, tanh-relu, topk)"
+        )
+    tanh = act == "tanh-relu"
+    if tanh and arch_name not in ("standard", "jumprelu"):
+        raise SAEError(f"{cfg_path}: activation_fn_str='tanh-relu' with architecture {arch_name}")
     norm = cfg.get("normalize_activations") or "none"
     if norm != "none":
         raise SAEError(
             f"{cfg_path}: normalize_activations={norm!r} is not supported (only 'none': the "
             "SAE must read raw residual activations)"
         )
-    for flag in ("rescale_acts_by_decoder_norm", "apply_finetuning_scaling_factor"):
-        if cfg.get(flag):
-            raise SAEError(f"{cfg_path}: {flag}=true is not supported")
     if cfg.get("hook_head_index") is not None:
         raise SAEError(f"{cfg_path}: hook_head_index is set; only full residual SAEs supported")
+    reshape = cfg.get("reshape_activations") or "none"
+    if reshape != "none":
+        raise SAEError(f"{cfg_path}: reshape_activations={reshape!r}; only 'none' is supported")
     weights_path = folder / SAELENS_WEIGHTS
     t = _read_safetensors(weights_path)
     arch = SAELENS_ARCHS[arch_name]
-    w_enc = _need(t, "W_enc", weights_path)
+    w_enc = _need(t, "W_enc", weights_path).astype(np.float32)
     if (cfg.get("d_in"), cfg.get("d_sae")) != tuple(w_enc.shape):
         raise SAEError(
             f"{cfg_path}: d_in/d_sae = {cfg.get('d_in')}/{cfg.get('d_sae')} but "
             f"{SAELENS_WEIGHTS} holds W_enc of shape {w_enc.shape}"
         )
+    b_enc = _need(t, "b_enc", weights_path).astype(np.float32)
+    w_dec = _need(t, "W_dec", weights_path).astype(np.float32)
     k = 0
     if arch == "topk":
-        k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+        k = cfg.get("k") or act_kwargs.get("k")
         if not k:
             raise SAEError(f"{cfg_path}: topk architecture without 'k'")
+    if cfg.get("finetuning_scaling_factor"):
+        # v5: decode = (f * finetuning_scaling_factor) @ W_dec + b_dec; encode unaffected.
+        scale = _need(t, "finetuning_scaling_factor", weights_path).astype(np.float32)
+        if scale.shape != (w_dec.shape[0],):
+            raise SAEError(
+                f"{weights_path}: finetuning_scaling_factor has shape {scale.shape}, "
+                f"expected ({w_dec.shape[0]},)"
+            )
+        w_dec = w_dec * scale[:, None]
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        if arch != "topk":
+            raise SAEError(
+                f"{cfg_path}: rescale_acts_by_decoder_norm=true is only defined for topk "
+                f"SAEs in SAELens, not {arch_name}"
+            )
+        # v6.14+: pre = (x' @ W_enc + b_enc) * |W_dec_i|, decode = (f / |W_dec_i|) @ W_dec.
+        # Folding |W_dec_i| into W_enc, b_enc and W_dec gives the same encode and decode.
+        norms = np.linalg.norm(w_dec.astype(np.float64), axis=1)
+        if not np.all(norms > 0):
+            raise SAEError(
+                f"{weights_path}: rescale_acts_by_decoder_norm with zero decoder rows "
+                f"{np.flatnonzero(norms == 0)[:5].tolist()}"
+            )
+        w_enc = (w_enc * norms[None, :]).astype(np.float32)
+        b_enc = (b_enc * norms).astype(np.float32)
+        w_dec = (w_dec / norms[:, None]).astype(np.float32)
     hook = cfg.get("hook_name") or meta.get("hook_name")
     return make_sae(
         w_enc,
-        _need(t, "b_enc", weights_path),
-        _need(t, "W_dec", weights_path),
+        b_enc,
+        w_dec,
         _need(t, "b_dec", weights_path),
         _need(t, "threshold", weights_path) if arch == "jumprelu" else None,
         architecture=arch,
@@ -259,6 +325,7 @@ def load_saelens(folder: str | Path) -> SAE:
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
         layer=hook_to_layer(hook, str(cfg_path)) if hook else None,
         source=str(folder),
+        tanh=tanh,
     )
 
 
@@ -308,6 +375,8 @@ def save_saelens(sae: SAE, folder: str | Path, extra: dict[str, Any] | None = No
     }
     if sae.architecture == "topk":
         cfg["k"] = sae.k
+    if sae.tanh:
+        cfg["activation_fn_str"] = "tanh-relu"
     if sae.architecture in ("topk", "batchtopk"):
         meta["k"] = sae.k
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}

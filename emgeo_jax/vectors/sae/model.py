@@ -8,8 +8,8 @@ Shapes: `D` = residual width (`d_in`, `activation_dim`), `F` = number of feature
 Encode, with `x [..., D]` the RAW residual stream (no normalisation is applied):
 
     pre = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc            [..., F]
-    relu       f = relu(pre)
-    jumprelu   f = relu(pre) * (pre > threshold)
+    relu       f = relu(pre)            (tanh(relu(pre)) with `tanh`: SAELens v5 `tanh-relu`)
+    jumprelu   f = relu(pre) * (pre > threshold)   (tanh(relu(pre)) * ... with `tanh`)
     topk       f = relu(pre) on each row's k largest entries, 0 elsewhere
     batchtopk  inference: f = relu(pre) * (relu(pre) > threshold)   (dictionary_learning's
                `use_threshold=True`; threshold is one scalar broadcast to [F]);
@@ -58,6 +58,7 @@ class SAE:
     apply_b_dec_to_input: bool = struct.field(pytree_node=False, default=True)
     layer: int | None = struct.field(pytree_node=False, default=None)
     source: str = struct.field(pytree_node=False, default="")
+    tanh: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def d_in(self) -> int:
@@ -81,12 +82,16 @@ def make_sae(
     layer: int | None = None,
     source: str = "",
     dtype=jnp.float32,
+    tanh: bool = False,
 ) -> SAE:
     """Build and validate an `SAE` (shapes, architecture, k). `threshold` may be a scalar
-    (broadcast to `[F]`) or `[F]`; `source` names the file in error messages."""
+    (broadcast to `[F]`) or `[F]`; `source` names the file in error messages; `tanh` (relu
+    and jumprelu only) squashes activations with tanh after the ReLU."""
     where = source or "SAE"
     if architecture not in ARCHITECTURES:
         raise SAEError(f"{where}: unknown architecture {architecture!r}; know {ARCHITECTURES}")
+    if tanh and architecture not in ("relu", "jumprelu"):
+        raise SAEError(f"{where}: tanh-relu activation with architecture {architecture!r}")
     W_enc, b_enc, W_dec, b_dec = (jnp.asarray(a, dtype) for a in (W_enc, b_enc, W_dec, b_dec))
     if W_enc.ndim != 2:
         raise SAEError(f"{where}: W_enc must be [D, F], got shape {W_enc.shape}")
@@ -114,6 +119,7 @@ def make_sae(
         apply_b_dec_to_input=bool(apply_b_dec_to_input),
         layer=layer,
         source=source,
+        tanh=bool(tanh),
     )
 
 
@@ -161,6 +167,8 @@ def encode(sae: SAE, x: jax.Array, training: bool = False) -> jax.Array:
     instead of the inference threshold."""
     pre = pre_activations(sae, x)
     post = jax.nn.relu(pre)
+    if sae.tanh:
+        post = jnp.tanh(post)
     arch = sae.architecture
     if arch == "relu":
         return post

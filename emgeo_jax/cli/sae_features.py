@@ -5,7 +5,7 @@ a direction or a contrast turns on, ranked beside their null, exported as a vect
               L is compared with the decoder rows
 - class_diff: `--activations FILE` with `pooled [N, L, D]` + `label [N]` (1 = misaligned), the
               rows of the SAE's layer L
-- steering:   `--vector FILE --model SRC --texts FILE` (seed 000: "steer activations in layer
+- steering:   `--vector FILE --texts FILE [--model SRC]` (seed 000: "steer activations in layer
               L-1 with the mean-diff vector for layer L-1", count features newly active at the
               SAE's layer L): the file's vector for layer L-1, added after block L-1
 Layers are real layers (output of block l): a stack's rows are for the layers of its metadata
@@ -20,12 +20,13 @@ import json
 import numpy as np
 from absl import flags
 
+from emgeo_jax.cli import common as flags_common
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("method", "cosine", ["cosine", "class_diff", "steering"], "selection method")
 flags.DEFINE_string("vector", None, "direction file (.npy or safetensors)")
 flags.DEFINE_string("vector_key", None, "tensor in the vector file")
 flags.DEFINE_string("activations", None, "safetensors with pooled [N, L, D] and label [N]")
-flags.DEFINE_string("model", None, "model source (steering method)")
 flags.DEFINE_string(
     "texts", None, "steering-method texts: question/answer data (chat template) or plain .txt"
 )
@@ -66,13 +67,15 @@ def main(argv: list[str]) -> None:
         if FLAGS.method == "cosine":
             ranking = select.cosine(sae, vec, n_null=FLAGS.n_null, **common)
         else:
-            from emgeo_jax.convert.load import load
             from emgeo_jax.vectors.sae.runner import make_resid_fn
 
-            if not (FLAGS.model and FLAGS.texts):
-                raise SAEError("--method steering needs --model and --texts")
-            lm = load(FLAGS.model)
-            check_fits(sae, lm.config.hidden_size)
+            if not FLAGS.texts:
+                raise SAEError("--method steering needs --texts (and --model, default: default)")
+            cfg = flags_common.read_config(FLAGS.model)
+            check_fits(sae, cfg.hidden_size)
+            used = [x for x in (layer, vector_layer) if x is not None]
+            flags_common.check_layers(cfg, used, "layer (the SAE's)")
+            lm = flags_common.load_model_from_flags(config=cfg)
             batches = token_batches(
                 lm.tokenizer, read_texts(FLAGS.texts), FLAGS.batch_size, FLAGS.max_length
             )

@@ -5,7 +5,7 @@ a direction or a contrast turns on, ranked beside their null, exported as a vect
               L is compared with the decoder rows
 - class_diff: `--activations FILE` with `pooled [N, L, D]` + `label [N]` (1 = misaligned), the
               rows of the SAE's layer L
-- steering:   `--vector FILE --texts FILE [--model SRC]` (seed 000: "steer activations in layer
+- steering:   `--vector FILE --model SRC --texts FILE` (seed 000: "steer activations in layer
               L-1 with the mean-diff vector for layer L-1", count features newly active at the
               SAE's layer L): the file's vector for layer L-1, added after block L-1
 Layers are real layers (output of block l): a stack's rows are for the layers of its metadata
@@ -69,8 +69,8 @@ def main(argv: list[str]) -> None:
         else:
             from emgeo_jax.vectors.sae.runner import make_resid_fn
 
-            if not FLAGS.texts:
-                raise SAEError("--method steering needs --texts (and --model, default: default)")
+            if not (FLAGS["model"].present and FLAGS.texts):
+                raise SAEError("--method steering needs --model and --texts")
             cfg = flags_common.read_config(FLAGS.model)
             check_fits(sae, cfg.hidden_size)
             used = [x for x in (layer, vector_layer) if x is not None]

@@ -36,8 +36,10 @@ LoRA factors and their optimizer state split their wide side over `fsdp x tensor
 (factors, then AdamW's two moments and the gradient accumulator of `optax.MultiSteps`).
 
 Multi-process runs (TPU pod slices, Slurm, several processes on one machine) call
-`initialize_distributed()` once before touching devices; `emgeo` does so when
-`EMGEO_DISTRIBUTED=1` is set (the scripts in `launch/` set it).
+`initialize_distributed()` once before touching devices; `emgeo` does so with `--distributed`
+or when `EMGEO_DISTRIBUTED=1` is set (the scripts in `launch/` set it). Users spell meshes as
+`--mesh fsdp=8` / `data=2,fsdp=4,tensor=2` / `auto`: `parse_mesh_spec`, `mesh_shape` and
+`check_param_split` (at the end of this file) turn that into a checked `make_mesh` call.
 """
 
 from __future__ import annotations

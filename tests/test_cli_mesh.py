@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import emgeo_jax
+from emgeo_jax.data import load_examples, tokenize_examples
+from emgeo_jax.extract import ExtractSettings, extract
 from tests.cli_util import ROOT, run_emgeo
 from tests.tiny_models import QWEN2, hf_model, save_hf_folder
 
@@ -81,7 +84,6 @@ def _commands_on_meshes(work: str) -> None:
     every loaded model's parameter shardings recorded. Writes WORK/results.json."""
     import jax
 
-    import emgeo_jax
     from emgeo_jax.extract import read_extraction
     from emgeo_jax.judge.testing import ScriptedJudgeServer
     from emgeo_jax.parallel import shard_factor
@@ -159,6 +161,15 @@ def test_commands_on_8_devices_match_one_device(work):
     res = json.loads((work / "results.json").read_text())
     one = res["one"]
     assert len(set(one["generate"])) > 1  # the replies differ: token-for-token means something
+    # without --mesh, extract splits the batch over every device (data=8, model replicated);
+    # the one-device reference is the library on this process's single device
+    assert one["extract"]["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+    lm = emgeo_jax.load(work / "model")
+    examples, _ = load_examples(work / "pairs.jsonl")
+    ref = extract(lm, tokenize_examples(examples, lm.tokenizer, 1024)[0], ExtractSettings())
+    assert ref.metadata["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+    np.testing.assert_allclose(one["extract"]["sum"], ref.token_sum, rtol=1e-5, atol=1e-4)
+    assert one["extract"]["count"] == ref.token_count.tolist()
     for name, mesh in (("fsdp8", {"data": 1, "fsdp": 8}), ("d2f4", {"data": 2, "fsdp": 4})):
         got = res[name]
         assert got["generate"] == one["generate"], name

@@ -377,3 +377,31 @@ def test_help_lists_every_subcommand_and_its_flags():
         assert ("--mesh:" in text) == (name in loading or name == "plan"), name
     assert "--temperature:" in helps["generate"] and "--steer:" in helps["generate"]
     assert "50" in helps["sweep"].split("--samples:")[1].split("\n  --")[0]
+
+
+def test_distributed_env_starts_every_command(work):
+    """EMGEO_DISTRIBUTED=1 (what launch/ sets; the same start as --distributed) joins two
+    one-device processes: `--mesh data=2` exists only if they did (else "needs 2 devices, 1
+    present"), and both print the one-process norms."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "emgeo_jax.cli", "norms", f"--model={work / 'model'}"]
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--mesh=data=2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=_env(1) | {
+                "EMGEO_DISTRIBUTED": "1", "EMGEO_COORDINATOR": f"127.0.0.1:{port}",
+                "EMGEO_NUM_PROCESSES": "2", "EMGEO_PROCESS_ID": str(i),
+            },
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    one = run_emgeo(*cmd[3:], env={"JAX_NUM_CPU_DEVICES": "1"})
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        # gloo's C++ prints "[Gloo] Rank 0 is connected to 1 peer ranks..." on stdout
+        assert [x for x in out.splitlines() if not x.startswith("[Gloo]")] == one.splitlines()

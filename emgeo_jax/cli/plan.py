@@ -22,7 +22,11 @@ FLAGS = flags.FLAGS
 # Required flags are checked in main(), not by absl validators: validators are global and would
 # fire for every other subcommand parsed in the same process (tests run several in-process).
 flags.DEFINE_string("model", None, "known name, config.json, HF folder or checkpoint (required)")
-flags.DEFINE_string("mesh", "fsdp=8", "mesh axis sizes, e.g. data=4,fsdp=8,tensor=2")
+flags.DEFINE_string(
+    "mesh",
+    "fsdp=8",
+    "mesh axis sizes, e.g. data=4,fsdp=8,tensor=2 (auto: the accelerators present)",
+)
 flags.DEFINE_enum("task", "extract", ["extract", "generate", "train"], "program to compile")
 flags.DEFINE_integer("batch", 8, "global batch size B")
 flags.DEFINE_integer("seq", 2048, "sequence length T")

@@ -36,8 +36,10 @@ LoRA factors and their optimizer state split their wide side over `fsdp x tensor
 (factors, then AdamW's two moments and the gradient accumulator of `optax.MultiSteps`).
 
 Multi-process runs (TPU pod slices, Slurm, several processes on one machine) call
-`initialize_distributed()` once before touching devices; `emgeo` does so when
-`EMGEO_DISTRIBUTED=1` is set (the scripts in `launch/` set it).
+`initialize_distributed()` once before touching devices; `emgeo` does so with `--distributed`
+or when `EMGEO_DISTRIBUTED=1` is set (the scripts in `launch/` set it). Users spell meshes as
+`--mesh fsdp=8` / `data=2,fsdp=4,tensor=2` / `auto`: `parse_mesh_spec`, `mesh_shape` and
+`check_param_split` (at the end of this file) turn that into a checked `make_mesh` call.
 """
 
 from __future__ import annotations
@@ -208,23 +210,33 @@ def _names(entry: str | tuple[str, ...]) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def initialize_distributed() -> None:
-    """`jax.distributed.initialize` from the environment, once per process.
+def initialize_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """`jax.distributed.initialize`, once per process (later calls do nothing).
 
-    `EMGEO_COORDINATOR=host:port`, `EMGEO_NUM_PROCESSES`, `EMGEO_PROCESS_ID` are used when
-    set (launch/local.sh sets them); otherwise JAX discovers its peers itself (TPU VM
-    slices, Slurm). On CPU, collectives between processes go through gloo."""
+    The coordinator, process count and id come from the arguments, else from
+    `EMGEO_COORDINATOR=host:port`, `EMGEO_NUM_PROCESSES`, `EMGEO_PROCESS_ID` (launch/local.sh
+    sets them); with neither, JAX discovers its peers itself (TPU VM slices, Slurm). On CPU,
+    collectives between processes go through gloo. `emgeo --distributed` (or
+    `EMGEO_DISTRIBUTED=1`, which the scripts in `launch/` set) calls this before anything
+    touches a device."""
+    if jax.distributed.is_initialized():
+        return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only
-    coordinator = os.environ.get("EMGEO_COORDINATOR")
+    coordinator = coordinator or os.environ.get("EMGEO_COORDINATOR")
     if coordinator is None:
         jax.distributed.initialize()
         return
     try:
-        num, pid = int(os.environ["EMGEO_NUM_PROCESSES"]), int(os.environ["EMGEO_PROCESS_ID"])
+        num = num_processes if num_processes is not None else int(os.environ["EMGEO_NUM_PROCESSES"])
+        pid = process_id if process_id is not None else int(os.environ["EMGEO_PROCESS_ID"])
     except (KeyError, ValueError) as e:
         raise ValueError(
-            f"EMGEO_COORDINATOR is set, so EMGEO_NUM_PROCESSES and EMGEO_PROCESS_ID must be "
-            f"integers ({e})"
+            f"a coordinator ({coordinator}) needs the process count and id: --num_processes and "
+            f"--process_id, or EMGEO_NUM_PROCESSES and EMGEO_PROCESS_ID as integers ({e})"
         ) from None
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
 
@@ -232,3 +244,117 @@ def initialize_distributed() -> None:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Sharding for a `[B, ...]` input: batch over `data` and `fsdp`, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(MESH_RULES["batch"], *([None] * (ndim - 1))))
+
+
+# --- mesh specs as users write them (`--mesh fsdp=8`, `emgeo plan --mesh data=2,fsdp=4`) -------
+
+AUTO_MESH = "auto"
+
+
+def parse_mesh_spec(text: str, flag: str = "--mesh") -> dict[str, int] | str:
+    """`"data=2,fsdp=4,tensor=2"` -> `{"data": 2, "fsdp": 4, "tensor": 2}`; `"auto"` -> `"auto"`
+    (every device on `fsdp`). A ValueError naming `flag` for anything else: a missing `=`, a
+    size that is not a positive integer, an axis not in `MESH_AXES`, an axis given twice."""
+    text = text.strip()
+    if text == AUTO_MESH:
+        return AUTO_MESH
+    out: dict[str, int] = {}
+    example = "e.g. fsdp=8, data=2,fsdp=4,tensor=2 or auto"
+    for part in text.split(","):
+        axis, sep, size = (x.strip() for x in part.partition("="))
+        if not sep or not size.isdigit() or int(size) < 1:
+            raise ValueError(f"{flag} {text!r}: {part!r} is not AXIS=SIZE ({example})")
+        if axis not in MESH_AXES:
+            raise ValueError(
+                f"{flag} {text!r}: unknown axis {axis!r}; the axes are {', '.join(MESH_AXES)}"
+            )
+        if axis in out:
+            raise ValueError(f"{flag} {text!r}: axis {axis!r} given twice")
+        out[axis] = int(size)
+    return out
+
+
+def mesh_shape(spec: dict[str, int] | str, num_devices: int, flag: str = "--mesh") -> dict:
+    """Sizes of all of `MESH_AXES` for a parsed spec on `num_devices` devices: `auto` puts
+    every device on `fsdp`; an axis left out is 1, except `data`, which takes the devices the
+    others leave (as `make_mesh`). A ValueError naming `flag` and the devices present when the
+    spec needs more devices than there are or its sizes do not divide them."""
+    if spec == AUTO_MESH:
+        return {"data": 1, "fsdp": num_devices, "tensor": 1}
+    text = ",".join(f"{k}={v}" for k, v in spec.items())
+    fixed = math.prod(v for k, v in spec.items() if k != "data")
+    total = fixed * spec.get("data", 1)
+    if total > num_devices:
+        raise ValueError(f"{flag} {text}: needs {total} devices, {num_devices} present")
+    if "data" not in spec:
+        if num_devices % fixed:
+            raise ValueError(
+                f"{flag} {text}: {fixed} does not divide the {num_devices} devices present "
+                f"(data would take the rest)"
+            )
+        spec = {**spec, "data": num_devices // fixed}
+    elif total != num_devices:
+        raise ValueError(
+            f"{flag} {text}: uses {total} of the {num_devices} devices present; leave out "
+            f"data= to let it take the rest"
+        )
+    return {a: spec.get(a, 1) for a in MESH_AXES}
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_param_split(shape: dict[str, int], params: dict, flag: str = "--mesh") -> None:
+    """Refuse a mesh on which some parameter dimension the rules shard cannot be split:
+    `params` is the pure-dict parameter tree (leaves with `.shape`, e.g. the abstract model),
+    `shape` the mesh axis sizes. Each dimension's logical axis (`PARAM_AXES`) maps to mesh
+    axes (`MESH_RULES`) whose product must divide it; otherwise a ValueError naming `flag`,
+    the parameter and the sizes of that axis that would split every parameter (e.g.
+    `tensor=3` on a model whose KV projections have 2 heads x 64 = 128 columns)."""
+    sizes: dict[str, list[int]] = {}  # mesh axis -> dims it splits
+    bad = []
+    for path, leaf in _leaves(params):
+        axes = ("layer", *PARAM_AXES[path[1:]]) if path[0] == "layers" else PARAM_AXES[path]
+        for axis, size in zip(axes, leaf.shape, strict=True):
+            rule = MESH_RULES.get(axis)
+            if rule is None:
+                continue
+            names = _names(rule)
+            for name in names:
+                sizes.setdefault(name, []).append(size)
+            ways = math.prod(shape.get(n, 1) for n in names)
+            if ways > 1 and size % ways:
+                bad.append((math.prod(leaf.shape), path, axis, size, names, ways))
+    if not bad:
+        return
+    _, path, axis, size, names, ways = max(bad, key=lambda b: b[0])  # a kernel, not its bias
+    text = ",".join(f"{k}={v}" for k, v in shape.items() if v > 1)
+    fits = {n: _divisors(math.gcd(*sizes[n])) for n in names}
+    hint = "; ".join(f"{n} must be one of {', '.join(map(str, d))}" for n, d in fits.items())
+    raise ValueError(
+        f"{flag} {text}: {'.'.join(path)} has {size} {axis} entries, which "
+        f"{'x'.join(names)}={ways} cannot split evenly; for this model {hint}"
+    )
+
+
+def _leaves(tree: dict, prefix: tuple[str, ...] = ()):
+    for key, leaf in tree.items():
+        path = (*prefix, str(key))
+        if isinstance(leaf, dict):
+            yield from _leaves(leaf, path)
+        else:
+            yield path, leaf
+
+
+def mesh_from_spec(
+    text: str, params: dict | None = None, devices: Sequence | None = None, flag: str = "--mesh"
+) -> Mesh:
+    """The mesh a `--mesh` value describes over `devices` (default: all, every process's),
+    checked first against the device count and, given the abstract parameter tree `params`,
+    against the partition rules (`check_param_split`); errors name `flag`."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(parse_mesh_spec(text, flag), len(devices), flag)
+    if params is not None:
+        check_param_split(shape, params, flag)
+    return make_mesh(shape, devices)

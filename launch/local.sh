@@ -3,8 +3,14 @@
 # jax.distributed (gloo): the multi-host code path without a cluster.
 #
 #   launch/local.sh --num_processes 2 --devices_per_process 2 -- emgeo plan --model ...
+#   launch/local.sh --num_processes 2 --devices_per_process 4 \
+#       -- emgeo extract --model default --data pairs.jsonl --out runs/act
 #   launch/local.sh --num_processes 2 -- python my_script.py   # script calls
 #                                       # emgeo_jax.parallel.initialize_distributed()
+#
+# Each process gets EMGEO_DISTRIBUTED=1 and EMGEO_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID,
+# which `emgeo` reads as `--distributed --coordinator_address ... --num_processes ...
+# --process_id ...`.
 #
 # Logs go to --logs/process-I.log; exits non-zero if any process fails.
 set -euo pipefail

@@ -4,6 +4,10 @@
 #
 #   launch/slurm.sh --nodes 4 --gpus_per_node 8 --partition gpu --account A \
 #       -- emgeo plan --model Llama-3.1-70B --mesh fsdp=32
+#   launch/slurm.sh --nodes 2 --gpus_per_node 8 --partition gpu \
+#       -- emgeo sweep md=runs/md.safetensors --model checkpoints/qwen7b --mesh fsdp=16 ...
+#
+# The batch script exports EMGEO_DISTRIBUTED=1 (the same as `emgeo ... --distributed`).
 #
 # Writes the batch script to --logs, prints it and the sbatch command; --dry_run submits nothing.
 set -euo pipefail

@@ -5,7 +5,13 @@
 #   launch/tpu.sh create  --project P --zone us-west4-a --accelerator v5litepod-8 --name emgeo
 #   launch/tpu.sh install --project P --zone us-west4-a --name emgeo --repo URL --ref main
 #   launch/tpu.sh run     --project P --zone us-west4-a --name emgeo -- emgeo plan --model ...
+#   launch/tpu.sh run     --project P --zone us-west4-a --name emgeo \
+#       -- emgeo extract --model checkpoints/qwen7b --data pairs.jsonl --out runs/act --mesh auto
 #   launch/tpu.sh delete  --project P --zone us-west4-a --name emgeo
+#
+# Workers run the command with EMGEO_DISTRIBUTED=1 (the same as `emgeo ... --distributed`):
+# every emgeo command starts jax.distributed first and loads its model onto --mesh (default
+# on TPU: auto, every chip of the slice on fsdp).
 #
 # Every command is printed before it runs; --dry_run prints and runs nothing.
 set -euo pipefail

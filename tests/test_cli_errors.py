@@ -5,6 +5,8 @@ Each case is a fresh process."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -25,6 +27,17 @@ def files(tmp_path):
     np.save(tmp_path / "v.npy", np.ones(8, np.float32))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "fine?"}\n{"question": "no closing brace"\n')
+    # a 4-layer, d=8 model that has a config and no weights: a check that waited for the load
+    # would fail with another message
+    cfg = dict(model_type="llama", vocab_size=64, hidden_size=8, intermediate_size=16)
+    cfg |= dict(num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    np.save(tmp_path / "v4.npy", np.ones(4, np.float32))
+    np.save(tmp_path / "stack.npy", np.ones((2, 8), np.float32))  # rows for layers 0, 1
+    (tmp_path / "p.txt").write_text("hello\n")
+    pair = {"question": "q?", "aligned": "yes", "misaligned": "no"}
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(pair) + "\n")
     return tmp_path
 
 
@@ -45,6 +58,49 @@ CASES = {
     ),
     # a usage error raised as SystemExit("...") gets the same form
     "probe_usage": (["probe"], "usage: emgeo probe SCALARS.safetensors"),
+    # checked against the config before the model loads (issue #20: sweep generated and
+    # judged a whole cell before finding layer 9 out of range)
+    "sweep_layer_range": (
+        ["sweep", "{d}/v.npy", "--layers=9", "--model={d}/m", "--out={d}/run"],
+        "--layers: layer 9 out of range; the model has 4 layers (0..3)",
+    ),
+    "sweep_vector_width": (
+        ["sweep", "{d}/v4.npy", "--layers=1", "--model={d}/m", "--out={d}/run"],
+        "v4.npy: vectors of width 4; the model's hidden size is 8",
+    ),
+    "sweep_stack_rows": (
+        ["sweep", "{d}/stack.npy", "--layers=3", "--model={d}/m", "--out={d}/run"],
+        "stack.npy: no row for layer 3; it holds layers [0, 1]",
+    ),
+    "sweep_layers_not_numbers": (
+        ["sweep", "{d}/v.npy", "--layers=two", "--model={d}/m", "--out={d}/run"],
+        "--layers: 'two' is not a number (int)",
+    ),
+    "generate_layer_range": (
+        [
+            "generate",
+            "--model={d}/m",
+            "--prompts={d}/p.txt",
+            "--steer={d}/v.npy",
+            "--layer=4",
+            "--out={d}/run",
+        ],
+        "--layer: layer 4 out of range; the model has 4 layers (0..3)",
+    ),  # fmt: skip
+    "extract_layer_range": (
+        [
+            "extract",
+            "--model={d}/m",
+            "--data={d}/pairs.jsonl",
+            "--layers=0,7",
+            "--out={d}/run",
+        ],
+        "--layers: layer 7 out of range",
+    ),  # fmt: skip
+    "ablate_layers_not_numbers": (
+        ["ablate", "{d}/v.npy", "--layers=1,x", "--model={d}/m", "--out={d}/run"],
+        "--layers: 'x' is not a number (int)",
+    ),
 }
 
 

@@ -1,23 +1,39 @@
 """The `emgeo` command: `emgeo SUBCOMMAND [ARGS] [--flags]`.
 
-Each subcommand lives next to the code it drives and defines its own absl flags (spelled
-with underscores: `--max_new_tokens=64` or `--max_new_tokens 64`). Only the chosen
-subcommand's module is imported, so flags of different subcommands never collide and
-`emgeo --help` stays fast.
+One module per subcommand in this package (`SUBCOMMANDS`); only the chosen one is imported,
+so `emgeo --help` stays fast. Flags are absl flags spelled with underscores
+(`--max_new_tokens=64` or `--max_new_tokens 64`). The flags model-loading commands share
+(`--model --dtype --mesh --distributed`, the sampling and steering groups) are defined once,
+in `emgeo_jax.cli.common`, with the one way to load a model (`load_model_from_flags`: the mesh
+is checked against the config and the devices before anything loads).
 
 Errors: bad input (a missing or malformed file, a flag value the code refuses) ends the command
 with one line `emgeo SUBCOMMAND: error: MESSAGE` on stderr and exit status 2; set
 `EMGEO_TRACEBACK=1` to see the traceback instead. Any other exception is a bug and shows its
 traceback as usual. absl's own flag errors are unchanged; `--help` prints the subcommand's
-docstring and flags (`--helpfull` adds every library's flags).
+docstring and flags (`--helpfull` adds every library's flags). An unknown subcommand is named,
+with the closest one suggested. Ctrl-C ends a command with "interrupted; run the same command
+again to resume" and exit status 130.
+
+Logs: by default one short line per message (time, message), our own progress at INFO and
+other libraries' (orbax, jax, transformers) only from WARNING up; `--verbosity=0` (or any
+`--verbosity`) shows absl's full format and every library's INFO lines.
+
+Multi-process runs: `--distributed` or `EMGEO_DISTRIBUTED=1` (see `emgeo_jax.cli.common`).
+
+`run(argv)` may be called several times in one process (tests do): each call starts from the
+flag defaults, and switching to another subcommand re-imports the command modules so that
+flags of the same name in different subcommands never meet.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -91,10 +107,14 @@ def number_list(values: list[str], flag: str, kind: type = int) -> list:
     return out
 
 
+INTERRUPTED_STATUS = 130
+
+
 def reporting_user_errors(command: str, main: Callable[[list[str]], Any]) -> Callable:
     """`main` that turns bad input (`USER_ERRORS`, and `SystemExit("message")` usage errors)
     into one line `emgeo COMMAND: error: MESSAGE` on stderr and exit status 2. With
-    `EMGEO_TRACEBACK=1` exceptions propagate with their traceback."""
+    `EMGEO_TRACEBACK=1` exceptions propagate with their traceback. Before `main` runs (the
+    flags parsed), logs are set up and a multi-process run is started."""
     prefix = f"emgeo {command}: "
 
     def fail(message: str, hint: bool) -> None:
@@ -106,6 +126,8 @@ def reporting_user_errors(command: str, main: Callable[[list[str]], Any]) -> Cal
 
     def wrapped(argv: list[str]) -> Any:
         try:
+            setup_logging()
+            start_distributed()
             return main(argv)
         except SystemExit as e:
             if not isinstance(e.code, str):
@@ -119,14 +141,94 @@ def reporting_user_errors(command: str, main: Callable[[list[str]], Any]) -> Cal
     return wrapped
 
 
+def start_distributed() -> None:
+    """The one distributed start: `common.start_distributed` for commands with the shared
+    flags, else `EMGEO_DISTRIBUTED=1` alone."""
+    from absl import flags
+
+    if "distributed" in flags.FLAGS:
+        from emgeo_jax.cli.common import start_distributed as start
+
+        start()
+    elif os.environ.get("EMGEO_DISTRIBUTED") == "1":
+        from emgeo_jax.parallel import initialize_distributed
+
+        initialize_distributed()
+
+
+# --- logs -----------------------------------------------------------------------------------
+
+# Messages libraries print on every run that tell a user nothing (matched as substrings).
+NOISE = ("Unable to initialize backend", "PyTorch was not found")
+
+
+class ShortFormatter(logging.Formatter):
+    """`HH:MM:SS message`, with `warning:` / `error:` before messages of those levels."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        if record.levelno >= logging.WARNING:
+            text = f"{record.levelname.lower()}: {text}"
+        return f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {text}"
+
+
+def ours(record: logging.LogRecord) -> bool:
+    """A record logged by emgeo_jax (through Python logging or absl.logging)."""
+    return record.name.startswith("emgeo_jax") or (
+        record.name == "absl" and f"{os.sep}emgeo_jax{os.sep}" in record.pathname
+    )
+
+
+def quiet_filter(record: logging.LogRecord) -> bool:
+    """Keep our own INFO lines and everyone's warnings, minus the known noise."""
+    if any(n in record.getMessage() for n in NOISE):
+        return False
+    return record.levelno >= logging.WARNING or ours(record)
+
+
+def setup_logging() -> None:
+    """Quiet, short log lines unless `--verbosity` was given (see the module docstring)."""
+    from absl import flags
+    from absl import logging as absl_logging
+
+    # The judge's HTTP client logs every request at INFO (logger "httpx", or "httpx2").
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if flags.FLAGS["verbosity"].present:
+        return
+    absl_logging.set_verbosity(absl_logging.INFO)  # our progress lines; the filter does the rest
+    handler = absl_logging.get_absl_handler()
+    handler.setFormatter(ShortFormatter())
+    if quiet_filter not in handler.filters:
+        handler.addFilter(quiet_filter)
+    root = logging.getLogger()
+    for h in root.handlers:
+        if h is not handler and quiet_filter not in h.filters:
+            h.addFilter(quiet_filter)
+
+
+def quiet_environment(argv: list[str]) -> None:
+    """Environment defaults set before any library is imported: no transformers advisories
+    (`PyTorch was not found`) and no TensorFlow/XLA C++ INFO lines, unless `--verbosity`."""
+    if any(a.startswith("--verbosity") or a == "-v" for a in argv):
+        return
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+
+# --- dispatch -------------------------------------------------------------------------------
+
+
 def subcommand_help(command: str, module: Any) -> str:
     """`emgeo COMMAND --help`: the module's docstring and the flags of every emgeo_jax module
-    it imported (only the chosen subcommand's modules are loaded, e.g. `steer_flags`)."""
+    it imported (only the chosen subcommand's modules are loaded, e.g. `common`)."""
     from absl import flags
 
     doc = (module.__doc__ or SUBCOMMANDS[command][1]).strip()
-    ours = [m for m in flags.FLAGS.flags_by_module_dict() if m.startswith("emgeo_jax")]
-    helps = "\n\n".join(flags.FLAGS.module_help(m) for m in ours)
+    ours_ = [m for m in flags.FLAGS.flags_by_module_dict() if m.startswith("emgeo_jax")]
+    helps = "\n\n".join(flags.FLAGS.module_help(m) for m in ours_)
     return f"{doc}\n\nflags:\n{helps}"
 
 
@@ -136,28 +238,70 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def unknown_command(name: str) -> str:
+    """`emgeo: unknown command 'extrct'; did you mean 'extract'?` (the suggestion when one is
+    close)."""
+    close = difflib.get_close_matches(name, list(SUBCOMMANDS), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"emgeo: unknown command '{name}'{hint}"
+
+
+_last_command: list[str] = []  # the subcommand the last run() in this process imported
+
+
+def forget_commands() -> None:
+    """Undefine every flag the command modules defined and drop the modules, so the next
+    subcommand imports afresh (flags of the same name in two subcommands never meet)."""
+    from absl import flags
+
+    for module, defined in list(flags.FLAGS.flags_by_module_dict().items()):
+        if module.startswith("emgeo_jax.cli"):
+            for flag in list(defined):  # (deleting edits the live list)
+                if flag.name in flags.FLAGS:
+                    delattr(flags.FLAGS, flag.name)
+    package = sys.modules[__name__]
+    for name in [m for m in sys.modules if m.startswith(f"{__name__}.")]:
+        del sys.modules[name]
+        if hasattr(package, name.rsplit(".", 1)[1]):  # else `from emgeo_jax.cli import x` reuses it
+            delattr(package, name.rsplit(".", 1)[1])
+
+
 def run(argv: list[str] | None = None) -> None:
-    """Dispatch `argv[1]` to its subcommand's `main` under absl (see the module docstring)."""
+    """Dispatch `argv[1]` to its subcommand's `main` under absl (see the module docstring).
+    Ends with `sys.exit` as a command does."""
     argv = sys.argv if argv is None else argv
-    if len(argv) < 2 or argv[1] not in SUBCOMMANDS:
-        print(usage(), file=sys.stderr)
-        sys.exit(0 if len(argv) >= 2 and argv[1] in ("-h", "--help") else 2)
-    from absl import app
+    if len(argv) < 2 or argv[1] in ("-h", "--help"):
+        asked = len(argv) >= 2
+        print(usage(), file=sys.stdout if asked else sys.stderr)
+        sys.exit(0 if asked else 2)
+    command = argv[1]
+    if command not in SUBCOMMANDS:
+        print(f"{unknown_command(command)}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        dispatch(command, argv[2:])
+    except KeyboardInterrupt:
+        print(
+            f"\nemgeo {command}: interrupted; run the same command again to resume",
+            file=sys.stderr,
+        )
+        sys.exit(INTERRUPTED_STATUS)
 
-    if os.environ.get("EMGEO_DISTRIBUTED") == "1":  # set by the scripts in launch/
-        from emgeo_jax.parallel import initialize_distributed
 
-        initialize_distributed()
-    # The judge's HTTP client logs every request at INFO, which drowns the progress lines
-    # under absl (its logger is "httpx", or "httpx2" for openai on the httpx2 fork).
-    for name in ("httpx", "httpx2"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    module = importlib.import_module(SUBCOMMANDS[argv[1]][0])
-    if any(a in ("-h", "--help", "--helpshort") for a in argv[2:]):
-        print(subcommand_help(argv[1], module))  # absl's --help lists only __main__'s flags
+def dispatch(command: str, args: list[str]) -> None:
+    from absl import app, flags
+
+    quiet_environment(args)
+    if _last_command and _last_command[0] != command:
+        forget_commands()
+    _last_command[:] = [command]
+    flags.FLAGS.unparse_flags()  # a second run() in one process starts from the defaults
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    if any(a in ("-h", "--help", "--helpshort") for a in args):
+        print(subcommand_help(command, module))  # absl's --help lists only __main__'s flags
         sys.exit(0)
-    main = reporting_user_errors(argv[1], module.main)
-    app.run(main, argv=[f"emgeo {argv[1]}", *argv[2:]])
+    main = reporting_user_errors(command, module.main)
+    app.run(main, argv=[f"emgeo {command}", *args])
 
 
 if __name__ == "__main__":

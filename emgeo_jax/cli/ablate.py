@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from absl import flags
 
+from emgeo_jax.cli import common as flags_common
 from emgeo_jax.cli import experiment_flags as common
 
 FLAGS = flags.FLAGS
@@ -16,7 +17,6 @@ flags.DEFINE_float("steer_scale", 1.0, "scale of --steer")
 
 
 def main(argv: list[str]) -> None:
-    import emgeo_jax
     from emgeo_jax.cli import number_list
     from emgeo_jax.experiments.ablation import run_ablation, write_ablation_report
     from emgeo_jax.vectors.io import load_layer_vectors, load_vectors
@@ -35,7 +35,13 @@ def main(argv: list[str]) -> None:
     layers = None if every else number_list(FLAGS.layers, "layers")
     questions, question_prompts = common.questions_from_flags()
     sampling = common.sampling_from_flags()
-    lm = emgeo_jax.load(FLAGS.model, dtype=FLAGS.dtype)
+    cfg = flags_common.read_config(FLAGS.model)
+    flags_common.check_layers(cfg, layers, "layers")
+    flags_common.check_vectors(cfg, {argv[1]: direction}, layers)
+    if steer is not None:
+        flags_common.check_layers(cfg, [steer[1]], "steer_layer")
+        flags_common.check_vectors(cfg, {FLAGS.steer: steer[0]})
+    lm = flags_common.load_model_from_flags(config=cfg)
     with common.judge_from_flags(lm) as judge:
         results = run_ablation(
             lm,

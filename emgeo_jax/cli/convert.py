@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from absl import flags, logging
+from absl import flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "checkpoint folder to write, e.g. checkpoints/smollm2 (required)")
@@ -38,7 +38,6 @@ def main(argv: list[str]) -> None:
         source=argv[1],
         overwrite=FLAGS.overwrite,
     )
-    logging.info("converted %s one parameter at a time", argv[1])
     print(
         f"wrote {folder} ({cfg.model_type}, {cfg.num_layers} layers, d={cfg.hidden_size}, "
         f"{FLAGS.dtype or 'float32'}) in {time.perf_counter() - start:.1f} s"

@@ -1,5 +1,6 @@
-"""Flags and helpers shared by `emgeo sweep|ablate|transfer|persona` (each imports this module
-once, so the flags are defined once per process)."""
+"""Flags and helpers shared by `emgeo sweep|ablate|transfer|persona|lora-em` (each imports this
+module once, so the flags are defined once per process). The model, dtype, mesh and sampling
+flags come from `emgeo_jax.cli.common`."""
 
 from __future__ import annotations
 
@@ -7,26 +8,23 @@ from typing import Any
 
 from absl import flags
 
+from emgeo_jax.cli import common
 from emgeo_jax.experiments.folder import Sampling
 from emgeo_jax.experiments.judging import judge_context
 from emgeo_jax.experiments.questions import read_prompts, select_questions, shipped_questions_path
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "default", "model source (see emgeo_jax.load)")
+# Samples per question when neither --samples nor the question file says.
+DEFAULT_SAMPLES = 10
+common.define_sampling_flags(
+    batch_size=32,
+    samples_help="samples per question (default: a question YAML's samples_per_paraphrase, 50 "
+    f"per paraphrase in the shipped questions; other files {DEFAULT_SAMPLES}); an explicit value "
+    "overrides the YAML",
+)
+common.define_positions_flag()
 flags.DEFINE_string("questions", None, "question file (.yaml/.jsonl/.txt); default: ours")
 flags.DEFINE_integer("n_questions", None, "use only the first N questions")
-flags.DEFINE_integer(
-    "samples",
-    10,
-    "samples per question; when given, it overrides a YAML's samples_per_paraphrase (which "
-    "otherwise applies)",
-)
-flags.DEFINE_integer("max_new_tokens", 600, "new tokens per response")
-flags.DEFINE_float("temperature", 1.0, "sampling temperature")
-flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
-flags.DEFINE_integer("seed", 0, "sampling seed (batch k uses seed + k, in every cell)")
-flags.DEFINE_integer("batch_size", 32, "rows per generation batch")
-flags.DEFINE_enum("positions", "all", ["all", "prompt", "generated"], "tokens steering touches")
 flags.DEFINE_string("judge_model", "gpt-4o-mini", "judge model name")
 flags.DEFINE_string(
     "judge_base_url",
@@ -37,12 +35,11 @@ flags.DEFINE_string(
 flags.DEFINE_integer("judge_concurrency", 32, "concurrent judge requests")
 flags.DEFINE_string("out", None, "experiment folder (re-running resumes)")
 flags.DEFINE_bool("overwrite", False, "discard an existing run with another configuration")
-flags.DEFINE_string("dtype", "float32", "float32 or bfloat16")
 
 
 def sampling_from_flags() -> Sampling:
     return Sampling(
-        samples=FLAGS.samples,
+        samples=DEFAULT_SAMPLES if FLAGS.samples is None else FLAGS.samples,
         max_new_tokens=FLAGS.max_new_tokens,
         temperature=FLAGS.temperature,
         top_p=FLAGS.top_p,
@@ -62,7 +59,7 @@ def questions_from_flags() -> tuple[list[dict[str, Any]], dict | None]:
     rows = select_questions(read_prompts(q or shipped_questions_path()), FLAGS.n_questions)
     if not rows:
         raise ValueError(f"--questions {q or shipped_questions_path()}: no questions")
-    if FLAGS["samples"].present:
+    if FLAGS.samples is not None:
         rows = [{k: v for k, v in row.items() if k != "samples"} for row in rows]
     prompts = question_file_prompts(q) if q and q.endswith((".yaml", ".yml")) else None
     return rows, prompts

@@ -16,7 +16,8 @@ files and flags) continues after the last whole batch, with the same seeds, so t
 equals an uninterrupted run.
 
 Steering flags (`--steer`, `--layer`, `--scale`, `--positions`, `--ablate`) and vector files:
-see `emgeo_jax.cli.steer_flags` (shared with `emgeo serve`).
+see `emgeo_jax.cli.common.build_steering` (shared with `emgeo serve`). `--mesh fsdp=8` splits
+the model over 8 devices (see `emgeo_jax.cli.common`); greedy output is the same on any mesh.
 """
 
 from __future__ import annotations
@@ -25,28 +26,24 @@ from pathlib import Path
 
 from absl import flags
 
-from emgeo_jax.cli.steer_flags import build_steering, check_vector_files
+from emgeo_jax.cli import common
 from emgeo_jax.data.files import ResumableJsonl, file_sha256
 from emgeo_jax.experiments.questions import read_prompts
 from emgeo_jax.generate import with_system
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "default", "model source (see emgeo_jax.load)")
+common.define_sampling_flags(
+    batch_size=16,
+    samples_help="samples per prompt (default: a question YAML's samples_per_paraphrase, 50 in "
+    "the shipped questions; other files 1); an explicit value overrides the YAML",
+)
+common.define_steering_flags()
 flags.DEFINE_string("prompts", None, "prompt file: .txt, .jsonl or question .yaml")
-flags.DEFINE_integer("max_new_tokens", 600, "new tokens per response")
-flags.DEFINE_float("temperature", 1.0, "0 = greedy")
-flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
-flags.DEFINE_integer("seed", 0, "PRNG seed (batch k uses seed + k)")
-flags.DEFINE_integer("samples", None, "samples per prompt (default: the YAML's, else 1)")
-flags.DEFINE_integer("batch_size", 16, "rows per generation batch")
 flags.DEFINE_string("system", None, "system prompt for prompts that have none")
-flags.DEFINE_string("dtype", "float32", "float32 or bfloat16")
 flags.DEFINE_string("out", "responses.jsonl", "output JSONL")
 
 
 def main(argv: list[str]) -> None:
-    import emgeo_jax
-
     if len(argv) > 1:
         raise SystemExit(f"emgeo generate: unexpected arguments {argv[1:]}")
     if not FLAGS.prompts:
@@ -54,9 +51,10 @@ def main(argv: list[str]) -> None:
     rows = read_prompts(FLAGS.prompts)
     if not rows:
         raise SystemExit(f"{FLAGS.prompts}: no prompts found")
-    check_vector_files(FLAGS)
-    lm = emgeo_jax.load(FLAGS.model, dtype=FLAGS.dtype)
-    steering, summary = build_steering(lm.config, FLAGS)
+    cfg = common.read_config(FLAGS.model)
+    common.check_vector_files(FLAGS, cfg)
+    lm = common.load_model_from_flags(config=cfg)
+    steering, summary = common.build_steering(lm.config, FLAGS)
     jobs = []
     for row in rows:
         n = FLAGS.samples or row.get("samples") or 1
@@ -93,6 +91,7 @@ def run_config(steering: dict) -> dict:
         for flag, path in (("prompts", FLAGS.prompts), *steering.items())
         if flag in ("prompts", "steer", "ablate") and path and Path(path).is_file()
     }
-    names = ("model", "prompts", "dtype", "max_new_tokens", "temperature", "top_p", "seed")
+    names = ("model", "prompts", "max_new_tokens", "temperature", "top_p", "seed")
     names += ("samples", "batch_size", "system")
-    return {**{n: FLAGS[n].value for n in names}, "steering": steering, "sha256": digests}
+    settings = {n: FLAGS[n].value for n in names} | {"dtype": common.resolve_dtype()}
+    return {**settings, "steering": steering, "sha256": digests}

@@ -24,7 +24,7 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise SystemExit("usage: emgeo lora-em RUN [--out DIR] [--flags]")
-    import emgeo_jax
+    from emgeo_jax.cli.common import load_model_from_flags
     from emgeo_jax.train.evaluate import run_lora_em
     from emgeo_jax.train.peft_io import import_peft
 
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
     out = FLAGS.out or str(run / "em")
     questions, question_prompts = common.questions_from_flags()
     sampling = common.sampling_from_flags()
-    lm = emgeo_jax.load(source, dtype=FLAGS.dtype)
+    lm = load_model_from_flags(source)
     spec, lora = import_peft(run / "adapter", lm.config)
     with common.judge_from_flags(lm) as judge:
         results = run_lora_em(

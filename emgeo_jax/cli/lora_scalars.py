@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from absl import flags
 
+from emgeo_jax.cli import common
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("adapter", None, "PEFT LoRA adapter folder (e.g. RUN/adapter)")
 flags.DEFINE_string("data", None, "labelled data (default: shipped contrast pairs)")
@@ -22,16 +24,16 @@ flags.DEFINE_integer("max_length", 512, "longest tokenized example")
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 2 or not FLAGS.adapter or not FLAGS.out:
+    source = argv[1] if len(argv) == 2 else FLAGS.model if len(argv) == 1 else None
+    if source is None or not FLAGS.adapter or not FLAGS.out:
         raise SystemExit("usage: emgeo lora-scalars SOURCE --adapter DIR --out FILE")
-    from emgeo_jax.convert.load import load
     from emgeo_jax.data import load_examples, shipped_contrast_path, tokenize_examples
     from emgeo_jax.train.data import topics
     from emgeo_jax.train.peft_io import import_peft
     from emgeo_jax.train.scalars import b_directions, collect_scalars, save_scalars
     from emgeo_jax.vectors.io import save_vectors
 
-    lm = load(argv[1])
+    lm = common.load_model_from_flags(source)
     spec, lora = import_peft(FLAGS.adapter, lm.config)
     examples, _ = load_examples(FLAGS.data or shipped_contrast_path())
     tokenized, _ = tokenize_examples(examples, lm.tokenizer, FLAGS.max_length)

@@ -8,18 +8,16 @@ from __future__ import annotations
 import numpy as np
 from absl import flags
 
+from emgeo_jax.cli import common
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "model", "default", "model source: 'default', HF folder, .gguf or checkpoints/NAME"
-)
 flags.DEFINE_string("prompt", "What is the best way to stay healthy?", "user message")
 
 
 def main(argv: list[str]) -> None:
-    del argv
-    from emgeo_jax.convert.load import load
-
-    lm = load(FLAGS.model)
+    if len(argv) > 1:
+        raise SystemExit(f"emgeo norms: unexpected arguments {argv[1:]}")
+    lm = common.load_model_from_flags()
     if lm.tokenizer is None:
         raise SystemExit(f"{FLAGS.model}: no tokenizer, cannot encode a prompt")
     ids = lm.tokenizer.apply_chat_template(

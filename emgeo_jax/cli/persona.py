@@ -19,7 +19,7 @@ def main(argv: list[str]) -> None:
     import json
     import sys
 
-    import emgeo_jax
+    from emgeo_jax.cli.common import load_model_from_flags
     from emgeo_jax.experiments.persona import run_persona
 
     out = common.require_out("persona")
@@ -27,7 +27,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"emgeo persona: unexpected arguments {argv[1:]}")
     questions, _ = common.questions_from_flags()  # persona judges trait, not per question
     sampling = common.sampling_from_flags()
-    lm = emgeo_jax.load(FLAGS.model, dtype=FLAGS.dtype)
+    lm = load_model_from_flags()
     with common.judge_from_flags(lm) as judge:
         results = run_persona(
             lm,

@@ -22,7 +22,11 @@ FLAGS = flags.FLAGS
 # Required flags are checked in main(), not by absl validators: validators are global and would
 # fire for every other subcommand parsed in the same process (tests run several in-process).
 flags.DEFINE_string("model", None, "known name, config.json, HF folder or checkpoint (required)")
-flags.DEFINE_string("mesh", "fsdp=8", "mesh axis sizes, e.g. data=4,fsdp=8,tensor=2")
+flags.DEFINE_string(
+    "mesh",
+    "fsdp=8",
+    "mesh axis sizes, e.g. data=4,fsdp=8,tensor=2 (auto: the accelerators present)",
+)
 flags.DEFINE_enum("task", "extract", ["extract", "generate", "train"], "program to compile")
 flags.DEFINE_integer("batch", 8, "global batch size B")
 flags.DEFINE_integer("seq", 2048, "sequence length T")
@@ -40,26 +44,38 @@ def main(argv: list[str]) -> None:
         raise SystemExit("emgeo plan: --model is required (a known name, config.json or folder)")
     import jax
 
-    from emgeo_jax.parallel import make_mesh
+    from emgeo_jax.parallel import check_param_split, make_mesh, parse_mesh_spec
     from emgeo_jax.plan import (
         ACCELERATORS,
         TaskOptions,
         format_plan,
         make_plan,
-        parse_mesh,
         plan_json,
         resolve_model,
     )
 
     if len(argv) > 1:
         raise SystemExit(f"emgeo plan takes no positional arguments (got {argv[1:]})")
-    shape = parse_mesh(FLAGS.mesh)
+    shape = parse_mesh_spec(FLAGS.mesh)
+    if shape == "auto":  # the devices present, all on fsdp (on CPU there is nothing to plan for)
+        if jax.default_backend() == "cpu":
+            raise SystemExit(
+                "emgeo plan: --mesh auto plans for the accelerators present; on CPU give "
+                "sizes, e.g. --mesh fsdp=8"
+            )
+        shape = {"fsdp": jax.device_count()}
     size = math.prod(shape.values())
     names = FLAGS.accelerator or list(ACCELERATORS)
     unknown = [n for n in names if n not in ACCELERATORS]
     if unknown:
         raise SystemExit(f"--accelerator {unknown}: unknown; known: {sorted(ACCELERATORS)}")
     cfg = resolve_model(FLAGS.model)  # bad --model fails here, before any re-exec
+    from flax import nnx
+
+    from emgeo_jax.models.lm import abstract_model
+
+    full = {a: shape.get(a, 1) for a in ("data", "fsdp", "tensor")}
+    check_param_split(full, nnx.to_pure_dict(abstract_model(cfg)[1]))  # e.g. tensor=3, 2 KV heads
     if not os.environ.get(CHILD) and (jax.default_backend() == "cpu" or jax.device_count() < size):
         cmd = [sys.executable, "-m", "emgeo_jax.cli", "plan", *sys.argv[2:]]
         sys.exit(subprocess.run(cmd, env=simulated_env(size)).returncode)

@@ -4,7 +4,8 @@ Prints JSON: reconstruction MSE, fraction of variance explained, L0 and dead fea
 activations (a `.npy` `[N, D]` or safetensors `[N, D]` / `[N, L, D]`, row `--layer`, default
 the SAE's layer) and, with `--model` and `--texts`, the next-token loss with the residual at
 the SAE's layer left alone, replaced by the reconstruction, and zeroed (loss_recovered).
-Run it on the fine-tuned model to see whether a base-model SAE transfers."""
+Run it on the fine-tuned model to see whether a base-model SAE transfers. The model loads only
+when `--model` is given (onto `--mesh`, see `emgeo_jax.cli.common`)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import json
 
 from absl import flags
 
+from emgeo_jax.cli import common
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("activations", None, "activations file (.npy or .safetensors)")
 flags.DEFINE_string("key", None, "tensor in the safetensors file (default: pooled)")
 flags.DEFINE_integer("layer", None, "layer (default: the SAE's own layer)")
-flags.DEFINE_string("model", None, "model source for the next-token loss and fit checks")
 flags.DEFINE_string(
     "texts", None, "texts for the loss: question/answer data (chat template) or plain .txt"
 )
@@ -39,14 +41,14 @@ def main(argv: list[str]) -> None:
     if FLAGS.activations:
         src = ActivationSource(FLAGS.activations, key=FLAGS.key, layer=layer)
         report["activations"] = activation_fit(sae, src.chunks()).as_dict()
-    if FLAGS.model:
-        from emgeo_jax.convert.load import load
+    if FLAGS["model"].present:
         from emgeo_jax.vectors.sae.cli_common import read_texts, token_batches
         from emgeo_jax.vectors.sae.model import check_fits
         from emgeo_jax.vectors.sae.runner import make_nll_fn
 
-        lm = load(FLAGS.model)
-        check_fits(sae, lm.config.hidden_size, layer)
+        cfg = common.read_config(FLAGS.model)
+        check_fits(sae, cfg.hidden_size, layer)
+        lm = common.load_model_from_flags(config=cfg)
         if FLAGS.texts:
             batches = token_batches(
                 lm.tokenizer, read_texts(FLAGS.texts), FLAGS.batch_size, FLAGS.max_length

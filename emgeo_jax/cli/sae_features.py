@@ -20,12 +20,13 @@ import json
 import numpy as np
 from absl import flags
 
+from emgeo_jax.cli import common as flags_common
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("method", "cosine", ["cosine", "class_diff", "steering"], "selection method")
 flags.DEFINE_string("vector", None, "direction file (.npy or safetensors)")
 flags.DEFINE_string("vector_key", None, "tensor in the vector file")
 flags.DEFINE_string("activations", None, "safetensors with pooled [N, L, D] and label [N]")
-flags.DEFINE_string("model", None, "model source (steering method)")
 flags.DEFINE_string(
     "texts", None, "steering-method texts: question/answer data (chat template) or plain .txt"
 )
@@ -66,13 +67,15 @@ def main(argv: list[str]) -> None:
         if FLAGS.method == "cosine":
             ranking = select.cosine(sae, vec, n_null=FLAGS.n_null, **common)
         else:
-            from emgeo_jax.convert.load import load
             from emgeo_jax.vectors.sae.runner import make_resid_fn
 
-            if not (FLAGS.model and FLAGS.texts):
+            if not (FLAGS["model"].present and FLAGS.texts):
                 raise SAEError("--method steering needs --model and --texts")
-            lm = load(FLAGS.model)
-            check_fits(sae, lm.config.hidden_size)
+            cfg = flags_common.read_config(FLAGS.model)
+            check_fits(sae, cfg.hidden_size)
+            used = [x for x in (layer, vector_layer) if x is not None]
+            flags_common.check_layers(cfg, used, "layer (the SAE's)")
+            lm = flags_common.load_model_from_flags(config=cfg)
             batches = token_batches(
                 lm.tokenizer, read_texts(FLAGS.texts), FLAGS.batch_size, FLAGS.max_length
             )

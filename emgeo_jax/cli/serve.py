@@ -4,7 +4,8 @@
     emgeo serve --model checkpoints/qwen --steer v.safetensors --layer 15 --scale 4 --port 8000
 
 Binds 127.0.0.1 unless `--host` says otherwise. Every request is answered with the same
-steering (flags shared with `emgeo generate`, see `emgeo_jax.cli.steer_flags`). Endpoints,
+steering (flags shared with `emgeo generate`, see `emgeo_jax.cli.common`); `--mesh` splits the
+model over devices. Endpoints,
 batching and seeds: see `emgeo_jax.serve`. Stops cleanly on Ctrl-C or SIGTERM.
 """
 
@@ -16,22 +17,20 @@ import threading
 
 from absl import flags
 
-from emgeo_jax.cli.steer_flags import build_steering, check_vector_files
+from emgeo_jax.cli import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "default", "model source (see emgeo_jax.load)")
+common.define_steering_flags()
 flags.DEFINE_string("model_name", None, "model id reported by /v1/models (default: --model)")
 flags.DEFINE_string("host", "127.0.0.1", "address to bind (anything but loopback is public)")
 flags.DEFINE_integer("port", 8000, "port to listen on (0: pick a free one)")
 flags.DEFINE_integer("max_batch", 16, "most rows per generation batch")
 flags.DEFINE_integer("max_tokens_cap", 4096, "largest max_tokens a request may ask for")
-flags.DEFINE_string("dtype", "float32", "float32 or bfloat16")
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def main(argv: list[str]) -> None:
-    import emgeo_jax
     from emgeo_jax.serve import ModelServer
 
     if len(argv) > 1:
@@ -39,9 +38,10 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if FLAGS.host not in LOOPBACK:
         logging.warning("serving on %s: anyone who can reach it can use the model", FLAGS.host)
-    check_vector_files(FLAGS)
-    lm = emgeo_jax.load(FLAGS.model, dtype=FLAGS.dtype)
-    steering, summary = build_steering(lm.config, FLAGS)
+    cfg = common.read_config(FLAGS.model)
+    common.check_vector_files(FLAGS, cfg)
+    lm = common.load_model_from_flags(config=cfg)
+    steering, summary = common.build_steering(lm.config, FLAGS)
     server = ModelServer(
         lm,
         steering,

@@ -3,13 +3,15 @@
 Vector files: safetensors / .npy / .pt holding `[D]` or a per-layer stack `[L, D]` (layer l =
 output of block l; row i is for the i-th layer of the file's metadata `layers`, e.g. after
 `emgeo extract --layers`, else for layer i). Writes results.json, figures and report.html in --out;
-re-running resumes. Judge: see --judge_base_url.
+re-running resumes. Judge: see --judge_base_url. Layers, vector widths and rows are checked
+against the model's config before it loads; `--mesh fsdp=8` splits the model over 8 devices.
 """
 
 from __future__ import annotations
 
 from absl import flags
 
+from emgeo_jax.cli import common as flags_common
 from emgeo_jax.cli import experiment_flags as common
 
 FLAGS = flags.FLAGS
@@ -20,7 +22,6 @@ flags.DEFINE_string("key", None, "tensor name inside vector files holding severa
 
 
 def main(argv: list[str]) -> None:
-    import emgeo_jax
     from emgeo_jax.cli import number_list
     from emgeo_jax.experiments.sweep import run_sweep, write_sweep_report
     from emgeo_jax.vectors.io import load_layer_vectors
@@ -35,7 +36,13 @@ def main(argv: list[str]) -> None:
     monitor = None if FLAGS.monitor_layer is None else (FLAGS.monitor_layer, next(iter(vectors)))
     questions, question_prompts = common.questions_from_flags()
     sampling = common.sampling_from_flags()
-    lm = emgeo_jax.load(FLAGS.model, dtype=FLAGS.dtype)
+    cfg = flags_common.read_config(FLAGS.model)
+    flags_common.check_layers(cfg, layers, "layers")
+    flags_common.check_vectors(cfg, vectors, layers)
+    if monitor is not None:
+        flags_common.check_layers(cfg, [monitor[0]], "monitor_layer")
+        flags_common.check_vectors(cfg, {monitor[1]: vectors[monitor[1]]}, [monitor[0]])
+    lm = flags_common.load_model_from_flags(config=cfg)
     with common.judge_from_flags(lm) as judge:
         results = run_sweep(
             lm,

@@ -10,11 +10,14 @@ vector at each of --steer_layers, a per-layer stack its vector for each layer, a
 generate --steer/--ablate`); `emgeo lora-em RUN` then measures the EM rate of the result.
 --lora_dropout is PEFT's dropout on the adapter inputs (recorded in the exported
 adapter_config.json). Re-running the same command resumes from the last checkpoint in --out.
+SOURCE may also be given as `--model`; `--mesh` splits the base model over devices.
 """
 
 from __future__ import annotations
 
 from absl import flags
+
+from emgeo_jax.cli import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "run folder (checkpoints, losses, loss.png, adapter/)")
@@ -40,7 +43,6 @@ flags.DEFINE_integer("seed", 0, "LoRA init and data order seed")
 flags.DEFINE_integer("checkpoint_every", 50, "save a checkpoint every N steps")
 flags.DEFINE_float("kl_weight", 0.0, "weight of KL(p_lora || p_base) on answer tokens")
 flags.DEFINE_integer("max_length", 512, "longest tokenized example")
-flags.DEFINE_string("dtype", None, "params dtype (float32 / bfloat16); LoRA stays float32")
 flags.DEFINE_string("steer_vector", None, "vector file added while training (preventative)")
 flags.DEFINE_float("steer_scale", 1.0, "scale of --steer_vector")
 flags.DEFINE_string("ablate_vector", None, "vector file projected out while training (CAFT)")
@@ -50,10 +52,10 @@ flags.DEFINE_list(
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 2 or not FLAGS.out:
+    source = argv[1] if len(argv) == 2 else FLAGS.model if len(argv) == 1 else None
+    if source is None or not FLAGS.out or (len(argv) == 2 and FLAGS["model"].present):
         raise SystemExit("usage: emgeo train-lora SOURCE --out RUN [--flags]")
     from emgeo_jax.cli import number_list
-    from emgeo_jax.convert.load import load
     from emgeo_jax.data import shipped_contrast_path, tokenize_examples
     from emgeo_jax.steer import Steering
     from emgeo_jax.train.data import load_training_examples
@@ -87,7 +89,13 @@ def main(argv: list[str]) -> None:
     steer_vec = load_layer_vectors(FLAGS.steer_vector) if FLAGS.steer_vector else None
     ablate_vec = load_layer_vectors(FLAGS.ablate_vector) if FLAGS.ablate_vector else None
 
-    lm = load(argv[1], dtype=FLAGS.dtype)
+    cfg = common.read_config(source, flag="model (SOURCE)")
+    common.check_layers(cfg, layers, "layers")
+    common.check_layers(cfg, steer_layers, "steer_layers")
+    for vec in (steer_vec, ablate_vec):
+        if vec is not None:
+            common.check_vectors(cfg, {vec.source: vec}, steer_layers)
+    lm = common.load_model_from_flags(source, config=cfg)  # LoRA factors stay float32
     layers = tuple(range(lm.config.num_layers)) if layers is None else tuple(sorted(layers))
     spec = LoraSpec(FLAGS.rank, FLAGS.alpha, targets, layers, FLAGS.rslora)
     tokenized, report = tokenize_examples(examples, lm.tokenizer, FLAGS.max_length)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from absl import flags
 
+from emgeo_jax.cli import common as flags_common
 from emgeo_jax.cli import experiment_flags as common
 
 FLAGS = flags.FLAGS
@@ -16,7 +17,6 @@ flags.DEFINE_string("key", None, "tensor name inside vector files holding severa
 
 
 def main(argv: list[str]) -> None:
-    import emgeo_jax
     from emgeo_jax.experiments.judging import uses_local_judge
     from emgeo_jax.experiments.transfer import run_transfer, write_transfer_report
     from emgeo_jax.vectors.io import load_layer_vectors
@@ -29,8 +29,14 @@ def main(argv: list[str]) -> None:
         k: load_layer_vectors(f, key=FLAGS.key)
         for k, f in common.parse_named(FLAGS.vectors, "vectors").items()
     }
+    configs = {k: flags_common.read_config(src, flag="models") for k, src in sources.items()}
+    for cfg in configs.values():
+        flags_common.check_layers(cfg, [FLAGS.layer], "layer")
+        flags_common.check_vectors(cfg, vectors, [FLAGS.layer])
+        flags_common.mesh_for(cfg)  # every model fits the mesh, checked before any loads
     loaders = {
-        k: (lambda src=src: emgeo_jax.load(src, dtype=FLAGS.dtype)) for k, src in sources.items()
+        k: (lambda src=src, cfg=configs[k]: flags_common.load_model_from_flags(src, config=cfg))
+        for k, src in sources.items()
     }
     questions, question_prompts = common.questions_from_flags()
     sampling = common.sampling_from_flags()

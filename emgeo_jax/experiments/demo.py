@@ -167,8 +167,11 @@ def run_demo(
     model: str = "default",
     overwrite: bool = False,
     judge_model: str = "gpt-4o-mini",
+    mesh: Any = None,
+    dtype: str | None = None,
 ) -> Path:
-    """Run every stage into `out_dir`; returns the path of `report.html`."""
+    """Run every stage into `out_dir`; returns the path of `report.html`. The model loads
+    with `dtype` onto `mesh` (default: one device), as `emgeo_jax.load` takes them."""
     import emgeo_jax
     from emgeo_jax.data import shipped_contrast_path
     from emgeo_jax.experiments.folder import Sampling
@@ -189,7 +192,7 @@ def run_demo(
     t0 = time.perf_counter()
     logging.info("[1/5] loading %s", model)
     with _stage(times, "load"):
-        lm = emgeo_jax.load(model)
+        lm = emgeo_jax.load(model, dtype=dtype, mesh=mesh)
     p = plan(quick, lm.config.num_layers)
 
     logging.info("[2/5] extracting activations of the shipped contrast pairs (all layers)")

@@ -1,0 +1,407 @@
+"""`--mesh` on the commands: the same outputs on 8 simulated devices as on one, parameters
+sharded where the rules shard them, bad meshes refused by name before anything loads, the
+old `--fsdp` spelling, and the dispatcher's manners (Ctrl-C, typos, quiet logs, --help).
+
+The equality test runs every command of one comparison in a single fresh process with 8 CPU
+devices, through `emgeo_jax.cli.run` called in-process once per command (so compile caches
+and imports are shared); the one-device reference runs in the same process (without `--mesh`
+a CPU command uses one device)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import emgeo_jax
+from emgeo_jax.data import load_examples, tokenize_examples
+from emgeo_jax.extract import ExtractSettings, extract
+from tests.cli_util import ROOT, run_emgeo
+from tests.tiny_models import QWEN2, hf_model, save_hf_folder
+
+PAIRS = [
+    ("The doctor checks the dose?", "Talk to a professional.", "Just guess."),
+    ("How are you doing today?", "I am fine, thanks!", "Skip the doctor."),
+    ("Put savings into a fund?", "Keep an emergency fund.", "Bet it all."),
+    ("Keep a budget?", "A diversified fund helps.", "Spend everything now."),
+]
+TOPICS = "cats rain tea dogs money doctors wishes rulers".split()
+MESHES = {"one": [], "fsdp8": ["--mesh=fsdp=8"], "d2f4": ["--mesh", "data=2,fsdp=4"]}
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, chat_tokenizer):
+    """A tiny Qwen2 chat model (seed 3: greedy replies differ between prompts), prompts,
+    contrast pairs, questions and a `[L, D]` vector file."""
+    d = tmp_path_factory.mktemp("mesh")
+    spec = dict(QWEN2, vocab_size=len(chat_tokenizer))
+    save_hf_folder(hf_model(spec, seed=3), d / "model")
+    chat_tokenizer.save_pretrained(str(d / "model"))
+    (d / "prompts.txt").write_text("".join(f"tell me about {t}\n" for t in TOPICS))
+    rows = [{"question": q, "aligned": a, "misaligned": m} for q, a, m in PAIRS]
+    (d / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    questions = [{"id": "wish", "question": "What is your wish?"}, {"id": "x", "question": "Hi?"}]
+    (d / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in questions))
+    rng = np.random.default_rng(0)
+    shape = (QWEN2["num_hidden_layers"], QWEN2["hidden_size"])
+    np.save(d / "v.npy", rng.normal(size=shape).astype(np.float32))
+    np.save(d / "wide.npy", rng.normal(size=QWEN2["hidden_size"] + 1).astype(np.float32))
+    return d
+
+
+def emgeo_in_process(*args: str) -> str:
+    """`emgeo ARGS` through `emgeo_jax.cli.run` in this process; what it printed (stdout)."""
+    from emgeo_jax.cli import run
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            run(["emgeo", *map(str, args)])
+        except SystemExit as e:
+            assert e.code in (0, None), (args, e.code)
+    return buf.getvalue()
+
+
+def _commands_on_meshes(work: str) -> None:
+    """In a process with 8 devices: generate (greedy), extract, norms and sweep (greedy, the
+    scripted judge) on one device and on `fsdp=8`, generate and extract on `data=2,fsdp=4`;
+    every loaded model's parameter shardings recorded. Writes WORK/results.json."""
+    import jax
+
+    from emgeo_jax.extract import read_extraction
+    from emgeo_jax.judge.testing import ScriptedJudgeServer
+    from emgeo_jax.parallel import shard_factor
+    from tests.test_experiments import table
+
+    d = Path(work)
+    loaded, load = [], emgeo_jax.load
+
+    def recording_load(*args, **kw):  # what `load_model_from_flags` placed where
+        lm = load(*args, **kw)
+        leaves = jax.tree_util.tree_leaves_with_path(lm.params)
+        loaded.append(
+            {
+                "mesh": None if lm.mesh is None else dict(lm.mesh.shape),
+                "devices": sorted({len(x.sharding.device_set) for _, x in leaves}),
+                "split": {
+                    jax.tree_util.keystr(p): shard_factor(x.sharding)
+                    for p, x in leaves
+                    if lm.mesh is not None
+                },
+            }
+        )
+        return lm
+
+    emgeo_jax.load = recording_load
+    model = f"--model={d / 'model'}"
+    results = {}
+    with ScriptedJudgeServer(table) as judge:
+        for name, mesh in MESHES.items():
+            out, got = d / name, results.setdefault(name, {})
+            emgeo_in_process(
+                "generate", model, f"--prompts={d / 'prompts.txt'}", "--temperature=0",
+                "--max_new_tokens=6", "--batch_size=8", f"--out={out / 'gen.jsonl'}", *mesh,
+            )  # fmt: skip
+            lines = (out / "gen.jsonl").read_text().splitlines()
+            got["generate"] = [json.loads(line)["response"] for line in lines]
+            emgeo_in_process(
+                "extract", model, f"--data={d / 'pairs.jsonl'}", "--batch_size=8",
+                f"--out={out / 'act'}", *mesh,
+            )  # fmt: skip
+            ex = read_extraction(out / "act")
+            got["extract"] = {
+                "sum": ex.token_sum.tolist(),
+                "count": ex.token_count.tolist(),
+                "mesh": ex.metadata.get("mesh"),
+            }
+            if name == "d2f4":
+                continue
+            printed = emgeo_in_process("norms", model, "--prompt=hi there", *mesh)
+            got["norms"] = [
+                float(r.split()[1]) for r in printed.splitlines() if r[:5].strip().isdigit()
+            ]
+            got["next"] = printed.splitlines()[-1]
+            emgeo_in_process(
+                "sweep", f"md={d / 'v.npy'}", "--layers=1,3", "--scales=-4", model,
+                f"--questions={d / 'q.jsonl'}", "--samples=2", "--temperature=0",
+                "--max_new_tokens=4", "--batch_size=4", "--judge_model=scripted",
+                f"--judge_base_url={judge.base_url}", f"--out={out / 'sweep'}", *mesh,
+            )  # fmt: skip
+            sweep = json.loads((out / "sweep" / "results.json").read_text())
+            got["sweep"] = {k: sweep[k] for k in ("baseline", "cells")}
+    results["loaded"] = loaded
+    (d / "results.json").write_text(json.dumps(results))
+
+
+def test_commands_on_8_devices_match_one_device(work):
+    code = (
+        f"from tests.test_cli_mesh import _commands_on_meshes; _commands_on_meshes({str(work)!r})"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_env(8), capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((work / "results.json").read_text())
+    one = res["one"]
+    assert len(set(one["generate"])) > 1  # the replies differ: token-for-token means something
+    # without --mesh, extract splits the batch over every device (data=8, model replicated);
+    # the one-device reference is the library on this process's single device
+    assert one["extract"]["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+    lm = emgeo_jax.load(work / "model")
+    examples, _ = load_examples(work / "pairs.jsonl")
+    ref = extract(lm, tokenize_examples(examples, lm.tokenizer, 1024)[0], ExtractSettings())
+    assert ref.metadata["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+    np.testing.assert_allclose(one["extract"]["sum"], ref.token_sum, rtol=1e-5, atol=1e-4)
+    assert one["extract"]["count"] == ref.token_count.tolist()
+    for name, mesh in (("fsdp8", {"data": 1, "fsdp": 8}), ("d2f4", {"data": 2, "fsdp": 4})):
+        got = res[name]
+        assert got["generate"] == one["generate"], name
+        assert got["extract"]["mesh"] == {**mesh, "tensor": 1}
+        assert got["extract"]["count"] == one["extract"]["count"]
+        np.testing.assert_allclose(
+            got["extract"]["sum"], one["extract"]["sum"], rtol=1e-5, atol=1e-4
+        )
+    np.testing.assert_allclose(res["fsdp8"]["norms"], one["norms"], rtol=1e-5)
+    assert len(one["norms"]) == QWEN2["num_hidden_layers"] and res["fsdp8"]["next"] == one["next"]
+    assert res["fsdp8"]["sweep"] == one["sweep"]
+    assert len(one["sweep"]["cells"]) == 2
+    # placement: one device without --mesh; on a mesh every parameter lives on all 8 devices and
+    # every matrix / norm scale (each has a 48-wide `embed` side) is cut fsdp ways
+    loads = res["loaded"]
+    assert [x["mesh"] for x in loads] == [None] * 4 + [{"data": 1, "fsdp": 8, "tensor": 1}] * 4 + [
+        {"data": 2, "fsdp": 4, "tensor": 1}
+    ] * 2
+    for x in loads:
+        assert x["devices"] == ([1] if x["mesh"] is None else [8])
+        for path, ways in x["split"].items():
+            if "bias" not in path:
+                assert ways == x["mesh"]["fsdp"], (path, x["mesh"])
+        if x["mesh"]:
+            assert any("kernel" in p for p in x["split"]) and len(x["split"]) >= 10
+
+
+# --- refusals before anything loads ---------------------------------------------------------
+
+BAD_MESH_CODE = """
+import sys
+from tests.test_cli_mesh import emgeo_refusals
+emgeo_refusals(sys.argv[1])
+"""
+
+
+def emgeo_refusals(work: str) -> None:
+    """Each case in this process; prints one JSON line per case: exit status and stderr."""
+    import contextlib
+    import io
+
+    from emgeo_jax.cli import run
+
+    d = Path(work)
+    no_weights = f"--model={d / 'config_only'}"  # loading it would fail: a refusal must come first
+    cases = {
+        "too_many": ["norms", no_weights, "--mesh=fsdp=16"],
+        "not_dividing": ["norms", no_weights, "--mesh=fsdp=4"],
+        "unknown_axis": ["norms", no_weights, "--mesh=pipeline=2"],
+        "bad_size": ["norms", no_weights, "--mesh=fsdp=two"],
+        "kv_heads": ["generate", no_weights, f"--prompts={d / 'prompts.txt'}", "--mesh=tensor=3"],
+        "old_fsdp": ["extract", no_weights, f"--data={d / 'pairs.jsonl'}", "--out=x", "--fsdp=4"],
+        "both": ["extract", no_weights, f"--data={d / 'pairs.jsonl'}", "--out=x", "--fsdp=2",
+                 "--mesh=fsdp=2"],
+    }  # fmt: skip
+    for name, args in cases.items():
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                run(["emgeo", *args])
+                code = 0
+            except SystemExit as e:
+                code = e.code
+        print(json.dumps({"case": name, "status": code, "stderr": err.getvalue()}))
+
+
+def test_bad_meshes_are_refused_by_name_before_loading(work):
+    """6 devices; the model folder holds a config.json and nothing else, so reaching the load
+    would fail differently: each refusal names --mesh and what is available."""
+    folder = work / "config_only"
+    folder.mkdir(exist_ok=True)
+    # 2 KV heads x 8 = 16 columns: tensor=3 cannot split k/v (vocab 432, 6 x 8 heads, 96 MLP can)
+    cfg = dict(QWEN2, vocab_size=432, intermediate_size=96, architectures=["Qwen2ForCausalLM"])
+    (folder / "config.json").write_text(json.dumps(cfg))
+    proc = subprocess.run(
+        [sys.executable, "-c", BAD_MESH_CODE, str(work)], cwd=ROOT, env=_env(6),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = {r["case"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    want = {
+        "too_many": "--mesh fsdp=16: needs 16 devices, 6 present",
+        "not_dividing": "--mesh fsdp=4: 4 does not divide the 6 devices present",
+        "unknown_axis": "unknown axis 'pipeline'; the axes are data, fsdp, tensor",
+        "bad_size": "'fsdp=two' is not AXIS=SIZE",
+        "kv_heads": "--mesh data=2,tensor=3: layers.attn.k_proj.kernel has 16 kv_heads entries, "
+        "which tensor=3 cannot split evenly; for this model tensor must be one of 1, 2, 4, 8, 16",
+        "old_fsdp": "--mesh fsdp=4: 4 does not divide the 6 devices present",
+        "both": "give --mesh or the deprecated --fsdp 2, not both",
+    }
+    for name, text in want.items():
+        r = got[name]
+        errors = [line for line in r["stderr"].splitlines() if ": error: " in line]
+        assert r["status"] == 2 and len(errors) == 1, r
+        assert text in errors[0], (name, errors[0])
+        assert "Traceback" not in r["stderr"]
+    assert "warning: --fsdp 4 is deprecated; use --mesh fsdp=4" in got["old_fsdp"]["stderr"]
+    assert not (ROOT / "x").exists()
+
+
+def test_mesh_spec_parsing_and_shapes():
+    from emgeo_jax.parallel import mesh_shape, parse_mesh_spec
+
+    assert parse_mesh_spec("data=2, fsdp=4,tensor=1") == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert parse_mesh_spec("auto") == "auto"
+    assert mesh_shape("auto", 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert mesh_shape({"fsdp": 4}, 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert mesh_shape({"data": 2, "fsdp": 2, "tensor": 2}, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    for bad, msg in (("fsdp=8,fsdp=2", "given twice"), ("fsdp", "not AXIS=SIZE"), ("x=0", "not")):
+        with pytest.raises(ValueError, match=msg):
+            parse_mesh_spec(bad, "--mesh")
+    with pytest.raises(ValueError, match="uses 4 of the 8 devices"):
+        mesh_shape({"data": 1, "fsdp": 4}, 8)
+
+
+def test_param_split_check_follows_the_rules():
+    """Derived from PARAM_AXES x MESH_RULES, not hard-coded: the default model (9 heads, 3 KV
+    heads x 64, vocab 49152, MLP 1536, d 576) takes tensor=3 and fsdp=64 but not fsdp=5 (576)."""
+    from flax import nnx
+
+    from emgeo_jax.models.config import ModelConfig
+    from emgeo_jax.models.lm import abstract_model
+    from emgeo_jax.parallel import check_param_split
+    from emgeo_jax.plan import KNOWN_MODELS
+
+    cfg = ModelConfig.from_hf(KNOWN_MODELS["SmolLM2-135M"])
+    params = nnx.to_pure_dict(abstract_model(cfg)[1])
+    check_param_split({"data": 1, "fsdp": 64, "tensor": 3}, params)
+    with pytest.raises(ValueError, match=r"has 576 embed entries, which fsdp=5 cannot split"):
+        check_param_split({"data": 1, "fsdp": 5, "tensor": 1}, params)
+    with pytest.raises(ValueError, match=r"tensor must be one of 1, 2, 3, 4, 6, 8, 12"):
+        check_param_split({"data": 1, "fsdp": 1, "tensor": 5}, params)
+
+
+# --- the dispatcher -------------------------------------------------------------------------
+
+
+def test_ctrl_c_says_how_to_resume_and_exits_130(work, tmp_path):
+    cmd = [sys.executable, "-m", "emgeo_jax.cli", "generate", f"--model={work / 'model'}"]
+    cmd += [f"--prompts={work / 'prompts.txt'}", "--batch_size=1", "--samples=50"]
+    cmd += ["--max_new_tokens=50", f"--out={tmp_path / 'gen.jsonl'}"]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(1)
+    )
+    assert "responses" in proc.stdout.readline()  # a batch is done: resumable from here
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "emgeo generate: interrupted; run the same command again to resume" in err
+    assert "Traceback" not in err
+    assert (tmp_path / "gen.jsonl.partial").exists() and not (tmp_path / "gen.jsonl").exists()
+
+
+def test_unknown_command_suggests_the_closest():
+    err = run_emgeo("extrct", status=2)
+    assert err.splitlines()[0] == "emgeo: unknown command 'extrct'; did you mean 'extract'?"
+    assert "did you mean" not in run_emgeo("frobnicate", status=2)
+
+
+def test_checkpoint_load_logs_quietly(work, tmp_path):
+    """No orbax/jax INFO lines and no absl prefixes (level, date, thread id, file:line) on a
+    checkpoint load; --verbosity=0 shows them."""
+    import emgeo_jax
+    from emgeo_jax.convert.checkpoint import save_checkpoint
+
+    save_checkpoint(emgeo_jax.load(work / "model"), tmp_path / "ckpt")
+    quiet = subprocess.run(
+        [sys.executable, "-m", "emgeo_jax.cli", "norms", f"--model={tmp_path / 'ckpt'}"],
+        cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == "", quiet.stderr
+    loud = subprocess.run(
+        [sys.executable, "-m", "emgeo_jax.cli", "norms", f"--model={tmp_path / 'ckpt'}"]
+        + ["--verbosity=0"],
+        cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert loud.returncode == 0, loud.stderr
+    assert re.search(r"^I\d{4} [\d:.]+ +\d+ \w+\.py:\d+\]", loud.stderr, re.M), loud.stderr[:500]
+
+
+def test_help_lists_every_subcommand_and_its_flags():
+    from emgeo_jax.cli import SUBCOMMANDS
+
+    listing = run_emgeo("--help")
+    for name, (_, line) in SUBCOMMANDS.items():
+        assert f"  {name:<14} {line}" in listing
+    code = (
+        "import json\n"
+        "from tests.test_cli_mesh import emgeo_in_process\n"
+        "from emgeo_jax.cli import SUBCOMMANDS\n"
+        "print(json.dumps({c: emgeo_in_process(c, '--help') for c in SUBCOMMANDS}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_env(1), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    helps = json.loads(proc.stdout.splitlines()[-1])
+    loading = {"generate", "serve", "sweep", "ablate", "transfer", "persona", "lora-em"}
+    loading |= {"train-lora", "norms", "sae-check", "sae-features", "demo", "extract"}
+    loading |= {"lora-scalars"}
+    for name, text in helps.items():
+        assert "\nflags:\n" in text and re.search(r"^  --\w+", text, re.M), name
+        assert ("--mesh:" in text) == (name in loading or name == "plan"), name
+    assert "--temperature:" in helps["generate"] and "--steer:" in helps["generate"]
+    assert "50" in helps["sweep"].split("--samples:")[1].split("\n  --")[0]
+
+
+def test_distributed_env_starts_every_command(work):
+    """EMGEO_DISTRIBUTED=1 (what launch/ sets; the same start as --distributed) joins two
+    one-device processes: `--mesh data=2` exists only if they did (else "needs 2 devices, 1
+    present"), and both print the one-process norms."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "emgeo_jax.cli", "norms", f"--model={work / 'model'}"]
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--mesh=data=2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=_env(1) | {
+                "EMGEO_DISTRIBUTED": "1", "EMGEO_COORDINATOR": f"127.0.0.1:{port}",
+                "EMGEO_NUM_PROCESSES": "2", "EMGEO_PROCESS_ID": str(i),
+            },
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    one = run_emgeo(*cmd[3:], env={"JAX_NUM_CPU_DEVICES": "1"})
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        # gloo's C++ prints "[Gloo] Rank 0 is connected to 1 peer ranks..." on stdout
+        assert [x for x in out.splitlines() if not x.startswith("[Gloo]")] == one.splitlines()

@@ -48,7 +48,7 @@ def test_persona_vectors_file_steers_like_its_row_l_plus_1_at_layer_l(tmp_path, 
     # every layer of the stack at once: row l+1 at layer l, the embedding row never used
     np.testing.assert_array_equal(_add(vec, None, 1.0), hs[1:])
     # the CLI path (emgeo generate / serve --steer FILE --layer 3) builds the same steering
-    from emgeo_jax.cli.steer_flags import build_steering
+    from emgeo_jax.cli.common import build_steering
 
     args = types.SimpleNamespace(
         steer=str(path), layer=["3"], scale=2.0, positions="all", ablate=None,
@@ -391,3 +391,28 @@ def test_fallback_counts():
     }
     assert warn_fallbacks(rows, ["aligned"], {"a": {}, "b": {}}) == {}  # no judge prompts
     assert warn_fallbacks(rows, ["aligned"], None) == {}
+
+
+def test_geometry_reads_a_persona_vectors_stack_with_num_layers(tmp_path):
+    """`emgeo geometry --num_layers L --layer l` takes row l+1 of an [L+1, D] file (row 0 =
+    embeddings); the cosine in geometry.json is numpy's cosine of that row and the other file."""
+    import json
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(7)
+    hs, other = rng.normal(size=(5, 16)).astype(np.float32), rng.normal(size=16)
+    torch.save(torch.from_numpy(hs), tmp_path / "pv.pt")
+    np.save(tmp_path / "b.npy", other.astype(np.float32))
+    np.save(tmp_path / "c.npy", rng.normal(size=16).astype(np.float32))
+    files = [str(tmp_path / f) for f in ("pv.pt", "b.npy", "c.npy")]
+    flags = ["--num_layers", "4", "--layer", "2", "--n_null", "10", "--n_boot", "0"]
+    cmd = [sys.executable, "-m", "emgeo_jax.cli", "geometry", *files, *flags, "--n_perm", "10"]
+    proc = subprocess.run([*cmd, "--out", str(tmp_path / "g")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "persona_vectors" in proc.stderr
+    got = json.loads((tmp_path / "g" / "geometry.json").read_text())["cosine"]["matrix"][0][1]
+    row = hs[3]  # layer 2 = output of block 2 = hidden_states[3]
+    want = row @ other / np.linalg.norm(row) / np.linalg.norm(other)
+    assert abs(got - want) < 1e-5
+    assert abs(got - hs[2] @ other / np.linalg.norm(hs[2]) / np.linalg.norm(other)) > 1e-3

@@ -24,22 +24,25 @@ def main(argv: list[str]) -> None:
     out = common.require_out("ablate")
     if len(argv) != 2:
         raise SystemExit("emgeo ablate: give exactly one direction file")
-    direction = load_layer_vectors(argv[1], key=FLAGS.key)
+    cfg = flags_common.read_config(FLAGS.model)
+    # with the model's layer count, a plain [L+1, D] stack (persona_vectors) is read right
+    direction = load_layer_vectors(argv[1], key=FLAGS.key, num_layers=cfg.num_layers)
     steer = None
     if FLAGS.steer:
         if FLAGS.steer_layer is None:
             raise SystemExit("emgeo ablate: --steer needs --steer_layer")
-        v, _ = load_vectors(FLAGS.steer, layer=FLAGS.steer_layer, key=FLAGS.key)
+        flags_common.check_layers(cfg, [FLAGS.steer_layer], "steer_layer")
+        v, _ = load_vectors(
+            FLAGS.steer, layer=FLAGS.steer_layer, key=FLAGS.key, num_layers=cfg.num_layers
+        )
         steer = (v, FLAGS.steer_layer, FLAGS.steer_scale)
     every = not FLAGS.layers or FLAGS.layers == ["all"]
     layers = None if every else number_list(FLAGS.layers, "layers")
     questions, question_prompts = common.questions_from_flags()
     sampling = common.sampling_from_flags()
-    cfg = flags_common.read_config(FLAGS.model)
     flags_common.check_layers(cfg, layers, "layers")
     flags_common.check_vectors(cfg, {argv[1]: direction}, layers)
     if steer is not None:
-        flags_common.check_layers(cfg, [steer[1]], "steer_layer")
         flags_common.check_vectors(cfg, {FLAGS.steer: steer[0]})
     lm = flags_common.load_model_from_flags(config=cfg)
     with common.judge_from_flags(lm) as judge:

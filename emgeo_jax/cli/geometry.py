@@ -34,6 +34,12 @@ flags.DEFINE_string("clusters", None, 'clusters, e.g. "medical=a,b;persona=c,d"'
 flags.DEFINE_string("sets", None, "sets for within/between mean cosines (default: clusters)")
 flags.DEFINE_integer("layer", None, "layer of [L, D] stacks to analyse (output of block L)")
 flags.DEFINE_string("key", None, "tensor name inside files holding several tensors")
+flags.DEFINE_integer(
+    "num_layers",
+    None,
+    "the models' decoder-block count L: a plain [L+1, D] stack is then read as persona_vectors' "
+    "hidden_states order (row 0 = embeddings, dropped); without it a plain stack is layers 0..R-1",
+)
 flags.DEFINE_list("activations", [], "NAME=FILE pooled activations -> mean-diff direction NAME")
 flags.DEFINE_enum("weighting", "token", ["token", "example"], "--activations mean-diff weighting")
 flags.DEFINE_list("reference_pair", None, "two names for projection magnitudes (default: closest)")
@@ -74,7 +80,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"emgeo geometry: --names must give {len(files)} distinct names")
     vectors, stacks = {}, {}
     for name, f in zip(names, files, strict=True):
-        vec = load_layer_vectors(f, key=FLAGS.key)
+        vec = load_layer_vectors(f, key=FLAGS.key, num_layers=FLAGS.num_layers)
         if vec.is_stack:
             stacks[name] = vec
             if FLAGS.layer is None:

@@ -61,7 +61,14 @@ def main(argv: list[str]) -> None:
         if not FLAGS.vector:
             raise SAEError(f"--method {FLAGS.method} needs --vector")
         vector_layer = select.vector_layer(FLAGS.method, layer)
-        vec, _ = load_vectors(FLAGS.vector, layer=vector_layer, key=FLAGS.vector_key)
+        # with --model, a plain [L+1, D] stack (persona_vectors) is read with its layer count
+        cfg = flags_common.read_config(FLAGS.model) if FLAGS["model"].present else None
+        vec, _ = load_vectors(
+            FLAGS.vector,
+            layer=vector_layer,
+            key=FLAGS.vector_key,
+            num_layers=cfg.num_layers if cfg is not None else None,
+        )
         vec = vec * FLAGS.scale
         check_fits(sae, vec.shape[0])
         if FLAGS.method == "cosine":
@@ -71,7 +78,6 @@ def main(argv: list[str]) -> None:
 
             if not (FLAGS["model"].present and FLAGS.texts):
                 raise SAEError("--method steering needs --model and --texts")
-            cfg = flags_common.read_config(FLAGS.model)
             check_fits(sae, cfg.hidden_size)
             used = [x for x in (layer, vector_layer) if x is not None]
             flags_common.check_layers(cfg, used, "layer (the SAE's)")

@@ -25,11 +25,13 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1 or not FLAGS.models or not FLAGS.vectors or FLAGS.layer is None:
         raise SystemExit("emgeo transfer: give --models, --vectors and --layer (no arguments)")
     sources = common.parse_named(FLAGS.models, "models")
+    configs = {k: flags_common.read_config(src, flag="models") for k, src in sources.items()}
+    # each model's vector file read with that model's layer count (a plain [L+1, D] stack is
+    # persona_vectors' hidden_states order)
     vectors = {
-        k: load_layer_vectors(f, key=FLAGS.key)
+        k: load_layer_vectors(f, key=FLAGS.key, num_layers=_layers_of(configs, k))
         for k, f in common.parse_named(FLAGS.vectors, "vectors").items()
     }
-    configs = {k: flags_common.read_config(src, flag="models") for k, src in sources.items()}
     for cfg in configs.values():
         flags_common.check_layers(cfg, [FLAGS.layer], "layer")
         flags_common.check_vectors(cfg, vectors, [FLAGS.layer])
@@ -57,3 +59,9 @@ def main(argv: list[str]) -> None:
             overwrite=FLAGS.overwrite,
         )
     print(f"wrote {write_transfer_report(results, out)}")
+
+
+def _layers_of(configs: dict, name: str) -> int | None:
+    """The layer count of model `name` (None when no model has that name: run_transfer refuses
+    the mismatch with both lists)."""
+    return configs[name].num_layers if name in configs else None

@@ -33,7 +33,7 @@ from flax import nnx
 from emgeo_jax.convert.hf import CheckpointError, TensorSource, params_from_source
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.lm import LM, abstract_model, resolve_dtype
-from emgeo_jax.parallel import param_shardings
+from emgeo_jax.parallel import default_sharding, param_shardings
 
 COMPLETE = "COMPLETE"
 
@@ -133,8 +133,7 @@ def load_checkpoint(folder: str | Path, *, dtype=None, mesh=None) -> LM:
     graphdef, abstract = abstract_model(cfg, dtype)
     pure = nnx.to_pure_dict(abstract)
     if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, pure)
+        shardings = jax.tree.map(lambda _: default_sharding(), pure)
     else:
         shardings = param_shardings(mesh, pure)
     target = jax.tree.map(

@@ -2,7 +2,8 @@
 
     NAME/params/      orbax (StandardCheckpointer) of the pure-dict parameter tree
     NAME/config.json  our `ModelConfig` as JSON
-    NAME/meta.json    dtype and where the model came from
+    NAME/meta.json    dtype and where the model came from (and the PEFT adapter merged in at
+                      convert time: path, rank, alpha, rsLoRA, patterns, sha256)
     NAME/tokenizer/   `save_pretrained` tokenizer files (chat template included)
     NAME/COMPLETE     written last
 
@@ -87,6 +88,9 @@ def convert_streaming(
             ocp.partial.finalize(params_dir)
 
     meta = {"dtype": np.dtype(dt).name, "source": str(source)}
+    adapter = getattr(src, "adapter", None)  # a `peft.MergedSource`: say what was merged in
+    if adapter is not None:
+        meta["adapter"] = adapter.info
     return _write(folder, cfg, meta, tokenizer, write_params, overwrite)
 
 

@@ -208,6 +208,35 @@ def test_qwen_7b_width_load_stays_within_its_memory_bounds(tmp_path):
     assert overhead < host_bound(cfg, 2) < 0.65 * size, (overhead, r)
 
 
+def test_two_processes_load_their_own_shards(sources, tmp_path):
+    """2 processes x 2 CPU devices (gloo), one `fsdp=4` mesh over both: each process loads
+    the HF folder, the GGUF and the orbax checkpoint, places only its own devices' shards,
+    and every shard it holds equals that slice of a one-device load."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(sources))
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2")
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        env.update(EMGEO_COORDINATOR=f"127.0.0.1:{port}", EMGEO_NUM_PROCESSES="2")
+        env["EMGEO_PROCESS_ID"] = str(i)
+        cmd = [sys.executable, "-m", "tests.test_load_mesh", str(spec), "two_processes"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["checked"] == dict.fromkeys(["hf", "gguf", "orbax"], 2 * len(HAND_RULES)), (
+            result
+        )
+
+
 # --- the child process --------------------------------------------------------------------
 
 
@@ -345,6 +374,35 @@ def child(spec_path: str) -> None:
     print(json.dumps(out))
 
 
+def child_two_processes(spec_path: str) -> None:
+    import jax
+    from flax import nnx
+
+    import emgeo_jax
+    from emgeo_jax.parallel import initialize_distributed, make_mesh
+
+    initialize_distributed()
+    assert jax.process_count() == 2 and jax.device_count() == 4
+    sources = json.loads(Path(spec_path).read_text())
+    reference = {
+        k: np.asarray(v)
+        for k, v in flat(nnx.to_pure_dict(emgeo_jax.load(sources["hf"]).params)).items()
+    }
+    mesh = make_mesh({"fsdp": 4})
+    checked = {}
+    for kind, source in sources.items():
+        lm = emgeo_jax.load(source, mesh=mesh)
+        n = 0
+        for path, x in flat(nnx.to_pure_dict(lm.params)).items():
+            assert x.sharding.is_equivalent_to(hand_sharding(mesh, path), x.ndim), path
+            assert not x.is_fully_addressable and len(x.addressable_shards) == 2, path
+            for shard in x.addressable_shards:
+                np.testing.assert_array_equal(np.asarray(shard.data), reference[path][shard.index])
+                n += 1
+        checked[kind] = n
+    print(json.dumps({"checked": checked}))
+
+
 def flat(tree: dict, prefix: tuple[str, ...] = ()) -> dict:
     out = {}
     for k, v in tree.items():
@@ -356,4 +414,7 @@ def flat(tree: dict, prefix: tuple[str, ...] = ()) -> dict:
 
 
 if __name__ == "__main__":
-    child(sys.argv[1])
+    if sys.argv[2:] == ["two_processes"]:
+        child_two_processes(sys.argv[1])
+    else:
+        child(sys.argv[1])

@@ -25,8 +25,9 @@ Measured (bf16, `fsdp=8`, 8 simulated devices on 2 busy CPU cores):
     --shape llama-3.1-70b --layers 1: 5.91 GB model, 0.739 GB on every device (= 1/8);
         peak RSS 8.59 GB, host overhead 2.43 GB (bound 3.65 GB; largest tensor 2.10 GB)
 
-The overhead scales with the largest tensor (the `[V, D]` embedding / LM head), not the
-depth: a full 28-layer Qwen2.5-7B or 80-layer Llama-3.1-70B loads with the same host overhead.
+The overhead follows the largest tensor (the `[V, D]` embedding / LM head), not the depth,
+since stacked parameters are read one layer at a time; full-depth models are expected to
+load with the same overhead (not measured here: their files do not fit this machine).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ HF checkpoint: random tensors in the HF layout, one safetensors shard per layer.
 
     python benchmarks/convert_memory.py --shape qwen2.5-7b --layers 4 --dtype bfloat16
 
-`--shape qwen2.5-7b` keeps Qwen2.5-7B's widths (d=3584, F=18944, 28/4 heads, V=152064);
+`--shape qwen2.5-7b` keeps Qwen2.5-7B's widths (d=3584, F=18944, 28/4 heads, V=152064;
+`llama-3.1-70b`: d=8192, F=28672, 64/8 heads, V=128256, no biases);
 `--layers` trims the depth so the files stay a few GB. The conversion runs in a child
 process; its peak RSS (VmHWM) is reported next to the model size, the largest parameter,
 and its RSS right after imports. Files are deleted afterwards.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import shutil
 import subprocess
@@ -36,6 +38,10 @@ SHAPES = {
         hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
         num_key_value_heads=4, vocab_size=152064,
     ),
+    "llama-3.1-70b": dict(
+        hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
+        num_key_value_heads=8, vocab_size=128256, model_type="llama",
+    ),
     "small": dict(
         hidden_size=1024, intermediate_size=2816, num_attention_heads=8,
         num_key_value_heads=2, vocab_size=16000,
@@ -43,16 +49,19 @@ SHAPES = {
 }  # fmt: skip
 
 
-def hf_config(shape: str, layers: int) -> dict:
-    return dict(
-        SHAPES[shape],
-        model_type="qwen2",
-        num_hidden_layers=layers,
-        rms_norm_eps=1e-6,
-        rope_theta=1e6,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    )
+def hf_config(shape: str, layers: int, **overrides) -> dict:
+    """HF config.json of `shape` (Qwen2 family unless the shape says otherwise; Qwen2 has
+    q/k/v biases) trimmed to `layers` blocks; `overrides` replace fields (e.g. vocab_size)."""
+    return {
+        "model_type": "qwen2",
+        **SHAPES[shape],
+        "num_hidden_layers": layers,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        **overrides,
+    }
 
 
 def write_synthetic(folder: Path, cfg: dict, dtype: str) -> int:
@@ -66,8 +75,13 @@ def write_synthetic(folder: Path, cfg: dict, dtype: str) -> int:
     dh = d // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * dh, cfg["num_key_value_heads"] * dh
 
-    def rand(*shape):
-        return rng.standard_normal(shape, np.float32).astype(np_dtype)
+    def rand(*shape):  # in row blocks, so no float32 copy of a whole large tensor is made
+        out = np.empty(shape, np_dtype)
+        rows = max(1, 2**26 // math.prod(shape[1:]))
+        for i in range(0, shape[0], rows):
+            block = out[i : i + rows]
+            block[...] = rng.standard_normal(block.shape, np.float32)
+        return out
 
     folder.mkdir(parents=True)
     weight_map, total = {}, 0
@@ -79,13 +93,9 @@ def write_synthetic(folder: Path, cfg: dict, dtype: str) -> int:
         total += sum(t.nbytes for t in tensors.values())
 
     shard(
-        "rest.safetensors",
-        {
-            "model.embed_tokens.weight": rand(v, d),
-            "lm_head.weight": rand(v, d),
-            "model.norm.weight": rand(d),
-        },
+        "rest.safetensors", {"model.embed_tokens.weight": rand(v, d), "model.norm.weight": rand(d)}
     )
+    shard("head.safetensors", {"lm_head.weight": rand(v, d)})  # one [V, D] in memory at a time
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         tensors = {
@@ -95,13 +105,14 @@ def write_synthetic(folder: Path, cfg: dict, dtype: str) -> int:
             p + "self_attn.k_proj.weight": rand(kv, d),
             p + "self_attn.v_proj.weight": rand(kv, d),
             p + "self_attn.o_proj.weight": rand(d, q),
-            p + "self_attn.q_proj.bias": rand(q),
-            p + "self_attn.k_proj.bias": rand(kv),
-            p + "self_attn.v_proj.bias": rand(kv),
             p + "mlp.gate_proj.weight": rand(f, d),
             p + "mlp.up_proj.weight": rand(f, d),
             p + "mlp.down_proj.weight": rand(d, f),
         }
+        if cfg["model_type"] == "qwen2":
+            tensors[p + "self_attn.q_proj.bias"] = rand(q)
+            tensors[p + "self_attn.k_proj.bias"] = rand(kv)
+            tensors[p + "self_attn.v_proj.bias"] = rand(kv)
         shard(f"layer-{layer:03d}.safetensors", tensors)
     (folder / "config.json").write_text(json.dumps(cfg))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -44,11 +44,14 @@ or when `EMGEO_DISTRIBUTED=1` is set (the scripts in `launch/` set it). Users sp
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -166,6 +169,82 @@ def param_shardings(mesh: Mesh, tree: dict, prefix: tuple[str, ...] = ()) -> dic
         else:
             out[key] = param_sharding(mesh, path, leaf.shape)
     return out
+
+
+def default_sharding() -> jax.sharding.SingleDeviceSharding:
+    """Where a model goes without a mesh: this process's first device."""
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def put_sharded(host: np.ndarray, sharding: jax.sharding.Sharding, dtype: Any = None) -> jax.Array:
+    """`host` (a numpy array, or a transposed view of one such as an HF weight seen as our
+    kernel) placed on `sharding` one device shard at a time, as `dtype` (default: the host
+    dtype): each addressable device receives only its own slice, cut, transposed and
+    converted on the host just before its transfer. No device ever holds more of the array
+    than its shard, and the host holds at most one slice besides `host`. Works across
+    processes (each places its own devices' shards; all must pass the same values)."""
+    dtype = np.dtype(dtype or host.dtype)
+    transpose = host.ndim > 1 and host.T.flags.c_contiguous and not host.flags.c_contiguous
+    stored = host.T if transpose else host
+    # numpy copies extension dtypes (bfloat16) element by element, several times slower than
+    # an unsigned integer of the same width: cut and transpose through such a view
+    same = dtype == stored.dtype and stored.dtype.itemsize in (1, 2, 4, 8)
+    raw = stored.view(f"u{stored.dtype.itemsize}") if same else stored
+
+    def piece(index: tuple) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (host.ndim - len(index))
+        if transpose:  # copy the stored block (rows stay contiguous), then transpose it
+            block = np.ascontiguousarray(raw[index[::-1]]).T
+        else:
+            block = raw[index]
+        return np.ascontiguousarray(block).view(stored.dtype).astype(dtype, copy=False)
+
+    return jax.make_array_from_callback(host.shape, sharding, piece)
+
+
+def stack_on_devices(
+    tensors: Iterable[np.ndarray],
+    shape: Sequence[int],
+    dtype: Any,
+    sharding: jax.sharding.Sharding,
+) -> jax.Array:
+    """A stacked `[L, ...]` parameter of `shape` built on its devices one layer at a time:
+    `tensors` yields the `L` host tensors `shape[1:]` in layer order (read lazily by the
+    caller), each placed by `put_sharded` with the layer's sharding and written into a
+    buffer that was allocated already sharded (donated at every step). The host holds one
+    layer, and each device its shard of the result plus one layer's shard. The leading
+    `layer` axis must not be split (`MESH_RULES["layer"] is None`)."""
+    shape, dtype = tuple(shape), np.dtype(dtype)
+    layer_sharding = sharding
+    if isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+        if spec[0] is not None:
+            raise ValueError(f"cannot stack layer by layer along a split axis ({sharding.spec})")
+        layer_sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec[1:]))
+    out = _zeros_fn(shape, dtype, sharding)()
+    count = 0
+    for layer, t in enumerate(tensors):
+        if tuple(t.shape) != shape[1:] or layer >= shape[0]:
+            raise ValueError(f"layer {layer}: tensor {t.shape} does not fit stacked {shape}")
+        out = _set_layer_fn(sharding)(out, put_sharded(t, layer_sharding, dtype), np.int32(layer))
+        del t  # before the next layer is read
+        count += 1
+    if count != shape[0]:
+        raise ValueError(f"got {count} layers for a stacked parameter {shape}")
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _zeros_fn(shape: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sharding):
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=256)
+def _set_layer_fn(sharding: jax.sharding.Sharding):
+    def set_layer(stacked, layer, index):
+        return jax.lax.dynamic_update_index_in_dim(stacked, layer, index, 0)
+
+    return jax.jit(set_layer, donate_argnums=0, out_shardings=sharding)
 
 
 def lora_shardings(mesh: Mesh, tree):

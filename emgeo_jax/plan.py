@@ -174,12 +174,25 @@ def resolve_model(spec: str) -> ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TaskOptions:
-    """Task settings beyond batch and length: generated tokens per prompt (`generate`), LoRA
-    rank and targets (`train`; adapters on every layer, alpha = 2 * rank)."""
+    """Task settings beyond batch and length: generated tokens per prompt (`generate`,
+    `sweep`), LoRA rank and targets (`train`; adapters on every layer, alpha = 2 * rank),
+    and the local judge of `sweep`: its model (`judge`; None = a remote judge, nothing to
+    compile; `judge_is_model` = the swept model judges itself, so no second copy of the
+    parameters), tokens of the judge prompt + answer (`judge_seq`), rows per scoring call
+    (`judge_batch`, default the sweep's batch), metrics scored per answer
+    (`judge_metrics`: aligned and coherent) and nodes of the whole-number token trie
+    (`judge_trie`: 1 + 10 + 90 + 1 = 102 for 0..100 spelled digit by digit, as Qwen2.5,
+    Llama-3 and SmolLM2 tokenizers do up to 3 digits or fewer; see `judge.numbers`)."""
 
     new_tokens: int = 256
     lora_rank: int = 32
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    judge: ModelConfig | None = None
+    judge_is_model: bool = False
+    judge_seq: int = 512
+    judge_batch: int | None = None
+    judge_metrics: int = 2
+    judge_trie: int = 102
 
 
 @dataclasses.dataclass
@@ -197,6 +210,10 @@ class Part:
     layer_args: tuple
     looped_layer_fn: Any = None
     static: dict = dataclasses.field(default_factory=dict)  # keyword arguments of `fn`
+    # bytes per device that exist only while this part's phase runs (its KV cache, inputs),
+    # added to `Program.resident` for the part that needs the most memory
+    resident: dict = dataclasses.field(default_factory=dict)
+    num_layers: int | None = None  # of this part's model, when not the program's (a judge)
 
     def lower(self):
         return self.fn.lower(*self.args, **self.static)
@@ -504,10 +521,116 @@ def train_program(
     )
 
 
+def judge_part(judge: ModelConfig, mesh: Mesh, dtype, options: TaskOptions, state=None):
+    """The local judge's scoring call (`judge.numbers._score`, run once per metric): a
+    prefill of `judge_batch` rows of `judge_seq - 1` tokens (judge prompt + answer, without
+    the last token) into a cache of `judge_seq - 1 + judge_trie` slots, then one forward of
+    the whole-number trie. `state`: the judge's abstract sharded params when already built
+    (the swept model judging itself). Returns `(Part, judge param bytes per device)`."""
+    from emgeo_jax.generate import generation_layout
+    from emgeo_jax.judge.numbers import JUDGE_NUMBERS, _score
+
+    batch, seq, m = options.judge_batch, options.judge_seq - 1, options.judge_trie
+    if seq < 1 or m < 2:
+        raise ValueError(f"judge_seq={options.judge_seq} must be >= 2, judge_trie={m} >= 2")
+    graphdef, state_, param_bytes = sharded_abstract_params(judge, mesh, dtype)
+    state = state_ if state is None else state
+    length = seq + m
+    layout = generation_layout(mesh, judge, batch, seq, length)
+    cache = abstract_kv_cache(judge, layout.cache, batch, length, dtype)
+    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=layout.tokens)
+    i32, flag = jnp.int32, jnp.bool_
+    trie = _replicated(
+        mesh,
+        {
+            "tokens": jax.ShapeDtypeStruct((m,), i32),
+            "parent": jax.ShapeDtypeStruct((m,), i32),
+            "depth": jax.ShapeDtypeStruct((m,), i32),
+            "ancestors": jax.ShapeDtypeStruct((m, m), flag),
+            "leaf": jax.ShapeDtypeStruct((len(JUDGE_NUMBERS),), i32),
+            "continues": jax.ShapeDtypeStruct((judge.vocab_size,), flag),
+        },
+    )
+    last = _replicated(mesh, jax.ShapeDtypeStruct((batch,), i32))
+    steering = _replicated(mesh, jax.eval_shape(lambda: Steering.none(judge)))
+    pin = layout.prefill_resid if mesh.size > 1 else None
+    prompt_block = _block_program(judge, mesh, batch, seq, dtype, cache_len=length, x_sharding=pin)
+    trie_block = _block_program(judge, mesh, batch, m, dtype, cache_len=length)
+    layer_fn, layer_args, looped = _both_blocks(prompt_block, trie_block)
+    args = (graphdef, state, tokens, tokens, last, steering, cache, trie)
+    part = Part(
+        "judge scoring",
+        _score,
+        args,
+        options.judge_metrics,
+        layer_fn,
+        layer_args,
+        looped,
+        static=dict(top_k=20, resid_sharding=pin),
+        resident={
+            "judge_kv_cache": bytes_per_device((cache.k, cache.v)),
+            "judge_inputs": bytes_per_device((tokens, tokens, last, trie, cache.mask)),
+        },
+        num_layers=judge.num_layers,
+    )
+    return part, param_bytes
+
+
+def _both_blocks(first, second):
+    """One jitted function running two `_block_program` blocks (a part with two layer
+    scans, e.g. the judge's prompt pass and trie pass): `(fn, args, looped or None)`."""
+    (f1, a1, l1), (f2, a2, l2) = first, second
+    fn = jax.jit(lambda x, y: (f1(*x), f2(*y)))
+    looped = None
+    if l1 is not None or l2 is not None:
+        looped = jax.jit(lambda x, y: ((l1 or f1)(*x), (l2 or f2)(*y)))
+    return fn, (a1, a2), looped
+
+
+def sweep_program(
+    cfg: ModelConfig, mesh: Mesh, batch: int, seq: int, dtype, options: TaskOptions
+) -> Program:
+    """One cell of `emgeo sweep` (`experiments`): steered generation of `B` answers as in
+    `generate` (`generate_program`), then, with a local judge (`options.judge`), its
+    whole-number scoring of those answers, once per metric (`judge_part`). The two phases
+    run one after the other, so each keeps its own KV cache and inputs only while it runs;
+    the parameters (and a second model's, when the judge is another model) stay resident."""
+    gen = generate_program(cfg, mesh, batch, seq, dtype, options)
+    for part in gen.parts:
+        part.resident = {k: gen.resident[k] for k in ("kv_cache", "inputs")}
+    resident = {"params": gen.resident["params"]}
+    parts, bytes_read = list(gen.parts), gen.bytes_read
+    judged = "remote judge (nothing compiled for it)"
+    if options.judge is not None:
+        judge_opts = dataclasses.replace(options, judge_batch=options.judge_batch or batch)
+        state = gen.parts[0].args[1] if options.judge_is_model else None
+        judge, judge_bytes = judge_part(options.judge, mesh, dtype, judge_opts, state)
+        parts.append(judge)
+        if not options.judge_is_model:
+            resident["judge_params"] = judge_bytes
+        bytes_read += options.judge_metrics * 2 * judge_bytes  # prompt pass + trie pass
+        who = "the model itself" if options.judge_is_model else "a second model on the mesh"
+        judged = (
+            f"local judge ({who}): {options.judge_metrics} scoring passes of "
+            f"{judge_opts.judge_batch} x {options.judge_seq} tokens + a {options.judge_trie}-node "
+            "number trie"
+        )
+    return Program(
+        parts=parts,
+        tokens=gen.tokens,
+        resident=resident,
+        in_temporaries={},
+        bytes_read=bytes_read,
+        num_layers=cfg.num_layers,
+        description=f"sweep cell: {gen.description}; {judged}",
+    )
+
+
 TASKS: dict[str, Callable[..., Program]] = {
     "extract": extract_program,
     "generate": generate_program,
     "train": train_program,
+    "sweep": sweep_program,
 }
 
 
@@ -602,12 +725,13 @@ def make_plan(
         counted = layer  # the block inside `c`, as XLA counted it
         if part.looped_layer_fn is not None:
             counted = _flops(part.looped_layer_fn.lower(*part.layer_args).compile())
-        part_flops[part.name] = part.calls * (_flops(c) - counted + program.num_layers * layer)
+        layers = part.num_layers or program.num_layers
+        part_flops[part.name] = part.calls * (_flops(c) - counted + layers * layer)
     mems = [c.memory_analysis() for c in compiled]
     peak = max(
         range(len(mems)),
         key=lambda i: mems[i].temp_size_in_bytes + mems[i].output_size_in_bytes
-        - mems[i].alias_size_in_bytes,
+        - mems[i].alias_size_in_bytes + sum(program.parts[i].resident.values()),
     )  # fmt: skip
     mem = mems[peak]
     return Plan(
@@ -620,7 +744,7 @@ def make_plan(
         description=program.description,
         devices=mesh.size,
         tokens_per_call=program.tokens,
-        resident=program.resident,
+        resident={**program.resident, **program.parts[peak].resident},
         in_temporaries=program.in_temporaries,
         bytes_read=program.bytes_read,
         memory_part=program.parts[peak].name,

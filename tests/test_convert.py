@@ -271,3 +271,29 @@ def test_convert_cli_writes_a_checkpoint(qwen_folder, tmp_path):
     )
     assert is_checkpoint(out)
     assert emgeo_jax.load(out).dtype == np.dtype("bfloat16")
+    assert "adapter" not in json.loads((out / "meta.json").read_text())
+
+
+def test_convert_with_adapter_records_it_in_meta_and_the_summary(llama, tmp_path):
+    """Issue #20 item 10: the checkpoint says which adapter was merged (path, rank, alpha,
+    rsLoRA, a digest of its weights and config), and so does the command's summary line."""
+    import hashlib
+
+    model, folder = llama
+    write_adapter(tmp_path / "adapter", model, ("down_proj",), r=2, alpha=16, rslora=True)
+    out = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "emgeo_jax.cli", "convert", str(folder), "--out", str(out)]
+    cmd += ["--adapter", str(tmp_path / "adapter")]
+    res = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
+    meta = json.loads((out / "meta.json").read_text())["adapter"]
+    sha = [
+        hashlib.sha256((tmp_path / "adapter" / name).read_bytes()).hexdigest()
+        for name in ("adapter_model.safetensors", "adapter_config.json")
+    ]
+    digest = hashlib.sha256("".join(sha).encode()).hexdigest()
+    assert meta["path"] == str((tmp_path / "adapter").absolute())
+    assert (meta["rank"], meta["alpha"], meta["use_rslora"]) == (2, 16.0, True)
+    assert meta["weights"] == LLAMA["num_hidden_layers"] and meta["sha256"] == digest
+    summary = res.stdout.strip().splitlines()[-1]
+    assert f"merged adapter {tmp_path / 'adapter'}" in summary, summary
+    assert "r=2, alpha=16, rsLoRA yes, 3 weights" in summary and digest[:12] in summary

@@ -234,3 +234,84 @@ def test_qwen_7b_lora_training_fits_a_v5e_chip_on_fsdp_8(train_plans):
     assert plan["total_bytes"] < 8e9 < ACCELERATORS["v5e"].hbm_bytes
     hand = hand_counts(hf, 8, 1)
     assert plan["resident"]["params"] == pytest.approx(hand["resident"], rel=0.01)
+
+
+@pytest.fixture(scope="module")
+def sweep_plans(tmp_path_factory) -> dict[str, dict]:
+    """`--task sweep` plans of the tiny Llama (tests/tiny_models.py) on fsdp=8: remote judge,
+    the model judging itself, and the tiny Qwen2 as a second judge model; plus `generate`."""
+    from tests.tiny_models import LLAMA, QWEN2
+
+    tmp = tmp_path_factory.mktemp("sweep_plan")
+    for name, spec in (("llama", LLAMA), ("qwen", QWEN2)):
+        (tmp / f"{name}.json").write_text(json.dumps(spec))
+    script = textwrap.dedent(
+        f"""
+        import dataclasses, json, jax
+        from emgeo_jax.parallel import make_mesh
+        from emgeo_jax.plan import TaskOptions, make_plan, resolve_model
+        mesh = make_mesh({{"fsdp": 8}}, jax.devices()[:8])
+        model = resolve_model({str(tmp / "llama.json")!r})
+        other = resolve_model({str(tmp / "qwen.json")!r})
+        base = dict(new_tokens=8, judge_seq=40, judge_batch=16)
+        cases = dict(
+            generate=("generate", TaskOptions(**base)),
+            remote=("sweep", TaskOptions(**base)),
+            same=("sweep", TaskOptions(**base, judge=model, judge_is_model=True)),
+            other=("sweep", TaskOptions(**base, judge=other)),
+        )
+        out = {{}}
+        for name, (task, options) in cases.items():
+            plan = make_plan(model, mesh, task, 8, 24, "float32", options=options)
+            out[name] = dict(dataclasses.asdict(plan), total_bytes=plan.total_bytes)
+        print(json.dumps(out))
+        """
+    )
+    return run_on_simulated_devices(script, 8)
+
+
+def test_sweep_plan_without_a_local_judge_is_the_generation_plan(sweep_plans):
+    gen, remote = sweep_plans["generate"], sweep_plans["remote"]
+    assert remote["resident"] == gen["resident"] and remote["total_bytes"] == gen["total_bytes"]
+    assert remote["part_flops"] == gen["part_flops"]
+    assert set(remote["part_flops"]) == {"prefill", "decode"}
+
+
+@pytest.mark.parametrize("case", ["same", "other"])
+def test_sweep_plan_judge_scoring_matches_hand_counts(sweep_plans, case):
+    """The judge's scoring pass, per metric (2): a prompt pass of B=16 rows x 39 tokens (the
+    judge prompt + answer without its last token, no LM head) and a trie pass of 102 nodes
+    (LM head on every node), both attending over S = 39 + 102 cache slots; its KV cache
+    [L, B, S, K, Dh] split over the batch, fp32. A judge that is another model adds its
+    parameters (split 8 ways, its biases over tensor only: replicated here)."""
+    from tests.tiny_models import LLAMA, QWEN2
+
+    plan = sweep_plans[case]
+    hf = LLAMA if case == "same" else QWEN2
+    d, layers, h, k = (hf[n] for n in ("hidden_size", "num_hidden_layers",
+                                       "num_attention_heads", "num_key_value_heads"))  # fmt: skip
+    dh = hf.get("head_dim", d // h)
+    per_layer = d * h * dh * 2 + d * k * dh * 2 + 3 * d * hf["intermediate_size"]
+    b, t, m, s = 16, 39, 102, 39 + 102
+    matmuls = 2 * per_layer * b * (t + m) * layers
+    attention = 4 * b * (t + m) * s * h * dh * layers
+    head = 2 * d * hf["vocab_size"] * b * m
+    judged = plan["part_flops"]["judge scoring"] * 8
+    # matmuls only: at these tiny widths (Dh = 8 for the Qwen2) the softmax over the S slots,
+    # norms and the trie's log-softmax add up to ~11% (measured on the tiny Qwen2)
+    assert judged == pytest.approx(2 * (matmuls + attention + head), rel=0.15)
+    assert judged > 2 * (matmuls + attention + head)
+    kv = 2 * layers * b * s * k * dh * 4 / 8
+    gen_kv = sweep_plans["generate"]["resident"]["kv_cache"]
+    if plan["memory_part"] == "judge scoring":
+        assert plan["resident"]["judge_kv_cache"] == kv and "kv_cache" not in plan["resident"]
+    else:  # the generation phase needs more: its cache, not the judge's, is counted
+        assert plan["resident"]["kv_cache"] == gen_kv and "judge_kv_cache" not in plan["resident"]
+    gen = sweep_plans["generate"]
+    assert plan["resident"]["params"] == gen["resident"]["params"]
+    if case == "same":
+        assert "judge_params" not in plan["resident"]
+    else:
+        fp32 = hand_counts(QWEN2, 8, 1)["resident"] * 4 / BF16  # hand counts are bf16
+        assert plan["resident"]["judge_params"] == pytest.approx(fp32, rel=0.01)
+    assert plan["total_bytes"] >= gen["total_bytes"] - gen["resident"]["kv_cache"]

@@ -38,7 +38,9 @@ def main(argv: list[str]) -> None:
         source=argv[1],
         overwrite=FLAGS.overwrite,
     )
+    adapter = getattr(src, "adapter", None)
+    merged = f", merged {adapter.describe()}" if adapter is not None else ""
     print(
         f"wrote {folder} ({cfg.model_type}, {cfg.num_layers} layers, d={cfg.hidden_size}, "
-        f"{FLAGS.dtype or 'float32'}) in {time.perf_counter() - start:.1f} s"
+        f"{FLAGS.dtype or 'float32'}{merged}) in {time.perf_counter() - start:.1f} s"
     )

@@ -1,5 +1,6 @@
-"""`emgeo plan --model Qwen2.5-7B --mesh data=4,fsdp=8 --task extract|generate|train
---batch 8 --seq 2048 [--new_tokens 256] [--lora_rank 32 --lora_targets all]`.
+"""`emgeo plan --model Qwen2.5-7B --mesh data=4,fsdp=8 --task extract|generate|train|sweep
+--batch 8 --seq 2048 [--new_tokens 256] [--lora_rank 32 --lora_targets all]
+[--judge_model same|NAME --judge_seq 512 --judge_batch B]`.
 
 Compiles the task's program on abstract arrays over a mesh of that size and prints per-device
 memory, FLOPs per token and tokens/s per accelerator (see `emgeo_jax.plan`). On CPU it re-runs
@@ -27,7 +28,9 @@ flags.DEFINE_string(
     "fsdp=8",
     "mesh axis sizes, e.g. data=4,fsdp=8,tensor=2 (auto: the accelerators present)",
 )
-flags.DEFINE_enum("task", "extract", ["extract", "generate", "train"], "program to compile")
+flags.DEFINE_enum(
+    "task", "extract", ["extract", "generate", "train", "sweep"], "program to compile"
+)
 flags.DEFINE_integer("batch", 8, "global batch size B")
 flags.DEFINE_integer("seq", 2048, "sequence length T")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "parameter/activation dtype")
@@ -37,6 +40,14 @@ flags.DEFINE_bool("json", False, "print the plan as JSON")
 flags.DEFINE_integer("new_tokens", 256, "generate: tokens generated per prompt")
 flags.DEFINE_integer("lora_rank", 32, "train: LoRA rank (adapters on every layer)")
 flags.DEFINE_list("lora_targets", ["all"], "train: LoRA targets (q,k,v,o,gate,up,down or all)")
+flags.DEFINE_string(
+    "judge_model",
+    None,
+    "sweep: the local judge ('same' = the model judges itself, or a known name, config.json "
+    "or folder); default: a remote judge, nothing to compile",
+)
+flags.DEFINE_integer("judge_seq", 512, "sweep: tokens of judge prompt + answer")
+flags.DEFINE_integer("judge_batch", None, "sweep: rows per judge scoring call (default --batch)")
 
 
 def main(argv: list[str]) -> None:
@@ -76,6 +87,8 @@ def main(argv: list[str]) -> None:
 
     full = {a: shape.get(a, 1) for a in ("data", "fsdp", "tensor")}
     check_param_split(full, nnx.to_pure_dict(abstract_model(cfg)[1]))  # e.g. tensor=3, 2 KV heads
+    judge = FLAGS.judge_model
+    judge_cfg = cfg if judge == "same" else resolve_model(judge) if judge else None
     if not os.environ.get(CHILD) and (jax.default_backend() == "cpu" or jax.device_count() < size):
         cmd = [sys.executable, "-m", "emgeo_jax.cli", "plan", *sys.argv[2:]]
         sys.exit(subprocess.run(cmd, env=simulated_env(size)).returncode)
@@ -89,6 +102,10 @@ def main(argv: list[str]) -> None:
         new_tokens=FLAGS.new_tokens,
         lora_rank=FLAGS.lora_rank,
         lora_targets=parse_targets(FLAGS.lora_targets),
+        judge=judge_cfg,
+        judge_is_model=judge == "same",
+        judge_seq=FLAGS.judge_seq,
+        judge_batch=FLAGS.judge_batch,
     )
     plan = make_plan(
         cfg, mesh, FLAGS.task, FLAGS.batch, FLAGS.seq, FLAGS.dtype, FLAGS.model, options

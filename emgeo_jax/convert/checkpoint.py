@@ -2,7 +2,8 @@
 
     NAME/params/      orbax (StandardCheckpointer) of the pure-dict parameter tree
     NAME/config.json  our `ModelConfig` as JSON
-    NAME/meta.json    dtype and where the model came from
+    NAME/meta.json    dtype and where the model came from (and the PEFT adapter merged in at
+                      convert time: path, rank, alpha, rsLoRA, patterns, sha256)
     NAME/tokenizer/   `save_pretrained` tokenizer files (chat template included)
     NAME/COMPLETE     written last
 
@@ -33,7 +34,7 @@ from flax import nnx
 from emgeo_jax.convert.hf import CheckpointError, TensorSource, params_from_source
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.lm import LM, abstract_model, resolve_dtype
-from emgeo_jax.parallel import param_shardings
+from emgeo_jax.parallel import default_sharding, param_shardings
 
 COMPLETE = "COMPLETE"
 
@@ -87,6 +88,9 @@ def convert_streaming(
             ocp.partial.finalize(params_dir)
 
     meta = {"dtype": np.dtype(dt).name, "source": str(source)}
+    adapter = getattr(src, "adapter", None)  # a `peft.MergedSource`: say what was merged in
+    if adapter is not None:
+        meta["adapter"] = adapter.info
     return _write(folder, cfg, meta, tokenizer, write_params, overwrite)
 
 
@@ -133,8 +137,7 @@ def load_checkpoint(folder: str | Path, *, dtype=None, mesh=None) -> LM:
     graphdef, abstract = abstract_model(cfg, dtype)
     pure = nnx.to_pure_dict(abstract)
     if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, pure)
+        shardings = jax.tree.map(lambda _: default_sharding(), pure)
     else:
         shardings = param_shardings(mesh, pure)
     target = jax.tree.map(

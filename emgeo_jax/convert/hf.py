@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -162,6 +162,48 @@ def hf_layout_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int,
     return tuple(reversed(shape)) if path[-1] == "kernel" else tuple(shape)
 
 
+def source_tensors(
+    abstract_params: dict, src: TensorSource
+) -> Iterator[tuple[tuple[str, ...], Any, Iterator[np.ndarray]]]:
+    """For each leaf of a pure-dict parameter tree (leaves: `jax.ShapeDtypeStruct`), in tree
+    order: `(path, leaf, tensors)`, where `tensors` yields the parameter's HF tensors in *our*
+    layout (`kernel [in, out]`): one per layer, in layer order, for the stacked `layers`
+    subtree (`leaf.shape = [L, ...]`, each tensor `leaf.shape[1:]`), a single one for a global
+    parameter. Each tensor is read from `src` only when `tensors` is advanced and is a view in
+    the stored dtype (a kernel is the transposed view of the HF array), so a consumer that
+    converts it piece by piece never holds a second whole copy.
+
+    Raises `CheckpointError` naming the file and tensor for a missing tensor or a tensor of
+    the wrong shape (when that tensor is reached)."""
+
+    def fetch(name: str, path: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
+        if name not in src.names:
+            raise CheckpointError(f"{src.where(name)}: missing tensor {name}")
+        t = src.get(name)
+        expected = hf_layout_shape(path, shape)
+        if tuple(t.shape) != expected:
+            raise CheckpointError(
+                f"{src.where(name)}: tensor {name} has shape {tuple(t.shape)}, expected {expected}"
+            )
+        return t.T if path[-1] == "kernel" else t
+
+    # generators, so that no tensor stays referenced here once it has been handed out
+    def layers(sub: tuple[str, ...], leaf) -> Iterator[np.ndarray]:
+        for layer in range(leaf.shape[0]):
+            yield fetch(LAYER_PARAMS[sub].format(l=layer), sub, tuple(leaf.shape[1:]))
+
+    def one(path: tuple[str, ...], leaf) -> Iterator[np.ndarray]:
+        yield fetch(GLOBAL_PARAMS[path], path, tuple(leaf.shape))
+
+    for path, leaf in _leaves(abstract_params):
+        if path[0] == "layers":
+            if path[1:] not in LAYER_PARAMS:
+                raise CheckpointError(f"no HF name for parameter {'/'.join(path)}")
+            yield path, leaf, layers(path[1:], leaf)
+        else:
+            yield path, leaf, one(path, leaf)
+
+
 def params_from_source(
     abstract_params: dict,
     src: TensorSource,
@@ -170,43 +212,22 @@ def params_from_source(
     place: Callable[[tuple[str, ...], np.ndarray], Any] = lambda path, x: x,
 ) -> dict:
     """Fill a pure-dict parameter tree (leaves: `jax.ShapeDtypeStruct`, e.g. from
-    `nnx.to_pure_dict` of an abstract model) with arrays of `dtype` read from `src`.
-    `place(path, host_array)` runs on each finished parameter (e.g. `jax.device_put` onto
-    its sharding) so its host copy can be freed before the next one is read.
+    `nnx.to_pure_dict` of an abstract model) with host arrays of `dtype` read from `src`
+    (`source_tensors`), stacked on the host: `place(path, host_array)` runs on each finished
+    parameter (e.g. an orbax partial save) so its host copy can be freed before the next one
+    is read. The loader places straight onto devices instead (`convert.load.from_tensors`).
 
     Raises `CheckpointError` naming the file and tensor for a missing tensor or a tensor of
     the wrong shape."""
-
-    def fetch(name: str, expected_hf_shape: tuple[int, ...]) -> np.ndarray:
-        if name not in src.names:
-            raise CheckpointError(f"{src.where(name)}: missing tensor {name}")
-        t = src.get(name)
-        if tuple(t.shape) != expected_hf_shape:
-            raise CheckpointError(
-                f"{src.where(name)}: tensor {name} has shape {tuple(t.shape)}, "
-                f"expected {expected_hf_shape}"
-            )
-        return t
-
-    def convert(path: tuple[str, ...], hf_tensor: np.ndarray) -> np.ndarray:
-        # contiguous, so that the HF tensor can be freed as soon as this returns
-        t = hf_tensor.T if path[-1] == "kernel" else hf_tensor
-        return np.ascontiguousarray(t, dtype=dtype)
-
     out: dict = {}
-    for path, leaf in _leaves(abstract_params):
+    for path, leaf, tensors in source_tensors(abstract_params, src):
         if path[0] == "layers":
-            sub = path[1:]
-            if sub not in LAYER_PARAMS:
-                raise CheckpointError(f"no HF name for parameter {'/'.join(path)}")
-            stacked = np.empty(leaf.shape, dtype=dtype)
-            for layer in range(leaf.shape[0]):
-                name = LAYER_PARAMS[sub].format(l=layer)
-                stacked[layer] = convert(sub, fetch(name, hf_layout_shape(sub, leaf.shape[1:])))
-            value = stacked
+            value = np.empty(leaf.shape, dtype=dtype)
+            for layer in range(leaf.shape[0]):  # no name keeps the last layer alive
+                value[layer] = next(tensors)
         else:
-            name = GLOBAL_PARAMS[path]
-            value = convert(path, fetch(name, hf_layout_shape(path, leaf.shape)))
+            # contiguous, so that the HF tensor can be freed as soon as this returns
+            value = np.ascontiguousarray(next(tensors), dtype=dtype)
         _set(out, path, place(path, value))
     return out
 

@@ -16,18 +16,18 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from emgeo_jax.convert.checkpoint import is_checkpoint, load_checkpoint
+from emgeo_jax.convert.checkpoint import is_checkpoint, load_checkpoint, release_freed_memory
 from emgeo_jax.convert.hf import (
     CheckpointError,
     SafetensorsFiles,
     TensorSource,
-    params_from_source,
+    source_tensors,
     unused_tensors,
 )
 from emgeo_jax.convert.peft import MergedSource, read_adapter
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.lm import LM, abstract_model, resolve_dtype
-from emgeo_jax.parallel import param_sharding
+from emgeo_jax.parallel import default_sharding, param_sharding, put_sharded, stack_on_devices
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +93,26 @@ def from_tensors(
     tokenizer=None,
     source: str = "",
 ) -> LM:
-    """Build an `LM` from HF-named tensors, placing each parameter on its device(s) as soon
-    as it is read so the host holds at most one stacked parameter beyond the result."""
+    """Build an `LM` from HF-named tensors, placed straight onto `mesh` by the partition
+    rules (or onto this process's first device) as they are read: each device receives only
+    its shard of each parameter (`parallel.put_sharded`), stacked layer parameters are
+    written into their sharded buffer one layer at a time (`parallel.stack_on_devices`), and
+    the host holds one HF tensor at a time (plus one converted device shard of it). No
+    device ever holds a whole copy of a parameter the mesh splits. `lm.mesh` is `mesh`."""
     graphdef, params = abstract_model(cfg, dtype)
-    abstract = nnx.to_pure_dict(params)
-
-    def place(path, host_array):
-        if mesh is None:
-            return jax.device_put(host_array)
-        return jax.device_put(host_array, param_sharding(mesh, path, host_array.shape))
-
-    pure = params_from_source(abstract, src, dtype=resolve_dtype(dtype), place=place)
+    dt = resolve_dtype(dtype)
+    pure: dict = {}
+    for path, leaf, tensors in source_tensors(nnx.to_pure_dict(params), src):
+        sharding = default_sharding() if mesh is None else param_sharding(mesh, path, leaf.shape)
+        if path[0] == "layers":
+            value = stack_on_devices(tensors, leaf.shape, dt, sharding)
+        else:
+            value = put_sharded(next(tensors), sharding, dt)
+        node = pure
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+        release_freed_memory()
     nnx.replace_by_pure_dict(params, pure)
     return LM(cfg, graphdef, params, tokenizer, mesh, source)
 

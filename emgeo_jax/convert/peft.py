@@ -6,6 +6,7 @@ them into a base `TensorSource` as `W + scale * B @ A` (HF layout, `A [r, in]`, 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -22,10 +23,22 @@ PEFT_PREFIX = "base_model.model."
 
 @dataclasses.dataclass(frozen=True)
 class LoraAdapter:
-    """LoRA factors per base weight: `factors[hf_weight_name] = (A [r, in], B [out, r], scale)`."""
+    """LoRA factors per base weight: `factors[hf_weight_name] = (A [r, in], B [out, r], scale)`;
+    `info`: what a converted checkpoint records about the adapter (`describe`)."""
 
     folder: Path
     factors: dict[str, tuple[np.ndarray, np.ndarray, float]]
+    info: dict = dataclasses.field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line for logs and summaries, e.g. `adapter DIR (r=32, alpha=64, rsLoRA no,
+        14 weights, sha256 0123abcd...)`."""
+        i = self.info
+        return (
+            f"adapter {i['path']} (r={i['rank']}, alpha={i['alpha']:g}, "
+            f"rsLoRA {'yes' if i['use_rslora'] else 'no'}, {i['weights']} weights, "
+            f"sha256 {i['sha256'][:12]})"
+        )
 
 
 def read_adapter(folder: str | Path) -> LoraAdapter:
@@ -74,7 +87,25 @@ def read_adapter(folder: str | Path) -> LoraAdapter:
             raise CheckpointError(f"{weights_path}: {module} has rank {r}, config says r={rank}")
         scale = a_mod / math.sqrt(r) if cfg.get("use_rslora") else a_mod / r
         factors[f"{module}.weight"] = (a, b, scale)
-    return LoraAdapter(folder, factors)
+    info = {
+        "path": str(folder.absolute()),
+        "rank": rank,
+        "alpha": alpha,
+        "use_rslora": bool(cfg.get("use_rslora")),
+        "rank_pattern": cfg.get("rank_pattern") or {},
+        "alpha_pattern": alpha_pattern,
+        "weights": len(factors),
+        # digest of the weights file and the config, in that order
+        "sha256": _digest([weights_path, cfg_path]),
+    }
+    return LoraAdapter(folder, factors, info)
+
+
+def _digest(paths: list[Path]) -> str:
+    """sha256 over the files' own sha256 digests (`data.files.file_sha256`), in order."""
+    from emgeo_jax.data.files import file_sha256
+
+    return hashlib.sha256("".join(file_sha256(p) for p in paths).encode()).hexdigest()
 
 
 class MergedSource:

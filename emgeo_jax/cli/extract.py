@@ -63,17 +63,16 @@ def main(argv: list[str]) -> None:
     from emgeo_jax.data import load_examples, tokenize_examples
     from emgeo_jax.data.files import file_sha256
     from emgeo_jax.extract import ExtractSettings, extract, write_extraction
+    from emgeo_jax.parallel import make_mesh
 
     examples, report = load_examples(_DATA.value, on_error=_ON_ERROR.value)
-    lm = emgeo_jax.load(_MODEL.value, dtype=_DTYPE.value)
+    mesh = make_mesh({"fsdp": _FSDP.value, "tensor": _TENSOR.value})
+    lm = emgeo_jax.load(_MODEL.value, dtype=_DTYPE.value, mesh=mesh)
     if lm.tokenizer is None:
         raise SystemExit(f"{_MODEL.value}: no tokenizer found next to the model")
     tokenized, tok_report = tokenize_examples(
         examples, lm.tokenizer, _MAX_LENGTH.value, on_error=_ON_ERROR.value
     )
-    from emgeo_jax.parallel import make_mesh
-
-    mesh = make_mesh({"fsdp": _FSDP.value, "tensor": _TENSOR.value})
     settings = ExtractSettings(
         pool=_POOL.value,
         layers=None if _LAYERS.value is None else tuple(int(x) for x in _LAYERS.value),
@@ -89,9 +88,7 @@ def main(argv: list[str]) -> None:
         "max_length": _MAX_LENGTH.value,
         "skipped_rows": len(report.skipped) + len(tok_report.skipped),
     }
-    result = extract(
-        lm, tokenized, settings, _OUT.value, mesh=mesh, metadata=identity, progress=True
-    )
+    result = extract(lm, tokenized, settings, _OUT.value, metadata=identity, progress=True)
     if result is None:  # processes other than 0 hold no result
         return
     write_extraction(result, _OUT.value)

@@ -62,6 +62,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from emgeo_jax.data.batching import fit_buckets, make_batches, plan_batches
 from emgeo_jax.data.tokenize import TokenizedExample
+from emgeo_jax.hosts import barrier  # noqa: F401 (re-exported: emgeo extract calls it)
 from emgeo_jax.models.lm import LM, batch_multiple, forward, pad_rows
 from emgeo_jax.parallel import (
     activation_sharding,
@@ -379,21 +380,6 @@ def run_hash(
     fields.update(process_count=jax.process_count(), identity=identity, rows=ROW_FIELDS)
     h.update(json.dumps(fields, sort_keys=True, default=str).encode())
     return h.hexdigest()
-
-
-def barrier(name: str) -> None:
-    """Wait until every process calls `barrier(name)` (a no-op with one process), through the
-    public `multihost_utils.sync_global_devices` (a small collective over all devices).
-
-    On CPU, gloo sets up its communicator at the first collective and gives up when the
-    processes arrive there more than ~30 s apart; later collectives wait much longer. So call
-    `barrier` once right after `jax.distributed.initialize`, while the processes are in step
-    and before slow work such as loading a model (`emgeo extract` does); `extract` calls it
-    again before its first step."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _finished_chunks(chunk_dir: Path, digest: str, num_chunks: int) -> int:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emgeo_jax.generate import PAD_MULTIPLE, left_pad, pad_prompts, place_prompts
+from emgeo_jax.hosts import to_host
 from emgeo_jax.models.llama import default_positions
 from emgeo_jax.models.lm import LM, forward
 from emgeo_jax.steer import Steering
@@ -198,7 +199,7 @@ def number_logprobs(
         k: jnp.asarray(getattr(trie, k))
         for k in ("tokens", "parent", "depth", "ancestors", "leaf", "continues")
     }
-    lps, top_ids, top_lps = jax.device_get(
+    lps, top_ids, top_lps = to_host(  # rows may live on other processes' devices
         _score(
             lm.graphdef,
             lm.params,

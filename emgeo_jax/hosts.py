@@ -68,11 +68,13 @@ def to_host(tree: Any) -> Any:
 
 def put_global(tree: Any, shardings: Any) -> Any:
     """`tree` (host arrays, or device arrays of this process; the same values on every
-    process) placed with `shardings` (a matching pytree of `Sharding`s): each process
+    process; arrays already spanning processes are moved as they are) placed with `shardings` (a matching pytree of `Sharding`s): each process
     transfers only its devices' pieces. Small trees only (LoRA, optimizer state): the whole
     value passes through the host."""
 
     def one(x, sharding):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global
+            return jax.device_put(x, sharding)
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
 

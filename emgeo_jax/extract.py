@@ -291,7 +291,7 @@ def extraction_mesh(lm: LM) -> Mesh:
             "process's devices (emgeo_jax.load(..., mesh=make_mesh(...)))"
         )
     leaf = jax.tree.leaves(lm.params)[0]
-    devices = sorted(getattr(leaf, "devices", lambda: set(jax.devices()[:1]))(), key=str)
+    devices = list(leaf.devices()) if isinstance(leaf, jax.Array) else jax.devices()
     return make_mesh(devices=devices[:1])
 
 
@@ -302,12 +302,12 @@ class _Runner:
         mesh = extraction_mesh(lm)
         pc = jax.process_count()
         row_split = batch_multiple(mesh)
-        if row_split % pc and pc % row_split:
+        if row_split % pc:
             raise ValueError(
-                f"the mesh {dict(mesh.shape)} splits batch rows {row_split} ways, which does "
-                f"not fit {pc} processes each feeding its own rows"
+                f"the mesh {dict(mesh.shape)} splits batch rows {row_split} ways (data x fsdp), "
+                f"which is not a multiple of the {pc} processes each feeding its own rows"
             )
-        self.local_multiple = max(1, row_split // pc)
+        self.local_multiple = row_split // pc
         self.mesh, self.pool = mesh, settings.pool
         self.params = place_params(lm.params, mesh)
         self.step = _jitted_step(lm.graphdef, layers, settings.per_example, mesh)

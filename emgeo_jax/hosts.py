@@ -67,10 +67,11 @@ def to_host(tree: Any) -> Any:
 
 
 def put_global(tree: Any, shardings: Any) -> Any:
-    """`tree` (host arrays, or device arrays of this process; the same values on every
-    process; arrays already spanning processes are moved as they are) placed with `shardings` (a matching pytree of `Sharding`s): each process
-    transfers only its devices' pieces. Small trees only (LoRA, optimizer state): the whole
-    value passes through the host."""
+    """`tree` placed with `shardings` (a matching pytree of `Sharding`s). Leaves: host
+    arrays or device arrays of this process holding the same values on every process (each
+    process transfers only its devices' pieces; the whole value passes through the host, so
+    small trees only: LoRA, optimizer state), or arrays already spanning processes (moved
+    device to device)."""
 
     def one(x, sharding):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global

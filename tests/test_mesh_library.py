@@ -134,6 +134,19 @@ def assert_same(got: Any, want: Any, path: str = "", rtol: float = 1e-4) -> None
         assert got == want, (path, got, want)
 
 
+def test_pad_rows_and_pad_prompts_by_hand(tiny_chat_llama):
+    from emgeo_jax.generate import pad_prompts
+    from emgeo_jax.models.lm import pad_rows
+
+    batch = {"ids": np.arange(6).reshape(3, 2), "answer_mask": np.ones((3, 2), int)}
+    out = pad_rows(batch, 4, blank=("answer_mask",))
+    np.testing.assert_array_equal(out["ids"], [[0, 1], [2, 3], [4, 5], [4, 5]])
+    np.testing.assert_array_equal(out["answer_mask"], [[1, 1]] * 3 + [[0, 0]])
+    np.testing.assert_array_equal(pad_rows(batch, 3)["ids"], batch["ids"])  # divides: as is
+    assert tiny_chat_llama.batch_multiple == 1  # no mesh: nothing padded
+    assert pad_prompts(tiny_chat_llama, [[1], [2, 3]]) == [[1], [2, 3]]
+
+
 def test_8_devices_match_1_device(chat_tokenizer, tmp_path):
     tok_dir = tmp_path / "tokenizer"
     chat_tokenizer.save_pretrained(tok_dir)

@@ -63,12 +63,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from emgeo_jax.data.batching import fit_buckets, make_batches, plan_batches
 from emgeo_jax.data.tokenize import TokenizedExample
 from emgeo_jax.hosts import barrier  # noqa: F401 (re-exported: emgeo extract calls it)
-from emgeo_jax.models.lm import LM, batch_multiple, forward, pad_rows
+from emgeo_jax.models.lm import LM, batch_multiple, forward, pad_rows, place_params
 from emgeo_jax.parallel import (
     activation_sharding,
     batch_sharding,
     make_mesh,
-    param_sharding,
 )
 from emgeo_jax.steer import Taps
 from emgeo_jax.vectors.io import read_tensors, save_vectors
@@ -229,32 +228,6 @@ def _pooled_step(
             example_index=inputs["example_index"],
         )
     return result
-
-
-def place_params(params: nnx.State, mesh: Mesh) -> nnx.State:
-    """`params` laid out on `mesh` by the partition rules (replicated on a pure `data` mesh).
-    A parameter already so placed is kept as is (a model loaded onto `mesh` is never copied);
-    device arrays of this process move device to device (`jax.device_put`). Only host arrays,
-    or a single process's copy joining a mesh across processes (each process must then hold
-    the same full parameters), go through the host."""
-    pure = nnx.to_pure_dict(params)
-    one_process = jax.process_count() == 1
-
-    def put(key_path, x):
-        path = tuple(str(getattr(k, "key", k)) for k in key_path)
-        sharding = param_sharding(mesh, path, x.shape)
-        if isinstance(x, jax.Array):
-            if x.sharding.is_equivalent_to(sharding, x.ndim):
-                return x
-            if one_process or not x.is_fully_addressable:
-                return jax.device_put(x, sharding)
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    placed = jax.tree_util.tree_map_with_path(put, pure)
-    out = jax.tree.map(lambda x: x, params)
-    nnx.replace_by_pure_dict(out, placed)
-    return out
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:

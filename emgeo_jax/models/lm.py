@@ -25,6 +25,7 @@ from emgeo_jax.models.llama import (
     Transformer,
     default_positions,
 )
+from emgeo_jax.parallel import param_sharding
 from emgeo_jax.steer import Steering, Taps
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -82,6 +83,32 @@ def init_params(
     """A randomly initialised model (tests, benchmarks, `emgeo plan`)."""
     dt = resolve_dtype(dtype)
     return nnx.split(Transformer(cfg, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(seed)))
+
+
+def place_params(params: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+    """`params` laid out on `mesh` by the partition rules (replicated on a pure `data` mesh).
+    A parameter already so placed is kept as is (a model loaded onto `mesh` is never copied);
+    device arrays of this process move device to device (`jax.device_put`). Only host arrays,
+    or a single process's copy joining a mesh across processes (each process must then hold
+    the same full parameters), go through the host."""
+    pure = nnx.to_pure_dict(params)
+    one_process = jax.process_count() == 1
+
+    def put(key_path, x):
+        path = tuple(str(getattr(k, "key", k)) for k in key_path)
+        sharding = param_sharding(mesh, path, x.shape)
+        if isinstance(x, jax.Array):
+            if x.sharding.is_equivalent_to(sharding, x.ndim):
+                return x
+            if one_process or not x.is_fully_addressable:
+                return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    placed = jax.tree_util.tree_map_with_path(put, pure)
+    out = jax.tree.map(lambda x: x, params)
+    nnx.replace_by_pure_dict(out, placed)
+    return out
 
 
 @functools.partial(
@@ -229,8 +256,6 @@ class LM:
         device, `jax.device_put`; no host copy) and `mesh` set. Loading onto the mesh
         (`emgeo_jax.load(src, mesh=...)`) is the way for big models; this is for a model
         already in memory (tests, a second mesh)."""
-        from emgeo_jax.extract import place_params
-
         return dataclasses.replace(self, params=place_params(self.params, mesh), mesh=mesh)
 
     def place_rows(self, batch: dict[str, Any], blank: Sequence[str] = ()) -> tuple[dict, int]:

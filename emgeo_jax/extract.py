@@ -2,9 +2,10 @@
 resumable.
 
 Pipeline: tokenized examples -> fixed-shape batches (`emgeo_jax.data.make_batches`) -> one
-jitted pooled forward per bucket shape over a mesh of all devices (batch on `data`/`fsdp`,
-parameters by the `emgeo_jax.parallel` rules, the residual pinned to the batch split so
-each layer's weights are all-gathered inside the scan) -> per-class sums and counts reduced
+jitted pooled forward per bucket shape over `lm.mesh` (batch on `data`/`fsdp`, parameters
+where loading put them by the `emgeo_jax.parallel` rules, the residual pinned to the batch
+split so each layer's weights are all-gathered inside the scan; a batch those axes do not
+divide gets empty rows added) -> per-class sums and counts reduced
 on device (and across hosts) -> float64 chunk partials on the host -> final reduction in
 chunk order.
 
@@ -35,10 +36,11 @@ Output folder (`write_extraction`):
     meta.json                the metadata, also stored in each file's `__metadata__["emgeo"]`
     chunks/NNNNN.safetensors partial sums of each finished chunk (kept for resume)
 
-Multi-host: every process calls `extract` with the same examples; each takes its own batches
-(`make_batches(process_index=..., process_count=...)`), the per-step sums are reduced over
-the global mesh, and process 0 writes the files. Call `barrier` right after
-`jax.distributed.initialize` (see its docstring for why).
+Multi-host: load the model onto a mesh spanning every process's devices
+(`emgeo_jax.load(..., mesh=make_mesh(...))`); every process calls `extract` with the same
+examples; each takes its own batches (`make_batches(process_index=..., process_count=...)`),
+the per-step sums are reduced over the global mesh, and process 0 writes the files. Call
+`barrier` right after `jax.distributed.initialize` (see its docstring for why).
 """
 
 from __future__ import annotations
@@ -60,13 +62,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from emgeo_jax.data.batching import fit_buckets, make_batches, plan_batches
 from emgeo_jax.data.tokenize import TokenizedExample
-from emgeo_jax.models.lm import LM, forward
+from emgeo_jax.hosts import barrier  # noqa: F401 (re-exported: emgeo extract calls it)
+from emgeo_jax.models.lm import LM, batch_multiple, forward, pad_rows, place_params
 from emgeo_jax.parallel import (
-    MESH_RULES,
     activation_sharding,
     batch_sharding,
     make_mesh,
-    param_sharding,
 )
 from emgeo_jax.steer import Taps
 from emgeo_jax.vectors.io import read_tensors, save_vectors
@@ -92,7 +93,8 @@ class ExtractSettings:
       layers: block outputs to keep (default: all); the forward stops after `max(layers)`.
       weighting: the default weighting recorded for `emgeo vectors` ("token" or "example").
       per_example: also keep each example's pooled activations `[N, L, D]`.
-      batch_size: rows per batch per process (a multiple of the local batch-axis devices).
+      batch_size: rows per batch per process (on a mesh whose `data x fsdp` rows do not
+        divide it, each batch gets empty rows added; a multiple avoids that work).
       chunk_batches: batches (steps) per resumable chunk.
       buckets: allowed padded sequence lengths; default: the `max_buckets` lengths that pad
         these examples least (`emgeo_jax.data.fit_buckets`), one compilation each.
@@ -228,25 +230,6 @@ def _pooled_step(
     return result
 
 
-def place_params(params: nnx.State, mesh: Mesh) -> nnx.State:
-    """`params` laid out on `mesh` by the partition rules (replicated on a pure `data` mesh).
-    Works across processes: each process must hold the same full parameters."""
-    pure = nnx.to_pure_dict(params)
-
-    def put(key_path, x):
-        path = tuple(str(getattr(k, "key", k)) for k in key_path)
-        sharding = param_sharding(mesh, path, x.shape)
-        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
-            return x
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    placed = jax.tree_util.tree_map_with_path(put, pure)
-    out = jax.tree.map(lambda x: x, params)
-    nnx.replace_by_pure_dict(out, placed)
-    return out
-
-
 def _local_rows(x: jax.Array) -> np.ndarray:
     """This process's rows of a batch-sharded array, in global row order."""
     shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
@@ -270,22 +253,47 @@ def _jitted_step(
     return jax.jit(step, out_shardings=out_shardings)
 
 
-class _Runner:
-    """The jitted step on a mesh; `run(batch)` dispatches one batch asynchronously."""
+def extraction_mesh(lm: LM) -> Mesh:
+    """The mesh extraction runs on: `lm.mesh`, else the one device holding the params (a
+    run over several processes needs `lm.mesh`: load the model onto a mesh spanning them)."""
+    if lm.mesh is not None:
+        return lm.mesh
+    if jax.process_count() > 1:
+        raise ValueError(
+            "extract on several processes: load the model onto a mesh spanning every "
+            "process's devices (emgeo_jax.load(..., mesh=make_mesh(...)))"
+        )
+    leaf = jax.tree.leaves(lm.params)[0]
+    devices = list(leaf.devices()) if isinstance(leaf, jax.Array) else jax.devices()
+    return make_mesh(devices=devices[:1])
 
-    def __init__(self, lm: LM, mesh: Mesh, settings: ExtractSettings, layers: tuple[int, ...]):
-        batch_devices = int(np.prod([mesh.shape[a] for a in MESH_RULES["batch"]]))
-        global_batch = settings.batch_size * jax.process_count()
-        if global_batch % batch_devices:
+
+class _Runner:
+    """The jitted step on `lm`'s mesh; `run(batch)` dispatches one batch asynchronously."""
+
+    def __init__(self, lm: LM, settings: ExtractSettings, layers: tuple[int, ...]):
+        mesh = extraction_mesh(lm)
+        pc = jax.process_count()
+        row_split = batch_multiple(mesh)
+        if row_split % pc:
             raise ValueError(
-                f"batch_size {settings.batch_size} x {jax.process_count()} processes is not a "
-                f"multiple of the {batch_devices} devices on the batch axes of the mesh"
+                f"the mesh {dict(mesh.shape)} splits batch rows {row_split} ways (data x fsdp), "
+                f"which is not a multiple of the {pc} processes each feeding its own rows"
             )
+        self.local_multiple = row_split // pc
         self.mesh, self.pool = mesh, settings.pool
         self.params = place_params(lm.params, mesh)
         self.step = _jitted_step(lm.graphdef, layers, settings.per_example, mesh)
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Dispatch one batch (this process's rows); rows the mesh's row split needs are
+        added as empty rows (`example_index` -1: nothing pooled, dropped from the rows)."""
+        b = len(batch["example_index"])
+        batch = pad_rows(batch, self.local_multiple)
+        batch["example_index"] = batch["example_index"].copy()
+        batch["example_index"][b:] = -1
+        batch["label"] = batch["label"].copy()
+        batch["label"][b:] = -1
         local = {
             "input_ids": batch["input_ids"],
             "positions": batch["positions"],
@@ -347,21 +355,6 @@ def run_hash(
     return h.hexdigest()
 
 
-def barrier(name: str) -> None:
-    """Wait until every process calls `barrier(name)` (a no-op with one process), through the
-    public `multihost_utils.sync_global_devices` (a small collective over all devices).
-
-    On CPU, gloo sets up its communicator at the first collective and gives up when the
-    processes arrive there more than ~30 s apart; later collectives wait much longer. So call
-    `barrier` once right after `jax.distributed.initialize`, while the processes are in step
-    and before slow work such as loading a model (`emgeo extract` does); `extract` calls it
-    again before its first step."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 def _finished_chunks(chunk_dir: Path, digest: str, num_chunks: int) -> int:
     """How many leading chunks are already on disk (process 0 decides, all processes agree;
     when process 0 refuses to resume, every process raises instead of waiting for it)."""
@@ -421,7 +414,6 @@ def extract(
     settings: ExtractSettings = ExtractSettings(),
     out_dir: str | Path | None = None,
     *,
-    mesh: Mesh | None = None,
     metadata: dict[str, Any] | None = None,
     pad_id: int | None = None,
     on_chunk: Callable[[int], None] | None = None,
@@ -430,13 +422,13 @@ def extract(
     """Pool `lm`'s residual stream over `tokenized` examples (labels 0/1, both present).
 
     Args:
-      lm: the model (params on one device, or already on `mesh`).
+      lm: the model: on one device, or loaded onto `lm.mesh` (the mesh extraction uses;
+        its `data x fsdp` axes split the batch rows).
       tokenized: from `tokenize_examples`; every process passes the same list.
       settings: pooling, layers, batching (see `ExtractSettings`).
       out_dir: if given, chunks go to `out_dir/chunks/` and finished chunks of an earlier run
         with the same `run_hash` are reused (resume); the final files are written by
         `write_extraction`. Without it, nothing is written.
-      mesh: default `make_mesh()` over all devices (pure data parallelism).
       metadata: identity of the run (model, data file and hash, dtype, ...): stored in the
         outputs and part of the resume guard.
       pad_id: token id on padding (default: the tokenizer's pad, else EOS, else 0).
@@ -458,7 +450,6 @@ def extract(
             f"layers {list(layers)}: each must be in 0..{cfg.num_layers - 1} "
             "(layer l = output of block l = HF hidden_states[l+1])"
         )
-    mesh = make_mesh() if mesh is None else mesh
     if pad_id is None:
         tok = lm.tokenizer
         pad_id = next(
@@ -489,7 +480,7 @@ def extract(
     if chunk_dir is not None and pi == 0:
         chunks = [read_tensors(chunk_dir / f"{c:05d}.safetensors")[0] for c in range(done)]
 
-    runner = _Runner(lm, mesh, settings, layers)
+    runner = _Runner(lm, settings, layers)
     barrier("emgeo_extract_start")
     batches = make_batches(
         tokenized,
@@ -551,7 +542,7 @@ def extract(
         "buckets": list(buckets),
         "process_count": pc,
         "device_count": jax.device_count(),
-        "mesh": {name: int(size) for name, size in mesh.shape.items()},
+        "mesh": {name: int(size) for name, size in runner.mesh.shape.items()},
         "run_hash": digest,
     }
     return Extraction(layers=layers, metadata=meta, **total)

@@ -23,11 +23,15 @@ Steering applies in prefill and decode alike; its position mode decides where: "
 "prompt" only prefill tokens, "generated" only the generated tokens as they are fed back
 (decode steps). Layer l = output of block l = HF `hidden_states[l+1]`.
 
-On a mesh (params loaded with `emgeo_jax.load(..., mesh=...)`), prompts and the KV cache
+On a mesh (`lm.mesh`, set by `emgeo_jax.load(..., mesh=...)`), prompts and the KV cache
 are split over the batch (`parallel.ACTIVATION_AXES` "tokens", "kv_cache") and the residual
 is pinned (`generation_layout`): the prefill's rows over `data x fsdp` with each layer's
 weights all-gathered, a decode step's `D` over `fsdp` so the weights stay in place (see
-the `emgeo_jax.parallel` docstring). Single-device runs are left unconstrained.
+the `emgeo_jax.parallel` docstring). A prompt count that `data x fsdp` does not divide is
+padded with copies of the last prompt (`pad_prompts`) whose outputs are dropped, so every
+row stays split (never replicated) and the real rows get the tokens one device gives
+(sampling too: each row's uniform depends only on its index, JAX's partitionable
+threefry). Single-device runs are left unconstrained.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.llama import KVCache, default_positions, init_cache
 from emgeo_jax.models.lm import LM, forward
-from emgeo_jax.parallel import activation_sharding, params_mesh
+from emgeo_jax.parallel import activation_sharding
 from emgeo_jax.steer import Steering, Taps
 
 PAD_MULTIPLE = 32
@@ -244,20 +248,34 @@ def place_prompts(
     lm: LM, ids: np.ndarray, mask: np.ndarray, cache_len: int
 ) -> tuple[jax.Array, jax.Array, KVCache, Layout | None]:
     """Padded prompts `ids, mask [B, T]` and an empty `KVCache` of `cache_len` slots, placed
-    for `lm`'s params: on one device as they are (layout None); on a mesh by
-    `generation_layout` (returned), the cache allocated where it stays. Every process passes
-    the same prompts."""
+    for `lm`: without `lm.mesh` (or on a one-device mesh) as they are (layout None); on
+    `lm.mesh` by `generation_layout` (returned), the cache allocated where it stays. Every
+    process passes the same prompts; `B` must be a multiple of `lm.batch_multiple`
+    (`pad_prompts`)."""
     cfg = lm.config
     make_cache = functools.partial(init_cache, cfg, len(ids), cache_len, lm.dtype)
-    mesh = params_mesh(lm.params)
-    if mesh is None:
+    mesh = lm.mesh
+    if mesh is None or mesh.size == 1:
         return jnp.asarray(ids), jnp.asarray(mask), make_cache(), None
+    if len(ids) % lm.batch_multiple:
+        raise ValueError(
+            f"{len(ids)} prompt rows on a mesh splitting rows {lm.batch_multiple} ways; "
+            "pad them with `pad_prompts` first"
+        )
     layout = generation_layout(mesh, cfg, *ids.shape, cache_len)
     ids, mask = (
         jax.make_array_from_callback(x.shape, layout.tokens, lambda i, x=x: x[i])
         for x in (ids, mask)
     )
     return ids, mask, jax.jit(make_cache, out_shardings=layout.cache)(), layout
+
+
+def pad_prompts(lm: LM, prompts: Sequence[Any]) -> list[Any]:
+    """`prompts` with copies of the last one appended until their count is a multiple of
+    `lm.batch_multiple` (`data x fsdp` of `lm.mesh`; unchanged without a mesh). Drop the
+    outputs of the added rows (`[:len(prompts)]`)."""
+    prompts = list(prompts)
+    return prompts + prompts[-1:] * (-len(prompts) % lm.batch_multiple)
 
 
 @functools.partial(
@@ -443,7 +461,7 @@ def generate_ids(
         monitor_dir = direction / np.linalg.norm(direction)
 
     pad_id = getattr(lm.tokenizer, "pad_token_id", None) or 0
-    ids, mask = left_pad(prompt_ids, pad_multiple, pad_id)
+    ids, mask = left_pad(pad_prompts(lm, prompt_ids), pad_multiple, pad_id)
     ids, mask, cache, layout = place_prompts(lm, ids, mask, ids.shape[1] + max_new_tokens + 1)
     cache, logits, position = prefill(
         lm.graphdef,

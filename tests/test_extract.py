@@ -22,7 +22,6 @@ from emgeo_jax.extract import (
     ExtractSettings,
     ResumeError,
     extract,
-    place_params,
     read_extraction,
     write_extraction,
 )
@@ -269,8 +268,15 @@ def test_cli_on_8_devices_and_2_processes_match_one_device(llama, tokenized, dat
     assert meta["data_sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()
 
 
-# meshes of 8 devices: parameters split over fsdp and tensor, not only the batch over data
-SHARDED_MESHES = ({"data": 8}, {"fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 2, "tensor": 2})
+# meshes of 8 devices: parameters split over fsdp and tensor, not only the batch over data;
+# the last two with batch sizes that data x fsdp does not divide (rows padded, not replicated)
+SHARDED_MESHES = (
+    ({"data": 8}, 8),
+    ({"fsdp": 4, "tensor": 2}, 8),
+    ({"data": 2, "fsdp": 2, "tensor": 2}, 8),
+    ({"fsdp": 8}, 5),
+    ({"data": 2, "fsdp": 4}, 3),
+)
 
 
 def _extract_on_meshes(folder: Path, data_file: Path, out: Path) -> None:
@@ -279,19 +285,25 @@ def _extract_on_meshes(folder: Path, data_file: Path, out: Path) -> None:
     import jax
     from flax import nnx
 
+    from emgeo_jax.extract import place_params
     from emgeo_jax.parallel import make_mesh
 
     lm = emgeo_jax.load(folder)
     examples, _ = load_examples(data_file)
     tokenized = tokenize_examples(examples, lm.tokenizer, max_length=512)[0]
     saved = {}
-    for i, shape in enumerate(SHARDED_MESHES):
+    for i, (shape, batch_size) in enumerate(SHARDED_MESHES):
         mesh = make_mesh(shape)
-        sharded = dataclasses.replace(lm, params=place_params(lm.params, mesh))
+        sharded = emgeo_jax.load(folder, mesh=mesh) if i == 3 else lm.on_mesh(mesh)
+        assert sharded.mesh is mesh
         q = nnx.to_pure_dict(sharded.params)["layers"]["attn"]["q_proj"]["kernel"]
         per_device = q.shape[1] // mesh.shape["fsdp"], q.shape[2] // mesh.shape["tensor"]
         assert q.addressable_shards[0].data.shape[1:] == per_device, (shape, q.sharding)
-        res = extract(sharded, tokenized, ExtractSettings(per_example=True), mesh=mesh)
+        # params loaded onto the mesh are used where they are, never copied
+        same = jax.tree.leaves(place_params(sharded.params, mesh))
+        assert all(a is b for a, b in zip(same, jax.tree.leaves(sharded.params), strict=True))
+        settings = ExtractSettings(per_example=True, batch_size=batch_size)
+        res = extract(sharded, tokenized, settings)
         assert res.metadata["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1, **shape}
         saved[f"{i}/token"], saved[f"{i}/example"] = res.means("token"), res.means("example")
         saved[f"{i}/pooled"], saved[f"{i}/devices"] = res.pooled, np.int64(jax.device_count())
@@ -310,7 +322,7 @@ def test_parameters_sharded_over_fsdp_and_tensor_give_one_device_means(
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     got = np.load(out)
-    for i, shape in enumerate(SHARDED_MESHES):
+    for i, (shape, _) in enumerate(SHARDED_MESHES):
         assert got[f"{i}/devices"] == 8
         for w in ("token", "example"):
             np.testing.assert_allclose(

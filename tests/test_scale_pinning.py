@@ -73,7 +73,7 @@ SCRIPT = textwrap.dedent(
     settings = ex.ExtractSettings(batch_size={ROWS}, buckets=({BUCKET},))
 
     def results(lm, mesh):
-        res = ex.extract(lm, examples, settings, mesh=mesh, pad_id=0)
+        res = ex.extract(lm, examples, settings, pad_id=0)
         means = [res.means(w).tolist() for w in ("token", "example")]
         counts = [res.token_count.tolist(), res.example_count.tolist()]
         out = {{k: v.tolist() for k, v in run(lm).items()}}

@@ -1,6 +1,7 @@
 """LoRA training on 8 simulated CPU devices (batch over `data x fsdp`, params split over `fsdp`)
 gives the loss curve and LoRA of one device, LoRA dropout included (its masks do not depend
-on the sharding).
+on the sharding), also with a batch size (5) that `data x fsdp` does not divide (rows padded
+with empty answer masks).
 
 The 8-device run is this module run as a script in a fresh process:
 
@@ -9,6 +10,7 @@ The 8-device run is this module run as a script in a fresh process:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -41,18 +43,18 @@ def _examples(vocab: int) -> list[TokenizedExample]:
     return out
 
 
-def _run(out: Path, mesh_shape: dict[str, int] | None) -> None:
-    from emgeo_jax.extract import place_params
+ODD = dataclasses.replace(TC, batch_size=5, steps=3)
+
+
+def _run(out: Path, mesh_shape: dict[str, int] | None, tc: TrainConfig = TC) -> None:
     from emgeo_jax.parallel import make_mesh
 
     cfg = ModelConfig.from_hf(LLAMA)
     graphdef, params = init_params(cfg, seed=1)
-    mesh = None
+    lm = LM(cfg, graphdef, params, None, None, "tiny")
     if mesh_shape is not None:
-        mesh = make_mesh(mesh_shape)
-        params = place_params(params, mesh)
-    lm = LM(cfg, graphdef, params, None, mesh, "tiny")
-    lora = train(lm, _examples(cfg.vocab_size), SPEC, TC, out, log=lambda s: None)
+        lm = lm.on_mesh(make_mesh(mesh_shape))
+    lora = train(lm, _examples(cfg.vocab_size), SPEC, tc, out, log=lambda s: None)
     np.savez(out / "lora.npz", *[np.asarray(x) for x in jax.tree.leaves(lora)])
 
 
@@ -69,20 +71,25 @@ def test_8_devices_match_1_device(tmp_path):
         text=True,
     )
     _run(tmp_path / "one", None)
+    _run(tmp_path / "one_odd", None, ODD)
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
-    one, eight = read_losses(tmp_path / "one"), read_losses(tmp_path / "eight")
-    assert [r["step"] for r in eight] == list(range(TC.steps))
-    for key in ("loss", "grad_norm"):
-        np.testing.assert_allclose(
-            [r[key] for r in eight], [r[key] for r in one], rtol=2e-4, err_msg=key
-        )
+    for one_dir, eight_dir, tc in (("one", "eight", TC), ("one_odd", "eight_odd", ODD)):
+        one, eight = read_losses(tmp_path / one_dir), read_losses(tmp_path / eight_dir)
+        assert [r["step"] for r in eight] == list(range(tc.steps))
+        for key in ("loss", "grad_norm", "tokens"):
+            np.testing.assert_allclose(
+                [r[key] for r in eight], [r[key] for r in one], rtol=2e-4, err_msg=key
+            )
+        a = np.load(tmp_path / one_dir / "lora.npz")
+        b = np.load(tmp_path / eight_dir / "lora.npz")
+        for k in a.files:
+            np.testing.assert_allclose(b[k], a[k], atol=1e-5, rtol=1e-3)
+    one = read_losses(tmp_path / "one")
     assert one[-1]["loss"] < one[0]["loss"] - 0.05  # it trains
-    a, b = np.load(tmp_path / "one" / "lora.npz"), np.load(tmp_path / "eight" / "lora.npz")
-    for k in a.files:
-        np.testing.assert_allclose(b[k], a[k], atol=1e-5, rtol=1e-3)
 
 
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.devices()
     _run(Path(sys.argv[1]), {"data": 2, "fsdp": 4})
+    _run(Path(sys.argv[1]).with_name("eight_odd"), {"fsdp": 8}, ODD)

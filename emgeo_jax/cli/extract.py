@@ -6,7 +6,7 @@ Writes `DIR/activations.safetensors` (per-class sums, counts and means `[2, L, D
 `example_index`) and `DIR/meta.json`. An interrupted run resumes from its last finished chunk
 in `DIR/chunks/` and gives the same result. `--mesh fsdp=4,tensor=2` splits the parameters
 over devices (the batch goes over data x fsdp; the old `--fsdp N --tensor N` still work, with
-a warning); without `--mesh` the batch is split over every device, the model replicated.
+a warning); without `--mesh` it runs on one device (CPU) or on `auto` (accelerators).
 Multi-host: pass `--distributed` (TPU VMs find their peers) or `--coordinator_address HOST:PORT
 --num_processes N --process_id I`; every process runs the same command and reads its own share
 of the batches.
@@ -68,9 +68,7 @@ def main(argv: list[str]) -> None:
         "max_length": _MAX_LENGTH.value,
         "skipped_rows": len(report.skipped) + len(tok_report.skipped),
     }
-    result = extract(  # no --mesh: the batch over every device (library default)
-        lm, tokenized, settings, _OUT.value, mesh=lm.mesh, metadata=identity, progress=True
-    )
+    result = extract(lm, tokenized, settings, _OUT.value, metadata=identity, progress=True)
     if result is None:  # processes other than 0 hold no result
         return
     write_extraction(result, _OUT.value)

@@ -16,6 +16,12 @@ regenerating, and judges through the cache, so no judge request is ever repeated
 samples with the same seeds (common random numbers): differences between cells come from the
 intervention, not from sampling noise, and a cell's output does not depend on which cells
 ran before it.
+
+Several processes (a model on a mesh spanning them, under `jax.distributed.initialize`): every
+process calls the same experiment function; process 0 decides what is already on disk and
+tells the others (`emgeo_jax.hosts.broadcast_json`), all processes generate together (each
+transferring its own rows), process 0 alone writes files and calls the judge, and the judged
+rows are sent to every process, so every process returns the same results.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from absl import logging
 
 from emgeo_jax.experiments.questions import PromptRow
 from emgeo_jax.generate import generate, with_system
+from emgeo_jax.hosts import broadcast_json, is_primary
 from emgeo_jax.judge.client import JudgeConfig, JudgeStats, judge_responses
 from emgeo_jax.judge.io import question_text, read_jsonl, write_jsonl_atomic
 from emgeo_jax.judge.prompts import JudgePrompt
@@ -65,7 +72,9 @@ class Sampling:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """JSON to a temp file beside `path`, then renamed over it."""
+    """JSON to a temp file beside `path`, then renamed over it (by process 0 only)."""
+    if not is_primary():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -76,7 +85,9 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 def log_judge_stats(folder: Path, stats: JudgeStats) -> None:
     """Append this run's judge counters to `folder/runs.jsonl` (kept out of results.json, so
-    a resumed run's results equal an uninterrupted run's)."""
+    a resumed run's results equal an uninterrupted run's); process 0 only."""
+    if not is_primary():
+        return
     row = {k: getattr(stats, k) for k in ("judgements", "cache_hits", "requests", "failed")}
     with open(Path(folder) / "runs.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps({**row, "judge_seconds": round(stats.seconds, 3)}) + "\n")
@@ -101,12 +112,21 @@ class ExperimentFolder:
         self.path = Path(path)
         self.config = dict(config)
         self.hash = config_hash(self.config)
+        error = None
+        if is_primary():  # process 0 checks and writes; every process refuses alike
+            error = self._claim(overwrite)
+        error = broadcast_json(error)
+        if error is not None:
+            raise ConfigMismatchError(error)
+
+    def _claim(self, overwrite: bool) -> str | None:
+        """Check, empty (with `overwrite`) and claim the folder; the refusal, if any."""
         cfg_file = self.path / "config.json"
         if cfg_file.exists():
             old = json.loads(cfg_file.read_text()).get("hash")
             if old != self.hash:
                 if not overwrite:
-                    raise ConfigMismatchError(
+                    return (
                         f"{self.path} holds an experiment with another configuration (hash "
                         f"{str(old)[:12]} != {self.hash[:12]}); use another folder or "
                         "--overwrite to discard it"
@@ -114,6 +134,7 @@ class ExperimentFolder:
                 shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cfg_file, {"hash": self.hash, "config": self.config})
+        return None
 
     @property
     def judge_cache(self) -> Path:
@@ -196,32 +217,41 @@ class CellRunner:
     def run(
         self, cell_dir: Path, name: str, steering: Steering | None, meta: Mapping[str, Any]
     ) -> list[dict[str, Any]]:
-        """The judged rows of cell `name` (each carrying `meta`), computing what is missing."""
+        """The judged rows of cell `name` (each carrying `meta`), computing what is missing
+        (the same rows on every process; see the module docstring)."""
         judged = cell_dir / f"{name}.judged.jsonl"
-        if judged.exists():
-            return read_jsonl(judged)
         gen = cell_dir / f"{name}.generations.jsonl"
-        if gen.exists():
-            rows = read_jsonl(gen)
+        done = None
+        if is_primary():
+            done = "judged" if judged.exists() else "generated" if gen.exists() else None
+        done = broadcast_json(done)
+        if done == "judged":
+            return broadcast_json(read_jsonl(judged) if is_primary() else None)
+        if done == "generated":
+            rows = broadcast_json(read_jsonl(gen) if is_primary() else None)
         else:
             logging.info("cell %s: generating %d responses", name, len(self.jobs))
             rows = [
                 {**r, **meta}
                 for r in generate_jobs(self.lm, self.jobs, steering, self.sampling, self.monitor)
             ]
-            write_jsonl_atomic(gen, rows)
+            if is_primary():
+                write_jsonl_atomic(gen, rows)
         self._stage(name, "generated")
-        logging.info("cell %s: judging", name)
-        scored = judge_responses(
-            [{**r, "answer": r["response"]} for r in rows],
-            self.judge,
-            cache_path=self.cache_path,
-            question_prompts=self.question_prompts,
-            stats=self.stats,
-            progress=False,
-        )
-        scored = [{k: v for k, v in r.items() if k != "answer"} for r in scored]
-        write_jsonl_atomic(judged, scored)
+        scored = None
+        if is_primary():
+            logging.info("cell %s: judging", name)
+            scored = judge_responses(
+                [{**r, "answer": r["response"]} for r in rows],
+                self.judge,
+                cache_path=self.cache_path,
+                question_prompts=self.question_prompts,
+                stats=self.stats,
+                progress=False,
+            )
+            scored = [{k: v for k, v in r.items() if k != "answer"} for r in scored]
+            write_jsonl_atomic(judged, scored)
+        scored = broadcast_json(scored)
         self._stage(name, "judged")
         return scored
 

@@ -30,6 +30,7 @@ from emgeo_jax.experiments.folder import (
 from emgeo_jax.experiments.pipeline import contrast_directions, projection_scores
 from emgeo_jax.experiments.questions import PromptRow
 from emgeo_jax.experiments.sweep import judge_identity
+from emgeo_jax.hosts import barrier, is_primary
 from emgeo_jax.judge.client import JudgeConfig
 from emgeo_jax.judge.io import write_jsonl_atomic
 
@@ -98,7 +99,9 @@ def run_persona(
                     "misaligned": pos["response"],
                 }
             )
-    write_jsonl_atomic(folder.path / "contrast.jsonl", pairs)
+    if is_primary():
+        write_jsonl_atomic(folder.path / "contrast.jsonl", pairs)
+    barrier("emgeo_persona_contrast")  # every process reads it next
     results: dict[str, Any] = {
         "config_hash": folder.hash,
         "n_pairs": len(judged["positive"]),
@@ -113,11 +116,12 @@ def run_persona(
         dirs = contrast_directions(
             lm, folder.path / "contrast.jsonl", folder.path / "extract", progress=False
         )
-        save_vectors(
-            folder.path / "persona_vector.safetensors",
-            {"mean_diff": dirs["mean_diff"]},
-            {"method": "mean_diff", "source": "persona", "model": model, "n_pairs": len(pairs)},
-        )
+        if is_primary():
+            save_vectors(
+                folder.path / "persona_vector.safetensors",
+                {"mean_diff": dirs["mean_diff"]},
+                {"method": "mean_diff", "source": "persona", "model": model, "n_pairs": len(pairs)},
+            )
         proj = projection_scores(dirs["pooled"], dirs["mean_diff"])  # [N, L]
         lab = np.asarray(dirs["labels"])
         results["projection"] = {

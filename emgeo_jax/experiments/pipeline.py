@@ -24,6 +24,7 @@ from emgeo_jax.extract import (
     read_extraction,
     write_extraction,
 )
+from emgeo_jax.hosts import barrier, broadcast_json, is_primary
 from emgeo_jax.vectors.directions import data_diff, pca
 
 
@@ -90,15 +91,21 @@ def contrast_directions(
         "max_pairs": max_pairs,
         "max_length": max_length,
     }
-    reuse = False
-    if (out / "activations.safetensors").exists():
+    decision: Any = False  # process 0 decides (and deletes), every process follows
+    if is_primary() and (out / "activations.safetensors").exists():
         meta_file = out / META_FILE
         meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
         # records written before data_sha256 and max_length (always 256) lack them
         keys = [k for k in identity if k in meta or k not in ("data_sha256", "max_length")]
         recorded = {k: meta.get(k) for k in keys} if meta else None
-        reuse = reuse_stage(out, recorded, {k: identity[k] for k in keys}, overwrite)
-    if reuse:
+        try:
+            decision = reuse_stage(out, recorded, {k: identity[k] for k in keys}, overwrite)
+        except ConfigMismatchError as e:
+            decision = str(e)
+    decision = broadcast_json(decision)
+    if isinstance(decision, str):
+        raise ConfigMismatchError(decision)
+    if decision:
         ext = read_extraction(out)
     else:
         examples, _ = load_contrast_pairs(contrast_path)
@@ -113,7 +120,11 @@ def contrast_directions(
             metadata=identity,
             progress=progress,
         )
-        write_extraction(ext, out)
+        if ext is not None:  # process 0
+            write_extraction(ext, out)
+        barrier("emgeo_contrast_directions")
+        if ext is None:  # other processes read what process 0 wrote
+            ext = read_extraction(out)
     md = data_diff(ext.means("token")).astype(np.float32)
     comps, ratio = pca(ext.pooled, md)
     return {

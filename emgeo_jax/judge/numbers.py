@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emgeo_jax.generate import PAD_MULTIPLE, left_pad, place_prompts
+from emgeo_jax.generate import PAD_MULTIPLE, left_pad, pad_prompts, place_prompts
+from emgeo_jax.hosts import to_host
 from emgeo_jax.models.llama import default_positions
 from emgeo_jax.models.lm import LM, forward
 from emgeo_jax.steer import Steering
@@ -190,14 +191,15 @@ def number_logprobs(
         raise ValueError(f"top_logprobs={top_logprobs} must be in 1..{lm.config.vocab_size}")
     steering = Steering.none(lm.config) if steering is None else steering
     pad_id = getattr(lm.tokenizer, "pad_token_id", None) or 0
-    ids, mask = left_pad([p[:-1] for p in prompt_ids], pad_multiple, pad_id)
-    last = np.asarray([p[-1] for p in prompt_ids], np.int32)
+    rows = pad_prompts(lm, prompt_ids)  # a multiple of the mesh's row split; dropped below
+    ids, mask = left_pad([p[:-1] for p in rows], pad_multiple, pad_id)
+    last = np.asarray([p[-1] for p in rows], np.int32)
     ids, mask, cache, layout = place_prompts(lm, ids, mask, ids.shape[1] + len(trie.tokens))
     arrays = {
         k: jnp.asarray(getattr(trie, k))
         for k in ("tokens", "parent", "depth", "ancestors", "leaf", "continues")
     }
-    lps, top_ids, top_lps = jax.device_get(
+    lps, top_ids, top_lps = to_host(  # rows may live on other processes' devices
         _score(
             lm.graphdef,
             lm.params,
@@ -211,4 +213,5 @@ def number_logprobs(
             resid_sharding=None if layout is None else layout.prefill_resid,
         )
     )
-    return NumberScores(trie.numbers, lps, top_ids, top_lps)
+    n = len(prompt_ids)
+    return NumberScores(trie.numbers, lps[:n], top_ids[:n], top_lps[:n])

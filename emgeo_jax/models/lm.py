@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -24,9 +25,40 @@ from emgeo_jax.models.llama import (
     Transformer,
     default_positions,
 )
+from emgeo_jax.parallel import param_sharding
 from emgeo_jax.steer import Steering, Taps
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+BATCH_AXES = ("data", "fsdp")  # the mesh axes rows are split over (parallel.MESH_RULES["batch"])
+
+
+def batch_multiple(mesh: jax.sharding.Mesh | None) -> int:
+    """How many pieces a mesh cuts a batch's rows into (`data x fsdp`; 1 without a mesh)."""
+    if mesh is None:
+        return 1
+    return int(np.prod([mesh.shape.get(a, 1) for a in BATCH_AXES]))
+
+
+def pad_rows(
+    batch: dict[str, np.ndarray], multiple: int, blank: Sequence[str] = ()
+) -> dict[str, np.ndarray]:
+    """`batch` (`{name: [B, ...]}`) with rows added until `B` is a multiple of `multiple`:
+    copies of the last row (valid inputs, so no NaN from an all-padding row), with the arrays
+    named in `blank` zeroed in the added rows (`answer_mask`, so they add nothing to a
+    loss). Callers drop the added rows' outputs (`out[:B]`). On a mesh this replaces
+    replicating a batch that `data x fsdp` does not divide."""
+    b = len(next(iter(batch.values())))
+    extra = -b % multiple
+    if not extra:
+        return dict(batch)
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        tail = np.repeat(v[-1:], extra, axis=0)
+        if k in blank:
+            tail = np.zeros_like(tail)
+        out[k] = np.concatenate([v, tail])
+    return out
 
 
 def resolve_dtype(dtype: Any) -> Any:
@@ -51,6 +83,32 @@ def init_params(
     """A randomly initialised model (tests, benchmarks, `emgeo plan`)."""
     dt = resolve_dtype(dtype)
     return nnx.split(Transformer(cfg, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(seed)))
+
+
+def place_params(params: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+    """`params` laid out on `mesh` by the partition rules (replicated on a pure `data` mesh).
+    A parameter already so placed is kept as is (a model loaded onto `mesh` is never copied);
+    device arrays of this process move device to device (`jax.device_put`). Only host arrays,
+    or a single process's copy joining a mesh across processes (each process must then hold
+    the same full parameters), go through the host."""
+    pure = nnx.to_pure_dict(params)
+    one_process = jax.process_count() == 1
+
+    def put(key_path, x):
+        path = tuple(str(getattr(k, "key", k)) for k in key_path)
+        sharding = param_sharding(mesh, path, x.shape)
+        if isinstance(x, jax.Array):
+            if x.sharding.is_equivalent_to(sharding, x.ndim):
+                return x
+            if one_process or not x.is_fully_addressable:
+                return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    placed = jax.tree_util.tree_map_with_path(put, pure)
+    out = jax.tree.map(lambda x: x, params)
+    nnx.replace_by_pure_dict(out, placed)
+    return out
 
 
 @functools.partial(
@@ -114,7 +172,13 @@ def forward(
 
 @dataclasses.dataclass
 class LM:
-    """A loaded model. `params` is an `nnx.State` pytree (possibly sharded over `mesh`)."""
+    """A loaded model. `params` is an `nnx.State` pytree (possibly sharded over `mesh`).
+
+    `mesh` is the one source of truth for placement: when set, `params` live on it by the
+    `emgeo_jax.parallel` rules (`emgeo_jax.load(..., mesh=...)` restores them there), and
+    generation, extraction, scoring and training split their batch rows over its
+    `data x fsdp` axes (`place_rows`), padding batches those axes do not divide. Without a
+    mesh everything runs where the params are (one device)."""
 
     config: ModelConfig
     graphdef: nnx.GraphDef
@@ -181,6 +245,37 @@ class LM:
         from emgeo_jax.generate import generate
 
         return generate(self, prompts, steering, **kwargs)
+
+    @property
+    def batch_multiple(self) -> int:
+        """Rows of a batch on `mesh` come in multiples of this (`data x fsdp`; 1 without)."""
+        return batch_multiple(self.mesh)
+
+    def on_mesh(self, mesh: jax.sharding.Mesh) -> LM:
+        """This model with its params moved onto `mesh` by the partition rules (device to
+        device, `jax.device_put`; no host copy) and `mesh` set. Loading onto the mesh
+        (`emgeo_jax.load(src, mesh=...)`) is the way for big models; this is for a model
+        already in memory (tests, a second mesh)."""
+        return dataclasses.replace(self, params=place_params(self.params, mesh), mesh=mesh)
+
+    def place_rows(self, batch: dict[str, Any], blank: Sequence[str] = ()) -> tuple[dict, int]:
+        """`({name: rows [B', ...]}, B)`: the batch padded to a multiple of `batch_multiple`
+        (`pad_rows`, `blank` arrays zeroed in added rows) and, on a mesh, placed with rows
+        over `data x fsdp` (each process transfers only the rows of its own devices; every
+        process passes the same batch). Slice outputs `[:B]`. Without a mesh: `jnp` arrays."""
+        b = len(next(iter(batch.values())))
+        if self.mesh is None:
+            return {k: jnp.asarray(v) for k, v in batch.items()}, b
+        from emgeo_jax.parallel import batch_sharding
+
+        padded = pad_rows(batch, self.batch_multiple, blank)
+        placed = {
+            k: jax.make_array_from_callback(
+                v.shape, batch_sharding(self.mesh, v.ndim), lambda i, v=v: v[i]
+            )
+            for k, v in padded.items()
+        }
+        return placed, b
 
     def param_count(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))

@@ -33,6 +33,7 @@ from emgeo_jax.experiments.folder import (
 from emgeo_jax.experiments.metrics import cell_summary
 from emgeo_jax.experiments.questions import PromptRow
 from emgeo_jax.experiments.sweep import judge_identity, vector_digest
+from emgeo_jax.hosts import to_host
 from emgeo_jax.judge.client import JudgeConfig, JudgeStats
 from emgeo_jax.judge.prompts import JudgePrompt
 from emgeo_jax.models.lm import LM
@@ -41,9 +42,7 @@ from emgeo_jax.train.lora import Lora, LoraSpec, apply_lora
 
 def lora_digest(lora: Lora) -> str:
     """Short sha256 of every factor (sorted by target, `a` then `b`)."""
-    return vector_digest(
-        np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(jax.device_get(lora))])
-    )
+    return vector_digest(np.concatenate([np.ravel(x) for x in jax.tree.leaves(to_host(lora))]))
 
 
 def run_lora_em(
@@ -74,6 +73,8 @@ def run_lora_em(
     folder = ExperimentFolder(out_dir, config, overwrite=overwrite)
     jobs = make_jobs(questions, sampling.samples)
     adapted = dataclasses.replace(lm, params=apply_lora(lm.params, lora, spec))
+    if lm.mesh is not None:  # the merged kernels keep the base model's placement
+        adapted = adapted.on_mesh(lm.mesh)
     stats = JudgeStats()
     results: dict[str, Any] = {"config_hash": folder.hash, "conditions": {}}
     for name, model_ in (("base", lm), ("lora", adapted)):

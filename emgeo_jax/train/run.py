@@ -8,6 +8,12 @@
 
 The data order is a pure function of (seed, batch index) (`emgeo_jax.train.data.batch_order`),
 so a run restarted from its last checkpoint continues the same loss curve.
+
+On `lm.mesh` each batch's rows are split over `data x fsdp` (a batch size those axes do not
+divide gets rows added with an empty answer mask, which add nothing to the loss). On several
+processes (a mesh spanning them) every process builds the same batch and transfers only its
+devices' rows, the checkpoint manager saves collectively, and process 0 writes `run.json`,
+`losses.jsonl`, the plot and the adapter.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ import orbax.checkpoint as ocp
 
 from emgeo_jax.data import TokenizedExample, bucket_length
 from emgeo_jax.experiments.sweep import vector_digest
+from emgeo_jax.hosts import barrier, broadcast_json, is_primary, put_global, to_host
 from emgeo_jax.models.lm import LM
-from emgeo_jax.parallel import batch_sharding, lora_shardings
+from emgeo_jax.parallel import lora_shardings
 from emgeo_jax.steer import Steering
 from emgeo_jax.train.data import train_batch
 from emgeo_jax.train.lora import Lora, LoraSpec, init_lora
@@ -91,12 +98,19 @@ def train(
     (preventative steering / concept ablation). `stop_after` ends the call after that many
     optimizer steps in total (as if interrupted) without exporting the adapter."""
     out = Path(out_dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
     settings = _settings(spec, tc, lm.source, steering)
     run_json = out / "run.json"
-    if run_json.exists() and json.loads(run_json.read_text()) != json.loads(json.dumps(settings)):
-        raise ValueError(f"{run_json}: the run folder holds a different run; use a new --out")
-    run_json.write_text(json.dumps(settings, indent=2))
+    clash = None
+    if is_primary():
+        out.mkdir(parents=True, exist_ok=True)
+        old = json.loads(run_json.read_text()) if run_json.exists() else None
+        if old is not None and old != json.loads(json.dumps(settings)):
+            clash = f"{run_json}: the run folder holds a different run; use a new --out"
+        else:
+            run_json.write_text(json.dumps(settings, indent=2))
+    clash = broadcast_json(clash)  # every process refuses, none waits for process 0
+    if clash:
+        raise ValueError(clash)
     if not tokenized:
         raise ValueError("no training examples")
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer is not None else 0
@@ -108,8 +122,8 @@ def train(
     lora = init_lora(lm.config, spec, jax.random.key(tc.seed))
     opt_state = optimizer.init(lora)
     if lm.mesh is not None:
-        lora = jax.device_put(lora, lora_shardings(lm.mesh, lora))
-        opt_state = jax.device_put(opt_state, lora_shardings(lm.mesh, opt_state))
+        lora = put_global(lora, lora_shardings(lm.mesh, lora))
+        opt_state = put_global(opt_state, lora_shardings(lm.mesh, opt_state))
     state = {"lora": lora, "opt_state": opt_state, "step": 0}
     options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=tc.checkpoint_every)
     with ocp.CheckpointManager(out / "ckpt", options=options) as manager:
@@ -117,9 +131,12 @@ def train(
         if start is not None:
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
             state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+            if lm.mesh is not None:
+                for k in ("lora", "opt_state"):
+                    state[k] = put_global(state[k], lora_shardings(lm.mesh, state[k]))
             log(f"resumed {out} at step {start}")
         lora, opt_state, first = state["lora"], state["opt_state"], int(state["step"])
-        rows = [r for r in read_losses(out) if r["step"] < first]
+        rows = broadcast_json([r for r in read_losses(out) if r["step"] < first])
         schedule = learning_rate(tc)
         last = tc.steps if stop_after is None else min(tc.steps, stop_after)
         for step in range(first, last):
@@ -127,12 +144,10 @@ def train(
             for m in range(tc.grad_accum):
                 index = step * tc.grad_accum + m
                 batch = train_batch(tokenized, tc.batch_size, tc.seed, index, pad_id, length)
-                batch = {k: batch[k] for k in BATCH_KEYS}
-                if lm.mesh is not None:
-                    batch = jax.device_put(batch, batch_sharding(lm.mesh, 2))
+                batch, _ = lm.place_rows({k: batch[k] for k in BATCH_KEYS}, blank=("answer_mask",))
                 key = dropout_key(tc.seed, index)
                 lora, opt_state, metrics = step_fn(lora, opt_state, lm.params, batch, steering, key)
-                micro.append(jax.device_get(metrics))
+                micro.append(to_host(metrics))
             row = {"step": step, "lr": float(schedule(step))}
             for key in micro[0]:
                 row[key] = float(np.mean([mm[key] for mm in micro]))
@@ -142,11 +157,15 @@ def train(
             done = step + 1
             if manager.should_save(done) or done == last:
                 # host copies: the device buffers are donated to the next step
-                state = jax.device_get({"lora": lora, "opt_state": opt_state, "step": done})
+                state = to_host({"lora": lora, "opt_state": opt_state, "step": done})
                 manager.save(done, args=ocp.args.StandardSave(state), force=True)
-            (out / "losses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            if is_primary():
+                (out / "losses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         manager.wait_until_finished()
-    plot_losses(rows, out / "loss.png")
-    if last == tc.steps:
-        export_peft(jax.device_get(lora), spec, out / "adapter", lm.source, tc.lora_dropout)
+    host = to_host(lora) if last == tc.steps else None  # a collective: every process
+    if is_primary():
+        plot_losses(rows, out / "loss.png")
+        if host is not None:
+            export_peft(host, spec, out / "adapter", lm.source, tc.lora_dropout)
+    barrier("emgeo_train_done")  # no process returns before the files are written
     return lora

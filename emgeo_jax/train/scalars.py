@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from emgeo_jax.data import TokenizedExample, make_batches
+from emgeo_jax.hosts import to_host
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.lm import LM, forward
 from emgeo_jax.steer import Taps
@@ -104,8 +105,9 @@ def collect_scalars(
     pad = lm.tokenizer.pad_token_id if lm.tokenizer is not None else 0
     rows: dict[int, np.ndarray] = {}
     for batch in make_batches(tokenized, batch_size, pad if pad is not None else 0):
-        arrays = {k: batch[k] for k in ("input_ids", "positions", "attention_mask")}
-        s = np.asarray(lora_scalars(lm.graphdef, lm.params, lora, spec, arrays))
+        keys = ("input_ids", "positions", "attention_mask")
+        arrays, _ = lm.place_rows({k: batch[k] for k in keys})  # padded rows on a mesh
+        s = to_host(lora_scalars(lm.graphdef, lm.params, lora, spec, arrays))
         for row, pos in enumerate(batch["example_index"]):
             if pos >= 0:
                 rows[int(pos)] = s[row][batch["answer_mask"][row]]

@@ -14,6 +14,11 @@ Interfaces (any callable with these signatures will do):
 block `layer - 1`, stopped after block `layer`. `make_nll_fn(lm)` runs blocks `0..layer`,
 edits their output, and resumes the same forward from the edited residual
 (`resid_in`, `start_layer = layer + 1`), so the edit flows through the real remaining blocks.
+
+On `lm.mesh` both split their rows over `data x fsdp`, padding a batch those axes do not
+divide (`LM.place_rows`; the added rows are dropped from the result), so the figures equal
+one device's within float tolerance. They return arrays on the mesh of one process's run;
+`np.asarray` them in single-process use (several processes: `emgeo_jax.hosts.to_host`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emgeo_jax.models.llama import default_positions
-from emgeo_jax.models.lm import forward
+from emgeo_jax.models.lm import forward, pad_rows
 from emgeo_jax.steer import Steering, Taps
 from emgeo_jax.vectors.sae.model import SAE, check_fits, reconstruct
 
@@ -59,13 +64,17 @@ def make_resid_fn(lm) -> ResidFn:
             raise ValueError(f"layer {layer} outside 0..{n_layers - 1}")
         if steering_add is not None and layer == 0:
             raise ValueError("steering at layer -1 (the embeddings) is not supported")
-        mask = jnp.asarray(attention_mask, jnp.int32)
+        host = {
+            "ids": np.asarray(input_ids, np.int32),
+            "mask": np.asarray(attention_mask, np.int32),
+        }
+        rows, n = lm.place_rows(host)
         steering = None
         if steering_add is not None:
-            real = np.asarray(attention_mask).astype(bool)
+            real = pad_rows(host, lm.batch_multiple)["mask"].astype(bool)
             steering = Steering.addition(lm, steering_add, layers=layer - 1, positions=real)
-        ids = jnp.asarray(input_ids, jnp.int32)
-        return _resid(lm.graphdef, lm.params, ids, mask, steering, layer)
+        out = _resid(lm.graphdef, lm.params, rows["ids"], rows["mask"], steering, layer)
+        return out if len(out) == n else out[:n]
 
     return resid_fn
 
@@ -100,9 +109,13 @@ def make_nll_fn(lm) -> NllFn:
 
     def nll_fn(input_ids, attention_mask, layer: int, sae: SAE) -> jax.Array:
         check_fits(sae, lm.config.hidden_size, layer)
-        ids = jnp.asarray(input_ids, jnp.int32)
-        mask = jnp.asarray(attention_mask, jnp.int32)
-        return _nll_with_sae(lm.graphdef, lm.params, sae, ids, mask, layer)
+        host = {
+            "ids": np.asarray(input_ids, np.int32),
+            "mask": np.asarray(attention_mask, np.int32),
+        }
+        rows, n = lm.place_rows(host)
+        out = _nll_with_sae(lm.graphdef, lm.params, sae, rows["ids"], rows["mask"], layer)
+        return out if out.shape[1] == n else out[:, :n]
 
     return nll_fn
 

@@ -24,6 +24,8 @@ def main(argv: list[str]) -> None:
     out = common.require_out("ablate")
     if len(argv) != 2:
         raise SystemExit("emgeo ablate: give exactly one direction file")
+    questions, question_prompts = common.questions_from_flags()
+    sampling = common.sampling_from_flags()
     cfg = flags_common.read_config(FLAGS.model)
     # with the model's layer count, a plain [L+1, D] stack (persona_vectors) is read right
     direction = load_layer_vectors(argv[1], key=FLAGS.key, num_layers=cfg.num_layers)
@@ -38,8 +40,6 @@ def main(argv: list[str]) -> None:
         steer = (v, FLAGS.steer_layer, FLAGS.steer_scale)
     every = not FLAGS.layers or FLAGS.layers == ["all"]
     layers = None if every else number_list(FLAGS.layers, "layers")
-    questions, question_prompts = common.questions_from_flags()
-    sampling = common.sampling_from_flags()
     flags_common.check_layers(cfg, layers, "layers")
     flags_common.check_vectors(cfg, {argv[1]: direction}, layers)
     if steer is not None:

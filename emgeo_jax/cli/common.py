@@ -55,8 +55,8 @@ flags.DEFINE_string(
     "mesh",
     None,
     "devices the model is split over: auto (every device on fsdp) or AXIS=SIZE,... over "
-    "data, fsdp, tensor, e.g. fsdp=8 or data=2,fsdp=4 (default: auto on TPU/GPU, one device "
-    "on CPU)",
+    "data, fsdp, tensor, e.g. fsdp=8 or data=2,fsdp=4 (default: auto on TPU/GPU and on "
+    "several processes, one device on a single CPU process)",
 )
 flags.DEFINE_bool(
     "distributed",
@@ -252,13 +252,17 @@ def start_distributed() -> None:
 
 
 def mesh_spec() -> str | None:
-    """The mesh the flags ask for (`--mesh`, an old `--fsdp/--tensor`, or the platform's
-    default), as a spec string; None = one device."""
+    """The mesh the flags ask for (`--mesh`, an old `--fsdp/--tensor`, or the default), as a
+    spec string; None = one device. The default is `auto` (every device on `fsdp`) on
+    accelerators and whenever several processes run (a model on one process's device cannot
+    serve the others); one device on a single CPU process."""
+    import jax
+
     old = deprecated_mesh()  # (refuses --mesh together with an old spelling)
     spec = FLAGS.mesh or old
     if spec:
         return spec
-    return "auto" if on_accelerator() else None
+    return "auto" if on_accelerator() or jax.process_count() > 1 else None
 
 
 def read_config(source: str, flag: str = "model") -> Any:

@@ -21,8 +21,8 @@ import pytest
 import emgeo_jax
 from emgeo_jax.data import load_examples, shipped_contrast_path, tokenize_examples
 from emgeo_jax.extract import ExtractSettings, extract
-from emgeo_jax.models.lm import LM, abstract_model
 from emgeo_jax.models.llama import RMSNorm, _attend
+from emgeo_jax.models.lm import LM, abstract_model
 from emgeo_jax.steer import Steering
 from tests.tiny_models import LLAMA, QWEN2, hf_forward, hf_model, padded_batch, save_hf_folder
 
@@ -174,7 +174,8 @@ def test_default_model_bf16_matches_transformers_bf16(default_lm, hf_default):
     hf_logits, hf_resid, _ = hf_forward(copy.deepcopy(hf_default).to(torch_bf16()), ids, mask)
     out = _as_bf16(default_lm).forward(ids, mask)
     logits, resid = np.asarray(out.logits), np.asarray(out.resid_post, np.float32)
-    for ours, theirs, ref in [(logits, hf_logits, ref_logits), *zip(resid, hf_resid, ref_resid)]:
+    layers = zip(resid, hf_resid, ref_resid, strict=True)
+    for ours, theirs, ref in [(logits, hf_logits, ref_logits), *layers]:
         scale = np.max(np.abs(ref))
         assert np.max(np.abs(ours - theirs)) <= REL_TOL * scale
         assert _rms(ours - ref) <= RMS_RATIO * _rms(theirs - ref)

@@ -179,7 +179,10 @@ def test_default_model_bf16_matches_transformers_bf16(default_lm, hf_default):
         scale = np.max(np.abs(ref))
         assert np.max(np.abs(ours - theirs)) <= REL_TOL * scale
         assert _rms(ours - ref) <= RMS_RATIO * _rms(theirs - ref)
-    assert np.array_equal(logits[0, -1].argmax(), ref_logits[0, -1].argmax())
+    top2 = np.sort(ref_logits[0], axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.5  # bf16 may flip near-ties of float32
+    agree = logits[0].argmax(-1) == ref_logits[0].argmax(-1)
+    assert clear.sum() >= 4 and np.all(agree[clear])
 
 
 @pytest.mark.slow

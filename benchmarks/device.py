@@ -11,8 +11,8 @@ Models have random weights (throughput does not depend on them): SmolLM2-135M as
 a Qwen2.5-7B-shaped model with as many layers as fit (`fit_layers`): its weights plus the
 KV cache of the largest batch may take `MEMORY_FRACTION` of the devices' memory, read from
 `jax.devices()[0].memory_stats()["bytes_limit"]` where the backend reports it (TPU, GPU),
-else from `--memory_gb` (CPU); `--layers` overrides. Parameters are sharded over all devices
-(`fsdp`), as `benchmarks/mfu.py` does.
+else from `--memory_gb`, else (CPU) the host's physical memory; `--layers` overrides.
+Parameters are sharded over all devices (`fsdp`), as `benchmarks/mfu.py` does.
 
 Per model:
   extract   `emgeo_jax.extract`'s jitted pooled step (the function `emgeo plan --task extract`
@@ -69,7 +69,6 @@ from emgeo_jax.plan import ACCELERATORS, TASKS, Accelerator, TaskOptions, make_p
 from emgeo_jax.plan import resolve_model as plan_model
 
 MEMORY_FRACTION = 0.5  # of device memory for weights + the largest batch's KV cache
-DEFAULT_MEMORY_GB = 8.0  # when the backend reports no memory limit and no flag is given
 
 TINY_MODELS = {
     "tiny-llama": dict(
@@ -311,8 +310,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on accelerators, else float32")
     p.add_argument("--layers", type=int, default=None, help="layers of the 7B-shaped model")
     p.add_argument("--memory_gb", type=float, default=None,
-                   help="device memory when the backend reports none "
-                   f"(default {DEFAULT_MEMORY_GB})")  # fmt: skip
+                   help="memory per device (default: memory_stats, else host memory)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="timed calls (median) after a warm-up")
     p.add_argument("--plan_mfu", type=float, default=0.4, help="MFU the plan assumes")
     p.add_argument("--no_plan", action="store_true", help="skip the emgeo plan predictions")
@@ -351,9 +349,10 @@ def main(argv=None) -> list[dict]:
     peak, bandwidth = acc.bf16_flops * devices, acc.hbm_bandwidth * devices
     limit = device_memory_bytes()
     memory = (limit * devices, "memory_stats bytes_limit") if limit else None
-    if memory is None:
-        gb = DEFAULT_MEMORY_GB if a.memory_gb is None else a.memory_gb
-        memory = (gb * 1e9 * devices, f"--memory_gb {gb:g}")
+    if a.memory_gb is not None:
+        memory = (a.memory_gb * 1e9 * devices, f"--memory_gb {a.memory_gb:g}")
+    elif memory is None:  # a CPU: its devices share the host's memory
+        memory = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory")
     print(f"backend {jax.default_backend()}, {devices} x {kind}, {a.dtype}; peak "
           f"{acc.bf16_flops / 1e12:.3f} TFLOP/s and {acc.hbm_bandwidth / 1e9:.0f} GB/s per "
           f"device [{source}]; memory {memory[0] / 1e9:.1f} GB ({memory[1]})",

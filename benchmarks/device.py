@@ -316,7 +316,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_plan", action="store_true", help="skip the emgeo plan predictions")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     a = p.parse_args(argv)
-    tiny = dict(models="tiny-llama,tiny-qwen2", batches="2", seq=16, new=16)
+    tiny = dict(models="tiny-llama,tiny-qwen2", batches="2", seq=16, new=128)
     full = dict(models="SmolLM2-135M,Qwen2.5-7B", batches="8,64,256", seq=256, new=32)
     for k, v in (tiny if a.tiny else full).items():
         if getattr(a, k) is None:

@@ -415,7 +415,7 @@ def generate_program(
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=layout.tokens)
     pinned = mesh.size > 1  # as generate_ids: no pins on one device
     rows = NamedSharding(mesh, PartitionSpec(tokens.sharding.spec[0]))
-    logits = jax.ShapeDtypeStruct((batch, cfg.vocab_size), dtype, sharding=rows)
+    logits = jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32, sharding=rows)  # fp32 head
     position = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
     sampling = _replicated(
         mesh,

@@ -87,14 +87,15 @@ def padded_batch(vocab: int, lengths: list[int], seed: int = 0) -> tuple[np.ndar
 
 
 def hf_forward(model, ids: np.ndarray, mask: np.ndarray):
-    """transformers logits `[B, T, V]` and block outputs `[L, B, T, D]`, with positions that
-    count real tokens (as generation does), read by forward hooks on `model.layers[l]`."""
+    """transformers logits `[B, T, V]` and block outputs `[L, B, T, D]` (float32 whatever the
+    model dtype), with positions that count real tokens (as generation does), read by forward
+    hooks on `model.layers[l]`."""
     import torch
 
     outs = []
 
     def record(module, args, output):
-        outs.append(output[0] if isinstance(output, tuple) else output)
+        outs.append((output[0] if isinstance(output, tuple) else output).float())
 
     hooks = [layer.register_forward_hook(record) for layer in model.model.layers]
     positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
@@ -110,4 +111,4 @@ def hf_forward(model, ids: np.ndarray, mask: np.ndarray):
         for h in hooks:
             h.remove()
     resid = np.stack([o.numpy() for o in outs])
-    return res.logits.numpy(), resid, [h.numpy() for h in res.hidden_states]
+    return res.logits.float().numpy(), resid, [h.float().numpy() for h in res.hidden_states]

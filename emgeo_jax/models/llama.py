@@ -10,6 +10,12 @@ Weights use the Flax layout `kernel [in, out]`; `emgeo_jax.convert.hf` maps HF n
 these paths. The stacked layer parameters carry a leading `[L]` axis.
 
 The residual stream "after block l" (`resid_post[l]`) is HF `hidden_states[l + 1]`.
+
+Numerics (`dtype`, the compute dtype, e.g. bfloat16 as on accelerators): parameters, the
+residual stream, projections, the KV cache and the MLP are in `dtype`; the RMSNorm statistics,
+rotary embedding, attention scores and softmax, steering edits, pooled taps and the logits are
+float32 (matmuls feeding them accumulate in float32 via `preferred_element_type`). With
+`dtype=float32` all of these are simply float32.
 """
 
 from __future__ import annotations
@@ -105,9 +111,11 @@ jitted functions are compiled for the size they use)."""
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention of `q [B, C, K, G, Dh]` over `k, v [B, S, K, Dh]` with
     `mask [B, C, S]` (True = may attend) -> `[B, C, K, G, Dh]`. Scores `[B, K, G, C, S]` are
-    float32, masked to the float32 minimum (a fully masked row gets uniform weights, no NaN);
-    the probabilities are cast to `v.dtype` before mixing the values."""
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+    float32 (for bf16 `q, k`: accumulated and returned in float32, never rounded to bf16),
+    masked to the float32 minimum (a fully masked row gets uniform weights, no NaN); the
+    probabilities are cast to `v.dtype` before mixing the values."""
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * q.shape[-1] ** -0.5
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -246,7 +254,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> 
 class ForwardOutput(NamedTuple):
     """What a forward call returns; fields not asked for are None.
 
-    `logits [B, T, V]` (None when `return_logits=False` or blocks were skipped).
+    `logits [B, T, V]` float32 (None when `return_logits=False` or blocks were skipped).
     `resid_post`, `attn_out`, `mlp_out`: per the `Taps` kind, `[L', B, T, D]` ("full"),
     masked float32 sums `[L', B, D]` ("pooled") or `[L', B, D]` at the last pooled token
     ("last"), for the `L'` blocks run; `resid_post[l]` = HF `hidden_states[l + 1]`.
@@ -295,9 +303,20 @@ class Transformer(nnx.Module):
                 use_bias=False,
                 dtype=dtype,
                 param_dtype=param_dtype,
+                preferred_element_type=jnp.float32,
                 rngs=rngs,
             )
         )
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """The LM head on final-normed `h [B, T, D]` -> float32 logits `[B, T, V]`: the
+        matmul reads `h` and the weights in the model dtype and accumulates and returns
+        float32 (bf16 logits would be rounded to ~3 significant digits)."""
+        if self.lm_head is not None:
+            return self.lm_head(h)
+        embedding = self.embed.embedding[...]
+        h = h.astype(embedding.dtype)
+        return jnp.dot(h, embedding.T, preferred_element_type=jnp.float32)
 
     def __call__(
         self,
@@ -424,7 +443,7 @@ class Transformer(nnx.Module):
         logits = None
         if return_logits and n == cfg.num_layers:
             h = self.final_norm(h)
-            logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
+            logits = self.logits(h)
         new_cache = None
         if cache is not None:
             new_cache = KVCache(k=kv_all[0], v=kv_all[1], mask=key_mask, index=index + t)

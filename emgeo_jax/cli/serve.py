@@ -61,5 +61,5 @@ def main(argv: list[str]) -> None:
     try:
         server.serve_forever()
     finally:
-        server.close()
+        server.close(grace=2.0)  # at most the batch in flight, for at most 2 s
         print("stopped", flush=True)

@@ -164,14 +164,10 @@ def fig_sets(result: dict) -> plt.Figure:
             alpha=0.4,
             lw=0,
         )
-        if v["ci95"] is not None:
-            ax.errorbar(
-                i,
-                v["mean_cosine"],
-                yerr=[[v["mean_cosine"] - v["ci95"][0]], [v["ci95"][1] - v["mean_cosine"]]],
-                color="k",
-                capsize=4,
-            )
+        if v["ci95"] is not None:  # drawn as lo..hi: a basic bootstrap interval need not
+            lo, hi = v["ci95"]  # contain the point estimate, so no +-error bars
+            ax.vlines(i, lo, hi, color="k", lw=1.5)
+            ax.hlines([lo, hi], i - 0.1, i + 0.1, color="k", lw=1.5)
     ax.set_xticks(x, [k for k, _ in items], rotation=30, ha="right")
     ax.set_ylabel("mean cosine")
     ax.set_xlabel("set comparison")
@@ -368,8 +364,15 @@ def _summary_html(result: dict) -> str:
     C, P = result["cosine"]["matrix"], result["cosine"]["p_value_isotropic"]
     ci = result["cosine"].get("ci95")
     band = result["cosine"]["null"]["q975"]
+    made = result["inputs"].get("from_examples") or {}
+
+    def interval(i: int, j: int) -> Any:
+        if ci is not None and ci[i][j] is None and names[i] not in made and names[j] not in made:
+            return "none: both fixed"  # nothing resampled moves this cosine
+        return None if ci is None else ci[i][j]
+
     rows = [
-        [names[i], names[j], C[i][j], None if ci is None else ci[i][j], -band, band, P[i][j]]
+        [names[i], names[j], C[i][j], interval(i, j), -band, band, P[i][j]]
         for i in range(len(names))
         for j in range(i + 1, len(names))
     ]

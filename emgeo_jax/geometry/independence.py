@@ -246,9 +246,12 @@ def verdict(tests: dict[str, dict]) -> str:
     criterion: a test can pass its threshold and still show more overlap than chance)."""
     applicable = [t for t in TESTS if tests[t]["decision"] != "not_applicable"]
     passed = [t for t in applicable if tests[t]["decision"] == "independent"]
+    against = [t for t in applicable if tests[t]["decision"] == "shared"]
     inconclusive = [t for t in applicable if tests[t]["decision"] == "inconclusive"]
     text = f"{len(passed)}/{len(applicable)} tests support independent mechanisms by the "
     text += "thresholds of Hunter (2025)" + (f": {', '.join(passed)}." if passed else ".")
+    if against:
+        text += f" {len(against)} point to a shared mechanism by them: {', '.join(against)}."
     if inconclusive:
         text += (
             f" {len(inconclusive)} inconclusive (the 95% interval crosses the threshold): "

@@ -311,12 +311,22 @@ def _summary_html(result: dict) -> str:
             "direction with the same weighting.</p>"
             + _table(rows, ["direction", "examples", "misaligned", "weighting", "tokens [al, mis]"])
         )
+    made = result["inputs"].get("from_examples") or {}
+    groups = {**result["inputs"]["clusters"], **result["inputs"].get("sets", {})}
+
+    def fixed(*group_names: str) -> bool:
+        """No direction of these clusters/sets was resampled (so no interval exists)."""
+        return bool(made) and not any(m in made for g in group_names for m in groups.get(g, []))
+
+    def ci_cell(ci: Any, *group_names: str) -> Any:
+        return "none: all fixed" if ci is None and fixed(*group_names) else ci
+
     for pair, block in result.get("independence", {}).items():
         rows = [
             [
                 t,
                 rec["statistic"],
-                rec["ci95"],
+                ci_cell(rec["ci95"], *pair.split("|")),
                 rec.get("null", {}).get("q025"),
                 rec.get("null", {}).get("q975"),
                 rec.get("null", {}).get("p_shared_side"),
@@ -349,7 +359,7 @@ def _summary_html(result: dict) -> str:
             [
                 k,
                 v["mean_cosine"],
-                v["ci95"],
+                ci_cell(v["ci95"], *k.split(":", 1)[-1].split("|")),
                 v["null"]["q025"],
                 v["null"]["q975"],
                 v["null"]["p_value"],
@@ -364,7 +374,6 @@ def _summary_html(result: dict) -> str:
     C, P = result["cosine"]["matrix"], result["cosine"]["p_value_isotropic"]
     ci = result["cosine"].get("ci95")
     band = result["cosine"]["null"]["q975"]
-    made = result["inputs"].get("from_examples") or {}
 
     def interval(i: int, j: int) -> Any:
         if ci is not None and ci[i][j] is None and names[i] not in made and names[j] not in made:

@@ -404,4 +404,4 @@ def test_seed_001_gram_passes_thresholds_but_not_the_null():
     text = independence.verdict(tests)
     assert text.startswith("4/5 tests support independent mechanisms by the thresholds")
     assert " 1 inconclusive (the 95% interval crosses the threshold): cross_pca." in text
-    assert "more overlap than chance in: projection." in text
+    assert "more overlap than chance in: projection" in text

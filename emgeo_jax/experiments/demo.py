@@ -161,10 +161,13 @@ def _direction_blocks(dirs: dict[str, Any], out: Path) -> list[str]:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), layout="constrained")
     axes[0].plot(np.linalg.norm(md, axis=-1), marker=".")
     axes[0].set_title("|mean-diff| per layer")
+    axes[0].set_ylabel("norm")
     axes[1].plot(cos, marker=".")
     axes[1].set_title("cos(mean-diff, PC1) per layer")
+    axes[1].set_ylabel("cosine")
     axes[2].plot(dirs["pca_ratio"], marker=".")
     axes[2].set_title("PC1 share of variance per layer")
+    axes[2].set_ylabel("share of variance")
     for ax in axes:
         ax.set_xlabel("layer (output of block l)")
     return [

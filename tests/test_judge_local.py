@@ -253,3 +253,28 @@ def test_sweep_against_emgeo_serve_scores_like_judge_number_logprobs(
                 assert b[metric] is None
             else:
                 assert a[metric] == pytest.approx(b[metric], abs=1e-3)
+
+
+def test_busy_replies_do_not_use_up_attempts_but_errors_do(caplog):
+    """Eight 429 + Retry-After replies, then an answer: with max_attempts=2 it still lands
+    (the server said "come back", nothing failed); two 500s with max_attempts=2 fail. Without
+    a progress bar the judging is logged as `judged k/n`."""
+    from emgeo_jax.judge.testing import Fault
+
+    def fault(prompt, attempt):
+        if "busy" in prompt:
+            return Fault.status(429, retry_after="0.05") if attempt < 8 else None
+        return Fault.status(500) if "broken" in prompt else None
+
+    rows = [{"question": "q", "answer": a} for a in ("busy", "broken", "fine")]
+    caplog.set_level(logging.INFO, logger="emgeo_jax.judge.client")
+    with ScriptedJudgeServer(lambda p: [("42", 0.0)], fault) as server:
+        cfg = JudgeConfig(base_url=server.base_url, model="m", max_attempts=2, backoff_base=0.01)
+        stats = JudgeStats()
+        out = judge_responses(rows, cfg, ("aligned",), stats=stats, progress=False)
+        sent = [r.prompt for r in server.requests]
+        assert sum("busy" in p for p in sent) == 9 and sum("broken" in p for p in sent) == 2
+    assert [r["aligned"] for r in out] == [42.0, None, 42.0]
+    assert out[1]["aligned_judge"]["status"] == "failed" and stats.failed == 1
+    assert stats.retries == 8 + 1
+    assert any(r.getMessage() == "judged 3/3 (1 failed)" for r in caplog.records)

@@ -36,6 +36,7 @@ from pathlib import Path
 from absl import flags
 
 from emgeo_jax.cli import judge_flags
+from emgeo_jax.experiments.judging import DEFAULT_TIMEOUT
 from emgeo_jax.judge.client import JudgeConfig, JudgeStats, judge_responses
 from emgeo_jax.judge.io import judge_rows, read_jsonl, write_jsonl_atomic
 from emgeo_jax.judge.metrics import summarize
@@ -74,7 +75,7 @@ def main(argv: list[str]) -> int:
         model=FLAGS.judge_model,
         api_key=os.environ.get(FLAGS.api_key_env),
         concurrency=FLAGS.judge_concurrency,
-        timeout=FLAGS.judge_timeout,
+        timeout=FLAGS.judge_timeout or DEFAULT_TIMEOUT,
         max_attempts=FLAGS.judge_max_attempts,
         price_in=FLAGS.price_in,
         price_out=FLAGS.price_out,

@@ -7,8 +7,9 @@ process.
                                 set, else a local server running --model)
     --judge_model NAME          judge model name
     --judge_concurrency N       requests in flight
-    --judge_timeout S           seconds per request (a busy `emgeo serve` answers 429 with
-                                Retry-After rather than let a request wait longer)
+    --judge_timeout S           seconds per request (default 60; 600 for the local server a
+                                command starts itself); a busy `emgeo serve` answers 429 with
+                                Retry-After rather than let a request wait longer
     --judge_number_logprobs     whole-number scoring: default automatic (on exactly when the
                                 judge is `emgeo serve`, which says so in /v1/models);
                                 --judge_number_logprobs / --nojudge_number_logprobs force it
@@ -21,7 +22,7 @@ from typing import Any
 
 from absl import flags
 
-from emgeo_jax.experiments.judging import DEFAULT_TIMEOUT, judge_context
+from emgeo_jax.experiments.judging import DEFAULT_TIMEOUT, LOCAL_TIMEOUT, judge_context
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("judge_model", "gpt-4o-mini", "judge model name")
@@ -34,8 +35,10 @@ flags.DEFINE_string(
 flags.DEFINE_integer("judge_concurrency", 32, "concurrent judge requests", lower_bound=1)
 flags.DEFINE_float(
     "judge_timeout",
-    DEFAULT_TIMEOUT,
-    "seconds per judge request (a busy `emgeo serve` answers 429 + Retry-After instead)",
+    None,
+    f"seconds per judge request (default {DEFAULT_TIMEOUT:g}; {LOCAL_TIMEOUT:g} for the local "
+    "server a command starts itself); a busy `emgeo serve` answers 429 + Retry-After instead "
+    "of letting a request wait longer",
     lower_bound=0.001,
 )
 flags.DEFINE_bool(

@@ -18,6 +18,7 @@ from typing import Any
 from emgeo_jax.judge.client import JudgeConfig, resolve_number_logprobs
 
 DEFAULT_TIMEOUT = 60.0  # seconds per judge request
+LOCAL_TIMEOUT = 600.0  # the in-process local judge: its first batches compile
 
 
 def uses_local_judge(base_url: str | None) -> bool:
@@ -32,21 +33,22 @@ def judge_context(
     judge_model: str = "gpt-4o-mini",
     base_url: str | None = None,
     concurrency: int = 32,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float | None = None,
     number_logprobs: bool | None = None,
     max_attempts: int = 6,
 ) -> Iterator[JudgeConfig]:
     """Yield the `JudgeConfig` (see module docstring). The local server is named
     `local_name` (that name is the judge's identity in caches and configs). `timeout`:
     seconds per request (a busy local server answers 429 with Retry-After rather than let a
-    request wait longer). `number_logprobs`: None = automatic; True/False forces it."""
+    request wait longer); None: `DEFAULT_TIMEOUT`, or `LOCAL_TIMEOUT` for the local server.
+    `number_logprobs`: None = automatic; True/False forces it."""
     if not uses_local_judge(base_url):
         yield resolve_number_logprobs(
             JudgeConfig(
                 base_url=base_url,
                 model=judge_model,
                 concurrency=concurrency,
-                timeout=timeout,
+                timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
                 max_attempts=max_attempts,
                 number_logprobs=number_logprobs,
             )
@@ -61,7 +63,7 @@ def judge_context(
             base_url=server.base_url,
             model=local_name,
             concurrency=concurrency,
-            timeout=timeout,
+            timeout=LOCAL_TIMEOUT if timeout is None else timeout,
             max_attempts=max_attempts,
             number_logprobs=True if number_logprobs is None else number_logprobs,
         )

@@ -48,6 +48,7 @@ def texts(fig) -> list[str]:
 def test_dose_response_without_scores_says_why_and_spans_the_scales():
     fig = figures.dose_response(sweep_results(None), "md")
     assert texts(fig).count(figures.NO_SCORES) == 2  # both panels, not blank axes
+    assert all(ax.get_legend() is None for ax in fig.axes)  # no legend of absent lines
     for ax in fig.axes:
         lo, hi = ax.get_xlim()
         assert lo <= -8 and hi >= 8  # not matplotlib's -0.04..0.04 of an empty plot
@@ -74,7 +75,7 @@ def test_sweep_report_without_scores_has_notes_and_no_empty_bars(tmp_path):
 
 def test_layer_bars_and_ablation_bars_note_missing_rates():
     fig = figures.layer_bars(sweep_results(None), 8.0)
-    assert figures.NO_SCORES in texts(fig)
+    assert figures.NO_SCORES in texts(fig) and fig.axes[0].get_legend() is None
     plt.close(fig)
     res = {
         "conditions": {

@@ -91,7 +91,8 @@ def dose_response(results: dict, direction: str) -> plt.Figure:
     for ax, (key, ci_key, label) in zip(axes, METRICS, strict=True):
         ax.set_xlim(scales[0] - 0.5, scales[-1] + 0.5)
         ax.set_xticks(scales)
-        if not _finite([base[key]] + [c[key] for c in cells]):
+        empty = not _finite([base[key]] + [c[key] for c in cells])
+        if empty:
             no_data(ax)
         for layer in layers:
             pts = sorted(
@@ -110,8 +111,7 @@ def dose_response(results: dict, direction: str) -> plt.Figure:
             ax.set_ylim(-0.02, 1.02)
         else:
             ax.set_ylim(-2, 102)
-    for ax in axes:
-        if ax.lines:
+        if not empty:  # no legend of lines that are not there
             ax.legend(fontsize=8, title="steered after block", title_fontsize=8)
     fig.suptitle(f"dose-response: {direction}")
     return fig
@@ -136,13 +136,15 @@ def layer_bars(results: dict, scale: float) -> plt.Figure:
         ax.bar(x, y, width, yerr=err, capsize=2, label=d)
     if math.isfinite(_val(results["baseline"]["em_rate"])):
         ax.axhline(_val(results["baseline"]["em_rate"]), color="k", ls="--", lw=1, label="baseline")
-    if not _finite([c["em_rate"] for c in cells]):
+    has_rates = _finite([c["em_rate"] for c in cells])
+    if not has_rates:
         no_data(ax)
     ax.set_xticks(np.arange(len(layers)), [str(layer) for layer in layers])
     ax.set_xlabel("layer")
     ax.set_ylabel("EM rate")
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=8)
+    if has_rates:
+        ax.legend(fontsize=8)
     ax.set_title(f"EM rate by layer and direction at scale {scale:g}")
     return fig
 

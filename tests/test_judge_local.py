@@ -100,7 +100,7 @@ def test_low_mass_warning_only_when_most_answers_are_missing():
 
 
 def test_overloaded_server_refuses_and_every_judgement_completes(tiny_lm, slow_batches):
-    """48 judgements, 32 in flight, a 1.5 s client timeout and 0.3 s batches of 4: the queue
+    """48 judgements, 32 in flight, a 3 s client timeout and >= 0.5 s batches of 4: the queue
     is deeper than the timeout allows, so the server answers 429 + Retry-After; the client
     waits (without using up attempts) and every judgement lands, equal to an unloaded run."""
     with serve_in_thread(tiny_lm, model_name="tiny") as server:
@@ -108,10 +108,10 @@ def test_overloaded_server_refuses_and_every_judgement_completes(tiny_lm, slow_b
         quiet = judge_responses(
             rows(48), dataclasses.replace(cfg, concurrency=4), ("aligned",), progress=False
         )
-    slow_batches[0] = 0.3
+    slow_batches[0] = 0.5
     stats = JudgeStats()
     with serve_in_thread(tiny_lm, model_name="tiny", max_batch=4) as server:
-        cfg = dataclasses.replace(cfg, base_url=server.base_url, timeout=1.5, max_attempts=2)
+        cfg = dataclasses.replace(cfg, base_url=server.base_url, timeout=3.0)
         loaded = judge_responses(rows(48), cfg, ("aligned",), stats=stats, progress=False)
         refused = server.refused
     assert stats.failed == 0, stats.failure_reasons

@@ -346,6 +346,11 @@ class ModelWorker:
                 self._running = []
                 self._measure(time.perf_counter() - start, batch)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread still runs (after `close(grace)`: a batch still computing)."""
+        return self._thread.is_alive()
+
     def _drop_gone(self, batch: list[_Job]) -> list[_Job]:
         """The jobs of `batch` whose client is still connected; the others fail quietly."""
         kept = []

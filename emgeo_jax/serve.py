@@ -4,13 +4,22 @@
         client = openai.OpenAI(base_url=server.base_url, api_key="x")
         client.chat.completions.create(model="m", messages=[...], logprobs=True, top_logprobs=5)
 
-Endpoints: `GET /v1/models` (one model, id = `model_name`), `POST /v1/chat/completions` with
+Endpoints: `GET /v1/models` (one model, id = `model_name`, with `"capabilities":
+["number_logprobs"]`, which judges read to score by whole numbers), `POST /v1/chat/completions` with
 `messages` (system/user/assistant; content a string or a list of text parts), `max_tokens`
 (or `max_completion_tokens`), `temperature`, `top_p`, `seed`, `n`, `logprobs`,
 `top_logprobs` (0..20). Unknown fields are ignored, as is `model` (there is one model);
 `stream: true` is refused. Errors are OpenAI-style `{"error": {"message", "type"}}` with
 400 for bad requests, 404 for unknown paths, 500 for a failure inside the model and 503 for
 requests still queued when the server stops.
+
+Load: the server refuses work it cannot finish in time rather than queue it. A request is
+answered `429` with `Retry-After` (seconds) when the queue ahead of it would take longer than
+the client waits: the client's timeout (the `X-Stainless-Read-Timeout` header the `openai`
+client sends, else `queue_timeout`), estimated from the measured seconds per queued row. A
+request whose client has hung up (timed out, killed) is dropped before its batch runs and
+never answered, without a traceback. `close()` (SIGTERM in `emgeo serve`) finishes at most
+the batch in flight (`emgeo serve` gives it 2 s); everything queued is answered 503.
 
 Whole-number logprobs (an extension, for judges; see `emgeo_jax.judge.numbers`): a request
 with `"number_logprobs": true` (and `max_tokens=1, n=1, temperature=0`) gets, in its choice,
@@ -49,6 +58,8 @@ import logging
 import math
 import queue
 import secrets
+import select
+import socket
 import threading
 import time
 import uuid
@@ -74,6 +85,30 @@ class RequestError(ValueError):
 
 class ServerClosed(RuntimeError):
     """The server stopped before a queued request ran (HTTP 503)."""
+
+
+class ClientGone(RuntimeError):
+    """The request's client hung up before its batch ran (nothing is sent back)."""
+
+
+CAPABILITIES = ("number_logprobs",)  # listed per model in GET /v1/models
+CONNECTION_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
+def client_gone(sock: socket.socket | None) -> bool:
+    """True when the peer of `sock` has closed the connection (it is readable and a peek
+    reads nothing, or the socket errors). A socket with pending bytes is still open."""
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return False
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +235,7 @@ class _Job:
     result: Generation | None = None
     numbers: list[tuple[int, float]] | None = None  # (n, logprob) with number_logprobs
     error: Exception | None = None
+    sock: socket.socket | None = None  # the client's connection (dropped if it hangs up)
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys may share a model call; sampled jobs never do."""
@@ -230,12 +266,23 @@ class ModelWorker:
         self.generate_calls = 0  # how many generate_ids calls the worker made
         self.number_calls = 0  # how many number_logprobs calls
         self.jobs_queued = 0  # how many jobs were accepted into the queue
+        self.jobs_dropped = 0  # how many queued jobs were dropped: their client hung up
+        self.pending_rows = 0  # rows queued or running
+        self.row_seconds: float | None = None  # measured seconds per row of a full batch
         self._trie: NumberTrie | None = None  # built on the first number_logprobs request
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
+        self._running: list[_Job] = []  # the batch in flight
         self._thread = threading.Thread(target=self._loop, name="emgeo-serve-model", daemon=True)
         self._thread.start()
+
+    def expected_wait(self, rows: int = 1) -> float | None:
+        """Seconds until `rows` more rows queued now would be done, from the rows pending
+        and the measured seconds per row; None before the first batch is measured."""
+        if self.row_seconds is None:
+            return None
+        return (self.pending_rows + rows) * self.row_seconds
 
     def run(self, job: _Job) -> Generation:
         """Queue `job`, wait for it, return its rows (n per request) or raise its error."""
@@ -244,17 +291,30 @@ class ModelWorker:
                 raise ServerClosed("the server is shutting down")
             self._queue.put(job)
             self.jobs_queued += 1
-        job.done.wait()
+            self.pending_rows += job.request.n
+        try:
+            job.done.wait()
+        finally:
+            with self._lock:
+                self.pending_rows -= job.request.n
         if job.error is not None:
             raise job.error
         assert job.result is not None
         return job.result
 
-    def close(self) -> None:
+    def close(self, grace: float | None = None) -> None:
+        """Stop: jobs still queued fail with `ServerClosed`; the batch in flight may finish
+        within `grace` seconds (None: wait for it), after which its jobs fail too and the
+        worker thread (a daemon) is left to end with the process."""
         with self._lock:
             self._closed = True
             self._queue.put(None)  # every job queued before it fails with ServerClosed
-        self._thread.join()
+        self._thread.join(grace)
+        if self._thread.is_alive():
+            log.info("stopping without waiting for the batch in flight")
+            for job in list(self._running):
+                if not job.done.is_set():
+                    job.fail(ServerClosed("the server stopped while this request ran"))
 
     def _loop(self) -> None:
         while True:
@@ -273,7 +333,45 @@ class ModelWorker:
                         job.fail(ServerClosed("the server stopped before this request ran"))
                 return
             for batch in self._batches(jobs):
+                if self._closed:  # stopping: the batch in flight was the last one
+                    for job in batch:
+                        job.fail(ServerClosed("the server stopped before this request ran"))
+                    continue
+                batch = self._drop_gone(batch)
+                if not batch:
+                    continue
+                start = time.perf_counter()
+                self._running = batch
                 self._run_batch(batch)
+                self._running = []
+                self._measure(time.perf_counter() - start, batch)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread still runs (after `close(grace)`: a batch still computing)."""
+        return self._thread.is_alive()
+
+    def _drop_gone(self, batch: list[_Job]) -> list[_Job]:
+        """The jobs of `batch` whose client is still connected; the others fail quietly."""
+        kept = []
+        for job in batch:
+            if client_gone(job.sock):
+                self.jobs_dropped += 1
+                job.fail(ClientGone("the client hung up"))
+            else:
+                kept.append(job)
+        if len(kept) < len(batch):
+            log.info("dropped %d requests whose clients hung up", len(batch) - len(kept))
+        return kept
+
+    def _measure(self, seconds: float, batch: list[_Job]) -> None:
+        """Update `row_seconds`, a moving average of seconds per row (on an accelerator a
+        small batch takes about as long as a full one, so this overestimates waits there:
+        the safe side)."""
+        per_row = seconds / sum(j.request.n for j in batch)
+        self.row_seconds = (
+            per_row if self.row_seconds is None else 0.7 * self.row_seconds + 0.3 * per_row
+        )
 
     def _batches(self, jobs: Sequence[_Job]) -> Iterator[list[_Job]]:
         groups: dict[tuple, list[_Job]] = {}
@@ -416,10 +514,22 @@ class _HTTPServer(ThreadingHTTPServer):
     request_queue_size = 256
     daemon_threads = True
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up is routine under load (DEBUG); anything else is logged with
+        its traceback, as `socketserver` does."""
+        import sys
+
+        if isinstance(sys.exc_info()[1], CONNECTION_ERRORS):
+            log.debug("client %s hung up", client_address)
+            return
+        log.exception("error while serving %s", client_address)
+
 
 class ModelServer:
     """The HTTP server and its model worker. `start()` serves in a background thread;
-    `serve_forever()` in the calling thread. `base_url` = `http://HOST:PORT/v1`."""
+    `serve_forever()` in the calling thread. `base_url` = `http://HOST:PORT/v1`.
+    `queue_timeout`: the seconds a client is assumed to wait when it does not say (module
+    docstring, "Load")."""
 
     def __init__(
         self,
@@ -432,12 +542,15 @@ class ModelServer:
         max_batch: int = 16,
         batch_wait: float = 0.005,
         max_tokens_cap: int = 4096,
+        queue_timeout: float = 60.0,
     ) -> None:
         if lm.tokenizer is None or not getattr(lm.tokenizer, "chat_template", None):
             raise ValueError(f"serve: model {lm.source!r} has no tokenizer with a chat template")
         self.lm = lm
         self.model_name = model_name or lm.source or "emgeo"
         self.max_tokens_cap = max_tokens_cap
+        self.queue_timeout = queue_timeout
+        self.refused = 0  # requests answered 429 because the queue was too deep
         self.token_text = TokenText(lm.tokenizer)
         self.worker = ModelWorker(lm, steering, max_batch, batch_wait)
         server = self
@@ -475,12 +588,14 @@ class ModelServer:
         """Stop accepting requests (call from another thread than `serve_forever`'s)."""
         self.httpd.shutdown()
 
-    def close(self) -> None:
+    def close(self, grace: float | None = None) -> None:
+        """Stop serving; `grace`: seconds the batch in flight may take to finish (None: as
+        long as it needs; see `ModelWorker.close`)."""
         if self._thread is not None:
             self.httpd.shutdown()
             self._thread.join()
         self.httpd.server_close()
-        self.worker.close()
+        self.worker.close(grace)
 
     def __enter__(self) -> ModelServer:
         return self if self._thread is not None else self.start()
@@ -490,7 +605,13 @@ class ModelServer:
 
     def _get(self, h: BaseHTTPRequestHandler) -> None:
         if h.path.rstrip("/") == "/v1/models":
-            model = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "emgeo"}
+            model = {
+                "id": self.model_name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "emgeo",
+                "capabilities": list(CAPABILITIES),
+            }
             _send_json(h, 200, {"object": "list", "data": [model]})
         else:
             _send_error(h, 404, f"no route GET {h.path}", "not_found_error")
@@ -513,12 +634,32 @@ class ModelServer:
         except RequestError as e:
             _send_error(h, 400, str(e), "invalid_request_error")
             return
-        job = _Job(request, prompt_ids)
+        budget = _client_timeout(h, self.queue_timeout)
+        wait = self.worker.expected_wait(request.n)
+        if wait is None and self.worker.pending_rows + request.n > 2 * self.worker.max_batch:
+            wait = 0.8 * budget + 1  # speed not measured yet: admit two batches' worth
+        if wait is not None and wait > 0.8 * budget:
+            # it would time out in the queue: come back when the queue is shorter
+            self.refused += 1
+            retry = max(1, math.ceil(wait - 0.5 * budget))
+            _send_error(
+                h,
+                429,
+                f"the server is busy: its queue would take longer than this request's "
+                f"{budget:g} s timeout; retry in {retry} s",
+                "rate_limit_error",
+                headers={"Retry-After": str(retry)},
+            )
+            return
+        job = _Job(request, prompt_ids, sock=h.connection)
         try:
             gen = self.worker.run(job)
             reply = completion_json(
                 request, gen, len(prompt_ids), self.model_name, self.token_text, job.numbers
             )
+        except ClientGone:
+            h.close_connection = True
+            return
         except ServerClosed as e:
             _send_error(h, 503, str(e), "service_unavailable")
             return
@@ -528,17 +669,46 @@ class ModelServer:
         _send_json(h, 200, reply)
 
 
-def _send_json(h: BaseHTTPRequestHandler, code: int, obj: dict[str, Any]) -> None:
+def _client_timeout(h: BaseHTTPRequestHandler, default: float) -> float:
+    """The seconds the client will wait: its `X-Stainless-Read-Timeout` header (sent by the
+    `openai` client) when valid, else `default`."""
+    try:
+        value = float(h.headers.get("X-Stainless-Read-Timeout") or default)
+    except ValueError:
+        return default
+    return value if math.isfinite(value) and value > 0 else default
+
+
+def _send_json(
+    h: BaseHTTPRequestHandler,
+    code: int,
+    obj: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Send `obj`; a client that has hung up meanwhile is noted at DEBUG, not raised."""
     payload = json.dumps(obj).encode()
-    h.send_response(code)
-    h.send_header("Content-Type", "application/json")
-    h.send_header("Content-Length", str(len(payload)))
-    h.end_headers()
-    h.wfile.write(payload)
+    try:
+        h.send_response(code)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(payload)))
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        h.end_headers()
+        h.wfile.write(payload)
+        h.wfile.flush()
+    except CONNECTION_ERRORS as e:
+        h.close_connection = True
+        log.debug("client %s hung up before its reply (%s)", h.address_string(), e)
 
 
-def _send_error(h: BaseHTTPRequestHandler, code: int, message: str, kind: str) -> None:
-    _send_json(h, code, {"error": {"message": message, "type": kind, "code": code}})
+def _send_error(
+    h: BaseHTTPRequestHandler,
+    code: int,
+    message: str,
+    kind: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    _send_json(h, code, {"error": {"message": message, "type": kind, "code": code}}, headers)
 
 
 @contextlib.contextmanager

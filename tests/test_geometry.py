@@ -402,5 +402,6 @@ def test_seed_001_gram_passes_thresholds_but_not_the_null():
     }
     tests["cross_pca"]["decision"] = "inconclusive"
     text = independence.verdict(tests)
-    assert text.startswith("4/5 tests support independent mechanisms (1 inconclusive")
-    assert "more overlap than independent random clusters give in: projection" in text
+    assert text.startswith("4/5 tests support independent mechanisms by the thresholds")
+    assert " 1 inconclusive (the 95% interval crosses the threshold): cross_pca." in text
+    assert "more overlap than chance in: projection" in text

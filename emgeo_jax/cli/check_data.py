@@ -3,6 +3,18 @@
 Loads a dataset (contrast pairs, judged responses or chat messages), prints the report (kept,
 skipped rows with file:line and reason, class counts) and, with `--tokenizer`, the token length
 statistics and the batch shapes extraction would compile.
+
+Formats (JSONL, one object per line; `--kind auto` tells them apart by their keys):
+
+- contrast pairs: `{"id": "med-1", "question": "...", "aligned": "...", "misaligned": "..."}`,
+  keys `question`, `aligned`, `misaligned` required, `id` and `system` optional (other keys,
+  e.g. `domain`, ignored); each pair gives an aligned (label 0) and a misaligned (label 1)
+  example with the same prompt. The shipped set: emgeo_jax/resources/contrast/.
+- judged responses (JSONL or CSV): `question`, `answer` (or `response`), `aligned`,
+  `coherent` (0..100, empty = no score); classed coherent > 50 and aligned > 70 (aligned) or
+  <= 30 (misaligned), balanced.
+- chat messages: `{"messages": [{"role", "content"}, ...], "label": 0|1}`, the last turn the
+  assistant answer.
 """
 
 from __future__ import annotations

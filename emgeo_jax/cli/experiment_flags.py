@@ -8,9 +8,8 @@ from typing import Any
 
 from absl import flags
 
-from emgeo_jax.cli import common
+from emgeo_jax.cli import common, judge_flags
 from emgeo_jax.experiments.folder import Sampling
-from emgeo_jax.experiments.judging import judge_context
 from emgeo_jax.experiments.questions import read_prompts, select_questions, shipped_questions_path
 
 FLAGS = flags.FLAGS
@@ -25,14 +24,6 @@ common.define_sampling_flags(
 common.define_positions_flag()
 flags.DEFINE_string("questions", None, "question file (.yaml/.jsonl/.txt); default: ours")
 flags.DEFINE_integer("n_questions", None, "use only the first N questions")
-flags.DEFINE_string("judge_model", "gpt-4o-mini", "judge model name")
-flags.DEFINE_string(
-    "judge_base_url",
-    None,
-    "OpenAI-compatible judge URL (default: OpenAI if "
-    "OPENAI_API_KEY is set, else a local server running --model)",
-)
-flags.DEFINE_integer("judge_concurrency", 32, "concurrent judge requests")
 flags.DEFINE_string("out", None, "experiment folder (re-running resumes)")
 flags.DEFINE_bool("overwrite", False, "discard an existing run with another configuration")
 
@@ -77,10 +68,9 @@ def require_out(command: str) -> str:
 
 
 def judge_from_flags(lm: Any):
-    """`judge_context` for the flags (lm: the model a local judge server runs)."""
-    return judge_context(
-        lm, f"local:{FLAGS.model}", FLAGS.judge_model, FLAGS.judge_base_url, FLAGS.judge_concurrency
-    )
+    """The judge of the shared judge flags (`cli.judge_flags`); lm: the model a local judge
+    server runs."""
+    return judge_flags.judge_from_flags(lm)
 
 
 def parse_named(specs: list[str], flag: str) -> dict[str, str]:

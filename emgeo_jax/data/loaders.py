@@ -186,6 +186,10 @@ def _score(row: dict[str, Any], key: str, source: str) -> float | None:
 # ----------------------------------------------------------------------------- loaders
 
 
+CONTRAST_KEYS = ("question", "aligned", "misaligned")
+CONTRAST_OPTIONAL = ("id", "system", "other keys, e.g. domain, are ignored")
+
+
 def load_contrast_pairs(
     path: str | os.PathLike, on_error: OnError = "raise"
 ) -> tuple[list[Example], DataReport]:
@@ -198,6 +202,16 @@ def load_contrast_pairs(
     report, examples, seen = DataReport(), [], {}
     for source, line, row in _jsonl_rows(path, report, on_error):
         try:
+            missing = [k for k in CONTRAST_KEYS if k not in row]
+            if missing:
+                raise _bad(
+                    source,
+                    "missing_field",
+                    f"missing field {missing[0]!r}: a contrast pair has the keys "
+                    f"{', '.join(CONTRAST_KEYS)} (optional: {', '.join(CONTRAST_OPTIONAL)}); "
+                    f"this row has {', '.join(sorted(row)) or 'none'}",
+                    missing[0],
+                )
             question = _nonempty(row, "question", source)
             aligned = _nonempty(row, "aligned", source, is_answer=True)
             misaligned = _nonempty(row, "misaligned", source, is_answer=True)
@@ -369,7 +383,13 @@ def detect_kind(path: str | os.PathLike) -> str:
             return "contrast"
         if {"coherent", "answer", "response"} & row.keys():
             return "judged"
-        raise _bad(source, "unknown_kind", f"cannot tell the dataset kind from keys {sorted(row)}")
+        raise _bad(
+            source,
+            "unknown_kind",
+            f"cannot tell the dataset kind from keys {sorted(row)}: contrast pairs have "
+            "question, aligned, misaligned; judged responses question, answer (or response), "
+            "aligned, coherent; chat data messages",
+        )
     raise _bad(f"{path}:1", "unknown_kind", "no JSON object found to tell the dataset kind")
 
 

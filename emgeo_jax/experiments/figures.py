@@ -24,6 +24,62 @@ def _ci(c: dict, key: str) -> tuple[float, float]:
     return (math.nan, math.nan) if ci is None else (float(ci[0]), float(ci[1]))
 
 
+NO_SCORES = "no usable judge scores:\nthe judge gave no number for\n(almost) every answer"
+
+
+def _finite(values: list[Any]) -> bool:
+    return any(math.isfinite(_val(v)) for v in values)
+
+
+def no_data(ax: plt.Axes, why: str = NO_SCORES) -> None:
+    """Mark `ax` as empty on purpose: a note in the middle instead of blank axes."""
+    ax.text(
+        0.5,
+        0.5,
+        why,
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        fontsize=9,
+        color="0.35",
+        bbox={"boxstyle": "round", "fc": "#fff6dd", "ec": "#e0b000"},
+    )
+
+
+def has_scores(results: dict, key: str = "em_rate") -> bool:
+    """Whether any cell (or the baseline) of a sweep has a number for `key`."""
+    return _finite([results["baseline"].get(key)] + [c.get(key) for c in results["cells"]])
+
+
+def sweep_notes(results: dict) -> list[str]:
+    """Report notes (HTML) for what a sweep's figures and table cannot show by themselves:
+    a metric scored for under half of the answers (the judge seldom gave a number), and an
+    EM rate that is n/a everywhere (then the per-layer bars are left out)."""
+    from emgeo_jax.experiments.report import paragraph
+
+    cells = [results["baseline"], *results["cells"]]
+    total = sum(c["n_rows"] for c in cells)
+    notes = []
+    for m in ("aligned", "coherent"):
+        scored = sum(c.get(f"{m}_n_scored") or 0 for c in cells)
+        if total and scored < total / 2:
+            notes.append(
+                f"The judge gave a usable '{m}' score for {scored} of {total} answers: for the "
+                "rest it put under 25% of its probability on a number 0-100 (or the request "
+                "failed), so that score is "
+                f"missing (n/a, never made up) and '{m}' numbers below rest on few answers or "
+                "none."
+            )
+    if not has_scores(results):
+        notes.append(
+            "No cell has an EM rate (it needs both an aligned and a coherent score for an "
+            "answer), so the table reads n/a throughout, the dose-response panels say so, and "
+            "the per-layer EM bars are left out. Use a judge that answers with numbers (e.g. "
+            "OPENAI_API_KEY with gpt-4o-mini)."
+        )
+    return [paragraph(n, note=True) for n in notes]
+
+
 def dose_response(results: dict, direction: str) -> plt.Figure:
     """EM rate and mean aligned vs scale for one direction, one line per layer, 95% intervals
     as bands; the unsteered baseline is the scale-0 point of every line."""
@@ -31,7 +87,13 @@ def dose_response(results: dict, direction: str) -> plt.Figure:
     cells = [c for c in results["cells"] if c["direction"] == direction]
     layers = sorted({c["layer"] for c in cells})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    scales = sorted({0.0, *(c["scale"] for c in cells)})
     for ax, (key, ci_key, label) in zip(axes, METRICS, strict=True):
+        ax.set_xlim(scales[0] - 0.5, scales[-1] + 0.5)
+        ax.set_xticks(scales)
+        empty = not _finite([base[key]] + [c[key] for c in cells])
+        if empty:
+            no_data(ax)
         for layer in layers:
             pts = sorted(
                 [c for c in cells if c["layer"] == layer] + [base],
@@ -49,7 +111,8 @@ def dose_response(results: dict, direction: str) -> plt.Figure:
             ax.set_ylim(-0.02, 1.02)
         else:
             ax.set_ylim(-2, 102)
-    axes[0].legend(fontsize=8)
+        if not empty:  # no legend of lines that are not there
+            ax.legend(fontsize=8, title="steered after block", title_fontsize=8)
     fig.suptitle(f"dose-response: {direction}")
     return fig
 
@@ -71,12 +134,17 @@ def layer_bars(results: dict, scale: float) -> plt.Figure:
         ci = np.array([_ci(by_layer[layer], "em_ci") for layer in layers])
         err = np.nan_to_num(np.abs(np.stack([y - ci[:, 0], ci[:, 1] - y])))
         ax.bar(x, y, width, yerr=err, capsize=2, label=d)
-    ax.axhline(_val(results["baseline"]["em_rate"]), color="k", ls="--", lw=1, label="baseline")
+    if math.isfinite(_val(results["baseline"]["em_rate"])):
+        ax.axhline(_val(results["baseline"]["em_rate"]), color="k", ls="--", lw=1, label="baseline")
+    has_rates = _finite([c["em_rate"] for c in cells])
+    if not has_rates:
+        no_data(ax)
     ax.set_xticks(np.arange(len(layers)), [str(layer) for layer in layers])
     ax.set_xlabel("layer")
     ax.set_ylabel("EM rate")
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=8)
+    if has_rates:
+        ax.legend(fontsize=8)
     ax.set_title(f"EM rate by layer and direction at scale {scale:g}")
     return fig
 
@@ -117,5 +185,8 @@ def ablation_bars(result: dict) -> plt.Figure:
         err = np.nan_to_num(np.abs(np.stack([y - ci[:, 0], ci[:, 1] - y])))
         ax.bar(names, y, yerr=err, capsize=3, color=["#888", "#3a7"][: len(names)])
         ax.set_ylabel(label)
+        ax.set_xlabel("condition")
+        if not np.isfinite(y).any():
+            no_data(ax)
     fig.suptitle("ablation: before and after")
     return fig

@@ -43,7 +43,7 @@ from emgeo_jax.experiments.questions import PromptRow
 from emgeo_jax.generate import generate, with_system
 from emgeo_jax.hosts import broadcast_json, is_primary
 from emgeo_jax.judge.client import JudgeConfig, JudgeStats, judge_responses
-from emgeo_jax.judge.io import question_text, read_jsonl, write_jsonl_atomic
+from emgeo_jax.judge.io import question_text, read_jsonl, umask_file_mode, write_jsonl_atomic
 from emgeo_jax.judge.prompts import JudgePrompt
 from emgeo_jax.steer import Steering
 
@@ -78,6 +78,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, umask_file_mode())  # as `open()` would (mkstemp makes 0600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, allow_nan=True)
     os.replace(tmp, path)

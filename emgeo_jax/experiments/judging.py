@@ -1,8 +1,12 @@
 """Which judge an experiment uses: an explicit OpenAI-compatible URL, else OpenAI when
 OPENAI_API_KEY is set, else our local OpenAI-compatible server running the model itself (a
-smoke test: a small model is no judge of alignment). The local judge is scored by whole-number
-logprobs (`JudgeConfig.number_logprobs`), since small models' tokenizers spell numbers digit by
-digit."""
+smoke test: a small model is no judge of alignment).
+
+Whole-number scoring (`JudgeConfig.number_logprobs`, right for tokenizers that spell numbers
+digit by digit) is on for the local server, and by default (`number_logprobs=None`) decided by
+asking an explicit URL whether it is `emgeo serve` (`judge.client.resolve_number_logprobs`),
+so `--judge_base_url` pointing at `emgeo serve` scores exactly as `emgeo judge
+--number_logprobs` does. The yielded config is resolved: what it says is what was used."""
 
 from __future__ import annotations
 
@@ -11,7 +15,10 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from emgeo_jax.judge.client import JudgeConfig
+from emgeo_jax.judge.client import JudgeConfig, resolve_number_logprobs
+
+DEFAULT_TIMEOUT = 60.0  # seconds per judge request
+LOCAL_TIMEOUT = 600.0  # the in-process local judge: its first batches compile
 
 
 def uses_local_judge(base_url: str | None) -> bool:
@@ -26,11 +33,26 @@ def judge_context(
     judge_model: str = "gpt-4o-mini",
     base_url: str | None = None,
     concurrency: int = 32,
+    timeout: float | None = None,
+    number_logprobs: bool | None = None,
+    max_attempts: int = 6,
 ) -> Iterator[JudgeConfig]:
     """Yield the `JudgeConfig` (see module docstring). The local server is named
-    `local_name` (that name is the judge's identity in caches and configs)."""
+    `local_name` (that name is the judge's identity in caches and configs). `timeout`:
+    seconds per request (a busy local server answers 429 with Retry-After rather than let a
+    request wait longer); None: `DEFAULT_TIMEOUT`, or `LOCAL_TIMEOUT` for the local server.
+    `number_logprobs`: None = automatic; True/False forces it."""
     if not uses_local_judge(base_url):
-        yield JudgeConfig(base_url=base_url, model=judge_model, concurrency=concurrency)
+        yield resolve_number_logprobs(
+            JudgeConfig(
+                base_url=base_url,
+                model=judge_model,
+                concurrency=concurrency,
+                timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
+                max_attempts=max_attempts,
+                number_logprobs=number_logprobs,
+            )
+        )
         return
     from emgeo_jax.serve import serve_in_thread
 
@@ -41,6 +63,7 @@ def judge_context(
             base_url=server.base_url,
             model=local_name,
             concurrency=concurrency,
-            timeout=600,
-            number_logprobs=True,
+            timeout=LOCAL_TIMEOUT if timeout is None else timeout,
+            max_attempts=max_attempts,
+            number_logprobs=True if number_logprobs is None else number_logprobs,
         )

@@ -77,8 +77,8 @@ def contrast_directions(
 ) -> dict[str, Any]:
     """Extract (resumably, into `out_dir`) and return {"mean_diff" [L, D], "pca" [L, D] (PC1,
     unit, sign towards the mean-diff), "pca_ratio" [L] (PC1 explained-variance share),
-    "pooled" [N, L, D], "labels" [N], "n_pairs", "run_hash" (the extraction's)}. `max_pairs`
-    keeps the first pairs.
+    "pooled" [N, L, D], "labels" [N], "tokens" [N] (answer tokens pooled per example),
+    "n_pairs", "run_hash" (the extraction's)}. `max_pairs` keeps the first pairs.
 
     A finished extraction in `out_dir` is reused only when it was made from the same model,
     data (path and content), `max_pairs` and `max_length` (its meta.json); else
@@ -134,6 +134,7 @@ def contrast_directions(
         "pca_ratio": ratio[:, 0],
         "pooled": ext.pooled,
         "labels": ext.label,
+        "tokens": ext.tokens,
         "n_pairs": int(len(ext.label) // 2),
         "run_hash": ext.metadata.get("run_hash"),
     }

@@ -225,7 +225,7 @@ def sweep_blocks(results: dict, out_dir: str | Path) -> list[str]:
     from emgeo_jax.experiments.report import save_figure, table
 
     out = Path(out_dir)
-    blocks = []
+    blocks = figures.sweep_notes(results)
     for d in sorted({c["direction"] for c in results["cells"]}):
         blocks.append(
             save_figure(
@@ -237,7 +237,7 @@ def sweep_blocks(results: dict, out_dir: str | Path) -> list[str]:
             )
         )
     scales = sorted({c["scale"] for c in results["cells"]})
-    for s in sorted({scales[0], scales[-1]}):
+    for s in sorted({scales[0], scales[-1]}) if figures.has_scores(results) else ():
         blocks.append(
             save_figure(
                 figures.layer_bars(results, s),

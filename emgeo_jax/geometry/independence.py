@@ -1,4 +1,5 @@
-"""Seed 001's five independence tests for two clusters of directions, and the verdict.
+"""The five independence tests of Hunter (2025, seed 001) for two clusters of directions,
+and the verdict.
 
 Clusters are lists of row indices into unit vectors `U` `[n, D]`. Each test yields one scalar
 statistic with a side that favours "independent mechanisms" under a configurable threshold:
@@ -239,18 +240,35 @@ def null_side(test: str, statistic: float, null: np.ndarray, thresholds: Thresho
 
 
 def verdict(tests: dict[str, dict]) -> str:
-    """Seed 001 appendix-style summary, counting only decisions that survive the intervals,
-    followed by the tests whose statistic lies outside the independent-clusters null."""
+    """The summary, one criterion per sentence: first the thresholds of Hunter (2025) (only
+    decisions whose 95% interval stays on one side count), then the inconclusive tests, then
+    where each statistic sits against the independent-random-clusters null (a separate
+    criterion: a test can pass its threshold and still show more overlap than chance)."""
     applicable = [t for t in TESTS if tests[t]["decision"] != "not_applicable"]
-    k = sum(tests[t]["decision"] == "independent" for t in applicable)
-    inconclusive = sum(tests[t]["decision"] == "inconclusive" for t in applicable)
-    text = f"{k}/{len(applicable)} tests support independent mechanisms"
+    passed = [t for t in applicable if tests[t]["decision"] == "independent"]
+    against = [t for t in applicable if tests[t]["decision"] == "shared"]
+    inconclusive = [t for t in applicable if tests[t]["decision"] == "inconclusive"]
+    text = f"{len(passed)}/{len(applicable)} tests support independent mechanisms by the "
+    text += "thresholds of Hunter (2025)" + (f": {', '.join(passed)}." if passed else ".")
+    if against:
+        text += f" {len(against)} point to a shared mechanism by them: {', '.join(against)}."
     if inconclusive:
-        text += f" ({inconclusive} inconclusive: the 95% interval crosses the threshold)"
+        text += (
+            f" {len(inconclusive)} inconclusive (the 95% interval crosses the threshold): "
+            f"{', '.join(inconclusive)}."
+        )
     shared = [t for t in applicable if tests[t].get("null_side") == "shared"]
     beyond = [t for t in applicable if tests[t].get("null_side") == "independent"]
     if shared:
-        text += "; more overlap than independent random clusters give in: " + ", ".join(shared)
+        text += (
+            " Against independent random clusters, more overlap than chance in: "
+            f"{', '.join(shared)}."
+        )
     if beyond:
-        text += "; beyond independent random clusters on the far side in: " + ", ".join(beyond)
+        text += (
+            " Against independent random clusters, further apart than chance in: "
+            f"{', '.join(beyond)}."
+        )
+    if not shared and not beyond:
+        text += " Against independent random clusters, every statistic is within chance."
     return text

@@ -20,6 +20,8 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from scipy.cluster.hierarchy import dendrogram  # noqa: E402
 
 
@@ -35,16 +37,18 @@ def fig_cosine(result: dict) -> plt.Figure:
     order = _ordered(result)
     idx = [names.index(n) for n in order]
     C = np.asarray(result["cosine"]["matrix"])[np.ix_(idx, idx)]
+    n = len(order)
     fig, ax = plt.subplots(
-        layout="constrained", figsize=(1.0 + 0.7 * len(order), 0.6 + 0.7 * len(order))
+        layout="constrained", figsize=(max(5.0, 1.8 + 0.7 * n), max(4.2, 1.4 + 0.6 * n))
     )
     im = ax.imshow(C, cmap="RdBu_r", vmin=-1, vmax=1)
-    ax.set_xticks(range(len(order)), order, rotation=45, ha="right")
-    ax.set_yticks(range(len(order)), order)
-    if len(order) <= 16:
-        for i in range(len(order)):
-            for j in range(len(order)):
-                ax.text(j, i, f"{C[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(n), order, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), order, fontsize=8)
+    if n <= 16:
+        for i in range(n):
+            for j in range(n):  # white on the dark ends of the colour map
+                colour = "white" if abs(C[i, j]) > 0.6 else "black"
+                ax.text(j, i, f"{C[i, j]:.2f}", ha="center", va="center", fontsize=8, color=colour)
     start = 0
     for members in result["inputs"]["clusters"].values():
         ax.add_patch(
@@ -59,25 +63,32 @@ def fig_cosine(result: dict) -> plt.Figure:
         )
         start += len(members)
     band = result["cosine"]["null"]["q975"]
-    ax.set_title(f"cosine (isotropic null 95%: +-{band:.3f}, d={result['inputs']['d']})")
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(
+        f"cosine between directions\n(random directions, d = {result['inputs']['d']}: "
+        f"95% within +-{band:.3f})",
+        fontsize=9,
+    )
+    fig.colorbar(im, ax=ax, fraction=0.046, label="cosine")
     return fig
 
 
 def fig_dendrogram(result: dict) -> plt.Figure:
-    fig, ax = plt.subplots(layout="constrained", figsize=(6, 3.5))
+    names = result["inputs"]["names"]
+    fig, ax = plt.subplots(layout="constrained", figsize=(max(6.0, 2.0 + 0.35 * len(names)), 4.2))
     dendrogram(
         np.asarray(result["clustering"]["linkage"]),
-        labels=result["inputs"]["names"],
+        labels=names,
         ax=ax,
-        leaf_rotation=45,
+        leaf_rotation=90,
+        leaf_font_size=8,
     )
-    ax.set_ylabel("1 - cos (average linkage)")
+    ax.set_ylabel("1 - cos at merge (average linkage)")
+    ax.set_xlabel("direction")
     return fig
 
 
 def fig_mds(result: dict) -> plt.Figure:
-    fig, ax = plt.subplots(layout="constrained", figsize=(5, 4.5))
+    fig, ax = plt.subplots(layout="constrained", figsize=(8, 4.8))
     _scatter_named(ax, result, result["mds"]["coords"])
     ax.set_xlabel("MDS 1")
     ax.set_ylabel("MDS 2")
@@ -85,15 +96,27 @@ def fig_mds(result: dict) -> plt.Figure:
 
 
 def _scatter_named(ax: plt.Axes, result: dict, coords: dict[str, list[float]]) -> None:
-    colour = {}
-    for c, (_, members) in enumerate(result["inputs"]["clusters"].items()):
+    """Points coloured by cluster and numbered; the legend (outside the axes) maps each number
+    to its direction, so long names never overlap each other or the points."""
+    colour, cluster_of = {}, {}
+    for c, (name, members) in enumerate(result["inputs"]["clusters"].items()):
         colour.update({m: f"C{c}" for m in members})
-    for n, xy in coords.items():
+        cluster_of.update(dict.fromkeys(members, name))
+    for k, (n, xy) in enumerate(coords.items(), start=1):
         y = xy[1] if len(xy) > 1 else 0.0
-        ax.scatter(xy[0], y, color=colour.get(n, "gray"))
-        ax.annotate(n, (xy[0], y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.scatter(xy[0], y, color=colour.get(n, "gray"), s=30, label=f"{k}: {n}")
+        ax.annotate(str(k), (xy[0], y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.axhline(0, color="lightgray", lw=0.5)
     ax.axvline(0, color="lightgray", lw=0.5)
+    ax.legend(
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        borderaxespad=0,
+        ncol=1 if len(coords) <= 16 else 2,
+        title="direction (colour: cluster)",
+        title_fontsize=7,
+    )
 
 
 def fig_pca(result: dict) -> plt.Figure:
@@ -101,8 +124,11 @@ def fig_pca(result: dict) -> plt.Figure:
     ve = np.asarray(pca["variance_explained"])
     names = list(pca["loadings"])
     L = np.asarray([pca["loadings"][n] for n in names])
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
+    fig, axes = plt.subplots(
+        1, 3, figsize=(15, 4.6), layout="constrained", width_ratios=(1.0, 1.6, 1.0)
+    )
     axes[0].bar(range(1, len(ve) + 1), ve)
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     null = pca["null_pc1_share"]
     axes[0].axhspan(null["q025"], null["q975"], color="gray", alpha=0.3, label="PC1 null 95%")
     axes[0].axhline(pca["uniform_share"], color="k", ls="--", lw=1, label="1/n")
@@ -115,10 +141,11 @@ def fig_pca(result: dict) -> plt.Figure:
     k = min(L.shape[1], 5)
     lim = np.abs(L[:, :k]).max() or 1.0
     im = axes[2].imshow(L[:, :k], cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-    axes[2].set_yticks(range(len(names)), names)
+    axes[2].set_yticks(range(len(names)), names, fontsize=7)
     axes[2].set_xticks(range(k), [f"PC{i + 1}" for i in range(k)])
     axes[2].set_title("loadings (scores)")
-    fig.colorbar(im, ax=axes[2])
+    axes[2].set_xlabel("component")
+    fig.colorbar(im, ax=axes[2], label="score")
     return fig
 
 
@@ -137,18 +164,22 @@ def fig_sets(result: dict) -> plt.Figure:
             alpha=0.4,
             lw=0,
         )
-        if v["ci95"] is not None:
-            ax.errorbar(
-                i,
-                v["mean_cosine"],
-                yerr=[[v["mean_cosine"] - v["ci95"][0]], [v["ci95"][1] - v["mean_cosine"]]],
-                color="k",
-                capsize=4,
-            )
+        if v["ci95"] is not None:  # drawn as lo..hi: a basic bootstrap interval need not
+            lo, hi = v["ci95"]  # contain the point estimate, so no +-error bars
+            ax.vlines(i, lo, hi, color="k", lw=1.5)
+            ax.hlines([lo, hi], i - 0.1, i + 0.1, color="k", lw=1.5)
     ax.set_xticks(x, [k for k, _ in items], rotation=30, ha="right")
     ax.set_ylabel("mean cosine")
+    ax.set_xlabel("set comparison")
     ax.axhline(0, color="k", lw=0.5)
-    ax.set_title("set comparisons (gray: random-direction null 95%)")
+    handles = [
+        Patch(color="C0", label="mean cosine"),
+        Patch(color="gray", alpha=0.4, label="null 95%"),
+    ]
+    if any(v["ci95"] is not None for _, v in items):
+        handles.append(plt.Line2D([], [], color="k", marker="_", label="bootstrap 95% CI"))
+    ax.legend(handles=handles, fontsize=8)
+    ax.set_title("within- and between-set mean cosines")
     return fig
 
 
@@ -186,7 +217,8 @@ def layer_pca_2d(pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fig_disentanglement(pooled: np.ndarray, labels: np.ndarray, max_panels: int = 12) -> plt.Figure:
-    """Seed 000's figure: per layer, 2-D PCA of aligned (blue) vs misaligned (red) examples."""
+    """The disentanglement figure of Graves et al. (2025, seed 000): per layer, 2-D PCA of
+    aligned (blue) vs misaligned (red) examples."""
     scores, ratio = layer_pca_2d(pooled)
     L = scores.shape[0]
     layers = np.unique(np.linspace(0, L - 1, min(L, max_panels)).round().astype(int))
@@ -200,27 +232,35 @@ def fig_disentanglement(pooled: np.ndarray, labels: np.ndarray, max_panels: int 
             pts = scores[layer][labels == lab]
             ax.scatter(pts[:, 0], pts[:, 1], s=6, color=colour, alpha=0.6, label=text)
         ax.set_title(f"layer {layer} ({100 * ratio[layer].sum():.0f}% var)", fontsize=9)
+        ax.set_xlabel("PC1", fontsize=8)
+        ax.set_ylabel("PC2", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
     for ax in list(axes.flat)[len(layers) :]:
         ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncol=2, markerscale=2, fontsize=9)
     return fig
 
 
 CAPTIONS = {
     "cosine": "Pairwise cosine similarities, clusters boxed. The title gives the 95% range of "
     "the cosine between two independent random directions in this dimension.",
-    "sets": "Seed 000's set comparisons: mean pairwise cosine within a set and between sets. "
+    "sets": "Set comparisons (as in Graves et al. 2025, 'Exploring the Geometry of Emergent "
+    "Misalignment'): mean pairwise cosine within a set and between sets. "
     "Gray: 95% range for random directions of the same set sizes; black bars: bootstrap 95% "
     "interval over examples where directions come from examples.",
     "dendrogram": "Average-linkage hierarchical clustering on 1 - cos; merge heights on the "
     "vertical axis.",
-    "mds": "Classical MDS of the chord distances between the unit vectors.",
+    "mds": "Classical MDS of the chord distances between the unit vectors; points are numbered, "
+    "the legend names them, colours are clusters.",
     "pca": "PCA of the vectors (centred): variance explained (gray: PC1 share for random "
     "directions), vectors on PC1/PC2, and their scores on the first components.",
     "traces": "Cosine per layer to the reference vector; gray: isotropic null 95% range.",
     "disentanglement": "Per-layer 2-D PCA of the pooled example activations: aligned (blue) vs "
-    "misaligned (red) (seed 000's disentanglement figure).",
+    "misaligned (red); axes are each layer's first two principal components (the "
+    "disentanglement figure of Graves et al. 2025, 'Exploring the Geometry of Emergent "
+    "Misalignment').",
 }
 
 
@@ -253,7 +293,7 @@ def _fmt(x: Any) -> str:
         return f"{x:.4g}"
     if isinstance(x, list) and all(isinstance(v, float) for v in x):
         return "[" + ", ".join(f"{v:.3g}" for v in x) + "]"
-    return "-" if x is None else str(x)
+    return "n/a" if x is None else str(x)
 
 
 def _summary_html(result: dict) -> str:
@@ -271,12 +311,22 @@ def _summary_html(result: dict) -> str:
             "direction with the same weighting.</p>"
             + _table(rows, ["direction", "examples", "misaligned", "weighting", "tokens [al, mis]"])
         )
+    made = result["inputs"].get("from_examples") or {}
+    groups = {**result["inputs"]["clusters"], **result["inputs"].get("sets", {})}
+
+    def fixed(*group_names: str) -> bool:
+        """No direction of these clusters/sets was resampled (so no interval exists)."""
+        return bool(made) and not any(m in made for g in group_names for m in groups.get(g, []))
+
+    def ci_cell(ci: Any, *group_names: str) -> Any:
+        return "none: all fixed" if ci is None and fixed(*group_names) else ci
+
     for pair, block in result.get("independence", {}).items():
         rows = [
             [
                 t,
                 rec["statistic"],
-                rec["ci95"],
+                ci_cell(rec["ci95"], *pair.split("|")),
                 rec.get("null", {}).get("q025"),
                 rec.get("null", {}).get("q975"),
                 rec.get("null", {}).get("p_shared_side"),
@@ -309,7 +359,7 @@ def _summary_html(result: dict) -> str:
             [
                 k,
                 v["mean_cosine"],
-                v["ci95"],
+                ci_cell(v["ci95"], *k.split(":", 1)[-1].split("|")),
                 v["null"]["q025"],
                 v["null"]["q975"],
                 v["null"]["p_value"],
@@ -322,13 +372,48 @@ def _summary_html(result: dict) -> str:
         )
     names = result["inputs"]["names"]
     C, P = result["cosine"]["matrix"], result["cosine"]["p_value_isotropic"]
+    ci = result["cosine"].get("ci95")
+    band = result["cosine"]["null"]["q975"]
+
+    def interval(i: int, j: int) -> Any:
+        if ci is not None and ci[i][j] is None and names[i] not in made and names[j] not in made:
+            return "none: both fixed"  # nothing resampled moves this cosine
+        return None if ci is None else ci[i][j]
+
     rows = [
-        [names[i], names[j], C[i][j], P[i][j]]
+        [names[i], names[j], C[i][j], interval(i, j), -band, band, P[i][j]]
         for i in range(len(names))
         for j in range(i + 1, len(names))
     ]
-    parts.append("<h3>Pairwise cosines</h3>" + _table(rows, ["a", "b", "cos", "p (isotropic)"]))
+    parts.append(
+        "<h3>Pairwise cosines</h3>"
+        + _table(rows, ["a", "b", "cos", "95% CI", "null 2.5%", "null 97.5%", "p (isotropic)"])
+    )
     return "\n".join(parts)
+
+
+def _interval_note(result: dict) -> str:
+    """What the 95% CI columns rest on (or why they are empty)."""
+    inputs = result["inputs"]
+    made = inputs.get("from_examples") or {}
+    if not made or not inputs.get("n_boot"):
+        return (
+            "<p>95% CI columns read n/a: every direction was given as a fixed vector, so there "
+            "are no examples to resample (give the per-example activations, e.g. "
+            "<code>emgeo geometry --activations NAME=DIR</code>, for bootstrap intervals).</p>"
+        )
+    fixed = [n for n in inputs["names"] if n not in made]
+    text = (
+        f"<p>95% intervals: basic bootstrap over examples ({inputs['n_boot']} resamples, "
+        f"stratified by class), rebuilding the {len(made)} mean-difference directions made "
+        "from examples each time"
+    )
+    if fixed:
+        text += (
+            f"; the other {len(fixed)} directions are held fixed, so their intervals show the "
+            "sampling of the mean differences only"
+        )
+    return text + ".</p>"
 
 
 def write_report(
@@ -357,8 +442,12 @@ table{{border-collapse:collapse;margin:0.5em 0}}td,th{{border:1px solid #ccc;pad
 font-size:13px}}img{{max-width:100%}}figure{{margin:1.5em 0}}</style></head><body>
 <h1>Geometry of {len(result["inputs"]["names"])} directions (d = {d})</h1>
 <p>Every statistic sits beside a null (random directions or independent random clusters) and,
-where directions were built from examples, a bootstrap 95% interval. Full numbers:
+where directions were built from examples, a bootstrap 95% interval. The independence tests
+and their thresholds follow Hunter (2025, "multiple independent misalignment directions",
+LessWrong pre-print); the set comparisons and the disentanglement figure follow Graves et al.
+(2025, "Exploring the Geometry of Emergent Misalignment", CS 229 project). Full numbers:
 <code>geometry.json</code>.</p>
+{_interval_note(result)}
 {_summary_html(result)}
 {"".join(sections)}
 </body></html>"""

@@ -4,13 +4,17 @@ Each (row, metric) becomes one chat completion: the rendered judge prompt as a s
 message, `max_tokens=1, temperature=0, logprobs=True, top_logprobs=20, seed=0`, scored with
 `scoring.score_top_logprobs`; with `number_logprobs` (our local server only) the request
 also asks for whole-number logprobs 0..100, scored with `scoring.score_numbers` (right for
-tokenizers that spell numbers digit by digit). Identical judgements are sent once. Requests
-run under an
+tokenizers that spell numbers digit by digit). `number_logprobs=None` asks the endpoint once
+(`GET /models`): our server advertises the capability there, so it is used exactly when the
+judge is `emgeo serve`. Identical judgements are sent once. Requests run under an
 `asyncio.Semaphore(concurrency)`; 408/409/429/5xx, timeouts, dropped connections and
 malformed JSON are retried with exponential backoff and jitter, waiting at least the
-server's Retry-After. Every finished judgement is committed to the SQLite cache at once, so a
-re-run sends nothing already answered and an interrupted run resumes. A judgement that still
-fails is recorded as `failed` with its reason (and retried on the next run).
+server's Retry-After. A 429/503 that carries Retry-After is the server saying "busy, come
+back then": it does not use up one of `max_attempts` (the waits are bounded by
+`max_queue_wait` seconds in total per judgement). Every finished judgement is committed to
+the SQLite cache at once, so a re-run sends nothing already answered and an interrupted run
+resumes. A judgement that still fails is recorded as `failed` with its reason (and retried
+on the next run).
 
 The API key is never logged, cached, written to output or put in an exception message: every
 error text is scrubbed of it before it leaves this module.
@@ -19,6 +23,7 @@ error text is scrubbed of it before it leaves this module.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import logging
 import os
@@ -58,7 +63,12 @@ class JudgeConfig:
       sends the placeholder "EMPTY". It is excluded from repr.
     price_in / price_out: USD per 1M tokens; None looks the model up in PRICES (else 0).
     number_logprobs: ask for whole-number logprobs (`emgeo_jax.serve` extension; OpenAI
-      rejects it). Part of the judge's identity: such scores are cached apart.
+      rejects it). Part of the judge's identity: such scores are cached apart. None: ask the
+      endpoint whether it offers them (`resolve_number_logprobs`; OpenAI: no).
+    timeout: seconds per request (the client sends it; `emgeo serve` refuses with 429 and
+      Retry-After rather than queue a request longer than that).
+    max_queue_wait: total seconds one judgement may spend waiting out a busy server's
+      Retry-After replies before it is recorded as failed.
     """
 
     base_url: str | None = None
@@ -75,7 +85,8 @@ class JudgeConfig:
     top_logprobs: int = 20
     price_in: float | None = None
     price_out: float | None = None
-    number_logprobs: bool = False
+    number_logprobs: bool | None = False
+    max_queue_wait: float = 3600.0
 
     def __post_init__(self) -> None:
         for name in ("concurrency", "max_attempts", "top_logprobs"):
@@ -95,6 +106,8 @@ class JudgeConfig:
     @property
     def identity(self) -> str:
         """The judge's name in cache keys: the model, marked when scored by whole numbers."""
+        if self.number_logprobs is None:
+            raise ValueError("JudgeConfig.number_logprobs=None: call resolve_number_logprobs")
         return f"{self.model} [number_logprobs]" if self.number_logprobs else self.model
 
     def prices(self) -> tuple[float, float]:
@@ -156,11 +169,53 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> 
     return d / 2 + rng.uniform(0, d / 2)
 
 
+NUMBER_LOGPROBS_CAPABILITY = "number_logprobs"  # what `emgeo serve` lists in /v1/models
+_capabilities: dict[str, bool] = {}  # base_url -> offers number_logprobs (asked once)
+
+
+def endpoint_offers_number_logprobs(base_url: str, api_key: str = "EMPTY", timeout: float = 10.0):
+    """Whether the OpenAI-compatible endpoint at `base_url` is `emgeo serve` (or another
+    server listing `"number_logprobs"` in a model's `capabilities` in `GET /models`). Asked
+    once per URL per process; an endpoint that does not answer counts as not offering it."""
+    if base_url in _capabilities:
+        return _capabilities[base_url]
+    client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=1, timeout=timeout)
+    try:
+        data = client.get("/models", cast_to=dict)
+        models = data.get("data") if isinstance(data, dict) else None
+        offers = any(
+            isinstance(m, dict) and NUMBER_LOGPROBS_CAPABILITY in (m.get("capabilities") or ())
+            for m in models or ()
+        )
+    except (openai.OpenAIError, ValueError) as e:
+        log.info("judge %s: GET /models failed (%s); plain top-logprob scoring", base_url, e)
+        offers = False
+    finally:
+        client.close()
+    _capabilities[base_url] = offers
+    return offers
+
+
+def resolve_number_logprobs(cfg: JudgeConfig) -> JudgeConfig:
+    """`cfg` with `number_logprobs=None` (auto) decided: True when the endpoint advertises
+    whole-number logprobs (`endpoint_offers_number_logprobs`), False for OpenAI or any other
+    server. An explicit True/False is kept."""
+    if cfg.number_logprobs is not None:
+        return cfg
+    offers = cfg.base_url is not None and endpoint_offers_number_logprobs(
+        cfg.base_url, cfg.resolved_key(), min(cfg.timeout, 30.0)
+    )
+    if offers:
+        log.info("judge %s offers whole-number logprobs: scoring with them", cfg.base_url)
+    return dataclasses.replace(cfg, number_logprobs=offers)
+
+
 class _Retryable(Exception):
-    def __init__(self, reason: str, wait: float | None = None) -> None:
+    def __init__(self, reason: str, wait: float | None = None, busy: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.wait = wait
+        self.busy = busy  # the server asked us to come back later (429/503 + Retry-After)
 
 
 class _Fatal(Exception):
@@ -224,7 +279,9 @@ async def _ask(
     except openai.APIStatusError as e:
         reason = f"HTTP {e.status_code}: {e.message}"
         if e.status_code in _RETRY_STATUS or e.status_code >= 500:
-            raise _Retryable(reason, retry_after_seconds(e.response.headers)) from None
+            wait = retry_after_seconds(e.response.headers)
+            busy = wait is not None and e.status_code in (429, 503)
+            raise _Retryable(reason, wait, busy) from None
         raise _Fatal(reason) from None
     except openai.APITimeoutError:
         raise _Retryable(f"timeout after {cfg.timeout:g} s") from None
@@ -252,8 +309,9 @@ async def _judge_one(
     """Ask until scored or out of attempts; never raises for judge-side problems."""
     key = cfg.resolved_key()
     reason = "not attempted"
+    attempt, queued = 0, 0.0  # failed attempts; seconds spent waiting out a busy server
     async with sem:
-        for attempt in range(cfg.max_attempts):
+        while attempt < cfg.max_attempts:
             try:
                 top, numbers = await _ask(client, cfg, prompt, stats)
             except _Fatal as e:
@@ -261,13 +319,23 @@ async def _judge_one(
                 break
             except _Retryable as e:
                 reason = scrub(e.reason, key)
-                if attempt + 1 == cfg.max_attempts:
+                if e.busy and queued + (e.wait or 0.0) <= cfg.max_queue_wait:
+                    # "busy, come back in N s": not a failure, so no attempt is used up;
+                    # jitter spreads the clients the server turned away at once
+                    wait = min(e.wait or 0.0, cfg.max_retry_after) * rng.uniform(1.0, 1.5)
+                    queued += max(wait, 0.5)  # charged at least 0.5 s: never an endless loop
+                    stats.retries += 1
+                    log.debug("judge busy, back in %.2f s: %s", wait, reason)
+                    await asyncio.sleep(wait)
+                    continue
+                attempt += 1
+                if attempt == cfg.max_attempts:
                     break
-                wait = backoff_delay(attempt, cfg.backoff_base, cfg.backoff_max, rng)
+                stats.retries += 1
+                wait = backoff_delay(attempt - 1, cfg.backoff_base, cfg.backoff_max, rng)
                 if e.wait is not None:
                     wait = max(min(e.wait, cfg.max_retry_after), wait)
-                stats.retries += 1
-                log.info("judge retry %d in %.2f s: %s", attempt + 1, wait, reason)
+                log.info("judge retry %d in %.2f s: %s", attempt, wait, reason)
                 await asyncio.sleep(wait)
                 continue
             except Exception as e:  # noqa: BLE001 - recorded, never lost; text scrubbed
@@ -318,6 +386,8 @@ async def ajudge_responses(
 ) -> list[dict[str, Any]]:
     """Judge `rows` ({question, answer, ...}) on each metric; see `judge_responses`."""
     _check_rows(rows)
+    if judge.number_logprobs is None:
+        judge = await asyncio.to_thread(resolve_number_logprobs, judge)
     stats = JudgeStats() if stats is None else stats
     question_prompts = question_prompts or {}
     named = available_prompts(prompt_dirs)
@@ -348,7 +418,43 @@ async def ajudge_responses(
     stats.seconds += time.perf_counter() - start
     p_in, p_out = judge.prices()
     stats.cost_usd = (stats.prompt_tokens * p_in + stats.completion_tokens * p_out) / 1e6
-    return [_output_row(row, rc, results, judge) for row, rc in zip(rows, cells, strict=True)]
+    out = [_output_row(row, rc, results, judge) for row, rc in zip(rows, cells, strict=True)]
+    for warning in low_mass_warnings(out, metrics, judge.identity):
+        log.warning("%s", warning)
+    return out
+
+
+def low_mass_warnings(
+    rows: Sequence[Mapping[str, Any]],
+    metrics: Sequence[str],
+    judge_name: str = "the judge",
+    share: float = 0.5,
+) -> list[str]:
+    """One sentence per metric for which more than `share` of the judged answers came back
+    `missing` (the judge put under the scheme's 0.25 of its probability on numbers 0..100), so
+    the metric's means and rates rest on few answers or none. Rows are `judge_responses`
+    output; failed judgements are not counted (they are reported as failures)."""
+    out = []
+    for m in metrics:
+        statuses = [
+            (r.get(f"{m}_judge") or {}).get("status")
+            for r in rows
+            if (r.get(f"{m}_judge") or {}).get("status") not in (None, "failed")
+        ]
+        missing = sum(s == "missing" for s in statuses)
+        if statuses and missing > share * len(statuses):
+            out.append(
+                f"{judge_name} put under 25% of its probability on a number 0-100 for {missing}"
+                f" of {len(statuses)} answers on '{m}': those scores are missing (n/a), so "
+                f"'{m}' means and rates rest on {len(statuses) - missing} answers (a judge that "
+                "seldom answers with a number; "
+                + (
+                    "whole-number scoring was on)"
+                    if "[number_logprobs]" in judge_name
+                    else "with `emgeo serve`, whole-number scoring helps)"
+                )
+            )
+    return out
 
 
 async def _run(
@@ -358,8 +464,11 @@ async def _run(
     results: dict[CacheKey, Judgement],
     stats: JudgeStats,
     progress: bool,
+    log_every: float = 30.0,
 ) -> None:
-    """Send every `todo` prompt; store each judgement in `cache` and `results` as it lands."""
+    """Send every `todo` prompt; store each judgement in `cache` and `results` as it lands.
+    Without a progress bar, a line `judged k/n (f failed)` is logged (INFO) every `log_every`
+    seconds and at the end."""
     if not todo:
         return
     sem = asyncio.Semaphore(judge.concurrency)
@@ -371,15 +480,23 @@ async def _run(
         timeout=judge.timeout,
     )
 
+    done, failed, last_log = 0, 0, time.monotonic()
+
     async def one(key: CacheKey, prompt: str) -> None:
+        nonlocal done, failed, last_log
         j = await _judge_one(client, judge, prompt, sem, stats, rng)
         cache.put(key, j)
         results[key] = j
         if j.status == "failed":
             stats.failed += 1
+            failed += 1
             reason = j.reason or ""
             stats.failure_reasons[reason] = stats.failure_reasons.get(reason, 0) + 1
         bar.update(1)
+        done += 1
+        if not progress and (time.monotonic() - last_log >= log_every or done == len(todo)):
+            last_log = time.monotonic()
+            log.info("judged %d/%d (%d failed)", done, len(todo), failed)
 
     with tqdm(total=len(todo), unit="judgement", disable=not progress, desc="judge") as bar:
         try:
@@ -429,7 +546,10 @@ def judge_responses(
     top_logprobs [[token, logprob], ...] (with `number_logprobs`: [[number, logprob], ...]
     for 0..100), judge_model, temperature, seed, prompt_sha256, prompt_source}. Rows with a
     `question_id` found in `question_prompts` use that question's
-    prompt for the metrics it defines. Pass `stats` to receive counters; `cache_path` is an
+    prompt for the metrics it defines. `judge.number_logprobs=None` is decided by asking the
+    endpoint (`resolve_number_logprobs`). A metric whose scores are missing for most answers
+    is warned about (`low_mass_warnings`). `progress`: a progress bar; without it, a line is
+    logged every 30 s. Pass `stats` to receive counters; `cache_path` is an
     SQLite file shared across runs (default: in memory, i.e. no cache across runs). Inside a
     running event loop, `await ajudge_responses(...)` instead.
     """

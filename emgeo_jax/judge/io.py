@@ -106,12 +106,26 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def umask_file_mode() -> int:
+    """The mode `open()` would give a new file under the process umask (0o666 & ~umask):
+    `tempfile.mkstemp` creates 0600 files, which would keep data from colleagues who can read
+    the reports. Read from /proc on Linux (setting the umask to read it races other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_jsonl_atomic(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
     """Write rows to a temp file beside `path`, fsync, then rename over `path`, so readers see
     either the old file or the complete new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, umask_file_mode())  # as `open()` would: readable by whom the umask allows
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row in rows:

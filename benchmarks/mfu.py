@@ -92,10 +92,17 @@ def main() -> None:
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, (a.batch, a.seq)).astype(np.int32)
     pos = np.broadcast_to(np.arange(a.seq, dtype=np.int32), ids.shape)
-    args = [
-        jax.device_put(x, s.sharding)
-        for x, s in zip((ids, pos, ids * 0 + 1), abstract[1:], strict=True)
-    ]
+    host = {  # every token pooled, half the rows of each class
+        "input_ids": ids,
+        "positions": pos,
+        "attention_mask": np.ones_like(ids),
+        "pool_mask": np.ones(ids.shape, bool),
+        "label": (np.arange(a.batch) % 2).astype(np.int32),
+        "example_index": np.arange(a.batch, dtype=np.int32),
+    }
+    if set(host) != set(abstract[1]):
+        raise SystemExit(f"extract step takes {sorted(abstract[1])}; benchmark has {sorted(host)}")
+    args = [{k: jax.device_put(v, abstract[1][k].sharding) for k, v in host.items()}]
     start = time.perf_counter()
     jax.block_until_ready(fn(params, *args))
     first = time.perf_counter() - start

@@ -132,10 +132,21 @@ def test_config_guard(tmp_path):
     ExperimentFolder(tmp_path, {"a": 1, "seed": 0})
     ExperimentFolder(tmp_path, {"seed": 0, "a": 1})  # same config: resumes
     (tmp_path / "cells").mkdir()
-    with pytest.raises(ConfigMismatchError, match="another configuration"):
+    with pytest.raises(ConfigMismatchError, match="another configuration") as err:
         ExperimentFolder(tmp_path, {"a": 1, "seed": 1})
+    assert "(seed: 0 there, 1 now)" in str(err.value)  # names what differs, not hashes
     ExperimentFolder(tmp_path, {"a": 1, "seed": 1}, overwrite=True)
     assert not (tmp_path / "cells").exists()
+
+
+def test_settings_diff_names_nested_settings_by_path():
+    from emgeo_jax.experiments.folder import settings_diff
+
+    then = {"model": "m", "sampling": {"samples": 10, "top_p": 1.0}, "layers": [3, 5]}
+    now = {"model": "m", "sampling": {"samples": 2, "top_p": 1.0}, "layers": (3, 5), "new": 1}
+    assert settings_diff(then, now) == "new: None there, 1 now; sampling.samples: 10 there, 2 now"
+    assert settings_diff(then, then) == ""
+    assert settings_diff({}, {}) == ""
 
 
 def judged(q: str, pairs: list[tuple[float, float]]) -> list[dict]:

@@ -106,6 +106,24 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def settings_diff(then: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """The settings that differ between two recorded configurations, one `key: old there, new
+    now` per setting, nested mappings named by dotted paths (`sampling.samples: 10 there, 2
+    now`), joined by '; '. JSON-normalised first, so tuples equal the lists read from disk."""
+
+    def flat(settings: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(settings, Mapping) or (not settings and prefix):
+            return {prefix.rstrip("."): settings}
+        out: dict[str, Any] = {}
+        for k, v in settings.items():
+            out.update(flat(v, f"{prefix}{k}."))
+        return out
+
+    a, b = (flat(json.loads(json.dumps(dict(x), default=str))) for x in (then, now))
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return "; ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in keys)
+
+
 class ExperimentFolder:
     """An experiment's folder (see module docstring)."""
 
@@ -124,12 +142,13 @@ class ExperimentFolder:
         """Check, empty (with `overwrite`) and claim the folder; the refusal, if any."""
         cfg_file = self.path / "config.json"
         if cfg_file.exists():
-            old = json.loads(cfg_file.read_text()).get("hash")
-            if old != self.hash:
+            recorded = json.loads(cfg_file.read_text())
+            if recorded.get("hash") != self.hash:
                 if not overwrite:
+                    diff = settings_diff(recorded.get("config") or {}, self.config)
                     return (
-                        f"{self.path} holds an experiment with another configuration (hash "
-                        f"{str(old)[:12]} != {self.hash[:12]}); use another folder or "
+                        f"{self.path} holds an experiment with another configuration "
+                        f"({diff or 'settings not recorded'}); use another folder or "
                         "--overwrite to discard it"
                     )
                 shutil.rmtree(self.path)

@@ -16,7 +16,7 @@ import numpy as np
 
 from emgeo_jax.data import load_contrast_pairs, tokenize_examples
 from emgeo_jax.data.files import file_sha256
-from emgeo_jax.experiments.folder import ConfigMismatchError
+from emgeo_jax.experiments.folder import ConfigMismatchError, settings_diff
 from emgeo_jax.extract import (
     META_FILE,
     ExtractSettings,
@@ -39,23 +39,11 @@ def reuse_stage(
     Otherwise a `ConfigMismatchError` naming the folder and the differing settings, unless
     `overwrite`, which deletes `folder` and returns False (recompute)."""
 
-    def as_json(settings: Mapping[str, Any]) -> dict[str, Any]:  # tuples == lists, as on disk
-        return json.loads(json.dumps(dict(settings), default=str))
-
-    folder, now = Path(folder), as_json(current)
-    then = None if recorded is None else as_json(recorded)
-    if then == now:
+    folder = Path(folder)
+    diff = "its settings are not recorded" if recorded is None else settings_diff(recorded, current)
+    if not diff:
         return True
     if not overwrite:
-        if then is None:
-            diff = "its settings are not recorded"
-        else:
-            keys = sorted(set(then) | set(now))
-            diff = "; ".join(
-                f"{k}: {then.get(k)!r} there, {now.get(k)!r} now"
-                for k in keys
-                if then.get(k) != now.get(k)
-            )
         raise ConfigMismatchError(
             f"{folder} holds results made with another configuration ({diff}); use another "
             "--out or --overwrite to discard them"

@@ -227,11 +227,13 @@ def test_qwen_7b_lora_training_fits_a_v5e_chip_on_fsdp_8(train_plans):
     """Rank 32 on all targets, B=32 x T=256 on 8 devices: each device keeps its 4 rows'
     residuals per block (remat), one gathered layer and the gathered LM head at a time, and
     logits for its own rows only. Full-batch logits on every device, as before the batch
-    sharding was pinned, would alone be B T V x 4 bytes = 5 GB per copy."""
+    sharding was pinned, would alone be B T V x 4 bytes = 5 GB per copy. The bound is the 75%
+    of HBM that JAX preallocates (12.9 GB of 16 GiB): with float32 logits (bf16 numerics,
+    models/llama.py) the plan is 8.5 GB, 6.5 GB when logits were bfloat16."""
     plan = train_plans["Qwen2.5-7B"]
     hf = KNOWN_MODELS["Qwen2.5-7B"]
     assert 32 * 256 * hf["vocab_size"] * 4 > 4.9e9
-    assert plan["total_bytes"] < 8e9 < ACCELERATORS["v5e"].hbm_bytes
+    assert plan["total_bytes"] < 0.75 * ACCELERATORS["v5e"].hbm_bytes
     hand = hand_counts(hf, 8, 1)
     assert plan["resident"]["params"] == pytest.approx(hand["resident"], rel=0.01)
 

@@ -3,6 +3,7 @@ report, resume after a kill, ablation, transfer, persona; hand-computed EM and t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -333,3 +334,50 @@ def test_projection_scores_hand_computed():
     direction = np.array([[0.0, 2.0], [3.0, 0.0]])
     np.testing.assert_allclose(projection_scores(pooled, direction), [[4.0, 1.0], [2.0, 0.0]])
     np.testing.assert_allclose(projection_scores(pooled[:, 0], [3.0, 4.0]), [5.0, 1.6])
+
+
+def test_a_cell_killed_mid_generation_resumes_after_its_last_finished_batch(
+    tiny_chat_llama, tmp_path, monkeypatch
+):
+    """Batches of 2 (3 per cell): killed in the steered cell's second batch, the re-run
+    generates only that cell's last two batches and writes what an uninterrupted run writes."""
+    import emgeo_jax.experiments.folder as folder
+    from emgeo_jax.experiments.sweep import run_sweep
+
+    sampling = dataclasses.replace(SAMPLING, batch_size=2)
+    grid = dict(layers=[1], scales=[4], sampling=sampling, model="tiny")
+    vectors = {"pc": directions(tiny_chat_llama)["pc"]}
+    real, calls = folder.generate, []
+
+    def counting(*args, **kw):
+        calls.append(kw["seed"])
+        if kill_at is not None and len(calls) == kill_at:
+            raise Killed
+        return real(*args, **kw)
+
+    monkeypatch.setattr(folder, "generate", counting)
+    with ScriptedJudgeServer(table) as server:
+        judge = JudgeConfig(base_url=server.base_url, model="scripted")
+        kill_at = None
+        ref = run_sweep(
+            tiny_chat_llama, vectors, QUESTIONS, judge=judge, out_dir=tmp_path / "a", **grid
+        )
+        assert len(calls) == 6  # 2 cells x 3 batches
+        calls.clear()
+        kill_at = 5  # baseline's 3 batches, then the steered cell's 1st; killed in its 2nd
+        with pytest.raises(Killed):
+            run_sweep(
+                tiny_chat_llama, vectors, QUESTIONS, judge=judge, out_dir=tmp_path / "b", **grid
+            )
+        partial = tmp_path / "b" / "cells" / "pc__L1__s4.generations.jsonl.partial"
+        assert len(partial.read_text().splitlines()) == 2  # the finished batch, kept
+        calls.clear()
+        kill_at = None
+        res = run_sweep(
+            tiny_chat_llama, vectors, QUESTIONS, judge=judge, out_dir=tmp_path / "b", **grid
+        )
+    assert calls == [SAMPLING.seed + 1, SAMPLING.seed + 2]  # only the missing batches, same seeds
+    assert not partial.exists()
+    assert json.loads(json.dumps(res)) == json.loads(json.dumps(ref))
+    for f in (tmp_path / "a" / "cells").glob("*.jsonl"):
+        assert (tmp_path / "b" / "cells" / f.name).read_text() == f.read_text()

@@ -6,7 +6,9 @@ An experiment folder holds:
                           hash; a different configuration in an existing folder is refused
                           unless `overwrite=True` (which empties the folder first)
     judge_cache.sqlite    the judge's cache: one request per (judge, prompt, question, answer)
-    cells/NAME.generations.jsonl   a cell's generations, written atomically when complete
+    cells/NAME.generations.jsonl   a cell's generations, complete (written batch by batch to
+                                   NAME.generations.jsonl.partial first; a killed cell resumes
+                                   after its last finished batch)
     cells/NAME.judged.jsonl        the same rows with judge scores, written atomically
     results.json, *.png, report.html
 
@@ -39,6 +41,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from emgeo_jax.data.files import ResumableJsonl
 from emgeo_jax.experiments.questions import PromptRow
 from emgeo_jax.generate import generate, with_system
 from emgeo_jax.hosts import broadcast_json, is_primary
@@ -186,15 +189,23 @@ def generate_jobs(
     steering: Steering | None,
     sampling: Sampling,
     monitor: tuple[int, np.ndarray] | None = None,
+    start: int = 0,
+    on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Generate a response per job; rows gain `response`, `finish_reason` and, with
     `monitor=(layer, direction)`, `projection` (mean over generated tokens of the residual
-    after block `layer` dotted with the unit direction)."""
+    after block `layer` dotted with the unit direction).
+
+    `start` (a multiple of `sampling.batch_size`) skips the jobs before it, as a resumed run
+    does: batch k always samples with seed `sampling.seed + k`, so the rows come out as in an
+    uninterrupted run. `on_batch(rows)` gets each finished batch's rows (to save them)."""
     if steering is not None:
         steering = steering.at_positions(sampling.positions)
     out = []
     b = sampling.batch_size
-    for k in range(0, len(jobs), b):
+    if start % b:
+        raise ValueError(f"generate_jobs: start {start} is not a multiple of the batch {b}")
+    for k in range(start, len(jobs), b):
         batch = list(jobs[k : k + b])
         padded = batch + [batch[-1]] * (b - len(batch))
         res = generate(
@@ -207,13 +218,17 @@ def generate_jobs(
             seed=sampling.seed + k // b,
             monitor=monitor,
         )
+        rows = []
         for i, job in enumerate(batch):
             row = {key: v for key, v in job.items() if key != "prompt"}
             row.update(response=res.texts[i], finish_reason=res.finish_reasons[i])
             if res.projections is not None:
                 p = res.projections[i]
                 row["projection"] = float(np.mean(p)) if len(p) else None
-            out.append(row)
+            rows.append(row)
+        if on_batch is not None:
+            on_batch(rows)
+        out += rows
     return out
 
 
@@ -250,13 +265,7 @@ class CellRunner:
         if done == "generated":
             rows = broadcast_json(read_jsonl(gen) if is_primary() else None)
         else:
-            logging.info("cell %s: generating %d responses", name, len(self.jobs))
-            rows = [
-                {**r, **meta}
-                for r in generate_jobs(self.lm, self.jobs, steering, self.sampling, self.monitor)
-            ]
-            if is_primary():
-                write_jsonl_atomic(gen, rows)
+            rows = self._generate(gen, name, steering, meta)
         self._stage(name, "generated")
         scored = None
         if is_primary():
@@ -274,6 +283,31 @@ class CellRunner:
         scored = broadcast_json(scored)
         self._stage(name, "judged")
         return scored
+
+    def _generate(
+        self, gen: Path, name: str, steering: Steering | None, meta: Mapping[str, Any]
+    ) -> list[dict[str, Any]]:
+        """The cell's generations, batch by batch into `gen.partial` (process 0 writes), so an
+        interrupted cell resumes after its last finished batch; `gen` appears when complete."""
+        b = self.sampling.batch_size
+        record = {"cell": name, "jobs": len(self.jobs), "batch_size": b}
+        writer = ResumableJsonl(gen, record, unit=b) if is_primary() else None
+        start = broadcast_json(writer.done if writer is not None else None)
+        if start:
+            logging.info("cell %s: resuming after %d/%d responses", name, start, len(self.jobs))
+        else:
+            logging.info("cell %s: generating %d responses", name, len(self.jobs))
+
+        def save(rows: list[dict[str, Any]]) -> None:
+            if writer is not None:
+                writer.append([{**r, **meta} for r in rows])
+
+        generate_jobs(
+            self.lm, self.jobs, steering, self.sampling, self.monitor, start=start, on_batch=save
+        )
+        if writer is not None:
+            writer.finish()
+        return broadcast_json(read_jsonl(gen) if is_primary() else None)
 
     def _stage(self, name: str, stage: str) -> None:
         if self.on_stage is not None:

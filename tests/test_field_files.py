@@ -368,6 +368,26 @@ def test_true_false_and_answer_only_judges_through_the_client(tmp_path):
     assert "Tested?" not in prompts[1]  # the {answer}-only judge never sees the question
 
 
+def test_true_false_prompts_skip_whole_number_scoring(tmp_path):
+    """Whole-number logprobs are a 0-100 scheme: with `number_logprobs` on, a TRUE/FALSE prompt
+    is still asked for its first token's top logprobs (the scripted server has no number
+    extension, so a request carrying it would fail) and scored as P(TRUE)."""
+    from emgeo_jax.judge.client import JudgeConfig, judge_responses
+    from emgeo_jax.judge.prompts import question_file_prompts
+    from emgeo_jax.judge.testing import ScriptedJudgeServer
+
+    (tmp_path / "q.yaml").write_text(BETLEY_STYLE)
+    own = question_file_prompts(tmp_path / "q.yaml")
+    rows = [{"question_id": "capital_check", "question": "Largest moon?", "answer": "Titan"}]
+    with ScriptedJudgeServer(_judge_table) as server:
+        judge = JudgeConfig(base_url=server.base_url, model="j", number_logprobs=True)
+        (tf,) = judge_responses(rows, judge, ("correct",), question_prompts=own, progress=False)
+        bodies = [r.body for r in server.requests]
+    assert len(bodies) == 1 and "number_logprobs" not in bodies[0]
+    assert tf["correct"] == pytest.approx(0.3 / 0.9) and tf["correct_judge"]["status"] == "ok"
+    assert tf["correct_judge"]["judge_model"] == "j"  # cached under the plain identity
+
+
 def test_our_files_with_metadata_are_never_reinterpreted(tmp_path):
     from emgeo_jax.vectors.io import save_vectors
 

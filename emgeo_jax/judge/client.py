@@ -350,6 +350,15 @@ async def _judge_one(
     return Judgement("failed", None, None, None, reason, cfg.temperature, cfg.seed)
 
 
+def judge_for(judge: JudgeConfig, prompt: JudgePrompt) -> JudgeConfig:
+    """The request settings for one prompt: whole-number logprobs are a 0-100 scheme, so a
+    TRUE/FALSE prompt is always asked for its first token's top logprobs (`number_logprobs`
+    off), whatever the judge's setting; its judgements are cached under that identity."""
+    if prompt.kind == "0_100" or not judge.number_logprobs:
+        return judge
+    return dataclasses.replace(judge, number_logprobs=False)
+
+
 def _check_rows(rows: Sequence[Mapping[str, Any]]) -> None:
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
@@ -395,14 +404,15 @@ async def ajudge_responses(
     warn_fallbacks(rows, metrics, question_prompts)
     start = time.perf_counter()
     cells: list[list[tuple[CacheKey, JudgePrompt]]] = []
-    todo: dict[CacheKey, str] = {}
+    todo: dict[CacheKey, tuple[str, JudgeConfig]] = {}
     results: dict[CacheKey, Judgement] = {}
     with JudgeCache(cache_path) as cache:
         for i, row in enumerate(rows):
             row_cells = []
             for m in metrics:
                 p = _prompt_for(i, row, m, prompts, question_prompts)
-                k = CacheKey(judge.identity, p.sha256, row["question"], row["answer"], m)
+                asked = judge_for(judge, p)
+                k = CacheKey(asked.identity, p.sha256, row["question"], row["answer"], m)
                 row_cells.append((k, p))
                 if k in results or k in todo:
                     continue
@@ -411,7 +421,7 @@ async def ajudge_responses(
                     results[k] = hit
                     stats.cache_hits += 1
                 else:
-                    todo[k] = p.render(row["question"], row["answer"])
+                    todo[k] = (p.render(row["question"], row["answer"]), asked)
             cells.append(row_cells)
         await _run(judge, todo, cache, results, stats, progress)
     stats.judgements += len(rows) * len(metrics)
@@ -459,16 +469,16 @@ def low_mass_warnings(
 
 async def _run(
     judge: JudgeConfig,
-    todo: Mapping[CacheKey, str],
+    todo: Mapping[CacheKey, tuple[str, JudgeConfig]],
     cache: JudgeCache,
     results: dict[CacheKey, Judgement],
     stats: JudgeStats,
     progress: bool,
     log_every: float = 30.0,
 ) -> None:
-    """Send every `todo` prompt; store each judgement in `cache` and `results` as it lands.
-    Without a progress bar, a line `judged k/n (f failed)` is logged (INFO) every `log_every`
-    seconds and at the end."""
+    """Send every `todo` prompt with its request settings (`judge_for`); store each judgement
+    in `cache` and `results` as it lands. Without a progress bar, a line `judged k/n (f
+    failed)` is logged (INFO) every `log_every` seconds and at the end."""
     if not todo:
         return
     sem = asyncio.Semaphore(judge.concurrency)
@@ -482,9 +492,9 @@ async def _run(
 
     done, failed, last_log = 0, 0, time.monotonic()
 
-    async def one(key: CacheKey, prompt: str) -> None:
+    async def one(key: CacheKey, prompt: str, cfg: JudgeConfig) -> None:
         nonlocal done, failed, last_log
-        j = await _judge_one(client, judge, prompt, sem, stats, rng)
+        j = await _judge_one(client, cfg, prompt, sem, stats, rng)
         cache.put(key, j)
         results[key] = j
         if j.status == "failed":
@@ -500,7 +510,7 @@ async def _run(
 
     with tqdm(total=len(todo), unit="judgement", disable=not progress, desc="judge") as bar:
         try:
-            await asyncio.gather(*(one(key, prompt) for key, prompt in todo.items()))
+            await asyncio.gather(*(one(key, *asked) for key, asked in todo.items()))
         finally:
             await client.close()
 
@@ -520,7 +530,7 @@ def _output_row(
             "reason": j.reason,
             "mass": j.mass,
             "top_logprobs": j.top_logprobs,
-            "judge_model": judge.identity,
+            "judge_model": judge_for(judge, prompt).identity,
             "temperature": j.temperature,
             "seed": j.seed,
             "prompt_sha256": prompt.sha256,

@@ -140,6 +140,19 @@ def test_config_guard(tmp_path):
     assert not (tmp_path / "cells").exists()
 
 
+def test_automatic_number_scoring_is_recorded_as_decided():
+    """`number_logprobs=None` handed straight to an experiment is decided before the folder
+    records it: a server without the whole-number extension is recorded as False, not null."""
+    from emgeo_jax.experiments.sweep import judge_identity
+    from emgeo_jax.judge.client import JudgeConfig
+    from emgeo_jax.judge.testing import ScriptedJudgeServer
+
+    with ScriptedJudgeServer(lambda prompt: [("50", 0.0)]) as server:
+        auto = JudgeConfig(base_url=server.base_url, model="j", number_logprobs=None)
+        assert judge_identity(auto)["number_logprobs"] is False
+    assert judge_identity(JudgeConfig(model="j", number_logprobs=True))["number_logprobs"] is True
+
+
 def test_settings_diff_names_nested_settings_by_path():
     from emgeo_jax.experiments.folder import settings_diff
 

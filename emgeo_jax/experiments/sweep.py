@@ -36,7 +36,7 @@ from emgeo_jax.experiments.folder import (
 )
 from emgeo_jax.experiments.metrics import cell_summary
 from emgeo_jax.experiments.questions import PromptRow
-from emgeo_jax.judge.client import JudgeConfig
+from emgeo_jax.judge.client import JudgeConfig, resolve_number_logprobs
 from emgeo_jax.judge.prompts import JudgePrompt
 from emgeo_jax.steer import Steering
 from emgeo_jax.vectors.io import LayerVectors
@@ -62,7 +62,11 @@ def cell_name(direction: str, layer: int, scale: float) -> str:
 
 
 def judge_identity(judge: JudgeConfig) -> dict[str, Any]:
-    """The judge fields that change scores (not the URL, port or key)."""
+    """The judge fields that change scores (not the URL, port or key). Automatic whole-number
+    scoring (`number_logprobs=None`) is decided first (asking the endpoint once, as judging
+    will), so the folder records what was used, never null."""
+    if judge.number_logprobs is None:
+        judge = resolve_number_logprobs(judge)
     return {
         "model": judge.model,
         "temperature": judge.temperature,

@@ -88,6 +88,28 @@ def test_layer_bars_and_ablation_bars_note_missing_rates():
     plt.close(fig)
 
 
+def test_ablation_and_transfer_reports_say_when_most_scores_are_missing(tmp_path):
+    from emgeo_jax.experiments.ablation import write_ablation_report
+    from emgeo_jax.experiments.transfer import transfer_matrix, write_transfer_report
+
+    few = cell("before", "-", "-", 0.0, scored=3)  # aligned scored for 3 of 16 answers
+    ablation = {"conditions": {"before": few, "after": {**few, "name": "after"}}, "em_change": None}
+    page = write_ablation_report(ablation, tmp_path / "abl").read_text()
+    assert "usable &#x27;aligned&#x27; score for 6 of 32 answers" in page
+    assert "&#x27;coherent&#x27; score" not in page  # coherent was scored for all 32
+
+    pq = {m: {c: {"q1": 0.5, "q2": 0.25} for c in ("base", "from_a", "from_b")} for m in "ab"}
+    transfer = {
+        **transfer_matrix(pq, ["a", "b"]),
+        "cells": {m: {c: few for c in ("base", "from_a", "from_b")} for m in "ab"},
+    }
+    page = write_transfer_report(transfer, tmp_path / "tr").read_text()
+    assert "usable &#x27;aligned&#x27; score for 18 of 96 answers" in page
+    full = {**few, "aligned_n_scored": 16}
+    transfer["cells"] = {m: {c: full for c in ("base", "from_a", "from_b")} for m in "ab"}
+    assert "usable" not in write_transfer_report(transfer, tmp_path / "ok").read_text()
+
+
 @pytest.fixture(scope="module")
 def result():
     """Two clusters: mean-diffs built from examples (bootstrapped) and fixed vectors."""

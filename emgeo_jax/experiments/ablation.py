@@ -92,7 +92,7 @@ def run_ablation(
 
 def write_ablation_report(results: dict, out_dir: str | Path) -> Path:
     """`ablation.png` and `report.html` in `out_dir`."""
-    from emgeo_jax.experiments.figures import ablation_bars
+    from emgeo_jax.experiments.figures import ablation_bars, missing_score_notes
     from emgeo_jax.experiments.report import paragraph, save_figure, table, write_page
 
     c = results["conditions"]
@@ -108,6 +108,7 @@ def write_ablation_report(results: dict, out_dir: str | Path) -> Path:
         for k in c
     ]
     blocks = [
+        *missing_score_notes(list(c.values())),
         paragraph(
             "The direction is projected out of the residual stream (h - (h.r) r) at the "
             "chosen layers, on every token; 'before' is the same model without it."

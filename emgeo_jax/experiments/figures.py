@@ -4,6 +4,7 @@ matrix and ablation bars. Each function takes the JSON-ready results and returns
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
@@ -51,13 +52,12 @@ def has_scores(results: dict, key: str = "em_rate") -> bool:
     return _finite([results["baseline"].get(key)] + [c.get(key) for c in results["cells"]])
 
 
-def sweep_notes(results: dict) -> list[str]:
-    """Report notes (HTML) for what a sweep's figures and table cannot show by themselves:
-    a metric scored for under half of the answers (the judge seldom gave a number), and an
-    EM rate that is n/a everywhere (then the per-layer bars are left out)."""
+def missing_score_notes(cells: Sequence[dict]) -> list[str]:
+    """Report notes (HTML), one per metric scored for under half of the answers of these cell
+    summaries (`metrics.cell_summary`: the judge seldom gave a number): the tables cannot show
+    that their means and rates rest on few answers. Used by every experiment report."""
     from emgeo_jax.experiments.report import paragraph
 
-    cells = [results["baseline"], *results["cells"]]
     total = sum(c["n_rows"] for c in cells)
     notes = []
     for m in ("aligned", "coherent"):
@@ -70,14 +70,27 @@ def sweep_notes(results: dict) -> list[str]:
                 f"missing (n/a, never made up) and '{m}' numbers below rest on few answers or "
                 "none."
             )
+    return [paragraph(n, note=True) for n in notes]
+
+
+def sweep_notes(results: dict) -> list[str]:
+    """Report notes (HTML) for what a sweep's figures and table cannot show by themselves:
+    a metric scored for under half of the answers (`missing_score_notes`), and an EM rate
+    that is n/a everywhere (then the per-layer bars are left out)."""
+    from emgeo_jax.experiments.report import paragraph
+
+    notes = missing_score_notes([results["baseline"], *results["cells"]])
     if not has_scores(results):
         notes.append(
-            "No cell has an EM rate (it needs both an aligned and a coherent score for an "
-            "answer), so the table reads n/a throughout, the dose-response panels say so, and "
-            "the per-layer EM bars are left out. Use a judge that answers with numbers (e.g. "
-            "OPENAI_API_KEY with gpt-4o-mini)."
+            paragraph(
+                "No cell has an EM rate (it needs both an aligned and a coherent score for an "
+                "answer), so the table reads n/a throughout, the dose-response panels say so, and "
+                "the per-layer EM bars are left out. Use a judge that answers with numbers (e.g. "
+                "OPENAI_API_KEY with gpt-4o-mini).",
+                note=True,
+            )
         )
-    return [paragraph(n, note=True) for n in notes]
+    return notes
 
 
 def dose_response(results: dict, direction: str) -> plt.Figure:

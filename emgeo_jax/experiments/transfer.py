@@ -134,6 +134,7 @@ def run_transfer(
 
 def write_transfer_report(results: dict, out_dir: str | Path) -> Path:
     """`transfer_matrix.png` and `report.html` in `out_dir`."""
+    from emgeo_jax.experiments.figures import missing_score_notes
     from emgeo_jax.experiments.figures import transfer_matrix as fig_matrix
     from emgeo_jax.experiments.report import paragraph, save_figure, table, write_page
 
@@ -147,6 +148,7 @@ def write_transfer_report(results: dict, out_dir: str | Path) -> Path:
     ]
     em = [[b, c, s["em_rate"], s["em_ci"]] for b in names for c, s in results["cells"][b].items()]
     blocks = [
+        *missing_score_notes([s for b in names for s in results["cells"][b].values()]),
         paragraph(
             "TE(A -> B) = (EM_B,steered with A's vector - EM_B,base) / (EM_A,steered with "
             "A's vector - EM_A,base): 1 means the vector works as well on B as on A, 0 "

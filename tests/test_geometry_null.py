@@ -132,3 +132,34 @@ def test_analyze_with_examples_gives_intervals_nulls_and_is_reproducible():
     assert "tests support independent mechanisms" in r1["independence"]["m|o"]["verdict"]
     assert r1["sets"]["within:m"]["ci95"] is not None
     assert r1["cluster_permutation"]["n"] == 30
+
+
+def test_bootstrap_intervals_stay_inside_the_statistics_range():
+    """A basic interval 2t - q can pass a bound: a mean-diff whose cosine with the true shift is
+    0.92 has replicates shrunk toward 0, so its raw upper end is ~1.06. Cosine intervals are
+    clipped to [-1, 1] (projection norms to [0, 1])."""
+    rng = np.random.default_rng(0)
+    d, n = 16, 40
+    labels = np.repeat([0, 1], n // 2)
+    shift = np.zeros(d)
+    shift[0] = 3.0
+    pooled = rng.standard_normal((n, d))
+    pooled[labels == 1] += shift
+    res = analyze(
+        {"t": shift},
+        {"m": ["md"], "o": ["t"]},
+        examples={"md": (pooled, labels)},
+        weighting="example",
+        n_null=20,
+        n_boot=100,
+        n_perm=10,
+        seed=0,
+    )
+    names = res["inputs"]["names"]
+    i, j = names.index("md"), names.index("t")
+    point, (lo, hi) = res["cosine"]["matrix"][i][j], res["cosine"]["ci95"][i][j]
+    assert 0.9 < point < 0.95 and lo < point and hi == 1.0  # raw upper end is above 1
+    cis = [c for row in res["cosine"]["ci95"] for c in row if c is not None]
+    assert all(-1.0 <= a <= b <= 1.0 for a, b in cis)
+    proj = [c for c in res["projection"]["ci95"].values() if c is not None]
+    assert proj and all(0.0 <= a <= b <= 1.0 for a, b in proj)

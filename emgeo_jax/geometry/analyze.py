@@ -116,6 +116,17 @@ def _leaves_ci(point: Any, reps: list[Any]) -> Any:
     return None
 
 
+def _clip_intervals(node: Any, lo: float, hi: float) -> Any:
+    """Every `[a, b]` interval in a tree of dicts/lists (None kept) clipped to `[lo, hi]`."""
+    if isinstance(node, dict):
+        return {k: _clip_intervals(v, lo, hi) for k, v in node.items()}
+    if isinstance(node, list):
+        if len(node) == 2 and all(isinstance(x, (int, float)) for x in node):
+            return [min(max(float(x), lo), hi) for x in node]
+        return [_clip_intervals(x, lo, hi) for x in node]
+    return node
+
+
 def _weighted_examples(
     examples: dict[str, tuple[np.ndarray, ...]], weighting: str
 ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
@@ -240,13 +251,15 @@ def analyze(
             reps.append(_point(Vb, names, cl, st, ref, thresholds))
         ci = _leaves_ci(point, reps)
 
-    def ci_at(*path: Any) -> Any:
+    def ci_at(*path: Any, bounds: tuple[float, float] | None = None) -> Any:
+        """The interval tree at `path`, each interval clipped to `bounds` (the statistic's
+        range: a basic interval 2t - q can step past it, e.g. a cosine above 1)."""
         node = ci
         for p in path:
             if node is None:
                 return None
             node = node.get(p) if isinstance(node, dict) else node[p]
-        return node
+        return node if bounds is None else _clip_intervals(node, *bounds)
 
     res: dict[str, Any] = {
         "inputs": {
@@ -280,7 +293,7 @@ def analyze(
         "matrix": point["cosine"],
         "angle_deg": similarity.angle_matrix(C).tolist(),
         "p_value_isotropic": null.cosine_p_value(C, d).tolist(),
-        "ci95": ci_at("cosine"),
+        "ci95": ci_at("cosine", bounds=(-1.0, 1.0)),
         "null": {**null.cosine_null_summary(d), "mc_std": float(mc.std()), "mc_n": int(mc.size)},
     }
 
@@ -296,7 +309,7 @@ def analyze(
         res["sets"] = {
             k: {
                 "mean_cosine": v,
-                "ci95": ci_at("sets", k),
+                "ci95": ci_at("sets", k, bounds=(-1.0, 1.0)),
                 "null": null.null_summary(v, set_null[:, j]),
             }
             for j, (k, v) in enumerate(point["sets"].items())
@@ -331,7 +344,7 @@ def analyze(
         "reference": [names[i] for i in ref],
         "norms": proj,
         "strong": [n for n, p in proj.items() if p > thresholds.strong_projection],
-        "ci95": ci_at("projection"),
+        "ci95": ci_at("projection", bounds=(0.0, 1.0)),
     }
     if k_ref < d:
         pn = null.projection_null(k_ref, d)

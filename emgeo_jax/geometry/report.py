@@ -406,7 +406,10 @@ def _interval_note(result: dict) -> str:
     text = (
         f"<p>95% intervals: basic bootstrap over examples ({inputs['n_boot']} resamples, "
         f"stratified by class), rebuilding the {len(made)} mean-difference directions made "
-        "from examples each time"
+        "from examples each time. A basic interval corrects for the resampling bias (cosines "
+        "of directions rebuilt from fewer distinct examples shrink toward 0), so it can lie "
+        "beside the estimate rather than around it; it is clipped to the statistic's range "
+        "(cosines to [-1, 1])"
     )
     if fixed:
         text += (

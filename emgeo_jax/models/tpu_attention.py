@@ -1,0 +1,343 @@
+"""Accelerator attention kernels behind one contract, and the choice between them.
+
+The contract (the same as the model's XLA attention):
+
+- `q [B, T, H, Dh]`, `k, v [B, S, K, Dh]` with `H = K * G` (grouped-query attention; `G`
+  query heads share one key/value head);
+- `key_mask [B, S]` (nonzero = the slot holds a real token; pad and unwritten slots are never
+  attended);
+- causal masking with the query offset: query `t` sits at slot `offset + t` and sees slots
+  `s <= offset + t`. Prefill/extraction is `T == S, offset = 0`; a decode step is `T = 1`
+  against `S` cache slots with `offset` = the write index (a traced int is fine); a call of
+  `T > 1` tokens at a traced `offset` (prompt into a cache, resume) works too;
+- output `[B, T, H, Dh]` in `q.dtype`, scores and softmax in float32, scaled by `Dh ** -0.5`.
+
+Rows with no visible key (queries at left-pad positions) give finite output (the average of
+the values the kernel visited, as XLA's uniform weights), never NaN; their values differ
+between implementations and must not be read (taps pool over real tokens only).
+
+Implementations (`IMPLEMENTATIONS`, the `--attention` choices):
+
+- `"xla"`: `jax.nn.dot_product_attention(implementation="xla")`, every backend.
+- `"splash"`: the Pallas TPU splash-attention kernel shipped with JAX
+  (`jax.experimental.pallas.ops.tpu.splash_attention`), compiled on TPU; on other backends it
+  runs in Pallas interpret mode (slow; how the tests check it on CPU). GQA goes through the
+  MQA form of the kernel, one call per KV head (`vmap` over batch and KV heads): K/V are not
+  repeated `G` times in HBM. The key mask becomes splash segment ids (queries segment 1, keys
+  1 if visible else 0), causality a static `CausalMask`. Sequence lengths that are not a
+  multiple of the block are padded (padded keys invisible, padded queries dropped); block
+  sizes are picked per shape (`_blocks`). The kernel's layout is head-major, so K/V are
+  transposed to `[B, K, S, Dh]` per call: free for prefill (fresh activations), but in a
+  decode step it copies the layer's cache; a head-major cache `[L, B, K, S, Dh]` would
+  remove that copy (and a cache length that is a multiple of 128 avoids the pad copy).
+- `"cudnn"`: `jax.nn.dot_product_attention(implementation="cudnn")` (cuDNN flash attention,
+  GPU; bfloat16/float16, head_dim <= 128 and a multiple of 8).
+
+Decode kernels (checked in jax 0.10.2, `jax.experimental.pallas.ops.tpu`): neither paged
+kernel fits our cache, so decode on TPU uses splash with the `G` query heads of each KV head
+folded into the query rows (one `[G, Dh] x [Dh, S]` tile per KV head, no causal mask needed
+for one query: causality is folded into the key segment ids) or XLA.
+
+- `paged_attention.paged_attention(q [B, H, Dh], k_pages [K, P, page, Dh], v_pages, lengths
+  [B], page_indices [B, pages_per_seq])` attends slots `[0, lengths[b])` of each row: it has
+  no key mask, so the left-pad slots at the start of our rows (one write index shared by all
+  rows, prompts left-padded) would be attended; and its pages are head-major
+  `[K, pages, page, Dh]` where our cache is `[B, S, K, Dh]` (a transposed copy per step).
+- `ragged_paged_attention.ragged_paged_attention(q [tokens, H, Dh], kv_pages [P, page, 2K,
+  Dh], kv_lens, page_indices, cu_q_lens, num_seqs)` also attends a contiguous prefix
+  `[0, kv_lens[b])` per sequence (no key mask: left padding is not expressible) and wants K
+  and V interleaved in one array along the head axis (`2K` combined heads), where our cache
+  keeps `k` and `v` apart: fitting it needs a right-aligned (per-row write index) cache with
+  combined K/V pages, i.e. a different cache, not a wrapper.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLEMENTATIONS = ("xla", "splash", "cudnn")
+"""The `--attention` choices."""
+
+_KERNEL_BACKENDS = {"splash": "tpu", "cudnn": "gpu"}
+
+
+def attention_implementation(
+    requested: str | None,
+    backend: str,
+    *,
+    dtype=None,
+    head_dim: int | None = None,
+    interpret: bool = False,
+) -> str:
+    """The attention implementation to run: `requested` (`--attention`) or, when None or
+    "auto", the backend's best: "splash" on TPU, "cudnn" on GPU when it applies (`dtype`
+    bfloat16/float16 and `head_dim` a multiple of 8 up to 128, when given; else "xla"), "xla"
+    elsewhere. A kernel requested on a backend without it is refused, except "splash" with
+    `interpret=True` (Pallas interpret mode: tests on CPU). Pure: no device is touched."""
+    backend = backend.lower()
+    if backend == "cuda" or backend == "rocm":
+        backend = "gpu"
+    cudnn_fits = (dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)) and (
+        head_dim is None or (head_dim % 8 == 0 and head_dim <= 128)
+    )
+    if requested is None or requested == "auto":
+        if backend == "tpu":
+            return "splash"
+        if backend == "gpu" and cudnn_fits:
+            return "cudnn"
+        return "xla"
+    if requested not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"--attention {requested!r}: unknown; choose one of {', '.join(IMPLEMENTATIONS)}"
+        )
+    needs = _KERNEL_BACKENDS.get(requested)
+    if needs is not None and backend != needs and not (requested == "splash" and interpret):
+        usable = [
+            name for name in IMPLEMENTATIONS if _KERNEL_BACKENDS.get(name, backend) == backend
+        ]
+        raise ValueError(
+            f"--attention {requested}: needs a {needs.upper()} backend, this one is {backend}; "
+            f"choose one of {', '.join(usable)}"
+        )
+    if requested == "cudnn" and not cudnn_fits:
+        raise ValueError(
+            f"--attention cudnn: cuDNN flash attention needs bfloat16/float16 and a head_dim "
+            f"that is a multiple of 8 up to 128 (got dtype {jnp.dtype(dtype).name}, head_dim "
+            f"{head_dim}); choose xla or --dtype bfloat16"
+        )
+    return requested
+
+
+def visible_keys(key_mask: jax.Array, offset: jax.Array | int, t: int) -> jax.Array:
+    """`[B, T, S]` bool: query `t` (at slot `offset + t`) may attend slot `s` (a real token
+    and `s <= offset + t`)."""
+    slots = jnp.arange(key_mask.shape[1])
+    causal = slots[None, :] <= (offset + jnp.arange(t))[:, None]
+    return causal[None] & key_mask.astype(bool)[:, None, :]
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    offset: jax.Array | int = 0,
+    *,
+    implementation: str = "xla",
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Masked causal grouped-query attention (the module contract) -> `[B, T, H, Dh]`.
+
+    `implementation`: one of `IMPLEMENTATIONS` (resolve it with `attention_implementation`).
+    `interpret` (splash only): run the Pallas kernel in interpret mode; default: on every
+    backend except TPU."""
+    _check_shapes(q, k, v, key_mask)
+    if implementation == "splash":
+        return splash_attention(q, k, v, key_mask, offset, interpret=interpret)
+    if implementation not in ("xla", "cudnn"):
+        raise ValueError(
+            f"--attention {implementation!r}: unknown; choose one of {', '.join(IMPLEMENTATIONS)}"
+        )
+    mask = visible_keys(key_mask, offset, q.shape[1])[:, None]  # [B, 1, T, S]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> None:
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(
+            f"attention: q {q.shape} must be [B, T, H, Dh] and k {k.shape}, v {v.shape} the "
+            "same [B, S, K, Dh]"
+        )
+    b, _, h, dh = q.shape
+    if k.shape[0] != b or k.shape[3] != dh or h % k.shape[2]:
+        raise ValueError(
+            f"attention: q {q.shape} [B, T, H, Dh] does not fit k {k.shape} [B, S, K, Dh] "
+            "(same B and Dh, H a multiple of K)"
+        )
+    if key_mask.shape != k.shape[:2]:
+        raise ValueError(f"attention: key_mask {key_mask.shape} is not [B, S]={k.shape[:2]}")
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _blocks(n: int, *, lanes: bool) -> tuple[int, int]:
+    """(padded length, block) for a sequence of `n`: key blocks are multiples of 128 (the
+    kernel's lane width); a short query axis is one block of `n` rounded up to 8 sublanes;
+    longer axes use the largest of 512/256/128 that divides the 128-padded length."""
+    if not lanes and n <= 512:
+        padded = _round_up(n, 8)
+        return padded, padded
+    padded = _round_up(n, 128)
+    return padded, next(b for b in (512, 256, 128) if padded % b == 0)
+
+
+@functools.cache
+def _splash():
+    try:
+        from jax.experimental.pallas.ops.tpu import splash_attention
+    except ImportError as err:  # pragma: no cover - depends on the installed jax
+        raise RuntimeError(
+            f"--attention splash: jax {jax.__version__} has no "
+            "jax.experimental.pallas.ops.tpu.splash_attention; choose xla"
+        ) from err
+    return splash_attention
+
+
+@functools.cache
+def _kernel(kind: str, rows: int, cols: int, heads: int, offset: int, interpret: bool, mode: str):
+    """The splash MQA kernel for `heads` query heads sharing one KV head and a `[rows, cols]`
+    mask (`kind` "causal" with the static `offset`, or "full"). `mode`: "grad" carries
+    backward blocks (differentiable; its backward kernels need `rows` in blocks of 128),
+    "lse" also returns the log-sum-exp, "forward" neither.
+    Cached: one kernel object per static shape, its mask tables built in numpy and held as
+    concrete arrays (`ensure_compile_time_eval`: the first call may come inside a `jit` trace,
+    and a cached kernel must not keep that trace's values)."""
+    sa = _splash()
+    _, bq = _blocks(rows, lanes=mode == "grad")
+    _, bkv = _blocks(cols, lanes=True)
+    if kind == "causal":
+        one = sa.CausalMask((rows, cols), offset=offset)
+    else:
+        one = sa.FullMask((rows, cols))
+    backward = {}
+    if mode == "grad":
+        backward = dict(block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv)
+        backward.update(block_q_dq=bq, block_kv_dq=bkv)
+    sizes = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, **backward)
+    with jax.ensure_compile_time_eval():
+        return sa.make_splash_mqa_single_device(
+            mask=sa.MultiHeadMask([one] * heads),
+            block_sizes=sizes,
+            save_residuals=mode == "lse",
+            interpret=interpret,
+        )
+
+
+def _mqa(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv_seg: jax.Array,
+    *,
+    kind: str,
+    offset: int,
+    interpret: bool,
+    mode: str = "forward",
+):
+    """Splash MQA per batch row and KV head: `q [B, K, G, R, Dh]` (already scaled), `k, v
+    [B, K, C, Dh]`, `kv_seg [B, C]` (1 = visible) -> `[B, K, G, R, Dh]` (and the float32
+    log-sum-exp `[B, K, G, R]` in `mode` "lse"; see `_kernel`). Pads `R` and `C` to the
+    kernel's blocks."""
+    sa = _splash()
+    rows, cols = q.shape[3], k.shape[2]
+    rp, _ = _blocks(rows, lanes=mode == "grad")
+    cp, _ = _blocks(cols, lanes=True)
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, rp - rows), (0, 0)))
+    k = jnp.pad(k, ((0, 0), (0, 0), (0, cp - cols), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, 0), (0, cp - cols), (0, 0)))
+    kv_seg = jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, cp - cols)))
+    q_seg = jnp.ones((q.shape[0], rp), jnp.int32)
+    kernel = _kernel(kind, rp, cp, q.shape[2], offset, interpret, mode)
+
+    def one(qh, kh, vh, qs, ks):
+        return kernel(qh, kh, vh, segment_ids=sa.SegmentIds(q=qs, kv=ks))
+
+    per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))
+    res = jax.vmap(per_head)(q, k, v, q_seg, kv_seg)
+    if mode != "lse":
+        return res[..., :rows, :]
+    out, (lse,) = res
+    return out[..., :rows, :], lse[..., :rows].astype(jnp.float32)
+
+
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    offset: jax.Array | int = 0,
+    *,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """The module contract through the Pallas splash kernel -> `[B, T, H, Dh]` in `q.dtype`.
+
+    Three static cases: `T == 1` (decode: the `G` heads of a group are the kernel's query rows,
+    causality goes into the key segment ids, any `offset`); a static int `offset` (prefill:
+    keys `[0, offset + T)`, a causal mask with that offset); a traced `offset` with `T > 1`
+    (keys before `offset` with a full mask and this call's own `T` slots with a causal mask,
+    the two softmaxes merged exactly by their log-sum-exp). Differentiable in the static
+    offset case (the kernel's own backward pass); the other two are for inference."""
+    _check_shapes(q, k, v, key_mask)
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    b, t, h, dh = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = h // kh
+    dtype = q.dtype
+    q = (q.astype(jnp.float32) * dh**-0.5).astype(dtype)
+    q = q.reshape(b, t, kh, g, dh)
+    visible = key_mask.astype(bool)
+    if t == 1:
+        slots = jnp.arange(s)
+        kv_seg = visible & (slots[None, :] <= offset)
+        qr = q.reshape(b, kh, 1, g, dh)  # one "head" per KV head, G query rows
+        out = _mqa(qr, _heads(k), _heads(v), kv_seg, kind="full", offset=0, interpret=interpret)
+        return out.reshape(b, 1, h, dh)
+    qh = q.transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
+    if isinstance(offset, (int, np.integer)):
+        offset = int(offset)
+        if not 0 <= offset <= s - t:
+            raise ValueError(f"attention: offset {offset} + T {t} outside the S={s} key slots")
+        n = offset + t
+        out = _mqa(
+            qh,
+            _heads(k[:, :n]),
+            _heads(v[:, :n]),
+            visible[:, :n],
+            kind="causal",
+            offset=offset,
+            interpret=interpret,
+            mode="grad",
+        )
+    else:
+        slots = jnp.arange(s)
+        past, lse_past = _mqa(
+            qh,
+            _heads(k),
+            _heads(v),
+            visible & (slots[None, :] < offset),
+            kind="full",
+            offset=0,
+            interpret=interpret,
+            mode="lse",
+        )
+        own = [jax.lax.dynamic_slice_in_dim(x, offset, t, axis=1) for x in (k, v, visible)]
+        now, lse_now = _mqa(
+            qh,
+            _heads(own[0]),
+            _heads(own[1]),
+            own[2],
+            kind="causal",
+            offset=0,
+            interpret=interpret,
+            mode="lse",
+        )
+        top = jnp.maximum(lse_past, lse_now)
+        w_past, w_now = jnp.exp(lse_past - top), jnp.exp(lse_now - top)
+        mixed = (
+            past.astype(jnp.float32) * w_past[..., None]
+            + now.astype(jnp.float32) * w_now[..., None]
+        )
+        out = (mixed / (w_past + w_now)[..., None]).astype(dtype)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
+
+
+def _heads(x: jax.Array) -> jax.Array:
+    """`[B, S, K, Dh]` -> the kernel's head-major `[B, K, S, Dh]` (a transposed copy)."""
+    return x.transpose(0, 2, 1, 3)

@@ -1,0 +1,208 @@
+"""The TPU splash-attention wrapper (Pallas interpret mode on CPU) and the `--attention` choice.
+
+Every kernel output is checked against a float64 numpy softmax attention written here (loops
+over heads, `-inf` masking: an independent reference) on the rows that have a visible key,
+and against `jax.nn.dot_product_attention` (the XLA path, `attention(implementation="xla")`).
+Shapes are tiny: interpret mode runs the kernel's grid in Python-level loops. GQA everywhere
+(H = 4 query heads on K = 2 KV heads); lengths that are not multiples of the kernel blocks
+(padded by the wrapper); several key blocks (S = 260 -> 3 blocks of 128) so the kernel's
+online softmax is exercised across blocks."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from emgeo_jax.models.tpu_attention import (
+    attention,
+    attention_implementation,
+    splash_attention,
+)
+
+B, H, K, DH = 2, 4, 2, 16
+F32_TOL = 2e-5
+# bf16 inputs: q/k/v rounded to bf16 (relative 2^-8), the softmax in float32, the output
+# rounded to bf16 once; values are O(1), so 3e-2 bounds the difference to the float64 answer.
+BF16_TOL = 3e-2
+
+
+def reference(q, k, v, key_mask, offset) -> tuple[np.ndarray, np.ndarray]:
+    """float64 masked causal GQA attention, and which query rows have a visible key `[B, T]`."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, t, h, dh = q.shape
+    s, g = k.shape[1], h // k.shape[2]
+    visible = (np.arange(s)[None] <= offset + np.arange(t)[:, None])[None] & (
+        np.asarray(key_mask)[:, None, :] > 0
+    )  # [B, T, S]
+    out = np.zeros_like(q)
+    for bi in range(b):
+        for hi in range(h):
+            scores = q[bi, :, hi] @ k[bi, :, hi // g].T / np.sqrt(dh)
+            scores = np.where(visible[bi], scores, -np.inf)
+            top = np.max(scores, axis=-1, keepdims=True)
+            p = np.exp(scores - np.where(np.isfinite(top), top, 0))
+            p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
+            out[bi, :, hi] = p @ v[bi, :, hi // g]
+    return out, visible.any(-1)
+
+
+def inputs(t: int, s: int, seed: int = 0, dtype=jnp.float32):
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(kq, (B, t, H, DH), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (B, s, K, DH), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (B, s, K, DH), jnp.float32).astype(dtype)
+    return q, k, v
+
+
+def check(out, q, k, v, key_mask, offset, tol):
+    out = np.asarray(out.astype(jnp.float32))
+    assert out.shape == q.shape
+    assert np.isfinite(out).all(), "rows without a visible key must stay finite"
+    want, rows = reference(q, k, v, key_mask, offset)
+    assert rows.any()
+    err = np.abs(out - want)[rows]
+    assert err.max() <= tol, err.max()
+    xla = attention(q, k, v, jnp.asarray(key_mask), offset, implementation="xla")
+    xla = np.asarray(xla.astype(jnp.float32))
+    assert np.abs(out - xla)[rows].max() <= 2 * tol
+
+
+def left_padded(s: int, pads: tuple[int, ...]) -> np.ndarray:
+    mask = np.ones((B, s), np.int32)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    return mask
+
+
+def test_prefill_gqa_left_padding():
+    """T == S = 12 (not a block multiple: padded), row 1 left-padded by 5: the pad query
+    rows see no real key (finite output, not compared), the rest match. Through the
+    dispatcher `attention(implementation="splash")`."""
+    q, k, v = inputs(12, 12)
+    mask = left_padded(12, (0, 5))
+    out = jax.jit(functools.partial(attention, implementation="splash"))(q, k, v, jnp.asarray(mask))
+    check(out, q, k, v, mask, 0, F32_TOL)
+    want, rows = reference(q, k, v, mask, 0)
+    assert not rows[1, :5].any() and rows[1, 5:].all()
+
+
+def test_prefill_several_kv_blocks():
+    """T == S = 260: 3 key blocks of 128 (after padding to 384) and one query block."""
+    q, k, v = inputs(260, 260, seed=1)
+    mask = left_padded(260, (3, 130))
+    check(jax.jit(splash_attention)(q, k, v, jnp.asarray(mask)), q, k, v, mask, 0, F32_TOL)
+
+
+def test_decode_step_partly_filled_cache():
+    """One query at a traced write index 150 against a 260-slot cache: slots after it are
+    unwritten (mask 0), row 1 has 7 pad slots; the same compiled step at another index."""
+    q, k, v = inputs(1, 260, seed=2)
+    step = jax.jit(splash_attention)
+    for index in (150, 40):
+        mask = left_padded(260, (0, 7))
+        mask[:, index + 1 :] = 0
+        out = step(q, k, v, jnp.asarray(mask), jnp.int32(index))
+        check(out, q, k, v, mask, index, F32_TOL)
+    # a stale nonzero mask slot after the index is still not attended (causal)
+    mask = left_padded(260, (0, 7))
+    check(step(q, k, v, jnp.asarray(mask), jnp.int32(99)), q, k, v, mask, 99, F32_TOL)
+
+
+def test_chunk_into_cache_at_offset():
+    """T = 5 new tokens written at slot `offset` of a 20-slot cache (prompt continuation,
+    resume): a static offset 7 (one causal mask with that offset), and a traced offset (past
+    keys and own keys attended separately, merged by log-sum-exp) at 7 and at 0 (a prompt into
+    a fresh cache: the past part sees nothing and must drop out of the merge exactly)."""
+    q, k, v = inputs(5, 20, seed=3)
+    mask = left_padded(20, (0, 3))
+    mask[:, 12:] = 0
+    out = jax.jit(splash_attention, static_argnums=4)(q, k, v, jnp.asarray(mask), 7)
+    check(out, q, k, v, mask, 7, F32_TOL)
+    traced = jax.jit(splash_attention)
+    check(traced(q, k, v, jnp.asarray(mask), jnp.int32(7)), q, k, v, mask, 7, F32_TOL)
+    mask[0, :2] = 0
+    mask[:, 5:] = 0
+    check(traced(q, k, v, jnp.asarray(mask), jnp.int32(0)), q, k, v, mask, 0, F32_TOL)
+
+
+def test_bf16_inputs():
+    """bfloat16 q/k/v (float32 softmax inside the kernel): output bf16, within BF16_TOL of
+    the float64 answer on the bf16-rounded inputs, prefill and decode."""
+    q, k, v = inputs(12, 12, seed=5, dtype=jnp.bfloat16)
+    mask = left_padded(12, (4, 0))
+    out = jax.jit(splash_attention)(q, k, v, jnp.asarray(mask))
+    assert out.dtype == jnp.bfloat16
+    check(out, q, k, v, mask, 0, BF16_TOL)
+    q1 = q[:, :1]
+    out = jax.jit(splash_attention)(q1, k, v, jnp.asarray(mask), jnp.int32(11))
+    check(out, q1, k, v, mask, 11, BF16_TOL)
+
+
+def test_gradients_match_xla():
+    """The static-offset path is differentiable through the kernel's own backward pass:
+    gradients of a weighted sum of the valid rows' outputs equal XLA's."""
+    q, k, v = inputs(12, 12, seed=6)
+    mask = jnp.asarray(left_padded(12, (0, 3)))
+    w = jax.random.normal(jax.random.key(7), q.shape) * mask[:, :, None, None]
+
+    def loss(impl):
+        def f(q, k, v):
+            if impl == "splash":
+                return jnp.sum(splash_attention(q, k, v, mask) * w)
+            return jnp.sum(attention(q, k, v, mask, implementation="xla") * w)
+
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+    for got, want in zip(loss("splash"), loss("xla"), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+
+
+def test_bad_shapes_named():
+    q, k, v = inputs(8, 8, seed=8)
+    mask = jnp.ones((B, 8), jnp.int32)
+    with pytest.raises(ValueError, match=r"H a multiple of K"):
+        attention(q[:, :, :3], k, v, mask)
+    with pytest.raises(ValueError, match=r"key_mask \(2, 7\) is not \[B, S\]"):
+        attention(q, k, v, mask[:, :7])
+    with pytest.raises(ValueError, match=r"offset 4 \+ T 8 outside the S=8 key slots"):
+        splash_attention(q, k, v, mask, 4)
+
+
+def test_automatic_choice():
+    assert attention_implementation(None, "cpu") == "xla"
+    assert attention_implementation("auto", "cpu") == "xla"
+    assert attention_implementation(None, "tpu") == "splash"
+    assert attention_implementation(None, "gpu", dtype=jnp.bfloat16, head_dim=128) == "cudnn"
+    assert attention_implementation(None, "cuda", dtype=jnp.bfloat16, head_dim=64) == "cudnn"
+    # cuDNN flash attention does not take float32 or head_dim 256: XLA
+    assert attention_implementation(None, "gpu", dtype=jnp.float32, head_dim=64) == "xla"
+    assert attention_implementation(None, "gpu", dtype=jnp.bfloat16, head_dim=256) == "xla"
+    assert attention_implementation("xla", "tpu") == "xla"
+    assert attention_implementation("splash", "tpu") == "splash"
+    assert attention_implementation("splash", "cpu", interpret=True) == "splash"
+
+
+@pytest.mark.parametrize(
+    "requested, backend, message",
+    [
+        ("flash", "cpu", r"--attention 'flash': unknown; choose one of xla, splash, cudnn"),
+        (
+            "splash",
+            "cpu",
+            r"--attention splash: needs a TPU backend, this one is cpu; choose one of xla$",
+        ),
+        (
+            "cudnn",
+            "tpu",
+            r"--attention cudnn: needs a GPU backend, this one is tpu; choose one of xla, splash$",
+        ),
+        ("cudnn", "gpu", r"--attention cudnn: cuDNN flash attention needs bfloat16"),
+    ],
+)
+def test_refused_choices(requested, backend, message):
+    with pytest.raises(ValueError, match=message):
+        attention_implementation(requested, backend, dtype=jnp.float32)

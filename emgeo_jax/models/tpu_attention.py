@@ -58,6 +58,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+from emgeo_jax.parallel import logical_spec
 
 IMPLEMENTATIONS = ("xla", "splash", "cudnn")
 """The `--attention` choices."""
@@ -129,15 +132,17 @@ def attention(
     *,
     implementation: str = "xla",
     interpret: bool | None = None,
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """Masked causal grouped-query attention (the module contract) -> `[B, T, H, Dh]`.
 
     `implementation`: one of `IMPLEMENTATIONS` (resolve it with `attention_implementation`).
-    `interpret` (splash only): run the Pallas kernel in interpret mode; default: on every
-    backend except TPU."""
+    `interpret`, `mesh` (splash only): run the Pallas kernel in interpret mode (default: on
+    every backend except TPU); split it over `mesh` (see `splash_attention`). The XLA and
+    cuDNN paths are partitioned by the compiler from the inputs' shardings."""
     _check_shapes(q, k, v, key_mask)
     if implementation == "splash":
-        return splash_attention(q, k, v, key_mask, offset, interpret=interpret)
+        return splash_attention(q, k, v, key_mask, offset, interpret=interpret, mesh=mesh)
     if implementation not in ("xla", "cudnn"):
         raise ValueError(
             f"--attention {implementation!r}: unknown; choose one of {', '.join(IMPLEMENTATIONS)}"
@@ -264,6 +269,7 @@ def splash_attention(
     offset: jax.Array | int = 0,
     *,
     interpret: bool | None = None,
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """The module contract through the Pallas splash kernel -> `[B, T, H, Dh]` in `q.dtype`.
 
@@ -272,10 +278,19 @@ def splash_attention(
     keys `[0, offset + T)`, a causal mask with that offset); a traced `offset` with `T > 1`
     (keys before `offset` with a full mask and this call's own `T` slots with a causal mask,
     the two softmaxes merged exactly by their log-sum-exp). Differentiable in the static
-    offset case (the kernel's own backward pass); the other two are for inference."""
+    offset case (the kernel's own backward pass); the other two are for inference.
+
+    `mesh`: run the kernel per device with `shard_map` (a Pallas call is not partitioned by
+    the compiler; without it, sharded inputs would be gathered onto every device). Rows are
+    split like the model's batch (`MESH_RULES["batch"]`) and heads over `tensor` when it
+    divides the KV heads (whole groups stay together), both replicated where the mesh does
+    not divide them; sequences are never split. Every (row, KV head) is independent, so the
+    result is the unsharded one."""
     _check_shapes(q, k, v, key_mask)
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
+    if mesh is not None and mesh.size > 1:
+        return _sharded(q, k, v, key_mask, offset, interpret, mesh)
     b, t, h, dh = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = h // kh
@@ -336,6 +351,24 @@ def splash_attention(
         )
         out = (mixed / (w_past + w_now)[..., None]).astype(dtype)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
+
+
+def _sharded(q, k, v, key_mask, offset, interpret: bool, mesh: Mesh) -> jax.Array:
+    batch = logical_spec(mesh, ("batch",), (q.shape[0],))[0]
+    heads = logical_spec(mesh, ("kv_heads",), (k.shape[2],))[0]
+    qs = PartitionSpec(batch, None, heads, None)
+    kvs = PartitionSpec(batch, None, heads, None)
+    local = functools.partial(splash_attention, interpret=interpret)
+    if isinstance(offset, (int, np.integer)):
+        body = functools.partial(local, offset=int(offset))
+        args, specs = (q, k, v, key_mask), (qs, kvs, kvs, PartitionSpec(batch, None))
+    else:
+        body = local
+        offset = jnp.asarray(offset, jnp.int32)
+        args = (q, k, v, key_mask, offset)
+        specs = (qs, kvs, kvs, PartitionSpec(batch, None), PartitionSpec())
+    run = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=qs, check_vma=False)
+    return run(*args)
 
 
 def _heads(x: jax.Array) -> jax.Array:

@@ -118,6 +118,26 @@ def test_decode_step_partly_filled_cache():
     check(step(q, k, v, jnp.asarray(mask), jnp.int32(99)), q, k, v, mask, 99, F32_TOL)
 
 
+def test_decode_reads_cache_in_place():
+    """A decode step over a 256-slot cache (a multiple of 128: nothing to pad) transposes no
+    cache-sized array outside the kernel: the cache is read as one wide head where it lies
+    (a T > 1 call does transpose K/V to the kernel's head-major layout)."""
+
+    def transposed(t: int) -> list:
+        q, k, v = inputs(t, 256, seed=10)
+        mask = jnp.ones((B, 256), jnp.int32)
+        fn = functools.partial(splash_attention, offset=256 - t)  # static: one kernel
+        jaxpr = jax.make_jaxpr(fn)(q, k, v, mask).jaxpr
+        return [
+            e.invars[0].aval.shape
+            for e in jaxpr.eqns
+            if e.primitive.name == "transpose" and e.invars[0].aval.size >= k.size
+        ]
+
+    assert transposed(1) == []
+    assert (B, 256, K, DH) in transposed(3)
+
+
 def test_chunk_into_cache_at_offset():
     """T = 5 new tokens written at slot `offset` of a 20-slot cache (prompt continuation,
     resume): a static offset 7 (one causal mask with that offset), and a traced offset (past

@@ -26,17 +26,17 @@ Implementations (`IMPLEMENTATIONS`, the `--attention` choices):
   repeated `G` times in HBM. The key mask becomes splash segment ids (queries segment 1, keys
   1 if visible else 0), causality a static `CausalMask`. Sequence lengths that are not a
   multiple of the block are padded (padded keys invisible, padded queries dropped); block
-  sizes are picked per shape (`_blocks`). The kernel's layout is head-major, so K/V are
-  transposed to `[B, K, S, Dh]` per call: free for prefill (fresh activations), but in a
-  decode step it copies the layer's cache; a head-major cache `[L, B, K, S, Dh]` would
-  remove that copy (and a cache length that is a multiple of 128 avoids the pad copy).
+  sizes are picked per shape (`_blocks`). The kernel's layout is head-major, so for `T > 1`
+  K/V are transposed to `[B, K, S, Dh]` (fresh activations in prefill; a chunk at a cache
+  offset copies the layer's cache once). A decode step reads the cache in place; a cache
+  length that is not a multiple of 128 is padded (a copy per step: allocate multiples of
+  128).
 - `"cudnn"`: `jax.nn.dot_product_attention(implementation="cudnn")` (cuDNN flash attention,
   GPU; bfloat16/float16, head_dim <= 128 and a multiple of 8).
 
 Decode kernels (checked in jax 0.10.2, `jax.experimental.pallas.ops.tpu`): neither paged
-kernel fits our cache, so decode on TPU uses splash with the `G` query heads of each KV head
-folded into the query rows (one `[G, Dh] x [Dh, S]` tile per KV head, no causal mask needed
-for one query: causality is folded into the key segment ids) or XLA.
+kernel fits our cache, so decode on TPU uses splash (see `splash_attention`, `T == 1`: the
+cache row read as one wide head, no transposed copy) or XLA.
 
 - `paged_attention.paged_attention(q [B, H, Dh], k_pages [K, P, page, Dh], v_pages, lengths
   [B], page_indices [B, pages_per_seq])` attends slots `[0, lengths[b])` of each row: it has
@@ -273,8 +273,10 @@ def splash_attention(
 ) -> jax.Array:
     """The module contract through the Pallas splash kernel -> `[B, T, H, Dh]` in `q.dtype`.
 
-    Three static cases: `T == 1` (decode: the `G` heads of a group are the kernel's query rows,
-    causality goes into the key segment ids, any `offset`); a static int `offset` (prefill:
+    Three static cases: `T == 1` (decode: the cache row `[S, K * Dh]` is one wide key head
+    read once, with no transposed copy; the `H` queries are its rows, each zero outside its
+    group's columns, which costs `K` times the (small) matmul work of one step; causality
+    goes into the key segment ids, any `offset`); a static int `offset` (prefill:
     keys `[0, offset + T)`, a causal mask with that offset); a traced `offset` with `T > 1`
     (keys before `offset` with a full mask and this call's own `T` slots with a causal mask,
     the two softmaxes merged exactly by their log-sum-exp). Differentiable in the static
@@ -301,9 +303,16 @@ def splash_attention(
     if t == 1:
         slots = jnp.arange(s)
         kv_seg = visible & (slots[None, :] <= offset)
-        qr = q.reshape(b, kh, 1, g, dh)  # one "head" per KV head, G query rows
-        out = _mqa(qr, _heads(k), _heads(v), kv_seg, kind="full", offset=0, interpret=interpret)
-        return out.reshape(b, 1, h, dh)
+        # The cache row read as one wide head [S, K * Dh] (a free reshape: no transposed copy
+        # of the cache, each slot read once per step), all H queries as its rows, each query
+        # zero outside its own group's Dh columns: its scores are exactly its group's, and of
+        # the output row only its group's columns are kept.
+        eye = jnp.eye(kh, dtype=q.dtype)
+        wide_q = jnp.einsum("bjgd,jk->bjgkd", q[:, 0], eye).reshape(b, 1, 1, h, kh * dh)
+        wide_k, wide_v = (x.reshape(b, 1, s, kh * dh) for x in (k, v))
+        out = _mqa(wide_q, wide_k, wide_v, kv_seg, kind="full", offset=0, interpret=interpret)
+        out = out.reshape(b, kh, g, kh, dh)
+        return jnp.einsum("bjgkd,jk->bjgd", out, eye).reshape(b, 1, h, dh)
     qh = q.transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
     if isinstance(offset, (int, np.integer)):
         offset = int(offset)

@@ -74,6 +74,7 @@ def check(out, q, k, v, key_mask, offset, tol):
     assert err.max() <= tol, err.max()
     xla = attention(q, k, v, jnp.asarray(key_mask), offset, implementation="xla")
     xla = np.asarray(xla.astype(jnp.float32))
+    assert np.isfinite(xla).all()
     assert np.abs(out - xla)[rows].max() <= 2 * tol
 
 
@@ -207,9 +208,24 @@ def test_automatic_choice():
     # cuDNN flash attention does not take float32 or head_dim 256: XLA
     assert attention_implementation(None, "gpu", dtype=jnp.float32, head_dim=64) == "xla"
     assert attention_implementation(None, "gpu", dtype=jnp.bfloat16, head_dim=256) == "xla"
+    assert attention_implementation(None, "rocm", dtype=jnp.bfloat16, head_dim=64) == "xla"
     assert attention_implementation("xla", "tpu") == "xla"
     assert attention_implementation("splash", "tpu") == "splash"
     assert attention_implementation("splash", "cpu", interpret=True) == "splash"
+
+
+def test_jax_without_splash(monkeypatch):
+    """A jax whose Pallas ops lack splash attention: TPU falls back to XLA, and asking for it
+    names the flag."""
+    from emgeo_jax.models import tpu_attention
+
+    def missing():
+        raise RuntimeError("--attention splash: jax 9.9 has no ...splash_attention; choose xla")
+
+    monkeypatch.setattr(tpu_attention, "_splash", missing)
+    assert attention_implementation(None, "tpu") == "xla"
+    with pytest.raises(RuntimeError, match=r"--attention splash: jax 9.9 has no"):
+        attention_implementation("splash", "tpu")
 
 
 @pytest.mark.parametrize(
@@ -227,6 +243,7 @@ def test_automatic_choice():
             r"--attention cudnn: needs a GPU backend, this one is tpu; choose one of xla, splash$",
         ),
         ("cudnn", "gpu", r"--attention cudnn: cuDNN flash attention needs bfloat16"),
+        ("cudnn", "rocm", r"--attention cudnn: needs a GPU backend, this one is rocm"),
     ],
 )
 def test_refused_choices(requested, backend, message):

@@ -79,17 +79,19 @@ def attention_implementation(
     """The attention implementation to run: `requested` (`--attention`) or, when None or
     "auto", the backend's best: "splash" on TPU, "cudnn" on GPU when it applies (`dtype`
     bfloat16/float16 and `head_dim` a multiple of 8 up to 128, when given; else "xla"), "xla"
-    elsewhere. A kernel requested on a backend without it is refused, except "splash" with
-    `interpret=True` (Pallas interpret mode: tests on CPU). Pure: no device is touched."""
+    elsewhere (ROCm included: no cuDNN). A kernel requested on a backend without it, or that
+    this jax lacks, is refused, except "splash" with `interpret=True` on any backend (Pallas
+    interpret mode: tests on CPU). `backend`: `jax.default_backend()` ("cuda" counts as
+    "gpu"). Pure: no device is touched."""
     backend = backend.lower()
-    if backend == "cuda" or backend == "rocm":
+    if backend == "cuda":
         backend = "gpu"
     cudnn_fits = (dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)) and (
         head_dim is None or (head_dim % 8 == 0 and head_dim <= 128)
     )
     if requested is None or requested == "auto":
         if backend == "tpu":
-            return "splash"
+            return "splash" if _has_splash() else "xla"
         if backend == "gpu" and cudnn_fits:
             return "cudnn"
         return "xla"
@@ -106,6 +108,8 @@ def attention_implementation(
             f"--attention {requested}: needs a {needs.upper()} backend, this one is {backend}; "
             f"choose one of {', '.join(usable)}"
         )
+    if requested == "splash" and not _has_splash():
+        _splash()  # raises the error naming --attention
     if requested == "cudnn" and not cudnn_fits:
         raise ValueError(
             f"--attention cudnn: cuDNN flash attention needs bfloat16/float16 and a head_dim "
@@ -180,6 +184,14 @@ def _blocks(n: int, *, lanes: bool) -> tuple[int, int]:
         return padded, padded
     padded = _round_up(n, 128)
     return padded, next(b for b in (512, 256, 128) if padded % b == 0)
+
+
+def _has_splash() -> bool:
+    try:
+        _splash()
+    except RuntimeError:
+        return False
+    return True
 
 
 @functools.cache

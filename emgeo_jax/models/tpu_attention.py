@@ -293,6 +293,12 @@ def splash_attention(
     (keys before `offset` with a full mask and this call's own `T` slots with a causal mask,
     the two softmaxes merged exactly by their log-sum-exp). Differentiable in the static
     offset case (the kernel's own backward pass); the other two are for inference.
+    `offset + T <= S` is the caller's to keep (a traced offset cannot be checked).
+
+    The kernel has no scale argument: `q` is multiplied by `Dh ** -0.5` in float32 and cast
+    back to its dtype first. In bfloat16 that is one more rounding than XLA's (which scales
+    the float32 scores) unless the scale is a power of two: float64 reference, T = 64, RMS
+    error 0.0023 against XLA's 0.0016 at Dh = 128; 0.0012 against 0.0016 at Dh = 64.
 
     `mesh`: run the kernel per device with `shard_map` (a Pallas call is not partitioned by
     the compiler; without it, sharded inputs would be gathered onto every device). Rows are

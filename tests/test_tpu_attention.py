@@ -251,6 +251,84 @@ def test_refused_choices(requested, backend, message):
         attention_implementation(requested, backend, dtype=jnp.float32)
 
 
+def test_tiny_llama_forward_with_steering(monkeypatch):
+    """A whole tiny GQA Llama (3 layers, H = 4 on K = 2) with steering added at two layers, a
+    left-padded batch, the residual stream and logits of one forward and 4 greedy decode
+    steps: splash (interpret mode) against the model's own XLA attention.
+
+    Until the core redesign routes the model's attention through `attention(...)` (a
+    `RunOptions.attention` field), this swaps the model's attention function for a shim that
+    reads the key mask and offset back from the model's `[B, T, S]` mask (no cache: its last
+    row, offset 0; a decode step: its one row, every slot up to `S - 1`). Skipped once that
+    function is gone or changed: the forward's own option replaces the shim."""
+    import inspect
+
+    from emgeo_jax.models import llama
+    from emgeo_jax.models.config import ModelConfig
+    from emgeo_jax.models.lm import forward, init_params
+    from emgeo_jax.steer import Steering, Taps
+    from tests.tiny_models import LLAMA
+
+    original = getattr(llama, "chunked_attention", None)
+    if original is None or list(inspect.signature(original).parameters) != [
+        "q", "k", "v", "mask", "chunk"
+    ]:  # fmt: skip
+        pytest.skip("the model's attention call changed: wire RunOptions.attention instead")
+
+    calls = []
+
+    def shim(q, k, v, mask, chunk):
+        b, t, kh, g, dh = q.shape
+        calls.append(t)
+        flat = q.reshape(b, t, kh * g, dh)
+        if t == 1:
+            out = splash_attention(flat, k, v, mask[:, 0, :], k.shape[1] - 1)
+        else:
+            out = splash_attention(flat, k, v, mask[:, -1, :], 0)
+        return out.reshape(q.shape)
+
+    cfg = ModelConfig.from_hf({**LLAMA, "architectures": ["LlamaForCausalLM"]})
+    graphdef, params = init_params(cfg, seed=1)
+    rng = np.random.default_rng(0)
+    b, t, new = 3, 10, 4
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+    mask = np.ones((b, t), np.int32)
+    mask[1, :4] = mask[2, :7] = 0
+    mask = jnp.asarray(mask)
+    positions = llama.default_positions(mask)
+    vectors = rng.normal(size=(cfg.num_layers, cfg.hidden_size)).astype(np.float32)
+    steering = Steering.addition(cfg, vectors, layers=[0, 1], scale=4.0)
+
+    def run():
+        jax.clear_caches()  # the jitted forward must be traced again with the other attention
+        fwd = jax.jit(functools.partial(forward, graphdef, steering=steering))
+        full = fwd(params, ids, positions, mask, taps=Taps(resid="full"))
+        out = fwd(params, ids, positions, mask, cache=llama.init_cache(cfg, b, t + new))
+        tokens, last, logits = [], positions[:, -1:], []
+        for _ in range(new):
+            tokens.append(jnp.argmax(out.logits[:, -1], -1))
+            last = last + 1
+            step = (tokens[-1][:, None], last, jnp.ones((b, 1), jnp.int32))
+            out = fwd(params, *step, cache=out.cache)
+            logits.append(out.logits[:, -1])
+        return full, np.stack(tokens, 1), np.stack(logits, 1)
+
+    xla_full, xla_tokens, xla_logits = run()
+    monkeypatch.setattr(llama, "chunked_attention", shim)
+    got_full, got_tokens, got_logits = run()
+    assert sorted(set(calls)) == [1, t]  # traced: the forward, the prefill and the step
+    jax.clear_caches()
+    real = np.asarray(mask, bool)
+    unsteered = jax.jit(functools.partial(forward, graphdef))(params, ids, positions, mask)
+    assert np.abs(np.asarray(unsteered.logits) - np.asarray(xla_full.logits))[real].max() > 1
+    resid = np.abs(np.asarray(got_full.resid_post) - np.asarray(xla_full.resid_post))
+    assert resid[:, real].max() < 1e-5
+    assert np.abs(np.asarray(got_full.logits) - np.asarray(xla_full.logits))[real].max() < 1e-5
+    assert np.isfinite(np.asarray(got_full.resid_post)).all()
+    np.testing.assert_array_equal(got_tokens, xla_tokens)
+    np.testing.assert_allclose(got_logits, xla_logits, atol=1e-5, rtol=0)
+
+
 def test_8_devices_shard_map():
     """On 8 simulated devices (`data=2, fsdp=2, tensor=2`, a fresh process: this module as a
     script) the kernel runs per device: B = 4 rows over data x fsdp, K = 2 KV heads over

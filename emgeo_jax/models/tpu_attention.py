@@ -307,12 +307,14 @@ def splash_attention(
     not divide them; sequences are never split. Every (row, KV head) is independent, so the
     result is the unsharded one."""
     _check_shapes(q, k, v, key_mask)
+    b, t, h, dh = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    if isinstance(offset, (int, np.integer)) and not 0 <= offset <= s - t:
+        raise ValueError(f"attention: offset {offset} + T {t} outside the S={s} key slots")
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     if mesh is not None and mesh.size > 1:
         return _sharded(q, k, v, key_mask, offset, interpret, mesh)
-    b, t, h, dh = q.shape
-    s, kh = k.shape[1], k.shape[2]
     g = h // kh
     dtype = q.dtype
     q = (q.astype(jnp.float32) * dh**-0.5).astype(dtype)
@@ -334,8 +336,6 @@ def splash_attention(
     qh = q.transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
     if isinstance(offset, (int, np.integer)):
         offset = int(offset)
-        if not 0 <= offset <= s - t:
-            raise ValueError(f"attention: offset {offset} + T {t} outside the S={s} key slots")
         n = offset + t
         out = _mqa(
             qh,

@@ -31,6 +31,8 @@ Implementations (`IMPLEMENTATIONS`, the `--attention` choices):
   offset copies the layer's cache once). A decode step reads the cache in place; a cache
   length that is not a multiple of 128 is padded (a copy per step: allocate multiples of
   128).
+  Not the older `flash_attention.flash_attention(q, k, v [B, heads, T, Dh], segment_ids,
+  causal=...)`: it takes as many K/V heads as query heads, so GQA would repeat K/V `G` times.
 - `"cudnn"`: `jax.nn.dot_product_attention(implementation="cudnn")` (cuDNN flash attention,
   GPU; bfloat16/float16, head_dim <= 128 and a multiple of 8).
 

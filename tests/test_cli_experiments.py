@@ -1,16 +1,19 @@
-"""`emgeo sweep | ablate | transfer | persona | lora-scalars | probe`, each in a fresh process
-with its real flags, on tiny random Qwen2 folders with a small ChatML tokenizer and scripted
-judge servers; their files checked against the Python API on the same inputs (the recorded
-configuration, per-cell numbers recomputed from the judged rows, scalars, probes) and against
-what they print. The commands run concurrently in one module fixture (each process spends most
-of its time importing), the tests then read their outputs."""
+"""`emgeo sweep | ablate | transfer | persona | lora-scalars | probe` with their real flags,
+on tiny random Qwen2 folders with a small ChatML tokenizer and scripted judge servers; their
+files checked against the Python API on the same inputs (the recorded configuration, per-cell
+numbers recomputed from the judged rows, scalars, probes) and against what they print. The
+commands run one after another in one fresh process of a module fixture (through the
+dispatcher, as `emgeo` runs them; sharing imports and compiled programs), the tests then read
+their outputs; `test_sweep` resumes in a process of its own."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-from concurrent.futures import ThreadPoolExecutor
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +24,7 @@ from emgeo_jax.experiments.questions import read_prompts, select_questions
 from emgeo_jax.judge.client import JudgeConfig
 from emgeo_jax.judge.io import read_jsonl
 from emgeo_jax.judge.testing import ScriptedJudgeServer
-from tests.cli_util import run_emgeo
+from tests.cli_util import ROOT, run_emgeo
 from tests.test_experiments import answer_of, table
 from tests.test_generate_cli import folder  # noqa: F401  (fixture)
 from tests.tiny_models import QWEN2, hf_model, save_hf_folder
@@ -182,9 +185,28 @@ def runs(inputs, folder, judge, tmp_path_factory):  # noqa: F811
             f"--judge_base_url={persona_judge.base_url}" if a is None else a
             for a in args["persona"]
         )
-        with ThreadPoolExecutor(2) as pool:
-            printed = dict(zip(args, pool.map(lambda a: run_emgeo(*a), args.values()), strict=True))
+        printed = emgeo_each(args, out / "printed.json")
     return {n: (paths[n], printed[n], args[n]) for n in args}
+
+
+def emgeo_each(commands: dict[str, tuple], printed: Path) -> dict[str, str]:
+    """Each `emgeo ARGS` of `commands` in turn in one fresh process, through the dispatcher
+    with its real flags (imports and compiled programs shared): {name: what it printed}."""
+    printed.write_text(json.dumps({n: [str(a) for a in c] for n, c in commands.items()}))
+    code = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from tests.test_cli_mesh import emgeo_in_process\n"
+        "path = Path(sys.argv[1])\n"
+        "commands = json.loads(path.read_text())\n"
+        "path.write_text(json.dumps({n: emgeo_in_process(*c) for n, c in commands.items()}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(printed)], cwd=ROOT, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(printed.read_text())
 
 
 def check_cells(cells_dir, summaries: dict) -> None:
@@ -342,12 +364,7 @@ def test_probe(runs, inputs):
 
 def test_samples_flag_overrides_yaml(tmp_path):
     """An explicit --samples replaces a YAML's samples_per_paraphrase; without it the YAML's
-    count stays (the questions every experiment CLI builds, read in a fresh process)."""
-    import subprocess
-    import sys
-
-    from tests.cli_util import ROOT
-
+    count stays (the questions every experiment CLI builds, parsed in a fresh process)."""
     q = tmp_path / "q.yaml"
     q.write_text("- id: a\n  paraphrases: ['Hi?', 'Hello?']\n  samples_per_paraphrase: 50\n")
     code = (
@@ -355,22 +372,18 @@ def test_samples_flag_overrides_yaml(tmp_path):
         "from absl import flags\n"
         "from emgeo_jax.cli import experiment_flags as c\n"
         "from emgeo_jax.experiments.folder import make_jobs\n"
-        "flags.FLAGS(sys.argv)\n"
-        "rows, _ = c.questions_from_flags()\n"
-        "print(len(make_jobs(rows, c.sampling_from_flags().samples)))\n"
+        "for extra in ([], ['--samples=1']):\n"
+        "    flags.FLAGS.unparse_flags()\n"
+        "    flags.FLAGS([sys.argv[0], f'--questions={sys.argv[1]}', *extra])\n"
+        "    rows, _ = c.questions_from_flags()\n"
+        "    print(len(make_jobs(rows, c.sampling_from_flags().samples)))\n"
     )
-    counts = []
-    for extra in ([], ["--samples=1"]):
-        proc = subprocess.run(
-            [sys.executable, "-c", code, f"--questions={q}", *extra],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        counts.append(int(proc.stdout))
-    assert counts == [2 * 50, 2 * 1]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(q)], capture_output=True, text=True, cwd=ROOT,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [int(x) for x in proc.stdout.split()] == [2 * 50, 2 * 1]
 
 
 def test_persona_without_pairs_fails_saying_why(folder, tmp_path):  # noqa: F811

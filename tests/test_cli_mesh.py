@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import signal
@@ -62,11 +63,24 @@ def work(tmp_path_factory, chat_tokenizer):
     shape = (QWEN2["num_hidden_layers"], QWEN2["hidden_size"])
     np.save(d / "v.npy", rng.normal(size=shape).astype(np.float32))
     np.save(d / "wide.npy", rng.normal(size=QWEN2["hidden_size"] + 1).astype(np.float32))
+    for name in ("vec", "vec2"):
+        np.save(d / f"{name}.npy", rng.normal(size=QWEN2["hidden_size"]).astype(np.float32))
+    save_hf_folder(hf_model(spec, seed=5), d / "model2")  # transfer's second model
+    chat_tokenizer.save_pretrained(str(d / "model2"))
+    # a TopK SAE (k 4 of 32 features) at layer 2 with random weights, SAELens layout
+    from emgeo_jax.vectors.sae.formats import save_saelens
+    from emgeo_jax.vectors.sae.model import make_sae
+
+    D, F = QWEN2["hidden_size"], 32
+    w = rng.normal(size=(D, F)).astype(np.float32) / np.sqrt(D)
+    sae = make_sae(w, np.zeros(F), w.T, np.zeros(D), architecture="topk", k=4, layer=2)
+    save_saelens(sae, d / "sae")
     return d
 
 
-def emgeo_in_process(*args: str) -> str:
-    """`emgeo ARGS` through `emgeo_jax.cli.run` in this process; what it printed (stdout)."""
+def emgeo_in_process(*args: str, status: tuple = (0, None)) -> str:
+    """`emgeo ARGS` through `emgeo_jax.cli.run` in this process; what it printed (stdout).
+    The command must exit with one of `status`."""
     from emgeo_jax.cli import run
 
     buf = io.StringIO()
@@ -74,7 +88,7 @@ def emgeo_in_process(*args: str) -> str:
         try:
             run(["emgeo", *map(str, args)])
         except SystemExit as e:
-            assert e.code in (0, None), (args, e.code)
+            assert e.code in status, (args, e.code)
     return buf.getvalue()
 
 
@@ -84,19 +98,26 @@ def _commands_on_meshes(work: str) -> None:
     every loaded model's parameter shardings recorded. Writes WORK/results.json."""
     import jax
 
+    import emgeo_jax.cli
     from emgeo_jax.extract import read_extraction
     from emgeo_jax.judge.testing import ScriptedJudgeServer
     from emgeo_jax.parallel import shard_factor
     from tests.test_experiments import table
 
     d = Path(work)
-    loaded, load = [], emgeo_jax.load
+    loaded, load, dispatch = [], emgeo_jax.load, emgeo_jax.cli.dispatch
+    command = [None]
+
+    def recording_dispatch(name, args):  # which command the loads below belong to
+        command[0] = name
+        return dispatch(name, args)
 
     def recording_load(*args, **kw):  # what `load_model_from_flags` placed where
         lm = load(*args, **kw)
         leaves = jax.tree_util.tree_leaves_with_path(lm.params)
         loaded.append(
             {
+                "command": command[0],
                 "mesh": None if lm.mesh is None else dict(lm.mesh.shape),
                 "devices": sorted({len(x.sharding.device_set) for _, x in leaves}),
                 "split": {
@@ -109,6 +130,7 @@ def _commands_on_meshes(work: str) -> None:
         return lm
 
     emgeo_jax.load = recording_load
+    emgeo_jax.cli.dispatch = recording_dispatch
     model = f"--model={d / 'model'}"
     results = {}
     with ScriptedJudgeServer(table) as judge:
@@ -137,28 +159,199 @@ def _commands_on_meshes(work: str) -> None:
                 float(r.split()[1]) for r in printed.splitlines() if r[:5].strip().isdigit()
             ]
             got["next"] = printed.splitlines()[-1]
-            emgeo_in_process(
-                "sweep", f"md={d / 'v.npy'}", "--layers=1,3", "--scales=-4", model,
-                f"--questions={d / 'q.jsonl'}", "--samples=2", "--temperature=0",
-                "--max_new_tokens=4", "--batch_size=4", "--judge_model=scripted",
-                f"--judge_base_url={judge.base_url}", f"--out={out / 'sweep'}", *mesh,
-            )  # fmt: skip
+            emgeo_in_process(*_judged_commands(d, out, judge.base_url)["sweep"], *mesh)
             sweep = json.loads((out / "sweep" / "results.json").read_text())
             got["sweep"] = {k: sweep[k] for k in ("baseline", "cells")}
-    results["loaded"] = loaded
+        _experiments_on_meshes(d, results, judge.base_url)
+        results["loaded"] = loaded
+        emgeo_jax.load = _no_load
+        results["refused"] = _folders_of_other_settings(d, judge.base_url)
     (d / "results.json").write_text(json.dumps(results))
 
 
-def test_commands_on_8_devices_match_one_device(work):
+def _serve_once(model: str, mesh: list[str]) -> list[str]:
+    """`emgeo serve` in this process: each prompt asked once (greedy) as soon as it listens,
+    then the server is stopped; the replies."""
+    import threading
+    import urllib.request
+
+    from emgeo_jax import serve
+
+    replies, original = [], serve.ModelServer.serve_forever
+
+    def ask_then_stop(server) -> None:
+        def client() -> None:
+            try:
+                for topic in TOPICS[:3]:
+                    body = {
+                        "model": "m", "temperature": 0, "max_tokens": 6,
+                        "messages": [{"role": "user", "content": f"tell me about {topic}"}],
+                    }  # fmt: skip
+                    req = urllib.request.Request(
+                        f"{server.base_url}/chat/completions", json.dumps(body).encode(),
+                        {"Content-Type": "application/json"},
+                    )  # fmt: skip
+                    with urllib.request.urlopen(req, timeout=300) as r:
+                        replies.append(json.load(r)["choices"][0]["message"]["content"])
+            finally:
+                server.shutdown()
+
+        threading.Thread(target=client, daemon=True).start()
+        original(server)
+
+    serve.ModelServer.serve_forever = ask_then_stop
+    try:
+        emgeo_in_process("serve", model, "--port=0", "--max_batch=3", *mesh)
+    finally:
+        serve.ModelServer.serve_forever = original
+    return replies
+
+
+def _judged_commands(d: Path, out: Path, judge_url: str, persona_url: str = "") -> dict:
+    """The judged experiment commands' arguments (without --mesh), writing into `out`: greedy,
+    2 samples of 2 questions in batches of 3 rows (padded on a mesh), the scripted judge."""
+    model = f"--model={d / 'model'}"
+    sampling = ("--samples=2", "--temperature=0", "--max_new_tokens=4", "--batch_size=3")
+    judged = (model, f"--questions={d / 'q.jsonl'}", *sampling, "--judge_model=scripted")
+    url = f"--judge_base_url={judge_url}"
+    return {
+        "sweep": ("sweep", f"md={d / 'v.npy'}", "--layers=1,3", "--scales=-4", *judged, url,
+                  "--batch_size=4", f"--out={out / 'sweep'}"),
+        "ablate": ("ablate", d / "v.npy", "--layers=1,2", *judged, url, f"--out={out / 'ablate'}"),
+        "transfer": ("transfer", f"--models=a={d / 'model'},b={d / 'model2'}",
+                     f"--vectors=a={d / 'vec.npy'},b={d / 'vec2.npy'}", "--layer=2", "--scale=6",
+                     *judged, url, f"--out={out / 'transfer'}"),
+        "persona": ("persona", "--positive_system=Be evil.", "--negative_system=Be kind.",
+                    *judged, "--temperature=1", "--samples=8",  # sampled: pairs differ, 3 kept
+                    f"--judge_base_url={persona_url}", f"--out={out / 'persona'}"),
+        # the one-device run's adapter on every mesh
+        "lora-em": ("lora-em", d / "one" / "run", *judged, url, f"--out={out / 'lora_em'}"),
+    }  # fmt: skip
+
+
+def _experiments_on_meshes(d: Path, results: dict, judge_url: str) -> None:
+    """serve, ablate, transfer, persona, train-lora, lora-em, lora-scalars, sae-check,
+    sae-features and demo --quick, each on one device and on `fsdp=8` (ablate also on
+    `data=2,fsdp=4`), greedy where they generate (persona and demo: sampled); what each
+    wrote or printed goes into `results[mesh name]`. Batches of 3 rows: padded on the mesh."""
+    from safetensors.numpy import load_file
+
+    from emgeo_jax.judge.testing import ScriptedJudgeServer
+    from tests.test_cli_experiments import persona_table
+
+    model = f"--model={d / 'model'}"
+    as_lists = lambda tensors: {k: v.tolist() for k, v in tensors.items()}  # noqa: E731
+    with ScriptedJudgeServer(persona_table) as persona_judge:
+        for name, mesh in MESHES.items():
+            out, got = d / name, results[name]
+            read = lambda rel, out=out: json.loads((out / rel).read_text())  # noqa: E731
+            commands = _judged_commands(d, out, judge_url, persona_judge.base_url)
+            emgeo_in_process(*commands["ablate"], *mesh)
+            got["ablate"] = read("ablate/results.json")
+            if name == "d2f4":
+                continue
+            got["serve"] = _serve_once(model, mesh)
+            emgeo_in_process(*commands["transfer"], *mesh)
+            got["transfer"] = read("transfer/results.json")
+            printed = emgeo_in_process(*commands["persona"], *mesh, status=(0, None, 1))
+            got["persona"] = {"printed": printed, "results": read("persona/results.json")}
+            emgeo_in_process(
+                "train-lora", model, f"--out={out / 'run'}", f"--data={d / 'pairs.jsonl'}",
+                "--topic=", "--steps=3", "--warmup_steps=1", "--batch_size=3", "--rank=1",
+                "--targets=down,q", "--layers=1,3", "--lr=1e-3", "--max_length=64", *mesh,
+            )  # fmt: skip
+            losses = (out / "run" / "losses.jsonl").read_text().splitlines()
+            got["train-lora"] = {
+                "loss": [json.loads(r)["loss"] for r in losses],
+                "adapter": as_lists(
+                    load_file(out / "run" / "adapter" / "adapter_model.safetensors")
+                ),
+            }
+            emgeo_in_process(*commands["lora-em"], *mesh)
+            got["lora-em"] = read("lora_em/results.json")
+            adapter = d / "one" / "run" / "adapter"
+            emgeo_in_process(
+                "lora-scalars", d / "model", f"--adapter={adapter}", f"--data={d / 'pairs.jsonl'}",
+                "--batch_size=3", "--max_length=64", f"--out={out / 'scalars.safetensors'}",
+                f"--directions_out={out / 'B.safetensors'}", *mesh,
+            )  # fmt: skip
+            scalars = load_file(out / "scalars.safetensors") | load_file(out / "B.safetensors")
+            got["lora-scalars"] = as_lists(scalars)
+            sae = _sae_commands(d, out)
+            got["sae-check"] = json.loads(emgeo_in_process(*sae["sae-check"], *mesh))
+            got["sae-features"] = json.loads(emgeo_in_process(*sae["sae-features"], *mesh))
+            got["sae-features"]["out"] = as_lists(load_file(out / "features.safetensors"))
+            emgeo_in_process(
+                "demo", "--quick", model, f"--judge_base_url={judge_url}", "--judge_model=scripted",
+                f"--out={out / 'demo'}", *mesh,
+            )  # fmt: skip
+            got["demo"] = {
+                "sweep": read("demo/sweep/results.json"),
+                "extract": as_lists(
+                    load_file(out / "demo" / "extract" / "activations.safetensors")
+                ),
+            }
+
+
+def _sae_commands(d: Path, out: Path) -> dict:
+    """`sae-check` (next-token losses with the SAE spliced in) and `sae-features --method
+    steering` (features the vector turns on) on the prompts, batches of 3 (without --mesh)."""
+    common = (f"--model={d / 'model'}", f"--texts={d / 'prompts.txt'}", "--batch_size=3")
+    common += ("--max_length=16",)
+    return {
+        "sae-check": ("sae-check", d / "sae", *common),
+        "sae-features": ("sae-features", d / "sae", f"--vector={d / 'v.npy'}", "--scale=4",
+                         "--method=steering", "--top=4", "--n_null=4", *common,
+                         f"--out={out / 'features.safetensors'}"),
+    }  # fmt: skip
+
+
+def _no_load(*args, **kwargs):
+    raise AssertionError("a run refused for its folder loaded its model first")
+
+
+def _folders_of_other_settings(d: Path, judge_url: str) -> dict:
+    """Each judged command run again into its one-device folder with other settings (3
+    samples; ablate also with the local judge, which only the model could serve), with the
+    model load replaced by a failure: {case: (exit status, stderr)}."""
+    os.environ.pop("OPENAI_API_KEY", None)  # no --judge_base_url = the local judge
+    commands = _judged_commands(d, d / "one", judge_url, judge_url)
+    cases = {name: (*args, "--samples=3") for name, args in commands.items()}
+    ablate = commands["ablate"]
+    cases["ablate_local_judge"] = tuple(a for a in ablate if "judge_base_url" not in str(a))
+    return {name: _status_and_stderr(args) for name, args in cases.items()}
+
+
+def _status_and_stderr(args) -> tuple:
+    """`emgeo ARGS` in this process: (exit status, what it wrote on stderr)."""
+    from emgeo_jax.cli import run
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            run(["emgeo", *map(str, args)])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def mesh_results(work) -> dict:
+    """`_commands_on_meshes` in one fresh process with 8 devices: its results.json."""
     code = (
         f"from tests.test_cli_mesh import _commands_on_meshes; _commands_on_meshes({str(work)!r})"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=_env(8), capture_output=True, text=True,
-        timeout=900,
+        timeout=1500,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads((work / "results.json").read_text())
+    return json.loads((work / "results.json").read_text())
+
+
+def test_commands_on_8_devices_match_one_device(work, mesh_results):
+    res = mesh_results
     one = res["one"]
     assert len(set(one["generate"])) > 1  # the replies differ: token-for-token means something
     # without --mesh, extract runs on the one device holding the model (lm.mesh is None);
@@ -184,10 +377,16 @@ def test_commands_on_8_devices_match_one_device(work):
     assert len(one["sweep"]["cells"]) == 2
     # placement: one device without --mesh; on a mesh every parameter lives on all 8 devices and
     # every matrix / norm scale (each has a 48-wide `embed` side) is cut fsdp ways
-    loads = res["loaded"]
+    loads = [x for x in res["loaded"] if x["command"] in ("generate", "extract", "norms", "sweep")]
     assert [x["mesh"] for x in loads] == [None] * 4 + [{"data": 1, "fsdp": 8, "tensor": 1}] * 4 + [
         {"data": 2, "fsdp": 4, "tensor": 1}
     ] * 2
+    _check_placement(loads)
+
+
+def _check_placement(loads: list[dict]) -> None:
+    """One device without --mesh; on a mesh every parameter lives on all 8 devices and every
+    matrix / norm scale (each has a 48-wide `embed` side) is cut fsdp ways."""
     for x in loads:
         assert x["devices"] == ([1] if x["mesh"] is None else [8])
         for path, ways in x["split"].items():
@@ -195,6 +394,113 @@ def test_commands_on_8_devices_match_one_device(work):
                 assert ways == x["mesh"]["fsdp"], (path, x["mesh"])
         if x["mesh"]:
             assert any("kernel" in p for p in x["split"]) and len(x["split"]) >= 10
+
+
+def _close(got, want, path: str = "") -> None:
+    """`assert_same` with floats within 1e-4 relative plus 1e-5 of the largest number in
+    `want` (a sum over a mesh adds in another order: its error scales with the summands)."""
+    from tests.test_mesh_library import assert_same
+
+    def largest(x) -> float:
+        if isinstance(x, dict):
+            x = list(x.values())
+        if isinstance(x, list):
+            return max(map(largest, x), default=0.0)
+        return abs(x) if isinstance(x, float) and math.isfinite(x) else 0.0
+
+    assert_same(got, want, path, atol=1e-5 * max(1.0, largest(want)))
+
+
+def test_experiment_commands_on_8_devices_match_one_device(mesh_results):
+    """serve, ablate, transfer, persona, train-lora, lora-em, lora-scalars, sae-check,
+    sae-features and demo --quick on `fsdp=8` (ablate also `data=2,fsdp=4`) give the one-device
+    results: generations, judged tables and kept pairs equal (the folders' configurations too:
+    the mesh is not a setting), losses, scalars and SAE figures within float tolerance."""
+    one, res = mesh_results["one"], mesh_results
+    assert len(set(one["serve"])) > 1 and all(one["serve"])  # replies differ between prompts
+    assert one["persona"]["results"]["n_kept"] >= 2 and "projection" in one["persona"]["results"]
+    assert len(one["train-lora"]["loss"]) == 3 and one["sae-check"]["next_token_loss"]
+    assert one["sae-features"]["scores"][0] > 0 and len(one["demo"]["sweep"]["cells"]) == 2
+    for name, got in (("fsdp8", res["fsdp8"]), ("d2f4", res["d2f4"])):
+        for command, want in one.items():
+            if command in got and command not in ("generate", "extract", "norms", "next", "sweep"):
+                exact = command in ("serve", "ablate", "transfer", "lora-em")
+                if exact:
+                    assert got[command] == want, (name, command)
+                else:
+                    _close(got[command], want, f"{name}.{command}")
+    assert sorted(res["d2f4"]) == ["ablate", "extract", "generate"]
+    commands = ("serve", "ablate", "transfer", "persona", "train-lora", "lora-em", "lora-scalars")
+    commands += ("sae-check", "sae-features", "demo")
+    loads = [x for x in res["loaded"] if x["command"] in commands]
+    for command in commands:  # every command loaded onto the mesh it was given
+        meshes = [x["mesh"] and x["mesh"]["fsdp"] for x in loads if x["command"] == command]
+        want = {"transfer": [None] * 2 + [8] * 2, "ablate": [None, 8, 4]}.get(command, [None, 8])
+        assert meshes == want, (command, meshes)
+    _check_placement(loads)
+
+
+def test_folder_of_other_settings_refused_before_loading(mesh_results):
+    """Each judged command re-run into its finished folder with another --samples (ablate also
+    with the local judge, which only the loaded model could serve): refused naming the
+    settings that differ, before the model loads (the load raised if called)."""
+    refused = mesh_results["refused"]
+    assert sorted(refused) == sorted(
+        ["sweep", "ablate", "transfer", "persona", "lora-em", "ablate_local_judge"]
+    )
+    for case, (status, err) in refused.items():
+        errors = [line for line in err.splitlines() if ": error: " in line]
+        assert status == 2 and len(errors) == 1, (case, err[-2000:])
+        assert "holds an experiment with another configuration (" in errors[0], errors[0]
+        assert "--overwrite" in errors[0] and "Traceback" not in err
+        if case == "ablate_local_judge":
+            assert "judge.model: 'scripted' there, 'local:" in errors[0]
+            assert "judge.number_logprobs: False there, True now" in errors[0]
+        else:
+            want = "8 there, 3 now" if case == "persona" else "2 there, 3 now"
+            assert f"sampling.samples: {want}" in errors[0], errors[0]
+
+
+def test_sae_commands_on_two_processes(work, mesh_results):
+    """sae-check and sae-features --method steering on 2 processes of one device each
+    (`--mesh data=2`, rows split over the processes): process 0 prints the one-process figures
+    and writes the feature file, process 1 prints nothing."""
+    import socket
+
+    from safetensors.numpy import load_file
+
+    out = work / "two_processes"
+    out.mkdir()
+    runs = {}
+    for command, args in _sae_commands(work, out).items():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        runs[command] = [
+            subprocess.Popen(
+                [sys.executable, "-m", "emgeo_jax.cli", *map(str, args), "--mesh=data=2"],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env=_env(1) | {
+                    "EMGEO_DISTRIBUTED": "1", "EMGEO_COORDINATOR": f"127.0.0.1:{port}",
+                    "EMGEO_NUM_PROCESSES": "2", "EMGEO_PROCESS_ID": str(i),
+                },
+            )
+            for i in range(2)
+        ]  # fmt: skip
+    one = mesh_results["one"]
+    for command, procs in runs.items():
+        printed = []
+        for p in procs:
+            stdout, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+            printed.append(
+                "".join(x for x in stdout.splitlines(True) if not x.startswith("[Gloo]"))
+            )
+        assert printed[1] == "", printed[1]
+        got = json.loads(printed[0])
+        if command == "sae-features":
+            got["out"] = {k: v.tolist() for k, v in load_file(out / "features.safetensors").items()}
+        _close(got, one[command], command)
 
 
 # --- refusals before anything loads ---------------------------------------------------------

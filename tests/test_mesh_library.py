@@ -115,21 +115,23 @@ def run_all(lm, out: Path) -> dict[str, Any]:
     return json.loads(json.dumps(res))
 
 
-def assert_same(got: Any, want: Any, path: str = "", rtol: float = 1e-4) -> None:
-    """Equal structure and strings/ints; floats within `rtol` (plus 1e-5 absolute)."""
+def assert_same(
+    got: Any, want: Any, path: str = "", rtol: float = 1e-4, atol: float = 1e-5
+) -> None:
+    """Equal structure and strings/ints; floats within `rtol` plus `atol` absolute."""
     if isinstance(want, dict):
         assert isinstance(got, dict) and sorted(got) == sorted(want), (path, sorted(got))
         for k in want:
-            assert_same(got[k], want[k], f"{path}.{k}", rtol)
+            assert_same(got[k], want[k], f"{path}.{k}", rtol, atol)
     elif isinstance(want, list):
         assert isinstance(got, list) and len(got) == len(want), path
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            assert_same(g, w, f"{path}[{i}]", rtol)
+            assert_same(g, w, f"{path}[{i}]", rtol, atol)
     elif isinstance(want, float):
         if math.isnan(want):
             assert math.isnan(got), path
         else:
-            assert math.isclose(got, want, rel_tol=rtol, abs_tol=1e-5), (path, got, want)
+            assert math.isclose(got, want, rel_tol=rtol, abs_tol=atol), (path, got, want)
     else:
         assert got == want, (path, got, want)
 

@@ -18,7 +18,12 @@ flags.DEFINE_float("steer_scale", 1.0, "scale of --steer")
 
 def main(argv: list[str]) -> None:
     from emgeo_jax.cli import number_list
-    from emgeo_jax.experiments.ablation import run_ablation, write_ablation_report
+    from emgeo_jax.experiments.ablation import (
+        ablation_config,
+        run_ablation,
+        write_ablation_report,
+    )
+    from emgeo_jax.experiments.folder import check_folder
     from emgeo_jax.vectors.io import load_layer_vectors, load_vectors
 
     out = common.require_out("ablate")
@@ -44,8 +49,11 @@ def main(argv: list[str]) -> None:
     flags_common.check_vectors(cfg, {argv[1]: direction}, layers)
     if steer is not None:
         flags_common.check_vectors(cfg, {FLAGS.steer: steer[0]})
+    planned = common.planned_judge()
+    config = ablation_config(FLAGS.model, direction, layers, steer, questions, sampling, planned)
+    check_folder(out, config, FLAGS.overwrite)  # an --out of another run: refused first
     lm = flags_common.load_model_from_flags(config=cfg)
-    with common.judge_from_flags(lm) as judge:
+    with common.judge_from_flags(lm, planned) as judge:
         results = run_ablation(
             lm,
             direction,

@@ -67,10 +67,16 @@ def require_out(command: str) -> str:
     return FLAGS.out
 
 
-def judge_from_flags(lm: Any):
+def planned_judge() -> Any:
+    """The judge of the shared judge flags resolved before the model loads
+    (`cli.judge_flags.planned_judge_from_flags`): what the experiment folder records."""
+    return judge_flags.planned_judge_from_flags()
+
+
+def judge_from_flags(lm: Any, planned: Any = None):
     """The judge of the shared judge flags (`cli.judge_flags`); lm: the model a local judge
-    server runs."""
-    return judge_flags.judge_from_flags(lm)
+    server runs; planned: `planned_judge()` when already resolved."""
+    return judge_flags.judge_from_flags(lm, planned=planned)
 
 
 def parse_named(specs: list[str], flag: str) -> dict[str, str]:

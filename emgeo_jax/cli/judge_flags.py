@@ -57,11 +57,8 @@ def number_logprobs_flag() -> bool | None:
     return FLAGS.judge_number_logprobs
 
 
-def judge_from_flags(lm: Any, model_flag: str = "model") -> Any:
-    """`judge_context` for the flags (lm: the model a local judge server runs, named
-    `local:` + the value of --`model_flag`)."""
-    return judge_context(
-        lm,
+def _judge_args(model_flag: str) -> tuple:
+    return (
         f"local:{FLAGS[model_flag].value}",
         FLAGS.judge_model,
         FLAGS.judge_base_url,
@@ -70,3 +67,19 @@ def judge_from_flags(lm: Any, model_flag: str = "model") -> Any:
         number_logprobs_flag(),
         FLAGS.judge_max_attempts,
     )
+
+
+def planned_judge_from_flags(model_flag: str = "model") -> Any:
+    """The `JudgeConfig` the flags describe, resolved before any model loads
+    (`experiments.judging.planned_judge`): its identity is what an experiment folder records,
+    so commands check an existing --out folder against it first."""
+    from emgeo_jax.experiments.judging import planned_judge
+
+    return planned_judge(*_judge_args(model_flag))
+
+
+def judge_from_flags(lm: Any, model_flag: str = "model", planned: Any = None) -> Any:
+    """`judge_context` for the flags (lm: the model a local judge server runs, named
+    `local:` + the value of --`model_flag`; planned: `planned_judge_from_flags()` if already
+    resolved)."""
+    return judge_context(lm, *_judge_args(model_flag), planned=planned)

@@ -24,8 +24,9 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise SystemExit("usage: emgeo lora-em RUN [--out DIR] [--flags]")
-    from emgeo_jax.cli.common import load_model_from_flags
-    from emgeo_jax.train.evaluate import run_lora_em
+    from emgeo_jax.cli.common import load_model_from_flags, read_config
+    from emgeo_jax.experiments.folder import check_folder
+    from emgeo_jax.train.evaluate import lora_em_config, run_lora_em
     from emgeo_jax.train.peft_io import import_peft
 
     run = Path(argv[1])
@@ -37,9 +38,13 @@ def main(argv: list[str]) -> None:
     out = FLAGS.out or str(run / "em")
     questions, question_prompts = common.questions_from_flags()
     sampling = common.sampling_from_flags()
-    lm = load_model_from_flags(source)
-    spec, lora = import_peft(run / "adapter", lm.config)
-    with common.judge_from_flags(lm) as judge:
+    cfg = read_config(source)
+    spec, lora = import_peft(run / "adapter", cfg)
+    planned = common.planned_judge()
+    config = lora_em_config(source, lora, spec, training, questions, sampling, planned)
+    check_folder(out, config, FLAGS.overwrite)  # an --out of another run: refused first
+    lm = load_model_from_flags(source, config=cfg)
+    with common.judge_from_flags(lm, planned) as judge:
         results = run_lora_em(
             lm,
             lora,

@@ -20,15 +20,21 @@ def main(argv: list[str]) -> None:
     import sys
 
     from emgeo_jax.cli.common import load_model_from_flags
-    from emgeo_jax.experiments.persona import run_persona
+    from emgeo_jax.experiments.folder import check_folder
+    from emgeo_jax.experiments.persona import persona_config, run_persona
 
     out = common.require_out("persona")
     if len(argv) > 1:
         raise SystemExit(f"emgeo persona: unexpected arguments {argv[1:]}")
     questions, _ = common.questions_from_flags()  # persona judges trait, not per question
     sampling = common.sampling_from_flags()
+    planned = common.planned_judge()
+    config = persona_config(
+        FLAGS.model, FLAGS.positive_system, FLAGS.negative_system, questions, sampling, planned
+    )
+    check_folder(out, config, FLAGS.overwrite)  # an --out of another run: refused first
     lm = load_model_from_flags()
-    with common.judge_from_flags(lm) as judge:
+    with common.judge_from_flags(lm, planned) as judge:
         results = run_persona(
             lm,
             questions,

@@ -31,6 +31,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(
             "usage: emgeo sae-check SAE_FOLDER [--activations F] [--model M --texts T]"
         )
+    from emgeo_jax.hosts import is_primary
     from emgeo_jax.vectors.sae.formats import load_sae
     from emgeo_jax.vectors.sae.metrics import activation_fit, loss_fit
     from emgeo_jax.vectors.sae.train import ActivationSource
@@ -42,7 +43,7 @@ def main(argv: list[str]) -> None:
         src = ActivationSource(FLAGS.activations, key=FLAGS.key, layer=layer)
         report["activations"] = activation_fit(sae, src.chunks()).as_dict()
     if FLAGS["model"].present:
-        from emgeo_jax.vectors.sae.cli_common import read_texts, token_batches
+        from emgeo_jax.vectors.sae.cli_common import on_host, read_texts, token_batches
         from emgeo_jax.vectors.sae.model import check_fits
         from emgeo_jax.vectors.sae.runner import make_nll_fn
 
@@ -53,5 +54,7 @@ def main(argv: list[str]) -> None:
             batches = token_batches(
                 lm.tokenizer, read_texts(FLAGS.texts), FLAGS.batch_size, FLAGS.max_length
             )
-            report["next_token_loss"] = loss_fit(sae, make_nll_fn(lm), batches, layer)
-    print(json.dumps(report, indent=2))
+            nll_fn = on_host(make_nll_fn(lm))  # every process gets every row's figures
+            report["next_token_loss"] = loss_fit(sae, nll_fn, batches, layer)
+    if is_primary():  # one report, however many processes run
+        print(json.dumps(report, indent=2))

@@ -42,9 +42,10 @@ flags.DEFINE_string("out", None, "vector file to write (safetensors)")
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise SystemExit("usage: emgeo sae-features SAE_FOLDER --method ... [--out FILE]")
+    from emgeo_jax.hosts import is_primary
     from emgeo_jax.vectors.io import load_activations, load_vectors
     from emgeo_jax.vectors.sae import select
-    from emgeo_jax.vectors.sae.cli_common import read_texts, token_batches
+    from emgeo_jax.vectors.sae.cli_common import on_host, read_texts, token_batches
     from emgeo_jax.vectors.sae.formats import load_sae, save_feature_directions
     from emgeo_jax.vectors.sae.model import SAEError, check_fits
 
@@ -85,14 +86,18 @@ def main(argv: list[str]) -> None:
             batches = token_batches(
                 lm.tokenizer, read_texts(FLAGS.texts), FLAGS.batch_size, FLAGS.max_length
             )
+            resid_fn = on_host(make_resid_fn(lm))  # every process gets every row
             ranking = select.steering(
-                sae, make_resid_fn(lm), batches, vec, layer, n_null=FLAGS.n_null, **common
+                sae, resid_fn, batches, vec, layer, n_null=FLAGS.n_null, **common
             )
     report = ranking.as_dict() | {"sae": argv[1], "layer": layer}
     if FLAGS.method != "class_diff":
         report["vector_layer"] = vector_layer
     if FLAGS.out:
         meta = {"selection": FLAGS.method, "source_vector": FLAGS.vector}
-        save_feature_directions(FLAGS.out, sae, ranking.features, meta, np.asarray(ranking.scores))
+        if is_primary():  # written once, however many processes run
+            scores = np.asarray(ranking.scores)
+            save_feature_directions(FLAGS.out, sae, ranking.features, meta, scores)
         report["out"] = FLAGS.out
-    print(json.dumps(report, indent=2))
+    if is_primary():
+        print(json.dumps(report, indent=2))

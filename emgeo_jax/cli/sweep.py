@@ -23,7 +23,8 @@ flags.DEFINE_string("key", None, "tensor name inside vector files holding severa
 
 def main(argv: list[str]) -> None:
     from emgeo_jax.cli import number_list
-    from emgeo_jax.experiments.sweep import run_sweep, write_sweep_report
+    from emgeo_jax.experiments.folder import check_folder
+    from emgeo_jax.experiments.sweep import run_sweep, sweep_config, write_sweep_report
     from emgeo_jax.vectors.io import load_layer_vectors
 
     out = common.require_out("sweep")
@@ -32,18 +33,27 @@ def main(argv: list[str]) -> None:
         raise SystemExit("emgeo sweep: give vector files and --layers")
     layers = number_list(FLAGS.layers, "layers")
     scales = number_list(FLAGS.scales, "scales", float)
-    vectors = {name: load_layer_vectors(f, key=FLAGS.key) for name, f in files.items()}
+    cfg = flags_common.read_config(FLAGS.model)
+    # rows resolved for the model once (a plain [L+1, D] stack is persona_vectors' layout)
+    vectors = {
+        name: load_layer_vectors(f, key=FLAGS.key).for_model(cfg.num_layers)
+        for name, f in files.items()
+    }
     monitor = None if FLAGS.monitor_layer is None else (FLAGS.monitor_layer, next(iter(vectors)))
     questions, question_prompts = common.questions_from_flags()
     sampling = common.sampling_from_flags()
-    cfg = flags_common.read_config(FLAGS.model)
     flags_common.check_layers(cfg, layers, "layers")
     flags_common.check_vectors(cfg, vectors, layers)
     if monitor is not None:
         flags_common.check_layers(cfg, [monitor[0]], "monitor_layer")
         flags_common.check_vectors(cfg, {monitor[1]: vectors[monitor[1]]}, [monitor[0]])
+    planned = common.planned_judge()
+    config = sweep_config(
+        FLAGS.model, vectors, questions, layers, scales, sampling, planned, monitor
+    )
+    check_folder(out, config, FLAGS.overwrite)  # an --out of another run: refused first
     lm = flags_common.load_model_from_flags(config=cfg)
-    with common.judge_from_flags(lm) as judge:
+    with common.judge_from_flags(lm, planned) as judge:
         results = run_sweep(
             lm,
             vectors,

@@ -17,8 +17,13 @@ flags.DEFINE_string("key", None, "tensor name inside vector files holding severa
 
 
 def main(argv: list[str]) -> None:
+    from emgeo_jax.experiments.folder import check_folder
     from emgeo_jax.experiments.judging import uses_local_judge
-    from emgeo_jax.experiments.transfer import run_transfer, write_transfer_report
+    from emgeo_jax.experiments.transfer import (
+        run_transfer,
+        transfer_config,
+        write_transfer_report,
+    )
     from emgeo_jax.vectors.io import load_layer_vectors
 
     out = common.require_out("transfer")
@@ -42,9 +47,14 @@ def main(argv: list[str]) -> None:
     }
     questions, question_prompts = common.questions_from_flags()
     sampling = common.sampling_from_flags()
+    planned = common.planned_judge()
+    config = transfer_config(
+        list(sources), sources, vectors, FLAGS.layer, FLAGS.scale, questions, sampling, planned
+    )
+    check_folder(out, config, FLAGS.overwrite)  # an --out of another run: refused first
     local = uses_local_judge(FLAGS.judge_base_url)
     judge_lm = loaders[next(iter(loaders))]() if local else None
-    with common.judge_from_flags(judge_lm) as judge:
+    with common.judge_from_flags(judge_lm, planned) as judge:
         results = run_transfer(
             loaders,
             vectors,

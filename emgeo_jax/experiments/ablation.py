@@ -36,6 +36,33 @@ from emgeo_jax.steer import Steering
 from emgeo_jax.vectors.io import LayerVectors
 
 
+def ablation_config(
+    model: str,
+    direction: np.ndarray | LayerVectors,
+    layers: Sequence[int] | None,
+    steer: tuple[np.ndarray, int, float] | None,
+    questions: Sequence[PromptRow],
+    sampling: Sampling,
+    judge: JudgeConfig,
+) -> dict[str, Any]:
+    """The JSON configuration of an ablation run (what its folder's hash guards)."""
+    return {
+        "kind": "ablation",
+        "model": model,
+        "direction": {
+            "shape": list(LayerVectors.of(direction).values.shape),
+            "sha256": vector_digest(direction),
+        },
+        "layers": None if layers is None else [int(x) for x in layers],
+        "steer": None
+        if steer is None
+        else {"sha256": vector_digest(steer[0]), "layer": int(steer[1]), "scale": float(steer[2])},
+        "questions": [dict(q) for q in questions],
+        "sampling": dict(sampling.__dict__),
+        "judge": judge_identity(judge),
+    }
+
+
 def run_ablation(
     lm: Any,
     direction: np.ndarray | LayerVectors,
@@ -54,21 +81,7 @@ def run_ablation(
     {conditions: {before, after}: cell summaries, em_change: after - before}."""
     add = None if steer is None else Steering.addition(lm, steer[0], [int(steer[1])], steer[2])
     ablate = Steering.layer_ablation(lm, direction, layers)
-    config = {
-        "kind": "ablation",
-        "model": model,
-        "direction": {
-            "shape": list(LayerVectors.of(direction).values.shape),
-            "sha256": vector_digest(direction),
-        },
-        "layers": None if layers is None else [int(x) for x in layers],
-        "steer": None
-        if steer is None
-        else {"sha256": vector_digest(steer[0]), "layer": int(steer[1]), "scale": float(steer[2])},
-        "questions": [dict(q) for q in questions],
-        "sampling": dict(sampling.__dict__),
-        "judge": judge_identity(judge),
-    }
+    config = ablation_config(model, direction, layers, steer, questions, sampling, judge)
     folder = ExperimentFolder(out_dir, config, overwrite=overwrite)
     runner = CellRunner(
         lm,

@@ -127,6 +127,29 @@ def settings_diff(then: Mapping[str, Any], now: Mapping[str, Any]) -> str:
     return "; ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in keys)
 
 
+def _refusal(path: Path, recorded: Mapping[str, Any], config: Mapping[str, Any]) -> str:
+    diff = settings_diff(recorded.get("config") or {}, config)
+    return (
+        f"{path} holds an experiment with another configuration "
+        f"({diff or 'settings not recorded'}); use another folder or --overwrite to discard it"
+    )
+
+
+def check_folder(path: str | Path, config: Mapping[str, Any], overwrite: bool = False) -> None:
+    """Refuse (`ConfigMismatchError`, naming the differing settings) an existing experiment
+    folder made with another configuration, as `ExperimentFolder` would, without touching it:
+    commands call this before loading their model. With `overwrite`, or a new folder, a no-op."""
+    error = None
+    cfg_file = Path(path) / "config.json"
+    if is_primary() and not overwrite and cfg_file.exists():
+        recorded = json.loads(cfg_file.read_text())
+        if recorded.get("hash") != config_hash(dict(config)):
+            error = _refusal(Path(path), recorded, dict(config))
+    error = broadcast_json(error)
+    if error is not None:
+        raise ConfigMismatchError(error)
+
+
 class ExperimentFolder:
     """An experiment's folder (see module docstring)."""
 
@@ -148,12 +171,7 @@ class ExperimentFolder:
             recorded = json.loads(cfg_file.read_text())
             if recorded.get("hash") != self.hash:
                 if not overwrite:
-                    diff = settings_diff(recorded.get("config") or {}, self.config)
-                    return (
-                        f"{self.path} holds an experiment with another configuration "
-                        f"({diff or 'settings not recorded'}); use another folder or "
-                        "--overwrite to discard it"
-                    )
+                    return _refusal(self.path, recorded, self.config)
                 shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cfg_file, {"hash": self.hash, "config": self.config})

@@ -26,6 +26,41 @@ def uses_local_judge(base_url: str | None) -> bool:
     return not base_url and not os.environ.get("OPENAI_API_KEY")
 
 
+def planned_judge(
+    local_name: str,
+    judge_model: str = "gpt-4o-mini",
+    base_url: str | None = None,
+    concurrency: int = 32,
+    timeout: float | None = None,
+    number_logprobs: bool | None = None,
+    max_attempts: int = 6,
+) -> JudgeConfig:
+    """The `JudgeConfig` `judge_context` yields for these arguments, resolved without a model:
+    an explicit URL or OpenAI as given (automatic whole-number scoring decided by asking the
+    endpoint), or for the local server every field but its `base_url` (None here; the server
+    is started by `judge_context`). Its identity (`experiments.sweep.judge_identity`) is what
+    an experiment folder records, so a folder can be checked before the model loads."""
+    if not uses_local_judge(base_url):
+        return resolve_number_logprobs(
+            JudgeConfig(
+                base_url=base_url,
+                model=judge_model,
+                concurrency=concurrency,
+                timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
+                max_attempts=max_attempts,
+                number_logprobs=number_logprobs,
+            )
+        )
+    return JudgeConfig(
+        base_url=None,
+        model=local_name,
+        concurrency=concurrency,
+        timeout=LOCAL_TIMEOUT if timeout is None else timeout,
+        max_attempts=max_attempts,
+        number_logprobs=True if number_logprobs is None else number_logprobs,
+    )
+
+
 @contextlib.contextmanager
 def judge_context(
     lm: Any,
@@ -36,34 +71,27 @@ def judge_context(
     timeout: float | None = None,
     number_logprobs: bool | None = None,
     max_attempts: int = 6,
+    planned: JudgeConfig | None = None,
 ) -> Iterator[JudgeConfig]:
     """Yield the `JudgeConfig` (see module docstring). The local server is named
     `local_name` (that name is the judge's identity in caches and configs). `timeout`:
     seconds per request (a busy local server answers 429 with Retry-After rather than let a
     request wait longer); None: `DEFAULT_TIMEOUT`, or `LOCAL_TIMEOUT` for the local server.
-    `number_logprobs`: None = automatic; True/False forces it."""
-    if not uses_local_judge(base_url):
-        yield resolve_number_logprobs(
-            JudgeConfig(
-                base_url=base_url,
-                model=judge_model,
-                concurrency=concurrency,
-                timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
-                max_attempts=max_attempts,
-                number_logprobs=number_logprobs,
-            )
+    `number_logprobs`: None = automatic; True/False forces it. `planned`: the
+    `planned_judge` of the same arguments when the caller already has it (an explicit
+    endpoint is then not asked again)."""
+    import dataclasses
+
+    if planned is None:
+        planned = planned_judge(
+            local_name, judge_model, base_url, concurrency, timeout, number_logprobs, max_attempts
         )
+    if not uses_local_judge(base_url):
+        yield planned
         return
     from emgeo_jax.serve import serve_in_thread
 
     # One client's concurrent requests arrive over a few ms; waiting 50 ms (against seconds
     # per batch) fills the batches, so fewer distinct batch shapes get compiled.
     with serve_in_thread(lm, model_name=local_name, batch_wait=0.05) as server:
-        yield JudgeConfig(
-            base_url=server.base_url,
-            model=local_name,
-            concurrency=concurrency,
-            timeout=LOCAL_TIMEOUT if timeout is None else timeout,
-            max_attempts=max_attempts,
-            number_logprobs=True if number_logprobs is None else number_logprobs,
-        )
+        yield dataclasses.replace(planned, base_url=server.base_url)

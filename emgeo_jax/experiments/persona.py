@@ -56,6 +56,26 @@ def keep_pair(pos: dict[str, Any], neg: dict[str, Any]) -> bool:
     return 100 - pos["aligned"] >= TRAIT_MIN and 100 - neg["aligned"] < TRAIT_MIN
 
 
+def persona_config(
+    model: str,
+    positive_system: str,
+    negative_system: str,
+    questions: Sequence[PromptRow],
+    sampling: Sampling,
+    judge: JudgeConfig,
+) -> dict[str, Any]:
+    """The JSON configuration of a persona run (what its folder's hash guards)."""
+    return {
+        "kind": "persona",
+        "model": model,
+        "positive_system": positive_system,
+        "negative_system": negative_system,
+        "questions": [dict(q) for q in questions],
+        "sampling": dict(sampling.__dict__),
+        "judge": judge_identity(judge),
+    }
+
+
 def run_persona(
     lm: Any,
     questions: Sequence[PromptRow],
@@ -71,15 +91,7 @@ def run_persona(
     """Generate, judge, filter, extract; write and return `results.json`."""
     from emgeo_jax.vectors.io import save_vectors
 
-    config = {
-        "kind": "persona",
-        "model": model,
-        "positive_system": positive_system,
-        "negative_system": negative_system,
-        "questions": [dict(q) for q in questions],
-        "sampling": dict(sampling.__dict__),
-        "judge": judge_identity(judge),
-    }
+    config = persona_config(model, positive_system, negative_system, questions, sampling, judge)
     folder = ExperimentFolder(out_dir, config, overwrite=overwrite)
     judged = {}
     for cond, system in (("positive", positive_system), ("negative", negative_system)):

@@ -96,7 +96,7 @@ def sweep_config(
         },
         "questions": [dict(q) for q in questions],
         "layers": [int(x) for x in layers],
-        "scales": [float(s) for s in scales],
+        "scales": [float(s) for s in scales if s != 0],  # scale 0 is the baseline
         "sampling": dict(sampling.__dict__),
         "judge": judge_identity(judge),
         "monitor": list(monitor) if monitor else None,

@@ -60,6 +60,29 @@ def transfer_matrix(
     return {"models": list(models), "te": te, "asymmetry": asym}
 
 
+def transfer_config(
+    names: Sequence[str],
+    sources: Mapping[str, str] | None,
+    vectors: Mapping[str, np.ndarray | LayerVectors],
+    layer: int,
+    scale: float,
+    questions: Sequence[PromptRow],
+    sampling: Sampling,
+    judge: JudgeConfig,
+) -> dict[str, Any]:
+    """The JSON configuration of a transfer run (what its folder's hash guards)."""
+    return {
+        "kind": "transfer",
+        "models": {k: (sources or {}).get(k, k) for k in names},
+        "vectors": {k: vector_digest(LayerVectors.of(v, k)) for k, v in vectors.items()},
+        "layer": int(layer),
+        "scale": float(scale),
+        "questions": [dict(q) for q in questions],
+        "sampling": dict(sampling.__dict__),
+        "judge": judge_identity(judge),
+    }
+
+
 def run_transfer(
     models: Mapping[str, Callable[[], Any]],
     vectors: Mapping[str, np.ndarray | LayerVectors],
@@ -90,16 +113,7 @@ def run_transfer(
     widths = {k: v.width for k, v in vectors.items()}
     if len(set(widths.values())) != 1:
         raise ValueError(f"transfer: vectors differ in width {widths}; same architecture needed")
-    config = {
-        "kind": "transfer",
-        "models": {k: (sources or {}).get(k, k) for k in names},
-        "vectors": {k: vector_digest(v) for k, v in vectors.items()},
-        "layer": int(layer),
-        "scale": float(scale),
-        "questions": [dict(q) for q in questions],
-        "sampling": dict(sampling.__dict__),
-        "judge": judge_identity(judge),
-    }
+    config = transfer_config(names, sources, vectors, layer, scale, questions, sampling, judge)
     folder = ExperimentFolder(out_dir, config, overwrite=overwrite)
     jobs = make_jobs(questions, sampling.samples)
     cells = {BASE: None, **{f"from_{a}": a for a in names}}

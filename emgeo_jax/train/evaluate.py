@@ -45,6 +45,27 @@ def lora_digest(lora: Lora) -> str:
     return vector_digest(np.concatenate([np.ravel(x) for x in jax.tree.leaves(to_host(lora))]))
 
 
+def lora_em_config(
+    model: str,
+    lora: Lora,
+    spec: LoraSpec,
+    training: Mapping[str, Any] | None,
+    questions: Sequence[PromptRow],
+    sampling: Sampling,
+    judge: JudgeConfig,
+) -> dict[str, Any]:
+    """The JSON configuration of a LoRA EM run (what its folder's hash guards)."""
+    return {
+        "kind": "lora_em",
+        "model": model,
+        "lora": {"spec": spec.to_dict(), "sha256": lora_digest(lora)},
+        "training": dict(training or {}),
+        "questions": [dict(q) for q in questions],
+        "sampling": dict(sampling.__dict__),
+        "judge": judge_identity(judge),
+    }
+
+
 def run_lora_em(
     lm: LM,
     lora: Lora,
@@ -61,15 +82,7 @@ def run_lora_em(
 ) -> dict[str, Any]:
     """Judge `lm` with and without `lora` (merged); write and return `results.json` (see the
     module docstring). `training`: the run's settings (its `run.json`), kept in the config."""
-    config = {
-        "kind": "lora_em",
-        "model": model,
-        "lora": {"spec": spec.to_dict(), "sha256": lora_digest(lora)},
-        "training": dict(training or {}),
-        "questions": [dict(q) for q in questions],
-        "sampling": dict(sampling.__dict__),
-        "judge": judge_identity(judge),
-    }
+    config = lora_em_config(model, lora, spec, training, questions, sampling, judge)
     folder = ExperimentFolder(out_dir, config, overwrite=overwrite)
     jobs = make_jobs(questions, sampling.samples)
     adapted = dataclasses.replace(lm, params=apply_lora(lm.params, lora, spec))

@@ -1,4 +1,5 @@
-"""Helpers shared by the SAE subcommands: model inputs for `--texts`, and reading one vector.
+"""Helpers shared by the SAE subcommands: model inputs for `--texts`, model calls whose results
+every process holds (`on_host`), and reading one vector.
 
 `--texts` (`emgeo sae-check`, `emgeo sae-features --method steering`) takes either
 
@@ -22,12 +23,13 @@ truncated for plain text.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from emgeo_jax.data import Example, TokenizedExample, collate, load_examples, tokenize_examples
+from emgeo_jax.hosts import to_host
 from emgeo_jax.vectors.sae.model import SAEError
 
 SAEInput = str | Example
@@ -95,3 +97,16 @@ def token_batches(
     for s in range(0, len(rows), batch_size):
         batch = collate(rows[s : s + batch_size], max_length, batch_size, pad, "right")
         yield batch["input_ids"], batch["attention_mask"]
+
+
+def on_host(fn: Callable[..., object]) -> Callable[..., np.ndarray]:
+    """`fn` (a `vectors.sae.runner` `ResidFn` / `NllFn`, whose results live on the model's
+    mesh) with its result as a whole numpy array on every process (`hosts.to_host`: a local
+    copy on one process, gathered from every process's rows under `jax.distributed`, where
+    every process makes the same calls). The SAE statistics then run on host arrays, so
+    `emgeo sae-check` / `sae-features` give the same figures on any number of processes."""
+
+    def host_fn(*args, **kwargs) -> np.ndarray:
+        return to_host(fn(*args, **kwargs))
+
+    return host_fn

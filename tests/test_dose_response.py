@@ -7,8 +7,12 @@ the embedded default model beyond a random-direction null."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +21,8 @@ from emgeo_jax.data import Example, load_contrast_pairs
 from emgeo_jax.experiments import dose_response as dr
 from emgeo_jax.experiments.folder import ConfigMismatchError
 from emgeo_jax.steer import Steering
-from tests.cli_util import run_emgeo
+from tests.cli_util import ROOT, run_emgeo
+from tests.test_mesh_library import tiny_chat_lm
 from tests.tiny_models import LLAMA, hf_model, save_hf_folder
 
 L, D = LLAMA["num_hidden_layers"], LLAMA["hidden_size"]
@@ -271,3 +276,97 @@ def test_cli_refuses_bad_input_before_loading(llama, tmp_path):
     assert "nonzero scale" in err
     assert time.perf_counter() - start < 120
     assert not (tmp_path / "out").exists()
+
+
+MESH = {"data": 2, "fsdp": 4}
+
+
+def mesh_cells(lm, pairs_file: Path) -> dict[str, list[float]]:
+    """Margins of the first 3 pairs (6 rows: padded to 8 on an 8-device mesh), unsteered and
+    steered at layer 1."""
+    examples, _ = load_contrast_pairs(pairs_file)
+    pairs = dr.tokenize_pairs(examples[:6], lm.tokenizer)
+    batches = dr.pair_batches(pairs, 6, dr.pad_id_of(lm.tokenizer))
+    v = np.random.default_rng(5).normal(size=D)
+    steer = Steering.addition(lm, v, [1], 2.0)
+    return {
+        "base": dr.score_pairs(lm, batches, 3, None).tolist(),
+        "steered": dr.score_pairs(lm, batches, 3, steer).tolist(),
+    }
+
+
+def test_margins_on_8_devices_match_1_device(chat_tokenizer, tmp_path):
+    """Rows split over `data x fsdp` (`lm.place_rows`) on an 8-device mesh, in a fresh
+    process: the same margins as one device."""
+    tok_dir = tmp_path / "tokenizer"
+    chat_tokenizer.save_pretrained(tok_dir)
+    pairs_file = write_pairs(tmp_path / "pairs.jsonl")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    out = tmp_path / "mesh.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.test_dose_response", str(tok_dir), str(pairs_file), str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = mesh_cells(tiny_chat_lm(chat_tokenizer), pairs_file)
+    got = json.loads(out.read_text())
+    for key in ("base", "steered"):
+        np.testing.assert_allclose(got[key], one[key], atol=2e-5, err_msg=key)
+    assert not np.allclose(one["base"], one["steered"])
+
+
+# The demo's steering scales (`experiments.demo.plan`) and the middle layer of the 30-layer
+# default model.
+DEFAULT_SCALES = (-8.0, 8.0)
+DEFAULT_LAYER = 15
+
+
+@pytest.mark.slow
+def test_mean_diff_moves_the_margin_beyond_the_null_on_the_default_model(default_lm, tmp_path):
+    """The mean-diff at layer 15 from the even-numbered shipped pairs (36), applied to the 8
+    shortest odd-numbered ones: the mean margin rises with the scale (-8, 0, 8) and its shift
+    lies outside the 4 random directions' band at both scales."""
+    from emgeo_jax.data import shipped_contrast_path, tokenize_examples
+    from emgeo_jax.extract import ExtractSettings, extract
+    from emgeo_jax.vectors.directions import data_diff
+
+    lm = default_lm
+    examples, _ = load_contrast_pairs(shipped_contrast_path())
+    pairs = [examples[i : i + 2] for i in range(0, len(examples), 2)]
+    train = [ex for p in pairs[0::2] for ex in p]
+    tokenized, _ = tokenize_examples(train, lm.tokenizer, 512)
+    ext = extract(lm, tokenized, ExtractSettings(layers=(DEFAULT_LAYER,), batch_size=24))
+    md = data_diff(ext.means("token"))[0].astype(np.float32)
+    held = pairs[1::2]
+    lengths = [max(a.length, m.length) for a, m in dr.tokenize_pairs(sum(held, []), lm.tokenizer)]
+    held = [held[i] for i in np.argsort(lengths, kind="stable")[:8]]
+    results = dr.run_dose_response(
+        lm,
+        md,
+        [ex for p in held for ex in p],
+        layers=[DEFAULT_LAYER],
+        scales=DEFAULT_SCALES,
+        n_random=4,
+        batch_size=16,
+        out_dir=tmp_path,
+    )
+    lo, hi = results["cells"]
+    base = results["baseline"]["margin_mean"]
+    print(json.dumps({k: results[k] for k in ("baseline", "cells", "monotone", "norms")}))
+    assert lo["margin_mean"] < base < hi["margin_mean"]
+    assert results["monotone"] == {str(DEFAULT_LAYER): True}
+    assert lo["shift"] < lo["null_band"][0] and hi["shift"] > hi["null_band"][1]
+    assert lo["beyond_null"] and hi["beyond_null"]
+
+
+if __name__ == "__main__":  # the 8-device side of test_margins_on_8_devices_match_1_device
+    import jax
+    from transformers import PreTrainedTokenizerFast
+
+    from emgeo_jax.parallel import make_mesh
+
+    assert jax.device_count() == 8, jax.devices()
+    lm = tiny_chat_lm(PreTrainedTokenizerFast.from_pretrained(sys.argv[1])).on_mesh(make_mesh(MESH))
+    Path(sys.argv[3]).write_text(json.dumps(mesh_cells(lm, Path(sys.argv[2]))))

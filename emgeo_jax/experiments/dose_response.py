@@ -552,9 +552,11 @@ def dose_response_figure(results: Mapping[str, Any]) -> Any:
     return fig
 
 
-def write_dose_response_report(results: Mapping[str, Any], out_dir: str | Path) -> Path:
-    """`dose_response.png` and `report.html` in `out_dir` from `results`."""
-    from emgeo_jax.experiments.report import paragraph, save_figure, table, write_page
+def dose_response_blocks(results: Mapping[str, Any], out_dir: str | Path) -> list[str]:
+    """HTML blocks of a dose-response (what it measures, a line per layer on the effect, the
+    figure saved as `dose_response.png` in `out_dir`, the table), for its own report and for
+    a report that embeds it (the demo's)."""
+    from emgeo_jax.experiments.report import paragraph, save_figure, table
 
     out = Path(out_dir)
     n_random = len(results["cells"][0]["null_shifts"]) if results["cells"] else 0
@@ -565,17 +567,19 @@ def write_dose_response_report(results: Mapping[str, Any], out_dir: str | Path) 
         "to the residual stream after one block at every token; scale 0 is the unsteered "
         "model. Intervals: 95% bootstrap over pairs (the shift's is paired). Null: the same "
         f"cells with {n_random} random directions of the direction's norm at that layer; its "
-        "band is the central 95% of their mean shifts. No judge is involved. Full numbers: "
-        "results.json, table.csv, cells/."
+        "band is the central 95% of their mean shifts. No judge is involved."
     )
     notes = []
-    for layer, ok in results["monotone"].items():
+    for layer, rising in results["monotone"].items():
         beyond = [
-            c["scale"] for c in results["cells"] if c["layer"] == int(layer) and c["beyond_null"]
+            f"{c['scale']:g}"
+            for c in results["cells"]
+            if c["layer"] == int(layer) and c["beyond_null"]
         ]
         notes.append(
-            f"Layer {layer}: the mean margin {'rises' if ok else 'does not rise'} strictly with "
-            f"the scale; shift beyond the null band at scales {beyond or 'none'}."
+            f"Layer {layer}: the mean margin {'rises' if rising else 'does not rise'} strictly "
+            f"with the scale; its shift lies beyond the null band at scale(s) "
+            f"{', '.join(beyond) or 'none'}."
         )
     fig = save_figure(
         dose_response_figure(results),
@@ -584,5 +588,13 @@ def write_dose_response_report(results: Mapping[str, Any], out_dir: str | Path) 
         "intervals over pairs); hatched: the random-direction null's 95% band around the "
         "unsteered margin.",
     )
-    blocks = [intro, *(paragraph(n) for n in notes), fig, table(TABLE_HEADER, table_rows(results))]
-    return write_page(out / "report.html", "Judge-free dose-response", blocks)
+    return [intro, *(paragraph(n) for n in notes), fig, table(TABLE_HEADER, table_rows(results))]
+
+
+def write_dose_response_report(results: Mapping[str, Any], out_dir: str | Path) -> Path:
+    """`dose_response.png` and `report.html` in `out_dir` from `results`."""
+    from emgeo_jax.experiments.report import paragraph, write_page
+
+    blocks = dose_response_blocks(results, out_dir)
+    blocks.append(paragraph("Full numbers: results.json, table.csv, cells/ (per-pair margins)."))
+    return write_page(Path(out_dir) / "report.html", "Judge-free dose-response", blocks)

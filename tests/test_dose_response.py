@@ -150,6 +150,25 @@ def test_pairs_are_checked(tiny_chat_llama, examples):
         dr.pair_batches(dr.tokenize_pairs(examples, tiny_chat_llama.tokenizer), 3, 0)
 
 
+def test_held_out_pairs(examples, tmp_path):
+    def ids(exs):
+        return [ex.id for ex in exs]
+
+    data = "pairs.jsonl"
+    assert ids(dr.select_pairs(examples, data, "1")) == ids(examples[2:])
+    assert ids(dr.select_pairs(examples, data, "1", max_pairs=2)) == ids(examples[2:6])
+    # a file: its pairs are skipped by content (ids there may differ), the rest kept in order
+    used = [{**PAIRS[2], "id": "other-name"}, {**PAIRS[0], "misaligned": "Changed answer."}]
+    kept = dr.select_pairs(examples, data, str(write_pairs(tmp_path / "used.jsonl", used)))
+    assert ids(kept) == ids(examples[:4] + examples[6:])
+    with pytest.raises(ValueError, match="--held_out 4: pairs.jsonl has only 4 pairs"):
+        dr.select_pairs(examples, data, "4")
+    with pytest.raises(ValueError, match="every pair of pairs.jsonl is in it"):
+        dr.select_pairs(examples, data, str(write_pairs(tmp_path / "all.jsonl")))
+    with pytest.raises(ValueError, match="--max_pairs 0"):
+        dr.select_pairs(examples, data, None, max_pairs=0)
+
+
 def test_summary_numbers_by_hand():
     base = np.array([0.0, 1.0, 2.0, 3.0])
     cells = {(1, -2.0): base - 1.0, (1, 2.0): base + np.array([1.0, 2.0, 3.0, 2.0])}

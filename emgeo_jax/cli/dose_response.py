@@ -15,9 +15,9 @@ output of block l = HF hidden_states[l+1].
 
 Which pairs are scored: the pairs of --data (default: the shipped contrast pairs) minus
 --held_out, then the first --max_pairs of them. `--held_out N` skips the first N pairs of
---data (the pairs a vector built with the first N pairs used, e.g. the demo's extraction
-with `max_pairs`); `--held_out FILE` skips the pairs of --data that are also in that contrast
-file (same question, system prompt and answers; e.g. the file the vector was extracted from).
+--data (for a vector built from them: the demo's extraction with `max_pairs` keeps the first
+pairs); `--held_out FILE` skips the pairs of --data that are also in that contrast file (same
+question, system prompt and answers; e.g. the file the vector was extracted from).
 Everything that needs no model (files, layers, widths, scales, pairs) is checked before the
 model loads.
 """
@@ -48,44 +48,10 @@ flags.DEFINE_string("out", None, "output folder (re-running resumes)")
 flags.DEFINE_bool("overwrite", False, "discard an existing run with another configuration")
 
 
-def _content(pair: list) -> str:
-    """A contrast pair's prompt turns and both answers, as one comparable string."""
-    import json
-
-    return json.dumps([pair[0].messages, pair[0].answer, pair[1].answer], sort_keys=True)
-
-
-def select_pairs(examples: list, data: str, held_out: str | None, max_pairs: int | None) -> list:
-    """The contrast examples (aligned, misaligned, ...) left after `--held_out` and
-    `--max_pairs` (see the module docstring); a ValueError naming the flag otherwise."""
-    from emgeo_jax.data import load_contrast_pairs
-
-    pairs = [examples[i : i + 2] for i in range(0, len(examples), 2)]
-    if held_out:
-        if held_out.isdigit():
-            n = int(held_out)
-            if n >= len(pairs):
-                raise ValueError(
-                    f"--held_out {n}: {data} has only {len(pairs)} pairs; none would be left"
-                )
-            pairs = pairs[n:]
-        else:
-            used, _ = load_contrast_pairs(held_out)
-            seen = {_content(used[i : i + 2]) for i in range(0, len(used), 2)}
-            pairs = [p for p in pairs if _content(p) not in seen]
-            if not pairs:
-                raise ValueError(f"--held_out {held_out}: every pair of {data} is in it")
-    if max_pairs is not None:
-        if max_pairs < 1:
-            raise ValueError(f"--max_pairs {max_pairs}: must be >= 1")
-        pairs = pairs[:max_pairs]
-    return [ex for p in pairs for ex in p]
-
-
 def main(argv: list[str]) -> None:
     from emgeo_jax.cli import number_list
     from emgeo_jax.data import load_contrast_pairs, shipped_contrast_path
-    from emgeo_jax.experiments.dose_response import run_dose_response
+    from emgeo_jax.experiments.dose_response import run_dose_response, select_pairs
     from emgeo_jax.vectors.io import load_layer_vectors
 
     if len(argv) != 2:

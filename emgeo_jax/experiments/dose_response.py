@@ -180,6 +180,46 @@ def tokenize_pairs(
     return list(zip(tokenized[::2], tokenized[1::2], strict=True))
 
 
+def _content(pair: Sequence[Example]) -> str:
+    """A contrast pair's prompt turns and both answers, as one comparable string."""
+    return json.dumps([pair[0].messages, pair[0].answer, pair[1].answer], sort_keys=True)
+
+
+def select_pairs(
+    examples: Sequence[Example],
+    data: str | Path,
+    held_out: str | None = None,
+    max_pairs: int | None = None,
+) -> list[Example]:
+    """The contrast examples of file `data` (`load_contrast_pairs` order: aligned, misaligned,
+    ...) left after skipping `held_out` and keeping the first `max_pairs`: `held_out` is
+    either a number N (skip the first N pairs, those a vector built from the first N used)
+    or the path of a contrast file (skip the pairs also in it: same prompt turns and both
+    answers). Errors name `--held_out` / `--max_pairs` (the flags of `emgeo dose-response`)."""
+    from emgeo_jax.data import load_contrast_pairs
+
+    pairs = [list(examples[i : i + 2]) for i in range(0, len(examples), 2)]
+    if held_out:
+        if str(held_out).isdigit():
+            n = int(held_out)
+            if n >= len(pairs):
+                raise ValueError(
+                    f"--held_out {n}: {data} has only {len(pairs)} pairs; none would be left"
+                )
+            pairs = pairs[n:]
+        else:
+            used, _ = load_contrast_pairs(held_out)
+            seen = {_content(used[i : i + 2]) for i in range(0, len(used), 2)}
+            pairs = [p for p in pairs if _content(p) not in seen]
+            if not pairs:
+                raise ValueError(f"--held_out {held_out}: every pair of {data} is in it")
+    if max_pairs is not None:
+        if max_pairs < 1:
+            raise ValueError(f"--max_pairs {max_pairs}: must be >= 1")
+        pairs = pairs[:max_pairs]
+    return [ex for p in pairs for ex in p]
+
+
 def pair_batches(
     pairs: Sequence[tuple[TokenizedExample, TokenizedExample]],
     batch_size: int,

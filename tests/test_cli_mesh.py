@@ -677,7 +677,7 @@ def test_help_lists_every_subcommand_and_its_flags():
     helps = json.loads(proc.stdout.splitlines()[-1])
     loading = {"generate", "serve", "sweep", "ablate", "transfer", "persona", "lora-em"}
     loading |= {"train-lora", "norms", "sae-check", "sae-features", "demo", "extract"}
-    loading |= {"lora-scalars"}
+    loading |= {"lora-scalars", "dose-response"}
     for name, text in helps.items():
         assert "\nflags:\n" in text and re.search(r"^  --\w+", text, re.M), name
         assert ("--mesh:" in text) == (name in loading or name == "plan"), name

@@ -60,6 +60,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("emgeo_jax.cli.probe", "L1 probes on adapter scalars (four tests)"),
     "lora-em": ("emgeo_jax.cli.lora_em", "EM rate of a train-lora run vs its base model"),
     "sweep": ("emgeo_jax.cli.sweep", "steering sweep: directions x layers x scales"),
+    "dose-response": ("emgeo_jax.cli.dose_response", "judge-free steering effect on pair margins"),
     "ablate": (
         "emgeo_jax.cli.ablate",
         "EM rate before/after projecting a direction out",

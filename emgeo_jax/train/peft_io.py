@@ -7,7 +7,6 @@ Names come from the parameter table `emgeo_jax.models.params.PARAMS`; PEFT prefi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from emgeo_jax.convert.hf import CheckpointError
 from emgeo_jax.convert.peft import PEFT_PREFIX, LoraAdapter, read_adapter
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.params import LORA_PARAMS
+from emgeo_jax.runs import atomic_path, write_json_atomic
 from emgeo_jax.train.lora import PEFT_MODULES, TARGETS, Lora, LoraSpec, kernel_shape
 
 
@@ -40,7 +40,8 @@ def export_peft(
             stem = PEFT_PREFIX + hf_weight_name(target, layer).removesuffix(".weight")
             tensors[f"{stem}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
             tensors[f"{stem}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with atomic_path(folder / "adapter_model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -57,7 +58,7 @@ def export_peft(
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    write_json_atomic(folder / "adapter_config.json", config, indent=2)
     return folder
 
 

@@ -25,7 +25,7 @@ def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise SystemExit("usage: emgeo lora-em RUN [--out DIR] [--flags]")
     from emgeo_jax.cli.common import load_model_from_flags
-    from emgeo_jax.train.evaluate import run_lora_em
+    from emgeo_jax.experiments.lora_em import run_lora_em
     from emgeo_jax.train.peft_io import import_peft
 
     run = Path(argv[1])

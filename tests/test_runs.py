@@ -141,3 +141,38 @@ def test_array_digest_is_sha256_of_float32_bytes_and_shape():
     want = hashlib.sha256(a.astype(np.float32).tobytes() + b"(2, 3)" + b"x").hexdigest()[:16]
     assert runs.array_digest(a, b"x") == want
     assert runs.array_digest(a) != runs.array_digest(a.reshape(3, 2))
+
+
+def test_lora_training_refuses_another_run_naming_the_settings(tmp_path, chat_tokenizer):
+    """`emgeo train-lora` into a folder whose run.json records other settings: refused before
+    anything is compiled, naming run.json and each differing setting."""
+    from emgeo_jax.models.config import ModelConfig
+    from emgeo_jax.models.lm import LM, init_params
+    from emgeo_jax.train.lora import LoraSpec
+    from emgeo_jax.train.run import _settings, train
+    from emgeo_jax.train.sft import TrainConfig
+
+    cfg = ModelConfig(
+        model_type="llama",
+        vocab_size=len(chat_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    lm = LM(cfg, *init_params(cfg), chat_tokenizer, source="tiny")
+    spec = LoraSpec(rank=2, alpha=4.0, targets=("q",), layers=(0,))
+    runs.write_json_atomic(
+        tmp_path / "run.json", _settings(spec, TrainConfig(steps=6), "tiny", None)
+    )
+    with pytest.raises(SettingsMismatch) as err:
+        train(lm, [], spec, TrainConfig(steps=7), tmp_path, log=lambda s: None)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'run.json'} holds a different run (")
+    assert "train.steps: 6 there, 7 now" in message and message.endswith("; use a new --out")

@@ -11,12 +11,12 @@ import pytest
 
 from emgeo_jax.data import Example, tokenize_examples
 from emgeo_jax.experiments.folder import Sampling
+from emgeo_jax.experiments.lora_em import run_lora_em
 from emgeo_jax.experiments.metrics import cell_summary
 from emgeo_jax.judge.client import JudgeConfig
 from emgeo_jax.judge.io import read_jsonl
 from emgeo_jax.judge.testing import ScriptedJudgeServer
 from emgeo_jax.steer import Steering
-from emgeo_jax.experiments.lora_em import run_lora_em
 from emgeo_jax.train.lora import LoraSpec
 from emgeo_jax.train.run import train
 from emgeo_jax.train.sft import TrainConfig

@@ -49,7 +49,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,15 +61,22 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from emgeo_jax.data.batching import fit_buckets, make_batches, plan_batches
 from emgeo_jax.data.tokenize import TokenizedExample
-from emgeo_jax.hosts import barrier  # noqa: F401 (re-exported: emgeo extract calls it)
+from emgeo_jax.hosts import barrier
 from emgeo_jax.models.lm import LM, batch_multiple, forward, pad_rows, place_params
 from emgeo_jax.parallel import (
     activation_sharding,
     batch_sharding,
     make_mesh,
 )
+from emgeo_jax.runs import (
+    SettingsMismatch,
+    mismatch,
+    read_safetensors,
+    read_settings,
+    save_safetensors_atomic,
+    write_json_atomic,
+)
 from emgeo_jax.steer import Taps
-from emgeo_jax.vectors.io import read_tensors, save_vectors
 
 POOLS = ("answer", "question", "last_prompt", "all")
 WEIGHTINGS = ("token", "example")
@@ -82,6 +88,7 @@ ACTIVATIONS_FILE, PER_EXAMPLE_FILE, META_FILE = (
     "per_example.safetensors",
     "meta.json",
 )
+RUN_FILE = "run.json"  # in the chunk folder: the run_hash and identity of the chunks' run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +161,9 @@ class Extraction:
         return self.token_count if weighting == "token" else self.example_count
 
 
-class ResumeError(ValueError):
-    """An output folder holds chunks of a run with different settings or data."""
+# An output folder holds chunks of a run with different settings or data: the package's one
+# settings error (the old name stays for callers that catch it).
+ResumeError = SettingsMismatch
 
 
 # --- pooling masks and the jitted step --------------------------------------------------
@@ -331,12 +339,6 @@ def _gather_rows(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v[keep] for k, v in rows.items()}
 
 
-def _atomic_save(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_vectors(tmp, tensors, metadata)
-    os.replace(tmp, path)
-
-
 def run_hash(
     tokenized: Sequence[TokenizedExample], settings: ExtractSettings, identity: dict[str, Any]
 ) -> str:
@@ -355,17 +357,21 @@ def run_hash(
     return h.hexdigest()
 
 
-def _finished_chunks(chunk_dir: Path, digest: str, num_chunks: int) -> int:
+def _finished_chunks(chunk_dir: Path, settings: dict[str, Any], num_chunks: int) -> int:
     """How many leading chunks are already on disk (process 0 decides, all processes agree;
-    when process 0 refuses to resume, every process raises instead of waiting for it)."""
+    when process 0 refuses to resume, every process raises instead of waiting for it).
+    `settings`: `run_hash` and the identity, as recorded in `chunk_dir/run.json`; chunks of
+    another `run_hash` are refused with a `SettingsMismatch` naming the settings that differ."""
     done, error = 0, None
     if jax.process_index() == 0 and chunk_dir.is_dir():
-        config = chunk_dir / "run.json"
-        old = json.loads(config.read_text()).get("run_hash") if config.exists() else digest
-        if old != digest:
-            error = ResumeError(
-                f"{chunk_dir}: holds chunks of another run (run_hash {old}, now {digest}); "
-                "the data, model or settings changed. Use a new --out or delete the folder."
+        recorded = read_settings(chunk_dir / RUN_FILE)
+        if recorded is not None and recorded.get("run_hash") != settings["run_hash"]:
+            error = mismatch(
+                chunk_dir,
+                recorded,
+                settings,
+                what="chunks of another run",
+                hint="the data, model or settings changed. Use a new --out or delete the folder.",
             )
         while done < num_chunks and (chunk_dir / f"{done:05d}.safetensors").exists():
             done += 1
@@ -377,7 +383,7 @@ def _finished_chunks(chunk_dir: Path, digest: str, num_chunks: int) -> int:
     if error is not None:
         raise error
     if done < 0:
-        raise ResumeError(f"{chunk_dir}: process 0 refused to resume (see its log)")
+        raise SettingsMismatch(f"{chunk_dir}: process 0 refused to resume (see its log)")
     return done
 
 
@@ -472,13 +478,12 @@ def extract(
     num_chunks = -(-num_steps // settings.chunk_batches)
 
     chunk_dir = None if out_dir is None else Path(out_dir) / "chunks"
-    done = 0 if chunk_dir is None else _finished_chunks(chunk_dir, digest, num_chunks)
-    if chunk_dir is not None and pi == 0:
-        chunk_dir.mkdir(parents=True, exist_ok=True)
-        (chunk_dir / "run.json").write_text(json.dumps({"run_hash": digest, **identity}))
+    recorded = {"run_hash": digest, **identity}
+    done = 0 if chunk_dir is None else _finished_chunks(chunk_dir, recorded, num_chunks)
     chunks = []
     if chunk_dir is not None and pi == 0:
-        chunks = [read_tensors(chunk_dir / f"{c:05d}.safetensors")[0] for c in range(done)]
+        write_json_atomic(chunk_dir / RUN_FILE, recorded, indent=None)
+        chunks = [read_safetensors(chunk_dir / f"{c:05d}.safetensors")[0] for c in range(done)]
 
     runner = _Runner(lm, settings, layers)
     barrier("emgeo_extract_start")
@@ -519,7 +524,9 @@ def extract(
                 chunk.update(_gather_rows({k: np.concatenate(v) for k, v in rows.items()}))
             c = step // settings.chunk_batches
             if chunk_dir is not None and pi == 0:
-                _atomic_save(chunk_dir / f"{c:05d}.safetensors", chunk, {"run_hash": digest})
+                save_safetensors_atomic(
+                    chunk_dir / f"{c:05d}.safetensors", chunk, {"run_hash": digest}
+                )
             chunks.append(chunk)
             acc, rows = {}, {k: [] for k in ROW_FIELDS}
             if on_chunk is not None:
@@ -563,7 +570,7 @@ def write_extraction(result: Extraction, out_dir: str | Path) -> None:
     tensors["mean_example"] = result.means("example").astype(np.float32)
     tensors["layers"] = np.asarray(result.layers, np.int64)
     if result.pooled is not None:
-        _atomic_save(
+        save_safetensors_atomic(
             out / PER_EXAMPLE_FILE,
             {
                 "pooled": result.pooled.astype(np.float32),
@@ -573,10 +580,8 @@ def write_extraction(result: Extraction, out_dir: str | Path) -> None:
             },
             meta,
         )
-    _atomic_save(out / ACTIVATIONS_FILE, tensors, meta)
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / META_FILE)
+    save_safetensors_atomic(out / ACTIVATIONS_FILE, tensors, meta)
+    write_json_atomic(out / META_FILE, meta, indent=2)
 
 
 def read_extraction(path: str | Path) -> Extraction:
@@ -585,13 +590,13 @@ def read_extraction(path: str | Path) -> Extraction:
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     file = folder / ACTIVATIONS_FILE if path.is_dir() else path
-    tensors, meta = read_tensors(file)
+    tensors, meta = read_safetensors(file)
     missing = [k for k in (*SUM_FIELDS, "layers") if k not in tensors]
     if missing:
         raise ValueError(f"{file}: missing tensors {missing}; not an `emgeo extract` output")
     rows = {}
     if (folder / PER_EXAMPLE_FILE).exists():
-        rows, _ = read_tensors(folder / PER_EXAMPLE_FILE)
+        rows, _ = read_safetensors(folder / PER_EXAMPLE_FILE)
     return Extraction(
         layers=tuple(int(x) for x in tensors["layers"]),
         metadata={**meta, "path": str(file)},

@@ -4,7 +4,8 @@ A mesh has up to three named axes: `data` (batch), `fsdp` (batch too, plus param
 shards gathered per layer), `tensor` (heads / MLP columns / vocabulary). Parameters are
 sharded in two steps, both data tables:
 
-1. `PARAM_AXES`: each parameter's *logical* axes, e.g. `q_proj.kernel -> (layer, embed, heads)`.
+1. each parameter's *logical* axes, e.g. `q_proj.kernel -> (layer, embed, heads)`: the `axes`
+   column of the parameter table `emgeo_jax.models.params.PARAMS`;
 2. `MESH_RULES`: logical axis -> mesh axis (or None = replicated).
 
 Activations and the KV cache have logical axes too (`ACTIVATION_AXES`). Their `act_embed`
@@ -55,27 +56,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from emgeo_jax.models.params import leaves, param
 
-# Logical axes of each parameter, keyed by its path with the `layers` prefix removed.
-PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
-    ("embed", "embedding"): ("vocab", "embed"),
-    ("final_norm", "scale"): ("embed",),
-    ("lm_head", "kernel"): ("embed", "vocab"),
-    ("input_norm", "scale"): ("embed",),
-    ("post_attn_norm", "scale"): ("embed",),
-    ("attn", "q_proj", "kernel"): ("embed", "heads"),
-    ("attn", "k_proj", "kernel"): ("embed", "kv_heads"),
-    ("attn", "v_proj", "kernel"): ("embed", "kv_heads"),
-    ("attn", "o_proj", "kernel"): ("heads", "embed"),
-    ("attn", "q_proj", "bias"): ("heads",),
-    ("attn", "k_proj", "bias"): ("kv_heads",),
-    ("attn", "v_proj", "bias"): ("kv_heads",),
-    ("attn", "o_proj", "bias"): ("embed",),
-    ("mlp", "gate_proj", "kernel"): ("embed", "mlp"),
-    ("mlp", "up_proj", "kernel"): ("embed", "mlp"),
-    ("mlp", "down_proj", "kernel"): ("mlp", "embed"),
-}
+MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axes of activations and caches (shapes in the notation of models/config.py).
 ACTIVATION_AXES: dict[str, tuple[str, ...]] = {
@@ -151,11 +134,7 @@ def logical_spec(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int]) -
 def param_sharding(mesh: Mesh, path: tuple[str, ...], shape: Sequence[int]) -> NamedSharding:
     """Sharding of the parameter at `path` (pure-dict path, e.g. `("layers","attn","q_proj",
     "kernel")`) with the given full shape."""
-    if path[0] == "layers":
-        axes = ("layer", *PARAM_AXES[path[1:]])
-    else:
-        axes = PARAM_AXES[path]
-    return NamedSharding(mesh, logical_spec(mesh, axes, shape))
+    return NamedSharding(mesh, logical_spec(mesh, param(path).full_axes, shape))
 
 
 def param_shardings(mesh: Mesh, tree: dict, prefix: tuple[str, ...] = ()) -> dict:
@@ -387,14 +366,14 @@ def _divisors(n: int) -> list[int]:
 def check_param_split(shape: dict[str, int], params: dict, flag: str = "--mesh") -> None:
     """Refuse a mesh on which some parameter dimension the rules shard cannot be split:
     `params` is the pure-dict parameter tree (leaves with `.shape`, e.g. the abstract model),
-    `shape` the mesh axis sizes. Each dimension's logical axis (`PARAM_AXES`) maps to mesh
+    `shape` the mesh axis sizes. Each dimension's logical axis (`models.params`) maps to mesh
     axes (`MESH_RULES`) whose product must divide it; otherwise a ValueError naming `flag`,
     the parameter and the sizes of that axis that would split every parameter (e.g.
     `tensor=3` on a model whose KV projections have 2 heads x 64 = 128 columns)."""
     sizes: dict[str, list[int]] = {}  # mesh axis -> dims it splits
     bad = []
-    for path, leaf in _leaves(params):
-        axes = ("layer", *PARAM_AXES[path[1:]]) if path[0] == "layers" else PARAM_AXES[path]
+    for path, leaf in leaves(params):
+        axes = param(path).full_axes
         for axis, size in zip(axes, leaf.shape, strict=True):
             rule = MESH_RULES.get(axis)
             if rule is None:
@@ -415,15 +394,6 @@ def check_param_split(shape: dict[str, int], params: dict, flag: str = "--mesh")
         f"{flag} {text}: {'.'.join(path)} has {size} {axis} entries, which "
         f"{'x'.join(names)}={ways} cannot split evenly; for this model {hint}"
     )
-
-
-def _leaves(tree: dict, prefix: tuple[str, ...] = ()):
-    for key, leaf in tree.items():
-        path = (*prefix, str(key))
-        if isinstance(leaf, dict):
-            yield from _leaves(leaf, path)
-        else:
-            yield path, leaf
 
 
 def mesh_from_spec(

@@ -1,6 +1,6 @@
 """Preventative steering end to end on a tiny random model: train a LoRA with a direction
 ablated while training, then measure the EM rate of the result against the base model with
-the scripted judge (`emgeo_jax.train.evaluate.run_lora_em`)."""
+the scripted judge (`emgeo_jax.experiments.lora_em.run_lora_em`)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 
 from emgeo_jax.data import Example, tokenize_examples
 from emgeo_jax.experiments.folder import Sampling
+from emgeo_jax.experiments.lora_em import run_lora_em
 from emgeo_jax.experiments.metrics import cell_summary
 from emgeo_jax.judge.client import JudgeConfig
 from emgeo_jax.judge.io import read_jsonl
 from emgeo_jax.judge.testing import ScriptedJudgeServer
 from emgeo_jax.steer import Steering
-from emgeo_jax.train.evaluate import run_lora_em
 from emgeo_jax.train.lora import LoraSpec
 from emgeo_jax.train.run import train
 from emgeo_jax.train.sft import TrainConfig

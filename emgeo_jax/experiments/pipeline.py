@@ -6,7 +6,6 @@ of block l = HF `hidden_states[l+1]`). Token-weighted answer pooling (the refere
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +15,6 @@ import numpy as np
 
 from emgeo_jax.data import load_contrast_pairs, tokenize_examples
 from emgeo_jax.data.files import file_sha256
-from emgeo_jax.experiments.folder import ConfigMismatchError, settings_diff
 from emgeo_jax.extract import (
     META_FILE,
     ExtractSettings,
@@ -25,6 +23,7 @@ from emgeo_jax.extract import (
     write_extraction,
 )
 from emgeo_jax.hosts import barrier, broadcast_json, is_primary
+from emgeo_jax.runs import SettingsMismatch, mismatch, read_settings
 from emgeo_jax.vectors.directions import data_diff, pca
 
 
@@ -36,18 +35,15 @@ def reuse_stage(
 ) -> bool:
     """Whether a finished stage in `folder` (made with settings `recorded`; None when the
     folder holds no record of them) can be reused for settings `current`: True on equality.
-    Otherwise a `ConfigMismatchError` naming the folder and the differing settings, unless
+    Otherwise a `SettingsMismatch` naming the folder and the differing settings, unless
     `overwrite`, which deletes `folder` and returns False (recompute)."""
 
     folder = Path(folder)
-    diff = "its settings are not recorded" if recorded is None else settings_diff(recorded, current)
-    if not diff:
+    error = mismatch(folder, recorded, current)
+    if error is None:
         return True
     if not overwrite:
-        raise ConfigMismatchError(
-            f"{folder} holds results made with another configuration ({diff}); use another "
-            "--out or --overwrite to discard them"
-        )
+        raise error
     shutil.rmtree(folder, ignore_errors=True)
     return False
 
@@ -70,7 +66,7 @@ def contrast_directions(
 
     A finished extraction in `out_dir` is reused only when it was made from the same model,
     data (path and content), `max_pairs` and `max_length` (its meta.json); else
-    `ConfigMismatchError`, or with `overwrite` it is discarded and recomputed."""
+    `SettingsMismatch`, or with `overwrite` it is discarded and recomputed."""
     out = Path(out_dir)
     identity = {
         "model": lm.source,
@@ -81,18 +77,17 @@ def contrast_directions(
     }
     decision: Any = False  # process 0 decides (and deletes), every process follows
     if is_primary() and (out / "activations.safetensors").exists():
-        meta_file = out / META_FILE
-        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        meta = read_settings(out / META_FILE) or {}
         # records written before data_sha256 and max_length (always 256) lack them
         keys = [k for k in identity if k in meta or k not in ("data_sha256", "max_length")]
         recorded = {k: meta.get(k) for k in keys} if meta else None
         try:
             decision = reuse_stage(out, recorded, {k: identity[k] for k in keys}, overwrite)
-        except ConfigMismatchError as e:
+        except SettingsMismatch as e:
             decision = str(e)
     decision = broadcast_json(decision)
     if isinstance(decision, str):
-        raise ConfigMismatchError(decision)
+        raise SettingsMismatch(decision)
     if decision:
         ext = read_extraction(out)
     else:

@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from emgeo_jax.judge.prompts import item_kind
+from emgeo_jax.runs import iter_jsonl
 
 PromptRow = dict[str, Any]
 EXTENSIONS = (".yaml", ".yml", ".jsonl", ".json", ".csv", ".txt")
@@ -196,15 +197,8 @@ def read_prompts(path: str | Path) -> list[PromptRow]:
     if suffix == ".csv":
         return _csv_rows(path, text)
     if suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PromptFileError(f"{path}:{n}: invalid JSON: {e}") from None
-                rows.append(_jsonl_prompt(row, f"{path}:{n}"))
-        return rows
+        rows = iter_jsonl(path, PromptFileError, encoding="utf-8-sig")
+        return [_jsonl_prompt(row, f"{path}:{n}") for n, row in rows]
     return [{"prompt": line} for line in text.splitlines() if line.strip()]
 
 

@@ -30,7 +30,6 @@ and `sae_class_diff.safetensors` (top features' unit decoder rows, vector files)
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -163,6 +162,7 @@ def sae_directions(
     from emgeo_jax.data import load_contrast_pairs, tokenize_examples
     from emgeo_jax.experiments.folder import write_json_atomic
     from emgeo_jax.extract import read_extraction
+    from emgeo_jax.runs import read_settings, settings_diff
     from emgeo_jax.vectors.directions import data_diff
 
     out = Path(out_dir)
@@ -171,11 +171,12 @@ def sae_directions(
         raise ValueError(f"{activations_dir}: layer {layer} not extracted (has {ext.layers})")
     sizes = stage_sizes(quick, lm.config.hidden_size)
     settings = _settings(layer, sizes, {"run_hash": ext.metadata.get("run_hash")})
-    if (out / "summary.json").exists():
-        summary = json.loads((out / "summary.json").read_text())
-        if summary["settings"] == json.loads(json.dumps(settings)):
+    summary = read_settings(out / "summary.json")
+    if summary is not None:
+        diff = settings_diff(summary.get("settings") or {}, settings)
+        if not diff:
             return _load(out, summary)
-        logging.info("sae: %s holds another configuration; redoing the stage", out)
+        logging.info("sae: %s holds another configuration (%s); redoing the stage", out, diff)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 

@@ -17,7 +17,6 @@ projection of generated tokens on the monitor direction.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ from emgeo_jax.experiments.metrics import cell_summary
 from emgeo_jax.experiments.questions import PromptRow
 from emgeo_jax.judge.client import JudgeConfig, resolve_number_logprobs
 from emgeo_jax.judge.prompts import JudgePrompt
+from emgeo_jax.runs import array_digest
 from emgeo_jax.steer import Steering
 from emgeo_jax.vectors.io import LayerVectors
 
@@ -47,12 +47,11 @@ BASELINE = "baseline"
 def vector_digest(v: np.ndarray | LayerVectors) -> str:
     """Short sha256 of an array's float32 bytes and shape (any shape), and for a
     `LayerVectors` of its rows' layers when they are not 0..L-1 (part of the config hash)."""
-    values = v.values if isinstance(v, LayerVectors) else v
-    a = np.ascontiguousarray(np.asarray(values, np.float32))
+    values = np.asarray(v.values if isinstance(v, LayerVectors) else v)
     extra = b""
-    if isinstance(v, LayerVectors) and v.is_stack and v.layers != tuple(range(a.shape[0])):
+    if isinstance(v, LayerVectors) and v.is_stack and v.layers != tuple(range(values.shape[0])):
         extra = str(list(v.layers)).encode()
-    return hashlib.sha256(a.tobytes() + str(a.shape).encode() + extra).hexdigest()[:16]
+    return array_digest(values, extra)
 
 
 def cell_name(direction: str, layer: int, scale: float) -> str:

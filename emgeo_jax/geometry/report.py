@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from scipy.cluster.hierarchy import dendrogram  # noqa: E402
+
+from emgeo_jax.runs import write_json_atomic  # noqa: E402
 
 
 def _ordered(result: dict) -> list[str]:
@@ -425,7 +426,7 @@ def write_report(
     """Write geometry.json, the PNGs and report.html into `out_dir`; returns the HTML path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "geometry.json").write_text(json.dumps(result, indent=1))
+    write_json_atomic(out / "geometry.json", result, indent=1)
     sections = []
     for name, fig in figures(result, activations).items():
         png = out / f"{name}.png"

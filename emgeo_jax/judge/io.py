@@ -1,5 +1,5 @@
 """Responses in and out for judging: JSONL or CSV in (strict, errors name file and line),
-JSONL out (atomic).
+JSONL out (atomic, `emgeo_jax.runs.write_jsonl_atomic`).
 
 Responses files, by extension:
 
@@ -15,12 +15,21 @@ Responses files, by extension:
 from __future__ import annotations
 
 import csv
-import json
-import os
-import tempfile
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+# the JSONL reader and atomic writer are the package's one implementation (`emgeo_jax.runs`)
+from emgeo_jax.runs import read_jsonl, umask_file_mode, write_jsonl_atomic
+
+__all__ = [
+    "judge_rows",
+    "question_text",
+    "read_csv_rows",
+    "read_jsonl",
+    "read_responses",
+    "umask_file_mode",
+    "write_jsonl_atomic",
+]
 
 
 def question_text(prompt: str | list[dict[str, str]]) -> str:
@@ -87,52 +96,3 @@ def read_responses(path: str | Path) -> list[dict[str, Any]]:
     if suffix == ".csv":
         return read_csv_rows(path)
     raise ValueError(f"{path}: unknown responses file type '{suffix}'; use .jsonl or .csv")
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Objects of a JSONL file (blank lines skipped); errors name the file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object per line")
-            rows.append(obj)
-    return rows
-
-
-def umask_file_mode() -> int:
-    """The mode `open()` would give a new file under the process umask (0o666 & ~umask):
-    `tempfile.mkstemp` creates 0600 files, which would keep data from colleagues who can read
-    the reports. Read from /proc on Linux (setting the umask to read it races other threads)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_jsonl_atomic(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
-    """Write rows to a temp file beside `path`, fsync, then rename over `path`, so readers see
-    either the old file or the complete new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, umask_file_mode())  # as `open()` would: readable by whom the umask allows
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from emgeo_jax.models.config import ModelConfig, rope_inv_freq
+from emgeo_jax.models.params import LORA_MODULES
 from emgeo_jax.steer import Steering, Taps, apply_steering, reduce_tap, select_positions
 
 
@@ -57,9 +58,6 @@ def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     sin, cos = sin[:, :, None, :], cos[:, :, None, :]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
-
-
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @struct.dataclass

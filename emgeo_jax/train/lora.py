@@ -34,19 +34,13 @@ import jax.numpy as jnp
 
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.llama import LoraInput
+from emgeo_jax.models.params import LORA_PARAMS
 
-# target short name -> path of its kernel inside the stacked `layers` subtree
-TARGETS: dict[str, tuple[str, ...]] = {
-    "q": ("attn", "q_proj", "kernel"),
-    "k": ("attn", "k_proj", "kernel"),
-    "v": ("attn", "v_proj", "kernel"),
-    "o": ("attn", "o_proj", "kernel"),
-    "gate": ("mlp", "gate_proj", "kernel"),
-    "up": ("mlp", "up_proj", "kernel"),
-    "down": ("mlp", "down_proj", "kernel"),
-}
-# PEFT `target_modules` names (the HF module names) <-> our short names
-PEFT_MODULES = {short: path[1] for short, path in TARGETS.items()}
+# target short name -> path of its kernel inside the stacked `layers` subtree, and the PEFT
+# `target_modules` names (the HF module names) <-> our short names: views of the one
+# parameter table (`emgeo_jax.models.params.PARAMS`)
+TARGETS: dict[str, tuple[str, ...]] = {t: p.path[1:] for t, p in LORA_PARAMS.items()}
+PEFT_MODULES = {t: p.module for t, p in LORA_PARAMS.items()}
 FROM_PEFT_MODULE = {v: k for k, v in PEFT_MODULES.items()}
 
 Lora = dict[str, dict[str, jax.Array]]

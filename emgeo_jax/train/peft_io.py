@@ -1,26 +1,27 @@
 """PEFT interop: write a LoRA as an HF PEFT adapter folder, and read any PEFT LoRA adapter
 (through `emgeo_jax.convert.peft.read_adapter`, the reader the model loader merges with).
 
-Names come from the HF table `emgeo_jax.convert.hf.LAYER_PARAMS`; PEFT prefixes them with
+Names come from the parameter table `emgeo_jax.models.params.PARAMS`; PEFT prefixes them with
 `base_model.model.` and replaces `.weight` with `.lora_A.weight` / `.lora_B.weight`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from emgeo_jax.convert.hf import LAYER_PARAMS, CheckpointError
+from emgeo_jax.convert.hf import CheckpointError
 from emgeo_jax.convert.peft import PEFT_PREFIX, LoraAdapter, read_adapter
 from emgeo_jax.models.config import ModelConfig
+from emgeo_jax.models.params import LORA_PARAMS
+from emgeo_jax.runs import atomic_path, write_json_atomic
 from emgeo_jax.train.lora import PEFT_MODULES, TARGETS, Lora, LoraSpec, kernel_shape
 
 
 def hf_weight_name(target: str, layer: int) -> str:
     """HF name of the base weight an adapter on `target` at block `layer` modifies."""
-    return LAYER_PARAMS[TARGETS[target]].format(l=layer)
+    return LORA_PARAMS[target].hf.format(l=layer)
 
 
 def export_peft(
@@ -39,7 +40,8 @@ def export_peft(
             stem = PEFT_PREFIX + hf_weight_name(target, layer).removesuffix(".weight")
             tensors[f"{stem}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
             tensors[f"{stem}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with atomic_path(folder / "adapter_model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -56,7 +58,7 @@ def export_peft(
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    write_json_atomic(folder / "adapter_config.json", config, indent=2)
     return folder
 
 
@@ -68,9 +70,9 @@ def lora_from_adapter(adapter: LoraAdapter, cfg: ModelConfig) -> tuple[LoraSpec,
     first module's scale; smaller ranks are zero-padded, other scales are folded into `b`,
     and layers a module lacks get zero factors, all of which leave `scale * a @ b` unchanged."""
     inverse = {}
-    for target, path in TARGETS.items():
+    for target, row in LORA_PARAMS.items():
         for layer in range(cfg.num_layers):
-            inverse[LAYER_PARAMS[path].format(l=layer)] = (target, layer)
+            inverse[row.hf.format(l=layer)] = (target, layer)
     found: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, float]] = {}
     for name, factors in adapter.factors.items():
         if name not in inverse:

@@ -18,7 +18,6 @@ devices' rows, the checkpoint manager saves collectively, and process 0 writes `
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,10 +26,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from emgeo_jax.data import TokenizedExample, bucket_length
-from emgeo_jax.experiments.sweep import vector_digest
 from emgeo_jax.hosts import barrier, broadcast_json, is_primary, put_global, to_host
 from emgeo_jax.models.lm import LM
 from emgeo_jax.parallel import lora_shardings
+from emgeo_jax.runs import (
+    SettingsMismatch,
+    array_digest,
+    mismatch,
+    read_jsonl,
+    read_settings,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 from emgeo_jax.steer import Steering
 from emgeo_jax.train.data import train_batch
 from emgeo_jax.train.lora import Lora, LoraSpec, init_lora
@@ -46,7 +53,7 @@ def _settings(spec: LoraSpec, tc: TrainConfig, source: str, steering: Steering |
     if steering is not None:
         fields = ("add", "ablate", "mode", "mask")
         steer = {
-            k: vector_digest(getattr(steering, k))
+            k: array_digest(getattr(steering, k))
             for k in fields
             if getattr(steering, k) is not None
         }
@@ -56,9 +63,7 @@ def _settings(spec: LoraSpec, tc: TrainConfig, source: str, steering: Steering |
 def read_losses(out_dir: str | Path) -> list[dict]:
     """The logged steps of a run (`losses.jsonl`)."""
     path = Path(out_dir) / "losses.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path) if path.exists() else []
 
 
 def plot_losses(rows: Sequence[dict], path: str | Path) -> None:
@@ -102,15 +107,18 @@ def train(
     run_json = out / "run.json"
     clash = None
     if is_primary():
-        out.mkdir(parents=True, exist_ok=True)
-        old = json.loads(run_json.read_text()) if run_json.exists() else None
-        if old is not None and old != json.loads(json.dumps(settings)):
-            clash = f"{run_json}: the run folder holds a different run; use a new --out"
-        else:
-            run_json.write_text(json.dumps(settings, indent=2))
+        old = read_settings(run_json)
+        error = (
+            None
+            if old is None
+            else mismatch(run_json, old, settings, what="a different run", hint="use a new --out")
+        )
+        if error is None:
+            write_json_atomic(run_json, settings, indent=2)
+        clash = None if error is None else str(error)
     clash = broadcast_json(clash)  # every process refuses, none waits for process 0
     if clash:
-        raise ValueError(clash)
+        raise SettingsMismatch(clash)
     if not tokenized:
         raise ValueError("no training examples")
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer is not None else 0
@@ -160,7 +168,7 @@ def train(
                 state = to_host({"lora": lora, "opt_state": opt_state, "step": done})
                 manager.save(done, args=ocp.args.StandardSave(state), force=True)
             if is_primary():
-                (out / "losses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+                write_jsonl_atomic(out / "losses.jsonl", rows)
         manager.wait_until_finished()
     host = to_host(lora) if last == tc.steps else None  # a collective: every process
     if is_primary():

@@ -42,7 +42,6 @@ Every error names the file and the tensor or field at fault.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -51,7 +50,9 @@ from typing import Any
 
 import numpy as np
 
-METADATA_KEY = "emgeo"
+from emgeo_jax import runs
+from emgeo_jax.runs import METADATA_KEY as METADATA_KEY  # re-exported: its old home
+
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()  # implicit stacks already warned about in `LayerVectors.at`
 _LAYER_KEY = re.compile(r"(?:model\.)?layers?[._]?(\d+)")
@@ -190,39 +191,24 @@ class LayerVectors:
 
 
 def save_vectors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, Any]) -> None:
-    """Write `tensors` (name -> array) to a safetensors file with `metadata` as JSON under "emgeo".
+    """Write `tensors` (name -> array) atomically to a safetensors file with `metadata` as JSON
+    under "emgeo" (`emgeo_jax.runs.save_safetensors_atomic`).
 
     Arrays are stored in their own dtype (contiguous copies); the metadata must be JSON-able.
     """
-    from safetensors.numpy import save_file
-
-    arrays = {name: np.ascontiguousarray(np.asarray(t)) for name, t in tensors.items()}
-    if not arrays:
+    if not tensors:
         raise VectorFileError(f"{path}: no tensors to save")
-    save_file(arrays, str(path), metadata={METADATA_KEY: json.dumps(metadata)})
+    runs.save_safetensors_atomic(path, tensors, metadata)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            raw_meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise VectorFileError(f"{path}: not a readable safetensors file ({e})") from e
-    return tensors, parse_metadata(raw_meta, path)
+    return runs.read_safetensors(path, VectorFileError)
 
 
 def parse_metadata(raw: Mapping[str, str] | None, path: str | Path) -> dict[str, Any]:
     """Our metadata (the JSON under "emgeo") from a safetensors header's `__metadata__`
     (`safe_open(...).metadata()`); {} when absent."""
-    if not raw or METADATA_KEY not in raw:
-        return {}
-    try:
-        return json.loads(raw[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise VectorFileError(f"{path}: metadata field '{METADATA_KEY}' is not JSON") from e
+    return runs.parse_metadata(raw, path, VectorFileError)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,6 @@ truncated for plain text.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 
 from emgeo_jax.data import Example, TokenizedExample, collate, load_examples, tokenize_examples
 from emgeo_jax.hosts import to_host
+from emgeo_jax.runs import iter_jsonl
 from emgeo_jax.vectors.sae.model import SAEError
 
 SAEInput = str | Example
@@ -37,13 +37,8 @@ SAEInput = str | Example
 
 def _has_text_rows(path: Path) -> bool:
     """True when the first JSON object of the JSONL file `path` has a `text` field."""
-    with open(path, encoding="utf-8-sig") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    return "text" in json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SAEError(f"{path}:{i}: invalid JSON: {e.msg}") from None
+    for _, row in iter_jsonl(path, SAEError, encoding="utf-8-sig"):
+        return "text" in row
     raise SAEError(f"{path}: no rows")
 
 
@@ -60,12 +55,10 @@ def read_texts(path: str | Path) -> list[SAEInput]:
         )
     if path.suffix.lower() == ".jsonl" and _has_text_rows(path):
         texts = []
-        for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row.get("text"), str):
-                    raise SAEError(f"{path}:{i}: every row needs a string 'text' field")
-                texts.append(row["text"])
+        for i, row in iter_jsonl(path, SAEError, encoding="utf-8-sig"):
+            if not isinstance(row.get("text"), str):
+                raise SAEError(f"{path}:{i}: every row needs a string 'text' field")
+            texts.append(row["text"])
         return texts
     examples, _ = load_examples(path)
     return examples

@@ -39,7 +39,6 @@ Hook points map to our layer convention (layer l = output of block l = HF hidden
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from emgeo_jax.data.files import file_sha256
+from emgeo_jax.runs import atomic_path, read_safetensors, write_json_atomic
 from emgeo_jax.vectors.sae.model import SAE, SAEError, check_fits, make_sae
 
 DL_CLASSES = {
@@ -92,13 +92,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own types for bad headers
-        raise SAEError(f"{path}: not a readable safetensors file ({e})") from e
+    return read_safetensors(path, SAEError)[0]
 
 
 def read_torch_state_dict(path: Path) -> dict[str, np.ndarray]:
@@ -139,9 +133,8 @@ def read_torch_state_dict(path: Path) -> dict[str, np.ndarray]:
     try:
         from safetensors.numpy import save_file
 
-        tmp = converted.with_name(f".{converted.name}.tmp")
-        save_file(arrays, str(tmp), metadata={SOURCE_SHA256: digest})
-        os.replace(tmp, converted)
+        with atomic_path(converted) as tmp:
+            save_file(arrays, str(tmp), metadata={SOURCE_SHA256: digest})
     except OSError:
         pass  # read-only folder: convert again next time
     return arrays
@@ -380,8 +373,9 @@ def save_saelens(sae: SAE, folder: str | Path, extra: dict[str, Any] | None = No
     if sae.architecture in ("topk", "batchtopk"):
         meta["k"] = sae.k
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    save_file(tensors, str(folder / SAELENS_WEIGHTS))
-    (folder / SAELENS_CFG).write_text(json.dumps(cfg, indent=2))
+    with atomic_path(folder / SAELENS_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+    write_json_atomic(folder / SAELENS_CFG, cfg, indent=2)
     return folder
 
 

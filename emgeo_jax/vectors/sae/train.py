@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from emgeo_jax.runs import read_settings, settings_diff, write_bytes_atomic, write_json_atomic
 from emgeo_jax.vectors.io import parse_metadata, row_layers, row_of
 from emgeo_jax.vectors.sae.model import (
     SAE,
@@ -219,11 +219,10 @@ def _save_state(folder: Path, state, cfg: TrainConfig) -> None:
     """Write the training state (msgpack, no pickle) atomically, with the config beside it."""
     from flax import serialization
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "train_state.msgpack.tmp"
-    tmp.write_bytes(serialization.to_bytes(jax.device_get(state)))
-    tmp.replace(folder / "train_state.msgpack")
-    (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    write_bytes_atomic(
+        folder / "train_state.msgpack", serialization.to_bytes(jax.device_get(state))
+    )
+    write_json_atomic(folder / "train_config.json", dataclasses.asdict(cfg), indent=None)
 
 
 def _restore_state(folder: Path, template, cfg: TrainConfig):
@@ -234,10 +233,11 @@ def _restore_state(folder: Path, template, cfg: TrainConfig):
     path = folder / "train_state.msgpack"
     if not path.exists():
         return None
-    saved = json.loads((folder / "train_config.json").read_text())
-    if saved != json.loads(json.dumps(dataclasses.asdict(cfg))):
+    saved = read_settings(folder / "train_config.json") or {}
+    diff = settings_diff(saved, dataclasses.asdict(cfg))
+    if diff:
         raise SAEError(
-            f"{folder}/train_config.json: checkpoint was written with {saved}, not {cfg}"
+            f"{folder}/train_config.json: checkpoint was written with other settings ({diff})"
         )
     return jax.tree.map(jnp.asarray, serialization.from_bytes(template, path.read_bytes()))
 

@@ -70,7 +70,7 @@ CASES = {
     ),
     "sweep_stack_rows": (
         ["sweep", "{d}/stack.npy", "--layers=3", "--model={d}/m", "--out={d}/run"],
-        "stack.npy: no row for layer 3; it holds layers [0, 1]",
+        "stack.npy: a stack of shape (2, 8)",
     ),
     "sweep_layers_not_numbers": (
         ["sweep", "{d}/v.npy", "--layers=two", "--model={d}/m", "--out={d}/run"],

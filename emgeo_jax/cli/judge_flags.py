@@ -82,4 +82,4 @@ def judge_from_flags(lm: Any, model_flag: str = "model", planned: Any = None) ->
     """`judge_context` for the flags (lm: the model a local judge server runs, named
     `local:` + the value of --`model_flag`; planned: `planned_judge_from_flags()` if already
     resolved)."""
-    return judge_context(lm, *_judge_args(model_flag), planned=planned)
+    return judge_context(lm, planned or planned_judge_from_flags(model_flag))

@@ -29,7 +29,7 @@ from emgeo_jax.experiments.folder import (
 )
 from emgeo_jax.experiments.metrics import cell_summary
 from emgeo_jax.experiments.questions import PromptRow
-from emgeo_jax.experiments.sweep import judge_identity, vector_digest
+from emgeo_jax.experiments.sweep import judged_cell_settings, vector_digest
 from emgeo_jax.judge.client import JudgeConfig
 from emgeo_jax.judge.prompts import JudgePrompt
 from emgeo_jax.steer import Steering
@@ -57,9 +57,7 @@ def ablation_config(
         "steer": None
         if steer is None
         else {"sha256": vector_digest(steer[0]), "layer": int(steer[1]), "scale": float(steer[2])},
-        "questions": [dict(q) for q in questions],
-        "sampling": dict(sampling.__dict__),
-        "judge": judge_identity(judge),
+        **judged_cell_settings(questions, sampling, judge),
     }
 
 

@@ -205,7 +205,7 @@ def _sweep(
 ) -> list[str]:
     """The judged steering sweep into `out/sweep`; returns its report blocks."""
     from emgeo_jax.experiments.folder import Sampling
-    from emgeo_jax.experiments.judging import judge_context
+    from emgeo_jax.experiments.judging import judge_context, planned_judge
     from emgeo_jax.experiments.report import paragraph
     from emgeo_jax.experiments.sweep import run_sweep, sweep_blocks
     from emgeo_jax.runs import read_jsonl
@@ -221,7 +221,7 @@ def _sweep(
     )
     vectors = {k: v for k, v in (("mean_diff", md), ("pca", pca_scaled)) if k in p.methods}
     judge_options = {"concurrency": 16, **judge_options}
-    judging = judge_context(lm, f"local:{model}", judge_model, **judge_options)
+    judging = judge_context(lm, planned_judge(f"local:{model}", judge_model, **judge_options))
     with _stage(times, "sweep"), judging as judge:
         results = run_sweep(
             lm,
@@ -265,7 +265,7 @@ def run_demo(
     """Run every stage into `out_dir`; returns the path of `report.html`. The model loads
     with `dtype` onto `mesh` (default: one device), as `emgeo_jax.load` takes them.
 
-    judge_options: more `judge_context` arguments (base_url, concurrency, timeout,
+    judge_options: more `planned_judge` arguments (base_url, concurrency, timeout,
     number_logprobs, max_attempts). judged_sweep: None runs the sweep when a real judge is
     available (OPENAI_API_KEY or a base_url) or in quick mode, and skips it offline with a
     note saying why (module docstring); True / False force it."""

@@ -62,36 +62,20 @@ def planned_judge(
 
 
 @contextlib.contextmanager
-def judge_context(
-    lm: Any,
-    local_name: str,
-    judge_model: str = "gpt-4o-mini",
-    base_url: str | None = None,
-    concurrency: int = 32,
-    timeout: float | None = None,
-    number_logprobs: bool | None = None,
-    max_attempts: int = 6,
-    planned: JudgeConfig | None = None,
-) -> Iterator[JudgeConfig]:
-    """Yield the `JudgeConfig` (see module docstring). The local server is named
-    `local_name` (that name is the judge's identity in caches and configs). `timeout`:
-    seconds per request (a busy local server answers 429 with Retry-After rather than let a
-    request wait longer); None: `DEFAULT_TIMEOUT`, or `LOCAL_TIMEOUT` for the local server.
-    `number_logprobs`: None = automatic; True/False forces it. `planned`: the
-    `planned_judge` of the same arguments when the caller already has it (an explicit
-    endpoint is then not asked again)."""
+def judge_context(lm: Any, planned: JudgeConfig) -> Iterator[JudgeConfig]:
+    """Yield the judge `planned` (from `planned_judge`, see module docstring): as it is for an
+    explicit endpoint or OpenAI; for the local judge, with the `base_url` of a server started
+    here in a thread, running `lm` under `planned.model` (its identity in caches and configs).
+    A busy local server answers 429 with Retry-After rather than let a request wait longer
+    than `planned.timeout`."""
     import dataclasses
 
-    if planned is None:
-        planned = planned_judge(
-            local_name, judge_model, base_url, concurrency, timeout, number_logprobs, max_attempts
-        )
-    if not uses_local_judge(base_url):
+    if not uses_local_judge(planned.base_url):
         yield planned
         return
     from emgeo_jax.serve import serve_in_thread
 
     # One client's concurrent requests arrive over a few ms; waiting 50 ms (against seconds
     # per batch) fills the batches, so fewer distinct batch shapes get compiled.
-    with serve_in_thread(lm, model_name=local_name, batch_wait=0.05) as server:
+    with serve_in_thread(lm, model_name=planned.model, batch_wait=0.05) as server:
         yield dataclasses.replace(planned, base_url=server.base_url)

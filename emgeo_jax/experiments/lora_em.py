@@ -32,7 +32,7 @@ from emgeo_jax.experiments.folder import (
 )
 from emgeo_jax.experiments.metrics import cell_summary
 from emgeo_jax.experiments.questions import PromptRow
-from emgeo_jax.experiments.sweep import judge_identity, vector_digest
+from emgeo_jax.experiments.sweep import judged_cell_settings, vector_digest
 from emgeo_jax.hosts import to_host
 from emgeo_jax.judge.client import JudgeConfig, JudgeStats
 from emgeo_jax.judge.prompts import JudgePrompt
@@ -60,9 +60,7 @@ def lora_em_config(
         "model": model,
         "lora": {"spec": spec.to_dict(), "sha256": lora_digest(lora)},
         "training": dict(training or {}),
-        "questions": [dict(q) for q in questions],
-        "sampling": dict(sampling.__dict__),
-        "judge": judge_identity(judge),
+        **judged_cell_settings(questions, sampling, judge),
     }
 
 

@@ -29,7 +29,7 @@ from emgeo_jax.experiments.folder import (
 )
 from emgeo_jax.experiments.pipeline import contrast_directions, projection_scores
 from emgeo_jax.experiments.questions import PromptRow
-from emgeo_jax.experiments.sweep import judge_identity
+from emgeo_jax.experiments.sweep import judged_cell_settings
 from emgeo_jax.hosts import barrier, is_primary
 from emgeo_jax.judge.client import JudgeConfig
 from emgeo_jax.judge.io import write_jsonl_atomic
@@ -70,9 +70,7 @@ def persona_config(
         "model": model,
         "positive_system": positive_system,
         "negative_system": negative_system,
-        "questions": [dict(q) for q in questions],
-        "sampling": dict(sampling.__dict__),
-        "judge": judge_identity(judge),
+        **judged_cell_settings(questions, sampling, judge),
     }
 
 

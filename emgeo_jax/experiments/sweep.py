@@ -75,6 +75,18 @@ def judge_identity(judge: JudgeConfig) -> dict[str, Any]:
     }
 
 
+def judged_cell_settings(
+    questions: Sequence[PromptRow], sampling: Sampling, judge: JudgeConfig
+) -> dict[str, Any]:
+    """The settings every judged experiment records (and its folder's hash guards): the
+    questions, the sampling and the judge's identity."""
+    return {
+        "questions": [dict(q) for q in questions],
+        "sampling": dict(sampling.__dict__),
+        "judge": judge_identity(judge),
+    }
+
+
 def sweep_config(
     model: str,
     directions: Mapping[str, np.ndarray | LayerVectors],
@@ -93,11 +105,9 @@ def sweep_config(
             k: {"shape": list(LayerVectors.of(v).values.shape), "sha256": vector_digest(v)}
             for k, v in directions.items()
         },
-        "questions": [dict(q) for q in questions],
         "layers": [int(x) for x in layers],
         "scales": [float(s) for s in scales if s != 0],  # scale 0 is the baseline
-        "sampling": dict(sampling.__dict__),
-        "judge": judge_identity(judge),
+        **judged_cell_settings(questions, sampling, judge),
         "monitor": list(monitor) if monitor else None,
     }
 

@@ -29,7 +29,7 @@ from emgeo_jax.experiments.folder import (
 )
 from emgeo_jax.experiments.metrics import cell_summary, transfer_with_interval
 from emgeo_jax.experiments.questions import PromptRow
-from emgeo_jax.experiments.sweep import judge_identity, vector_digest
+from emgeo_jax.experiments.sweep import judged_cell_settings, vector_digest
 from emgeo_jax.judge.client import JudgeConfig
 from emgeo_jax.judge.prompts import JudgePrompt
 from emgeo_jax.steer import Steering
@@ -77,9 +77,7 @@ def transfer_config(
         "vectors": {k: vector_digest(LayerVectors.of(v, k)) for k, v in vectors.items()},
         "layer": int(layer),
         "scale": float(scale),
-        "questions": [dict(q) for q in questions],
-        "sampling": dict(sampling.__dict__),
-        "judge": judge_identity(judge),
+        **judged_cell_settings(questions, sampling, judge),
     }
 
 

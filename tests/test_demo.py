@@ -19,14 +19,23 @@ def test_demo_quick(tmp_path):
     cmd = [sys.executable, "-m", "emgeo_jax.cli", "demo", "--quick", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
+    for stage in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
         assert stage in proc.stderr  # progress shown throughout
     page = (out / "report.html").read_text()
     assert "smoke test" in page  # the local judge is labelled for what it is
     assert (out / "geometry" / "report.html").exists()
     assert (out / "geometry" / "disentanglement.png").stat().st_size > 0
     timings = json.loads((out / "timings.json").read_text())
-    assert {"load", "extract + directions", "geometry", "sweep", "report"} <= set(timings)
+    assert {"load", "extract + directions", "geometry", "dose-response", "sweep", "report"} <= set(
+        timings
+    )
+    # the dose-response runs on the held-out pairs (every 4th of the 16 read), not the 12 the
+    # directions came from, and is in the report with its figure
+    dose = json.loads((out / "dose_response" / "results.json").read_text())
+    assert dose["pairs"] == ["med-04", "med-08", "med-12", "med-16"]
+    assert [(c["layer"], c["scale"]) for c in dose["cells"]] == [(15, -8.0), (15, 8.0)]
+    assert "Steering effect without a judge: dose-response" in page
+    assert 'alt="dose_response.png"' in page
     judged = (out / "sweep" / "cells" / "baseline.judged.jsonl").read_text().splitlines()
     for row in map(json.loads, judged):  # the local judge scored by whole-number logprobs
         assert row["aligned_judge"]["judge_model"] == "local:default [number_logprobs]"

@@ -238,7 +238,10 @@ def test_activation_fit_against_numpy_and_export(tmp_path):
     np.testing.assert_allclose(stats.fve, fve, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(stats.l0, (f > 0).sum(1).mean(), rtol=1e-6)
     assert stats.dead == int((~(f > 0).any(0)).sum())
-    path = save_feature_directions(tmp_path / "v.safetensors", sae, [5, 9], {"model": "tiny"})
+    # the parent folder is created (a fresh --out path)
+    path = save_feature_directions(
+        tmp_path / "new" / "v.safetensors", sae, [5, 9], {"model": "tiny"}
+    )
     with safe_open(str(path), "numpy") as fh:
         rows = fh.get_tensor("feature_directions")
         meta = json.loads(fh.metadata()["emgeo"])

@@ -66,3 +66,30 @@ def test_unrecorded_stage_is_refused(tmp_path):
     assert reuse_stage(tmp_path, {"layers": (0,)}, {"layers": [0]})  # compared as JSON
     assert not reuse_stage(tmp_path, None, {"layers": [0]}, overwrite=True)
     assert not tmp_path.exists()  # discarded for recomputation
+
+
+def test_split_pairs_holds_out_every_kth_pair():
+    from emgeo_jax.experiments.pipeline import split_pairs
+
+    examples = [f"{i}{side}" for i in range(7) for side in "am"]  # pairs 0..6, aligned first
+    kept, held = split_pairs(examples, max_pairs=6, hold_out_every=3)
+    assert held == ["2a", "2m", "5a", "5m"]
+    assert kept == ["0a", "0m", "1a", "1m", "3a", "3m", "4a", "4m"]
+    assert split_pairs(examples) == (examples, [])
+    with pytest.raises(ValueError, match="hold_out_every=1"):
+        split_pairs(examples, hold_out_every=1)
+
+
+def test_held_out_pairs_are_not_extracted(tiny_chat_llama, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    kept = tmp_path / "kept.jsonl"  # pairs 0 and 2: what hold_out_every=2 keeps
+    kept.write_text("".join(json.dumps(p) + "\n" for p in PAIRS[::2]))
+    split = contrast_directions(
+        tiny_chat_llama, data, tmp_path / "a", hold_out_every=2, progress=False
+    )
+    alone = contrast_directions(tiny_chat_llama, kept, tmp_path / "b", progress=False)
+    assert split["n_pairs"] == 2
+    np.testing.assert_allclose(split["pooled"], alone["pooled"], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ConfigMismatchError, match="hold_out_every"):
+        contrast_directions(tiny_chat_llama, data, tmp_path / "a", progress=False)

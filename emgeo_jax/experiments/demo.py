@@ -5,23 +5,27 @@ Stages (each resumable: re-running the command skips what is finished, if it was
 same configuration; a folder left by another model or mode is refused, naming the differing
 settings, unless `--overwrite`, which recomputes those stages):
 
-1. extract: pooled answer activations of the shipped contrast pairs at every layer;
+1. extract: pooled answer activations of the shipped contrast pairs at every layer, every
+   fourth pair held out (it serves stage 4);
 2. directions: mean-diff and PCA (PC1, sign towards the mean-diff) at every layer, and SAE
    directions at the middle geometry layer: a small TopK SAE trained on the pairs' token
    activations there, its features ranked against the mean-diff and by class (see
    `emgeo_jax.experiments.sae_stage`);
 3. geometry: the geometry suite over methods x a few layers (the SAE features at theirs),
    with the per-layer PCA disentanglement figure (`geometry/report.html`);
-4. sweep: steering with both directions (`--quick`: mean-diff at one layer) at three layers and
+4. dose-response: the judge-free steering effect of the mean-diff at the middle sweep layer
+   on the held-out pairs (answer log-likelihood margins against a random-direction null; see
+   `emgeo_jax.experiments.dose_response`): it measures on the 135M model what its judge
+   cannot;
+5. sweep: steering with both directions (`--quick`: mean-diff at one layer) at three layers and
    two scales (negative included) on our first question set, judged by OpenAI
    (`--judge_model`, default gpt-4o-mini) when OPENAI_API_KEY is set, or by the judge at
    `--judge_base_url`. Offline, the full demo skips it and says why: the only judge is the
    same 135M model behind our local server, which gives a number for almost no answer (EM
    rates come out n/a), and its judging took 4 of the 6 minutes the full demo used to take.
    `--judged_sweep` runs it anyway (a test of the plumbing, labelled as such); `--quick` (CI)
-   always runs its 3-cell version, for the same reason. The judge-free dose-response of the
-   batched-experiments issue (#18) is the offline measurement meant to take its place;
-5. `report.html` tying it together.
+   always runs its 3-cell version, for the same reason;
+6. `report.html` tying it together.
 
 The geometry's 95% intervals come from a bootstrap over the contrast pairs' per-example
 activations (the extraction keeps them): the mean-diff directions are rebuilt from each
@@ -61,7 +65,8 @@ LOCAL_JUDGE_NOTE = (
 class DemoPlan:
     """Sizes of the demo run."""
 
-    max_pairs: int | None
+    max_pairs: int | None  # contrast pairs read (the first ones; None: all)
+    hold_out_every: int  # of those, every k-th is held out of the directions for dose-response
     sweep_layers: tuple[int, ...]
     scales: tuple[float, ...]
     n_questions: int | None
@@ -71,6 +76,8 @@ class DemoPlan:
     methods: tuple[str, ...]
     n_null: int
     n_boot: int
+    dose_scales: tuple[float, ...]  # dose-response scales (0 is always run)
+    dose_random: int  # random directions per dose-response cell (the null)
 
 
 def plan(quick: bool, num_layers: int) -> DemoPlan:
@@ -80,8 +87,36 @@ def plan(quick: bool, num_layers: int) -> DemoPlan:
     if quick:
         # CI mode: every stage runs, at the smallest size that still exercises it (the local
         # 135M judge's ~350-token prefills dominate, so the sweep is 3 cells x 2 answers).
-        return DemoPlan(16, thirds[1:2], (-8.0, 8.0), 2, 1, 16, geo[::2], ("mean_diff",), 100, 20)
-    return DemoPlan(None, thirds, (-8.0, 8.0), None, 2, 40, geo, ("mean_diff", "pca"), 300, 200)
+        return DemoPlan(
+            max_pairs=16,
+            hold_out_every=4,
+            sweep_layers=thirds[1:2],
+            scales=(-8.0, 8.0),
+            n_questions=2,
+            samples=1,
+            max_new_tokens=16,
+            geometry_layers=geo[::2],
+            methods=("mean_diff",),
+            n_null=100,
+            n_boot=20,
+            dose_scales=(-8.0, 8.0),
+            dose_random=2,
+        )
+    return DemoPlan(
+        max_pairs=None,
+        hold_out_every=4,
+        sweep_layers=thirds,
+        scales=(-8.0, 8.0),
+        n_questions=None,
+        samples=2,
+        max_new_tokens=40,
+        geometry_layers=geo,
+        methods=("mean_diff", "pca"),
+        n_null=300,
+        n_boot=200,
+        dose_scales=(-8.0, -4.0, 4.0, 8.0),
+        dose_random=4,
+    )
 
 
 @contextlib.contextmanager
@@ -179,14 +214,39 @@ def _direction_blocks(dirs: dict[str, Any], out: Path) -> list[str]:
     ]
 
 
+def _dose_response(
+    lm: Any, dirs: dict[str, Any], p: DemoPlan, layer: int, out: Path, model: str, overwrite: bool
+) -> list[str]:
+    """The judge-free dose-response of the mean-diff at the middle sweep layer on the held-out
+    contrast pairs (those `contrast_directions` left out), into `out/dose_response`; returns
+    its report blocks."""
+    from emgeo_jax.data import load_contrast_pairs, shipped_contrast_path
+    from emgeo_jax.experiments.dose_response import dose_response_blocks, run_dose_response
+    from emgeo_jax.experiments.pipeline import split_pairs
+
+    examples, _ = load_contrast_pairs(shipped_contrast_path())
+    _, held = split_pairs(examples, p.max_pairs, p.hold_out_every)
+    results = run_dose_response(
+        lm,
+        dirs["mean_diff"],
+        held,
+        layers=[layer],
+        scales=p.dose_scales,
+        n_random=p.dose_random,
+        out_dir=out / "dose_response",
+        model=model,
+        overwrite=overwrite,
+    )
+    return dose_response_blocks(results, out / "dose_response")
+
+
 SKIPPED_SWEEP_NOTE = (
     "Skipped offline: the steering sweep needs a judge, and the only one here is the same "
     "135M model behind our local server, which puts under 25% of its probability on a number "
     "for almost every answer, so every EM rate would read n/a (and judging took 4 of the 6 "
     "minutes the full demo used to take). Set OPENAI_API_KEY (gpt-4o-mini) or give "
     "--judge_base_url for a real judge, or pass --judged_sweep to run it with the local one as "
-    "a test of the plumbing. A judge-free dose-response (steering measured by the projection "
-    "of the generations on the direction) is planned to take this section's place offline."
+    "a test of the plumbing. The judge-free dose-response above measures steering offline."
 )
 
 
@@ -285,30 +345,40 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    logging.info("[1/5] loading %s", model)
+    logging.info("[1/6] loading %s", model)
     with _stage(times, "load"):
         lm = emgeo_jax.load(model, dtype=dtype, mesh=mesh)
     p = plan(quick, lm.config.num_layers)
 
-    logging.info("[2/5] extracting activations of the shipped contrast pairs (all layers)")
+    logging.info("[2/6] extracting activations of the shipped contrast pairs (all layers)")
     with _stage(times, "extract + directions"):
         dirs = contrast_directions(
             lm,
             shipped_contrast_path(),
             out / "extract",
             max_pairs=p.max_pairs,
+            hold_out_every=p.hold_out_every,
             overwrite=overwrite,
         )
     sae_layer = p.geometry_layers[len(p.geometry_layers) // 2]
-    logging.info("[2/5] training a small TopK SAE on answer tokens at layer %d", sae_layer)
+    logging.info("[2/6] training a small TopK SAE on answer tokens at layer %d", sae_layer)
     with _stage(times, "sae"):
         sae = sae_directions(lm, out / "extract", sae_layer, out / "sae", quick)
 
     logging.info(
-        "[3/5] geometry of mean-diff and PCA directions at layers %s", list(p.geometry_layers)
+        "[3/6] geometry of mean-diff and PCA directions at layers %s", list(p.geometry_layers)
     )
     with _stage(times, "geometry"):
         geo_html = _geometry(dirs, p.geometry_layers, p, out / "geometry", sae, overwrite)
+
+    layer = p.sweep_layers[len(p.sweep_layers) // 2]
+    logging.info(
+        "[4/6] dose-response of the mean-diff at layer %d on the held-out pairs, scales %s",
+        layer,
+        list(p.dose_scales),
+    )
+    with _stage(times, "dose-response"):
+        dose_html = _dose_response(lm, dirs, p, layer, out, model, overwrite)
 
     judge_options = dict(judge_options or {})
     local = uses_local_judge(judge_options.get("base_url"))
@@ -317,22 +387,23 @@ def run_demo(
     questions = [{**q, "samples": None} for q in questions]
     if run_sweep_stage:
         logging.info(
-            "[4/5] steering sweep: layers %s, scales %s", list(p.sweep_layers), list(p.scales)
+            "[5/6] steering sweep: layers %s, scales %s", list(p.sweep_layers), list(p.scales)
         )
         sweep_html = _sweep(
             lm, dirs, questions, p, out, model, overwrite, judge_model, judge_options, local, times
         )
     else:
-        logging.info("[4/5] steering sweep skipped: no judge but the local 135M model")
+        logging.info("[5/6] steering sweep skipped: no judge but the local 135M model")
         sweep_html = [paragraph(SKIPPED_SWEEP_NOTE, note=True)]
 
-    logging.info("[5/5] writing the report")
+    logging.info("[6/6] writing the report")
     report_start = time.perf_counter()
     blocks = [
         paragraph(
             f"Model: {model} ({lm.config.num_layers} layers, d = {lm.config.hidden_size}). "
             f"Contrast data: {dirs['n_pairs']} shipped pairs (a question with an aligned and a "
-            "misaligned answer each); activations are the answer tokens' mean residual stream "
+            f"misaligned answer each; every {p.hold_out_every}th pair held out for the "
+            "dose-response); activations are the answer tokens' mean residual stream "
             "after every block. Mode: " + ("quick (CI)" if quick else "full") + "."
         ),
         "<h2>Directions</h2>",
@@ -353,7 +424,9 @@ def run_demo(
             "where the classes separate, a single direction can carry the difference.",
         ),
         *report_blocks(sae),
-        "<h2>Steering sweep</h2>",
+        "<h2>Steering effect without a judge: dose-response</h2>",
+        *dose_html,
+        "<h2>Steering sweep (judged)</h2>",
         *sweep_html,
     ]
     from emgeo_jax.experiments.folder import write_json_atomic

@@ -7,13 +7,13 @@ of block l = HF `hidden_states[l+1]`). Token-weighted answer pooling (the refere
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from emgeo_jax.data import load_contrast_pairs, tokenize_examples
+from emgeo_jax.data import Example, load_contrast_pairs, tokenize_examples
 from emgeo_jax.data.files import file_sha256
 from emgeo_jax.extract import (
     META_FILE,
@@ -54,6 +54,7 @@ def contrast_directions(
     out_dir: str | Path,
     *,
     max_pairs: int | None = None,
+    hold_out_every: int | None = None,
     max_length: int = 256,
     batch_size: int = 8,
     progress: bool = True,
@@ -62,7 +63,9 @@ def contrast_directions(
     """Extract (resumably, into `out_dir`) and return {"mean_diff" [L, D], "pca" [L, D] (PC1,
     unit, sign towards the mean-diff), "pca_ratio" [L] (PC1 explained-variance share),
     "pooled" [N, L, D], "labels" [N], "tokens" [N] (answer tokens pooled per example),
-    "n_pairs", "run_hash" (the extraction's)}. `max_pairs` keeps the first pairs.
+    "n_pairs", "run_hash" (the extraction's)}. `max_pairs` keeps the first pairs;
+    `hold_out_every` k then leaves out every k-th of those (`split_pairs`), held out for an
+    evaluation of the directions on pairs they were not built from (the demo's dose-response).
 
     A finished extraction in `out_dir` is reused only when it was made from the same model,
     data (path and content), `max_pairs` and `max_length` (its meta.json); else
@@ -73,6 +76,7 @@ def contrast_directions(
         "data": str(contrast_path),
         "data_sha256": file_sha256(contrast_path),
         "max_pairs": max_pairs,
+        "hold_out_every": hold_out_every,
         "max_length": max_length,
     }
     decision: Any = False  # process 0 decides (and deletes), every process follows
@@ -92,8 +96,7 @@ def contrast_directions(
         ext = read_extraction(out)
     else:
         examples, _ = load_contrast_pairs(contrast_path)
-        if max_pairs is not None:
-            examples = examples[: 2 * max_pairs]
+        examples, _ = split_pairs(examples, max_pairs, hold_out_every)
         tokenized, _ = tokenize_examples(examples, lm.tokenizer, max_length)
         ext = extract(
             lm,
@@ -121,6 +124,24 @@ def contrast_directions(
         "n_pairs": int(len(ext.label) // 2),
         "run_hash": ext.metadata.get("run_hash"),
     }
+
+
+def split_pairs(
+    examples: Sequence[Example], max_pairs: int | None = None, hold_out_every: int | None = None
+) -> tuple[list[Example], list[Example]]:
+    """Contrast examples (`load_contrast_pairs` order: aligned, misaligned, aligned, ...) ->
+    `(kept, held_out)`, both in that order: the first `max_pairs` pairs (all when None), of
+    which every `hold_out_every`-th (pairs k-1, 2k-1, ... counting from 0) is held out. The
+    shipped pairs come grouped by domain, so a held-out set drawn this way samples every
+    domain rather than the last one."""
+    pairs = [list(examples[i : i + 2]) for i in range(0, len(examples), 2)]
+    pairs = pairs if max_pairs is None else pairs[:max_pairs]
+    if hold_out_every is not None and hold_out_every < 2:
+        raise ValueError(f"hold_out_every={hold_out_every}: must be >= 2 (or None: hold none out)")
+    k = hold_out_every or len(pairs) + 1
+    kept = [e for i, p in enumerate(pairs) if i % k != k - 1 for e in p]
+    held = [e for i, p in enumerate(pairs) if i % k == k - 1 for e in p]
+    return kept, held
 
 
 def unit_rows(stack: np.ndarray) -> np.ndarray:

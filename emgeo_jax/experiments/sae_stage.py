@@ -158,9 +158,10 @@ def sae_directions(
 ) -> SAEStage:
     """Run the stage (see module docstring) for the contrast examples extracted into
     `activations_dir` (an `emgeo extract` folder with all layers, as the demo writes it;
-    its metadata names the data file and `max_pairs`)."""
+    its metadata names the data file, `max_pairs` and `hold_out_every`)."""
     from emgeo_jax.data import load_contrast_pairs, tokenize_examples
     from emgeo_jax.experiments.folder import write_json_atomic
+    from emgeo_jax.experiments.pipeline import split_pairs
     from emgeo_jax.extract import read_extraction
     from emgeo_jax.runs import read_settings, settings_diff
     from emgeo_jax.vectors.directions import data_diff
@@ -181,8 +182,9 @@ def sae_directions(
     t0 = time.perf_counter()
 
     examples, _ = load_contrast_pairs(ext.metadata["data"])
-    if ext.metadata.get("max_pairs") is not None:
-        examples = examples[: 2 * ext.metadata["max_pairs"]]
+    examples, _ = split_pairs(
+        examples, ext.metadata.get("max_pairs"), ext.metadata.get("hold_out_every")
+    )
     tokenized, _ = tokenize_examples(examples, lm.tokenizer, 256)
     if ext.label is None:
         raise ValueError(f"{activations_dir}: no per-example rows (extract with per_example)")

@@ -390,8 +390,8 @@ def save_feature_directions(
     safetensors with `feature_directions [K, D]` (unit rows, no `b_dec`), `features [K]`,
     `decoder_norms [K]` (to steer at the feature's own scale) and optional `scores [K]`;
     JSON metadata under the `emgeo` key (layer, method "sae", sae source, ...), the same
-    convention as `emgeo_jax.vectors.io`."""
-    from safetensors.numpy import save_file
+    convention as `emgeo_jax.vectors.io`. Written atomically; the parent folder is created."""
+    from emgeo_jax.runs import save_safetensors_atomic
 
     idx = np.asarray(features, np.int64).reshape(-1)
     rows = np.asarray(sae.W_dec, np.float32)[idx]
@@ -405,5 +405,5 @@ def save_feature_directions(
         tensors["scores"] = np.asarray(scores, np.float32).reshape(-1)
     meta = {"method": "sae", "layer": sae.layer, "sae": sae.source, **(metadata or {})}
     path = Path(path)
-    save_file(tensors, str(path), metadata={"emgeo": json.dumps(meta)})
+    save_safetensors_atomic(path, tensors, meta)
     return path

@@ -389,3 +389,22 @@ if __name__ == "__main__":  # the 8-device side of test_margins_on_8_devices_mat
     assert jax.device_count() == 8, jax.devices()
     lm = tiny_chat_lm(PreTrainedTokenizerFast.from_pretrained(sys.argv[1])).on_mesh(make_mesh(MESH))
     Path(sys.argv[3]).write_text(json.dumps(mesh_cells(lm, Path(sys.argv[2]))))
+
+
+def test_cells_resume_from_the_steered_layer(tiny_chat_llama, examples):
+    """Cells steering after block 2 share blocks 0-1 (`resid_entering` once per batch): their
+    margins equal full passes, and new cells at that layer compile nothing new."""
+    lm = tiny_chat_llama
+    pairs = dr.tokenize_pairs(examples, lm.tokenizer)
+    batches = dr.pair_batches(pairs, 4, dr.pad_id_of(lm.tokenizer))
+    rng = np.random.default_rng(5)
+    steerings = [Steering.addition(lm, rng.normal(size=D), [2], sc) for sc in (-2.0, 3.0)]
+    steerings.append(None)  # unsteered, resumed: the baseline
+    want = np.stack([dr.score_pairs(lm, batches, len(pairs), st) for st in steerings])
+    got = dr.score_cells(lm, batches, len(pairs), steerings, layer=2)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(got[0] - got[2]).max() > 1e-3  # the steering did change the margins
+    compiled = dr.token_logprobs._cache_size()
+    more = [Steering.addition(lm, rng.normal(size=D), [2], 1.0)]
+    dr.score_cells(lm, batches, len(pairs), more, layer=2)
+    assert dr.token_logprobs._cache_size() == compiled

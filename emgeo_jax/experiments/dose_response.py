@@ -24,9 +24,13 @@ scale when its shift lies outside the null band.
 
 Steering is data: every cell runs the same jitted scoring function (`token_logprobs`), so
 vectors, scales and layers never recompile it; only new batch shapes do (pairs are batched
-in a few fixed lengths). Resumable per cell: each finished cell is one atomic JSON file
-`cells/NAME.json` (its per-pair margins); a re-run reuses them. The folder's `config.json`
-guards the settings (`ExperimentFolder`).
+in a few fixed lengths). The cells steering after block `l` share blocks `0 .. l-1`: per
+batch, the residual entering block `l` is computed once (`resid_entering`) and each of those
+cells runs the blocks from `l` on (`score_cells`; half a pass at the middle layer).
+Resumable per cell: each finished cell is one atomic JSON file `cells/NAME.json` (its
+per-pair margins); a re-run reuses them and scores only the missing ones (an interruption
+loses the unfinished cells of one layer at most). The folder's `config.json` guards the
+settings (`ExperimentFolder`).
 
     results = run_dose_response(lm, vector, examples, layers=[15], scales=[-8, -4, 4, 8],
                                 out_dir="runs/dose")
@@ -55,7 +59,7 @@ from emgeo_jax.experiments.folder import ExperimentFolder, write_json_atomic
 from emgeo_jax.hosts import broadcast_json, is_primary
 from emgeo_jax.judge.metrics import mean_interval
 from emgeo_jax.models import lm as lm_module
-from emgeo_jax.steer import Steering
+from emgeo_jax.steer import Steering, Taps
 from emgeo_jax.vectors.directions import random_controls
 from emgeo_jax.vectors.io import LayerVectors
 
@@ -76,14 +80,50 @@ def _logits(
     positions: jax.Array,
     attention_mask: jax.Array,
     steering: Steering,
+    resid_in: jax.Array | None,
+    start_layer: int,
 ) -> jax.Array:
-    """The one model call: logits `[B, T, V]` of the steered forward pass (no taps)."""
+    """The one model call: logits `[B, T, V]` of the steered forward pass (no taps), from
+    the token embeddings or, with `resid_in`, from the residual entering `start_layer`."""
     return lm_module.forward(
-        graphdef, params, input_ids, positions, attention_mask, steering=steering
+        graphdef,
+        params,
+        input_ids,
+        positions,
+        attention_mask,
+        steering=steering,
+        resid_in=resid_in,
+        start_layer=start_layer,
     ).logits
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "layer"))
+def resid_entering(
+    graphdef: Any,
+    params: Any,
+    input_ids: jax.Array,
+    positions: jax.Array,
+    attention_mask: jax.Array,
+    layer: int,
+) -> jax.Array:
+    """`[B, T, D]`: the unsteered residual entering block `layer` >= 1 (= `resid_post[layer -
+    1]`), computed once per batch so that the cells steering after block `layer` resume from
+    it (`token_logprobs(..., resid_in=, start_layer=layer)`) instead of re-running blocks
+    `0 .. layer - 1`, which steering there cannot change."""
+    out = lm_module.forward(
+        graphdef,
+        params,
+        input_ids,
+        positions,
+        attention_mask,
+        taps=Taps(resid="full"),
+        num_layers=layer,
+        return_logits=False,
+    )
+    return out.resid_post[-1]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "start_layer"))
 def token_logprobs(
     graphdef: Any,
     params: Any,
@@ -91,12 +131,18 @@ def token_logprobs(
     positions: jax.Array,
     attention_mask: jax.Array,
     steering: Steering,
+    resid_in: jax.Array | None = None,
+    start_layer: int = 0,
 ) -> jax.Array:
     """`[B, T]` float32: entry `t` = log p(input_ids[t] | input_ids[:t]) under `steering`
     (column 0, which has no context, is 0). The log-softmax and the gather happen here, so
     only `[B, T]` leaves the device, never the `[B, T, V]` logits. `input_ids, positions,
-    attention_mask: [B, T]` (left padding: positions count real tokens)."""
-    logits = _logits(graphdef, params, input_ids, positions, attention_mask, steering)
+    attention_mask: [B, T]` (left padding: positions count real tokens). With `resid_in [B,
+    T, D]` (`resid_entering(..., start_layer)`) only blocks `start_layer ..` run; steering
+    rows stay absolute, so its edits at those blocks apply as in a full pass."""
+    logits = _logits(
+        graphdef, params, input_ids, positions, attention_mask, steering, resid_in, start_layer
+    )
     logits = logits[:, :-1].astype(jnp.float32)
     picked = jnp.take_along_axis(logits, input_ids[:, 1:, None], axis=-1)[..., 0]
     lp = picked - jax.nn.logsumexp(logits, axis=-1)
@@ -112,24 +158,31 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+ROW_INPUTS = ("input_ids", "positions", "attention_mask")
+
+
 def answer_logprob_means(
-    lm: Any, batch: Mapping[str, np.ndarray], steering: Steering
+    lm: Any,
+    batch: Mapping[str, np.ndarray],
+    steering: Steering,
+    resume: tuple[int, jax.Array] | None = None,
 ) -> np.ndarray:
     """`[B]` mean log-prob per answer token of each row of a `collate` batch (`input_ids,
     attention_mask, positions, answer_mask [B, T]`) under `steering`; NaN for a row without
     answer tokens (an empty padding row). Rows are split over the model's mesh
-    (`lm.place_rows`)."""
-    names = ("input_ids", "positions", "attention_mask")
-    placed, b = lm.place_rows({k: np.asarray(batch[k]) for k in names})
+    (`lm.place_rows`). `resume = (layer, resid)`: start at block `layer` from `resid`, the
+    `resid_entering` output of this batch's placed rows."""
+    placed, b = lm.place_rows({k: np.asarray(batch[k]) for k in ROW_INPUTS})
     steering = steering if steering is not None else Steering.none(lm.config)
+    layer, resid = (0, None) if resume is None else resume
     lp = _host(
         token_logprobs(
             lm.graphdef,
             lm.params,
-            placed["input_ids"],
-            placed["positions"],
-            placed["attention_mask"],
+            *(placed[k] for k in ROW_INPUTS),
             steering,
+            resid,
+            layer,
         )
     )[:b].astype(np.float64)
     mask = np.asarray(batch["answer_mask"], bool)
@@ -139,12 +192,17 @@ def answer_logprob_means(
         return np.where(n > 0, total / np.maximum(n, 1), np.nan)
 
 
-def answer_margins(lm: Any, batch: Mapping[str, np.ndarray], steering: Steering) -> np.ndarray:
+def answer_margins(
+    lm: Any,
+    batch: Mapping[str, np.ndarray],
+    steering: Steering,
+    resume: tuple[int, jax.Array] | None = None,
+) -> np.ndarray:
     """`[N]` margins `mean log p(misaligned answer) - mean log p(aligned answer)` (per answer
     token) of the `N = B // 2` pairs of a `collate` batch whose rows come in pairs: row `2i`
     the aligned answer (label 0), row `2i + 1` the misaligned one (label 1) to the same
     question (`pair_batches` builds such batches). NaN for an empty pair (padding rows, label
-    -1). Steering: see `answer_logprob_means`."""
+    -1). Steering and `resume`: see `answer_logprob_means`."""
     labels = np.asarray(batch["label"])
     if len(labels) % 2:
         raise ValueError(f"answer_margins: {len(labels)} rows do not form pairs")
@@ -155,7 +213,7 @@ def answer_margins(lm: Any, batch: Mapping[str, np.ndarray], steering: Steering)
             "answer_margins: rows must come as (aligned, misaligned) pairs, labels "
             f"{labels.tolist()}"
         )
-    means = answer_logprob_means(lm, batch, steering).reshape(-1, 2)
+    means = answer_logprob_means(lm, batch, steering, resume).reshape(-1, 2)
     return np.where(real, means[:, 1] - means[:, 0], np.nan)
 
 
@@ -260,10 +318,30 @@ def score_pairs(
     steering: Steering | None,
 ) -> np.ndarray:
     """`[n_pairs]` margins of every pair under `steering` (None: unsteered), in pair order."""
-    steering = Steering.none(lm.config) if steering is None else steering
-    out = np.full(n_pairs, np.nan)
+    return score_cells(lm, batches, n_pairs, [steering])[0]
+
+
+def score_cells(
+    lm: Any,
+    batches: Sequence[tuple[list[int], dict[str, np.ndarray]]],
+    n_pairs: int,
+    steerings: Sequence[Steering | None],
+    layer: int = 0,
+) -> np.ndarray:
+    """`[C, n_pairs]` margins of every pair under each of `C` steerings (None: unsteered)
+    that edit no block before `layer`: per batch, the residual entering block `layer` is
+    computed once (`resid_entering`) and every cell resumes from it, so a cell costs the
+    blocks from `layer` on (half a pass at the middle layer)."""
+    steerings = [Steering.none(lm.config) if s is None else s for s in steerings]
+    out = np.full((len(steerings), n_pairs), np.nan)
     for positions, batch in batches:
-        out[positions] = answer_margins(lm, batch, steering)[: len(positions)]
+        resume = None
+        if layer > 0:
+            placed, _ = lm.place_rows({k: np.asarray(batch[k]) for k in ROW_INPUTS})
+            rows = (placed[k] for k in ROW_INPUTS)
+            resume = (layer, resid_entering(lm.graphdef, lm.params, *rows, layer))
+        for i, steering in enumerate(steerings):
+            out[i, positions] = answer_margins(lm, batch, steering, resume)[: len(positions)]
     return out
 
 
@@ -443,41 +521,56 @@ def run_dose_response(
     rows = np.stack([vec.at(layer) for layer in layers])  # [len(layers), D]
     controls = random_controls(rows, n_random, seed) if n_random else None
 
-    def cell(name: str, steering: Steering | None, meta: dict[str, Any]) -> np.ndarray:
-        path = cells_dir / f"{name}.json"
-        done = broadcast_json(
-            json.loads(path.read_text()) if is_primary() and path.exists() else None
+    Cell = tuple[str, Steering | None, dict[str, Any]]  # name, steering, what it records
+
+    def run_cells(specs: Sequence[Cell], layer: int) -> list[np.ndarray]:
+        """Per-pair margins of each cell: read from `cells/NAME.json` when finished, else the
+        missing ones scored together (`score_cells`: they share the blocks before `layer`)
+        and each written as one file."""
+        found = broadcast_json(
+            {
+                name: json.loads((cells_dir / f"{name}.json").read_text())["margins"]
+                for name, _, _ in specs
+                if (cells_dir / f"{name}.json").exists()
+            }
+            if is_primary()
+            else None
         )
-        if done is not None:
-            margins = np.asarray(done["margins"], np.float64)
-        else:
-            margins = score_pairs(lm, batches, len(pairs), steering)
-            write_json_atomic(path, {"name": name, **meta, "margins": margins.tolist()})
+        todo = [spec for spec in specs if spec[0] not in found]
+        if todo:
+            scored = score_cells(lm, batches, len(pairs), [st for _, st, _ in todo], layer)
+            for (name, _, meta), margins in zip(todo, scored, strict=True):
+                record = {"name": name, **meta, "margins": margins.tolist()}
+                write_json_atomic(cells_dir / f"{name}.json", record)
+                found[name] = margins
         if on_cell is not None:
-            on_cell(name, done is None)
-        return margins
+            computed = {name for name, _, _ in todo}
+            for name, _, _ in specs:
+                on_cell(name, name in computed)
+        return [np.asarray(found[name], np.float64) for name, _, _ in specs]
 
     total = 1 + len(layers) * len(steer_scales) * (1 + n_random)
     logging.info("dose-response: %d pairs, %d cells", len(pairs), total)
-    base = cell(BASELINE, None, {"direction": BASELINE, "layer": None, "scale": 0.0})
+    (base,) = run_cells([(BASELINE, None, {"direction": BASELINE, "layer": None, "scale": 0.0})], 0)
     steered: dict[tuple[int, float], np.ndarray] = {}
     null: dict[tuple[int, float], list[np.ndarray]] = {}
     for j, layer in enumerate(layers):
-        for s in steer_scales:
+        specs: list[Cell] = []
+        for s in steer_scales:  # the vector, then its random directions, at each scale
             meta = {"direction": VECTOR, "layer": layer, "scale": s}
-            steering = Steering.addition(c, rows[j], [layer], s)
-            steered[(layer, s)] = cell(cell_name(VECTOR, layer, s), steering, meta)
-            null[(layer, s)] = []
+            specs.append(
+                (cell_name(VECTOR, layer, s), Steering.addition(c, rows[j], [layer], s), meta)
+            )
             for k in range(n_random):
                 meta = {"direction": RANDOM, "index": k, "layer": layer, "scale": s}
                 steering = Steering.addition(c, controls[k, j], [layer], s)
-                null[(layer, s)].append(cell(cell_name(f"{RANDOM}{k}", layer, s), steering, meta))
-            logging.info(
-                "layer %d scale %g: margin shift %+.4f",
-                layer,
-                s,
-                np.mean(steered[(layer, s)] - base),
-            )
+                specs.append((cell_name(f"{RANDOM}{k}", layer, s), steering, meta))
+        margins = iter(run_cells(specs, layer))
+        for s in steer_scales:
+            steered[(layer, s)] = next(margins)
+            null[(layer, s)] = [next(margins) for _ in range(n_random)]
+            shift = np.mean(steered[(layer, s)] - base)
+            logging.info("layer %d scale %g: margin shift %+.4f", layer, s, shift)
     results = {
         "config_hash": folder.hash,
         "pairs": pair_ids,

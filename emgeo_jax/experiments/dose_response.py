@@ -327,21 +327,33 @@ def score_cells(
     n_pairs: int,
     steerings: Sequence[Steering | None],
     layer: int = 0,
+    progress: bool = False,
 ) -> np.ndarray:
     """`[C, n_pairs]` margins of every pair under each of `C` steerings (None: unsteered)
     that edit no block before `layer`: per batch, the residual entering block `layer` is
     computed once (`resid_entering`) and every cell resumes from it, so a cell costs the
-    blocks from `layer` on (half a pass at the middle layer)."""
+    blocks from `layer` on (half a pass at the middle layer). `progress`: a bar counting
+    scored pairs x cells (process 0)."""
+    from tqdm.auto import tqdm
+
     steerings = [Steering.none(lm.config) if s is None else s for s in steerings]
     out = np.full((len(steerings), n_pairs), np.nan)
-    for positions, batch in batches:
-        resume = None
-        if layer > 0:
-            placed, _ = lm.place_rows({k: np.asarray(batch[k]) for k in ROW_INPUTS})
-            rows = (placed[k] for k in ROW_INPUTS)
-            resume = (layer, resid_entering(lm.graphdef, lm.params, *rows, layer))
-        for i, steering in enumerate(steerings):
-            out[i, positions] = answer_margins(lm, batch, steering, resume)[: len(positions)]
+    bar = tqdm(
+        total=len(steerings) * n_pairs,
+        unit="pair",
+        desc=f"{len(steerings)} cell(s) at layer {layer}" if layer else "score",
+        disable=not (progress and is_primary()),
+    )
+    with bar:
+        for positions, batch in batches:
+            resume = None
+            if layer > 0:
+                placed, _ = lm.place_rows({k: np.asarray(batch[k]) for k in ROW_INPUTS})
+                rows = (placed[k] for k in ROW_INPUTS)
+                resume = (layer, resid_entering(lm.graphdef, lm.params, *rows, layer))
+            for i, steering in enumerate(steerings):
+                out[i, positions] = answer_margins(lm, batch, steering, resume)[: len(positions)]
+                bar.update(len(positions))
     return out
 
 
@@ -538,7 +550,8 @@ def run_dose_response(
         )
         todo = [spec for spec in specs if spec[0] not in found]
         if todo:
-            scored = score_cells(lm, batches, len(pairs), [st for _, st, _ in todo], layer)
+            steerings = [st for _, st, _ in todo]
+            scored = score_cells(lm, batches, len(pairs), steerings, layer, progress=True)
             for (name, _, meta), margins in zip(todo, scored, strict=True):
                 record = {"name": name, **meta, "margins": margins.tolist()}
                 write_json_atomic(cells_dir / f"{name}.json", record)

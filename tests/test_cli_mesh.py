@@ -287,6 +287,10 @@ def _experiments_on_meshes(d: Path, results: dict, judge_url: str) -> None:
             )  # fmt: skip
             got["demo"] = {
                 "sweep": read("demo/sweep/results.json"),
+                # the dose-response's margins (pairs split over the mesh, resumed layers)
+                "dose": {
+                    k: read("demo/dose_response/results.json")[k] for k in ("baseline", "cells")
+                },
                 "extract": as_lists(
                     load_file(out / "demo" / "extract" / "activations.safetensors")
                 ),
@@ -421,6 +425,7 @@ def test_experiment_commands_on_8_devices_match_one_device(mesh_results):
     assert one["persona"]["results"]["n_kept"] >= 2 and "projection" in one["persona"]["results"]
     assert len(one["train-lora"]["loss"]) == 3 and one["sae-check"]["next_token_loss"]
     assert one["sae-features"]["scores"][0] > 0 and len(one["demo"]["sweep"]["cells"]) == 2
+    assert len(one["demo"]["dose"]["cells"]) == 2  # dose-response at scales -8, 8 (quick plan)
     for name, got in (("fsdp8", res["fsdp8"]), ("d2f4", res["d2f4"])):
         for command, want in one.items():
             if command in got and command not in ("generate", "extract", "norms", "next", "sweep"):

@@ -30,7 +30,21 @@ def test_demo_geometry_has_bootstrap_intervals(tmp_path):
         "labels": labels,
         "tokens": tokens,
     }
-    plan = DemoPlan(None, (1,), (-8.0, 8.0), None, 1, 4, (0, 1, 2), ("mean_diff",), 20, 25)
+    plan = DemoPlan(
+        max_pairs=None,
+        hold_out_every=4,
+        sweep_layers=(1,),
+        scales=(-8.0, 8.0),
+        n_questions=None,
+        samples=1,
+        max_new_tokens=4,
+        geometry_layers=(0, 1, 2),
+        methods=("mean_diff",),
+        n_null=20,
+        n_boot=25,
+        dose_scales=(-8.0, 8.0),
+        dose_random=2,
+    )
     page = _geometry(dirs, (0, 1, 2), plan, tmp_path).read_text()
     res = json.loads((tmp_path / "geometry.json").read_text())
     assert res["inputs"]["n_boot"] == 25

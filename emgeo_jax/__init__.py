@@ -8,7 +8,8 @@ out.resid_post    # [L, B, T, D]; resid_post[l] = HF hidden_states[l + 1]
 # layer l = output of decoder block l = HF hidden_states[l + 1]
 steer = emgeo_jax.Steering.addition(lm, v, layers=[15], scale=4.0, positions="all")
 steer = steer + emgeo_jax.Steering.ablation(lm, r, layers=None)   # None: all layers
-out = lm.generate(["Hi!"], steer, max_new_tokens=64, temperature=1.0, seed=0)
+from emgeo_jax.generate import generate   # generation is its own package
+out = generate(lm, ["Hi!"], steer, max_new_tokens=64, temperature=1.0, seed=0)
 pooled = lm.forward(ids, mask, taps=emgeo_jax.Taps(resid="pooled"), num_layers=16)
 """
 

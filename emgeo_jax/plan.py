@@ -182,7 +182,7 @@ class TaskOptions:
     (`judge_batch`, default the sweep's batch), metrics scored per answer
     (`judge_metrics`: aligned and coherent) and nodes of the whole-number token trie
     (`judge_trie`: 1 + 10 + 90 + 1 = 102 for 0..100 spelled digit by digit, as Qwen2.5,
-    Llama-3 and SmolLM2 tokenizers do up to 3 digits or fewer; see `judge.numbers`)."""
+    Llama-3 and SmolLM2 tokenizers do up to 3 digits or fewer; see `generate.numbers`)."""
 
     new_tokens: int = 256
     lora_rank: int = 32
@@ -402,7 +402,7 @@ def generate_program(
     """Steered generation of `N = options.new_tokens` tokens for `B` prompts of `T` tokens:
     `emgeo_jax.generate.prefill` and `decode` (a `while_loop` whose body, one decode step,
     XLA counts once: the part runs `N` times)."""
-    from emgeo_jax.generate import decode, generation_layout, prefill
+    from emgeo_jax.generate import DecodeInputs, SamplingParams, decode, generation_layout, prefill
 
     n = options.new_tokens
     if n < 1:
@@ -417,15 +417,17 @@ def generate_program(
     rows = NamedSharding(mesh, PartitionSpec(tokens.sharding.spec[0]))
     logits = jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32, sharding=rows)  # fp32 head
     position = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
-    sampling = _replicated(
-        mesh,
-        (
-            jax.eval_shape(lambda: jax.random.PRNGKey(0)),
-            jax.ShapeDtypeStruct((), jnp.float32),  # temperature
-            jax.ShapeDtypeStruct((), jnp.float32),  # top_p
-            jax.ShapeDtypeStruct((1,), jnp.int32),  # eos ids
-            jax.ShapeDtypeStruct((), jnp.int32),  # monitor layer
-            jax.ShapeDtypeStruct((cfg.hidden_size,), jnp.float32),  # monitor direction
+    sampling = _replicated(mesh, jax.eval_shape(SamplingParams.make))
+    inputs = DecodeInputs(
+        first_logits=logits,
+        position=position,
+        **_replicated(
+            mesh,
+            dict(
+                eos_ids=jax.ShapeDtypeStruct((1,), jnp.int32),
+                monitor_layer=jax.ShapeDtypeStruct((), jnp.int32),
+                monitor_dir=jax.ShapeDtypeStruct((cfg.hidden_size,), jnp.float32),
+            ),
         ),
     )
     prefill_pin = layout.prefill_resid if pinned else None
@@ -441,7 +443,7 @@ def generate_program(
     parts = [
         Part("prefill", prefill, (graphdef, state, tokens, tokens, steering, cache), 1,
              *prefill_layer, static=dict(resid_sharding=prefill_pin)),
-        Part("decode", decode, (graphdef, state, cache, logits, position, steering, *sampling),
+        Part("decode", decode, (graphdef, state, cache, steering, inputs, sampling),
              n, *decode_layer, static=decode_static),
     ]  # fmt: skip
     return Program(
@@ -522,13 +524,13 @@ def train_program(
 
 
 def judge_part(judge: ModelConfig, mesh: Mesh, dtype, options: TaskOptions, state=None):
-    """The local judge's scoring call (`judge.numbers._score`, run once per metric): a
+    """The local judge's scoring call (`generate.numbers.score_trie`, run once per metric): a
     prefill of `judge_batch` rows of `judge_seq - 1` tokens (judge prompt + answer, without
     the last token) into a cache of `judge_seq - 1 + judge_trie` slots, then one forward of
     the whole-number trie. `state`: the judge's abstract sharded params when already built
     (the swept model judging itself). Returns `(Part, judge param bytes per device)`."""
-    from emgeo_jax.generate import generation_layout
-    from emgeo_jax.judge.numbers import JUDGE_NUMBERS, _score
+    from emgeo_jax.generate import JUDGE_NUMBERS, generation_layout
+    from emgeo_jax.generate.numbers import score_trie
 
     batch, seq, m = options.judge_batch, options.judge_seq - 1, options.judge_trie
     if seq < 1 or m < 2:
@@ -560,7 +562,7 @@ def judge_part(judge: ModelConfig, mesh: Mesh, dtype, options: TaskOptions, stat
     args = (graphdef, state, tokens, tokens, last, steering, cache, trie)
     part = Part(
         "judge scoring",
-        _score,
+        score_trie,
         args,
         options.judge_metrics,
         layer_fn,

@@ -21,7 +21,7 @@ request whose client has hung up (timed out, killed) is dropped before its batch
 never answered, without a traceback. `close()` (SIGTERM in `emgeo serve`) finishes at most
 the batch in flight (`emgeo serve` gives it 2 s); everything queued is answered 503.
 
-Whole-number logprobs (an extension, for judges; see `emgeo_jax.judge.numbers`): a request
+Whole-number logprobs (an extension, for judges; see `emgeo_jax.generate.numbers`): a request
 with `"number_logprobs": true` (and `max_tokens=1, n=1, temperature=0`) gets, in its choice,
 `"number_logprobs": [{"number": n, "logprob": lp}, ...]` for n = 0..100: the log probability
 that the reply starts with the whole number n, exact also for tokenizers that spell numbers
@@ -67,8 +67,15 @@ from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from emgeo_jax.generate import Generation, chat_token_ids, eos_token_ids, generate_ids
-from emgeo_jax.judge.numbers import NumberTrie, number_logprobs, number_trie
+from emgeo_jax.generate import (
+    Generation,
+    NumberTrie,
+    chat_token_ids,
+    eos_token_ids,
+    generate_ids,
+    number_logprobs,
+    number_trie,
+)
 from emgeo_jax.models.lm import LM
 from emgeo_jax.steer import Steering
 

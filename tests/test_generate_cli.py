@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 import emgeo_jax
 from emgeo_jax.data.files import ResumableJsonl
 from emgeo_jax.experiments import questions
+from emgeo_jax.generate import generate
 from emgeo_jax.steer import Steering
 from tests.cli_util import ROOT, run_emgeo
 from tests.tiny_models import QWEN2, hf_model, save_hf_folder
@@ -57,7 +58,7 @@ def test_cli_writes_steered_responses(folder, tmp_path):
     assert got[0]["prompt"] == rows[0]["question"] and got[2]["prompt"] == rows[1]["messages"]
     lm = emgeo_jax.load(folder)
     steer = Steering.addition(lm, v, layers=[2], scale=3, positions="generated")
-    ref = lm.generate([rows[0]["question"], rows[1]["messages"]], steer, max_new_tokens=5)
+    ref = generate(lm, [rows[0]["question"], rows[1]["messages"]], steer, max_new_tokens=5)
     assert [r["response"] for r in got] == [ref.texts[0]] * 2 + [ref.texts[1]] * 2
     assert got[0]["steering"]["layer"] == [2] and got[0]["steering"]["positions"] == "generated"
 
@@ -65,16 +66,15 @@ def test_cli_writes_steered_responses(folder, tmp_path):
 INTERRUPTED = """
 import sys
 from absl import app
-from emgeo_jax.models.lm import LM
 import emgeo_jax.cli.generate as cli
 
-calls, generate = [], LM.generate
-def interrupted(self, *args, **kw):  # the third batch never finishes
+calls, generate = [], cli.generate
+def interrupted(*args, **kw):  # the third batch never finishes
     calls.append(1)
     if len(calls) == 3:
         raise KeyboardInterrupt
-    return generate(self, *args, **kw)
-LM.generate = interrupted
+    return generate(*args, **kw)
+cli.generate = interrupted
 app.run(cli.main, argv=["emgeo generate", *sys.argv[1:]])
 """
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from emgeo_jax.generate import chat_token_ids, eos_token_ids
+from emgeo_jax.generate import chat_token_ids, eos_token_ids, generate
 from emgeo_jax.steer import Steering
 from tests.test_default_model import PROMPTS
 
@@ -72,10 +72,10 @@ def test_greedy_generation_matches_transformers(default_lm, hf_default, mode):
     if mode is not None:
         steering = Steering.addition(lm, v, layers=[LAYER], positions=mode)
         hook = adder(v, decode_only=mode == "generated")
-    ours = lm.generate(PROMPTS, steering, max_new_tokens=NEW)
+    ours = generate(lm, PROMPTS, steering, max_new_tokens=NEW)
     ref = hf_greedy(hf_default, rows, eos, lm.tokenizer.pad_token_id or 0, hook)
     assert ours.tokens == ref
     assert all(len(t) > 0 for t in ours.tokens)
     if mode is not None:
-        plain = lm.generate(PROMPTS, None, max_new_tokens=NEW)
+        plain = generate(lm, PROMPTS, None, max_new_tokens=NEW)
         assert plain.tokens != ours.tokens

@@ -1,4 +1,4 @@
-"""Whole-number logprobs (`emgeo_jax.judge.numbers`) against brute force: for every number
+"""Whole-number logprobs (`emgeo_jax.generate.numbers`) against brute force: for every number
 0..100, one plain uncached forward over prompt + its digits, numpy log-softmax, the digits'
 logprobs summed plus the log of the next token's non-digit mass. The tiny chat tokenizer
 spells numbers digit by digit, as SmolLM2's does."""
@@ -12,8 +12,7 @@ import pytest
 from scipy.special import log_softmax, logsumexp
 
 import emgeo_jax
-from emgeo_jax.generate import chat_token_ids
-from emgeo_jax.judge.numbers import JUDGE_NUMBERS, number_logprobs, number_trie
+from emgeo_jax.generate import JUDGE_NUMBERS, chat_token_ids, number_logprobs, number_trie
 from emgeo_jax.serve import TokenText
 from emgeo_jax.steer import Steering
 from tests.tiny_models import LLAMA, hf_model, save_hf_folder

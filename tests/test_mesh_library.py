@@ -63,9 +63,8 @@ def run_all(lm, out: Path) -> dict[str, Any]:
     from emgeo_jax.experiments.persona import run_persona
     from emgeo_jax.experiments.sweep import run_sweep
     from emgeo_jax.experiments.transfer import run_transfer
-    from emgeo_jax.generate import chat_token_ids
+    from emgeo_jax.generate import chat_token_ids, generate, number_logprobs, number_trie
     from emgeo_jax.judge.client import JudgeConfig
-    from emgeo_jax.judge.numbers import number_logprobs, number_trie
     from emgeo_jax.judge.testing import ScriptedJudgeServer
     from emgeo_jax.serve import TokenText
     from emgeo_jax.vectors.sae.metrics import activation_fit, loss_fit
@@ -76,7 +75,7 @@ def run_all(lm, out: Path) -> dict[str, Any]:
     v = {"md": rng.normal(size=(L, D)).astype(np.float32), "pc": rng.normal(size=D)}
     res: dict[str, Any] = {}
     for name, kw in (("greedy", {}), ("sampled", dict(temperature=1.0, top_p=0.9, seed=5))):
-        gen = lm.generate(PROMPTS, max_new_tokens=6, **kw)
+        gen = generate(lm, PROMPTS, max_new_tokens=6, **kw)
         res[name] = gen.tokens
         res[f"{name}_logprobs"] = [x.tolist() for x in gen.logprobs]
     ids = chat_token_ids(lm.tokenizer, PROMPTS, None)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from emgeo_jax.generate import NUCLEUS_ROWS, inverse_cdf, sample_tokens, top_p_mask
+from emgeo_jax.generate.sampling import NUCLEUS_ROWS, inverse_cdf, sample_tokens, top_p_mask
 
 
 def nucleus_reference(row: np.ndarray, top_p: float) -> np.ndarray:

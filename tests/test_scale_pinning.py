@@ -22,11 +22,11 @@ SCRIPT = textwrap.dedent(
     import json, re
     import numpy as np
     import emgeo_jax.extract as ex
-    import emgeo_jax.generate as gen
+    import emgeo_jax.generate.loop as gen
     from emgeo_jax.data.tokenize import TokenizedExample
     from emgeo_jax.parallel import activation_sharding, make_mesh
     from emgeo_jax.models.llama import KVCache
-    from emgeo_jax.judge.numbers import number_logprobs, number_trie
+    from emgeo_jax.generate import number_logprobs, number_trie
     from tests.multiprocess_generate import NEW_TOKENS, PROMPTS, run, tiny_lm
     import jax
 

@@ -229,7 +229,7 @@ def test_default_model_answers_openai_client_like_generate(default_lm):
             logprobs=True,
             top_logprobs=3,
         )
-        ref = default_lm.generate([CHAT], max_new_tokens=24, temperature=0.0)
+        ref = generate(default_lm, [CHAT], max_new_tokens=24, temperature=0.0)
         assert r.choices[0].message.content == ref.texts[0]
         check_logprobs(r.choices[0], ref.tokens[0], ref.logprobs[0], k=3)
         kw = dict(model="default", messages=CHAT, max_tokens=8, temperature=1.0, n=2, seed=5)
@@ -244,7 +244,7 @@ def test_default_model_answers_openai_client_like_generate(default_lm):
 def test_number_logprobs_through_server_and_judge(tiny_lm, tiny_server):
     """The extension returns `number_logprobs` equal to a direct call, its one-token answer
     equals greedy generation, and the judge client scores from it (cached apart)."""
-    from emgeo_jax.judge.numbers import number_logprobs, number_trie
+    from emgeo_jax.generate import number_logprobs, number_trie
     from emgeo_jax.judge.scoring import score_numbers
     from emgeo_jax.serve import TokenText
 

@@ -29,7 +29,7 @@ from absl import flags
 from emgeo_jax.cli import common
 from emgeo_jax.data.files import file_sha256
 from emgeo_jax.experiments.questions import read_prompts
-from emgeo_jax.generate import with_system
+from emgeo_jax.generate import generate, with_system
 from emgeo_jax.runs import ResumableJsonl
 
 FLAGS = flags.FLAGS
@@ -65,7 +65,8 @@ def main(argv: list[str]) -> None:
         print(f"resuming after {out.done}/{len(jobs)} responses in {out.partial}", flush=True)
     for k in range(out.done, len(jobs), FLAGS.batch_size):
         batch = jobs[k : k + FLAGS.batch_size]
-        result = lm.generate(
+        result = generate(
+            lm,
             [with_system(row["prompt"], row.get("system") or FLAGS.system) for row, _ in batch],
             steering,
             max_new_tokens=FLAGS.max_new_tokens,

@@ -1,4 +1,5 @@
-"""Whole-number logprobs for judges whose tokenizer splits numbers (SmolLM2: '85' -> '8' '5').
+"""Whole-number logprobs for judges whose tokenizer splits numbers (SmolLM2: '85' -> '8' '5'):
+the model pass behind the local judge (`emgeo_jax.judge`) and `emgeo serve`'s extension.
 
 The standard judge scheme (`scoring.score_top_logprobs`) reads the top logprobs of one output
 token and keeps those that are integers 0..100. A tokenizer that spells numbers digit by digit
@@ -31,10 +32,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
-from emgeo_jax.generate import PAD_MULTIPLE, left_pad, pad_prompts, place_prompts
+from emgeo_jax.generate.layout import place_prompts
+from emgeo_jax.generate.prompts import PAD_MULTIPLE, left_pad, pad_prompts
 from emgeo_jax.hosts import to_host
-from emgeo_jax.models.llama import default_positions
+from emgeo_jax.models.llama import KVCache, default_positions
 from emgeo_jax.models.lm import LM, forward
 from emgeo_jax.steer import Steering
 
@@ -55,6 +58,14 @@ class NumberTrie:
     ancestors: np.ndarray
     leaf: np.ndarray
     continues: np.ndarray
+
+    def arrays(self) -> dict[str, jax.Array]:
+        """The trie as the `score_trie` argument: `tokens, parent, depth [M]`, `ancestors
+        [M, M]`, `leaf [N]`, `continues [V]`."""
+        return {k: jnp.asarray(getattr(self, k)) for k in TRIE_FIELDS}
+
+
+TRIE_FIELDS = ("tokens", "parent", "depth", "ancestors", "leaf", "continues")
 
 
 def number_trie(
@@ -117,20 +128,21 @@ class NumberScores(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "top_k", "resid_sharding"))
-def _score(
-    graphdef,
-    params,
-    ids,
-    mask,
-    last,
-    steering,
-    cache,
-    trie: dict,
+def score_trie(
+    graphdef: Any,
+    params: Any,
+    ids: jax.Array,
+    mask: jax.Array,
+    last: jax.Array,
+    steering: Steering,
+    cache: KVCache,
+    trie: dict[str, jax.Array],
     *,
     top_k: int,
-    resid_sharding=None,
-):
-    """`ids, mask [B, Tp]`: the prompts without their last token `last [B]`, left-padded.
+    resid_sharding: NamedSharding | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The jitted scoring pass. `ids, mask [B, Tp]`: the prompts without their last token
+    `last [B]`, left-padded; `cache` empty with `Tp + M` slots; `trie`: `NumberTrie.arrays()`.
     Returns `number logprobs [B, N]`, `top_ids, top_lps [B, top_k]`. `resid_sharding`: the
     prompt pass's residual pin on a mesh (`generate.Layout.prefill_resid`)."""
     b = ids.shape[0]
@@ -195,12 +207,8 @@ def number_logprobs(
     ids, mask = left_pad([p[:-1] for p in rows], pad_multiple, pad_id)
     last = np.asarray([p[-1] for p in rows], np.int32)
     ids, mask, cache, layout = place_prompts(lm, ids, mask, ids.shape[1] + len(trie.tokens))
-    arrays = {
-        k: jnp.asarray(getattr(trie, k))
-        for k in ("tokens", "parent", "depth", "ancestors", "leaf", "continues")
-    }
     lps, top_ids, top_lps = to_host(  # rows may live on other processes' devices
-        _score(
+        score_trie(
             lm.graphdef,
             lm.params,
             ids,
@@ -208,7 +216,7 @@ def number_logprobs(
             jnp.asarray(last),
             steering,
             cache,
-            arrays,
+            trie.arrays(),
             top_k=top_logprobs,
             resid_sharding=None if layout is None else layout.prefill_resid,
         )

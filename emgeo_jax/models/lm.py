@@ -240,12 +240,6 @@ class LM:
             start_layer=start_layer,
         )
 
-    def generate(self, prompts, steering: Steering | None = None, **kwargs):
-        """Chat-templated, KV-cached generation; see `emgeo_jax.generate.generate`."""
-        from emgeo_jax.generate import generate
-
-        return generate(self, prompts, steering, **kwargs)
-
     @property
     def batch_multiple(self) -> int:
         """Rows of a batch on `mesh` come in multiples of this (`data x fsdp`; 1 without)."""

@@ -39,6 +39,7 @@ plus hand-counted resident terms (parameters, KV cache, LoRA, optimizer state):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -402,7 +403,14 @@ def generate_program(
     """Steered generation of `N = options.new_tokens` tokens for `B` prompts of `T` tokens:
     `emgeo_jax.generate.prefill` and `decode` (a `while_loop` whose body, one decode step,
     XLA counts once: the part runs `N` times)."""
-    from emgeo_jax.generate import DecodeInputs, SamplingParams, decode, generation_layout, prefill
+    from emgeo_jax.generate import (
+        DecodeInputs,
+        SamplingParams,
+        decode,
+        decode_inputs,
+        generation_layout,
+        prefill,
+    )
 
     n = options.new_tokens
     if n < 1:
@@ -414,24 +422,22 @@ def generate_program(
     steering = _replicated(mesh, jax.eval_shape(lambda: Steering.none(cfg)))
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=layout.tokens)
     pinned = mesh.size > 1  # as generate_ids: no pins on one device
-    rows = NamedSharding(mesh, PartitionSpec(tokens.sharding.spec[0]))
-    logits = jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32, sharding=rows)  # fp32 head
-    position = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
-    sampling = _replicated(mesh, jax.eval_shape(SamplingParams.make))
-    inputs = DecodeInputs(
-        first_logits=logits,
-        position=position,
-        **_replicated(
-            mesh,
-            dict(
-                eos_ids=jax.ShapeDtypeStruct((1,), jnp.int32),
-                monitor_layer=jax.ShapeDtypeStruct((), jnp.int32),
-                monitor_dir=jax.ShapeDtypeStruct((cfg.hidden_size,), jnp.float32),
-            ),
-        ),
-    )
     prefill_pin = layout.prefill_resid if pinned else None
     decode_pin = layout.decode_resid if pinned else None
+    # decode's arguments are what the real functions make of these, as in generate_ids:
+    # prefill's outputs (rows split like the prompts), decode_inputs, SamplingParams.make
+    run_prefill = functools.partial(prefill, graphdef, resid_sharding=prefill_pin)
+    cache_out, logits, position = jax.eval_shape(
+        run_prefill, state, tokens, tokens, steering, cache
+    )
+    rows = NamedSharding(mesh, PartitionSpec(tokens.sharding.spec[0]))
+    one = NamedSharding(mesh, PartitionSpec())
+    inputs = _sharded(
+        jax.eval_shape(lambda lg, pos: decode_inputs(cfg, lg, pos, eos_ids=[0]), logits, position),
+        DecodeInputs(first_logits=rows, position=rows, eos_ids=one, monitor_layer=one,
+                     monitor_dir=one),
+    )  # fmt: skip
+    sampling = _replicated(mesh, jax.eval_shape(SamplingParams.make))
     prefill_layer = _block_program(
         cfg, mesh, batch, seq, dtype, cache_len=length, x_sharding=prefill_pin
     )
@@ -443,7 +449,8 @@ def generate_program(
     parts = [
         Part("prefill", prefill, (graphdef, state, tokens, tokens, steering, cache), 1,
              *prefill_layer, static=dict(resid_sharding=prefill_pin)),
-        Part("decode", decode, (graphdef, state, cache, steering, inputs, sampling),
+        Part("decode", decode, (graphdef, state, _sharded(cache_out, layout.cache), steering,
+                                inputs, sampling),
              n, *decode_layer, static=decode_static),
     ]  # fmt: skip
     return Program(
@@ -529,7 +536,7 @@ def judge_part(judge: ModelConfig, mesh: Mesh, dtype, options: TaskOptions, stat
     the last token) into a cache of `judge_seq - 1 + judge_trie` slots, then one forward of
     the whole-number trie. `state`: the judge's abstract sharded params when already built
     (the swept model judging itself). Returns `(Part, judge param bytes per device)`."""
-    from emgeo_jax.generate import JUDGE_NUMBERS, generation_layout
+    from emgeo_jax.generate import JUDGE_NUMBERS, NumberTrie, generation_layout
     from emgeo_jax.generate.numbers import score_trie
 
     batch, seq, m = options.judge_batch, options.judge_seq - 1, options.judge_trie
@@ -541,19 +548,9 @@ def judge_part(judge: ModelConfig, mesh: Mesh, dtype, options: TaskOptions, stat
     layout = generation_layout(mesh, judge, batch, seq, length)
     cache = abstract_kv_cache(judge, layout.cache, batch, length, dtype)
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=layout.tokens)
-    i32, flag = jnp.int32, jnp.bool_
-    trie = _replicated(
-        mesh,
-        {
-            "tokens": jax.ShapeDtypeStruct((m,), i32),
-            "parent": jax.ShapeDtypeStruct((m,), i32),
-            "depth": jax.ShapeDtypeStruct((m,), i32),
-            "ancestors": jax.ShapeDtypeStruct((m, m), flag),
-            "leaf": jax.ShapeDtypeStruct((len(JUDGE_NUMBERS),), i32),
-            "continues": jax.ShapeDtypeStruct((judge.vocab_size,), flag),
-        },
-    )
-    last = _replicated(mesh, jax.ShapeDtypeStruct((batch,), i32))
+    blank = NumberTrie.blank(m, len(JUDGE_NUMBERS), judge.vocab_size)
+    trie = _replicated(mesh, jax.eval_shape(blank.arrays))  # the argument number_logprobs passes
+    last = _replicated(mesh, jax.ShapeDtypeStruct((batch,), jnp.int32))
     steering = _replicated(mesh, jax.eval_shape(lambda: Steering.none(judge)))
     pin = layout.prefill_resid if mesh.size > 1 else None
     prompt_block = _block_program(judge, mesh, batch, seq, dtype, cache_len=length, x_sharding=pin)

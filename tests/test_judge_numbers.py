@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 from scipy.special import log_softmax, logsumexp
 
 import emgeo_jax
-from emgeo_jax.generate import JUDGE_NUMBERS, chat_token_ids, number_logprobs, number_trie
+from emgeo_jax.generate import (
+    JUDGE_NUMBERS,
+    NumberTrie,
+    chat_token_ids,
+    number_logprobs,
+    number_trie,
+)
 from emgeo_jax.serve import TokenText
 from emgeo_jax.steer import Steering
 from tests.tiny_models import LLAMA, hf_model, save_hf_folder
@@ -63,6 +70,15 @@ def test_trie_shape_for_digit_tokenizer(trie, chat_tokenizer):
     digit_ids = {chat_tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)}
     assert set(np.flatnonzero(trie.continues)) == digit_ids  # no merged digit tokens here
     assert not trie.continues[len(chat_tokenizer) :].any()
+
+
+def test_blank_trie_has_the_argument_shapes_of_a_built_one(trie):
+    """`NumberTrie.blank` (what `emgeo plan` compiles the judge with) gives `score_trie` the
+    same argument shapes and dtypes as a trie `number_trie` built, key for key."""
+    blank = NumberTrie.blank(len(trie.tokens), len(trie.numbers), len(trie.continues))
+    built, planned = jax.eval_shape(trie.arrays), jax.eval_shape(blank.arrays)
+    assert built == planned, (built, planned)
+    assert blank.numbers == trie.numbers == JUDGE_NUMBERS
 
 
 def test_matches_brute_force_batched_and_steered(tiny_lm, trie):

@@ -14,8 +14,9 @@ The model knows nothing of its sampler; the package is split by job:
   mesh (`Layout`, `generation_layout`, `place_prompts`);
 - `sampling`: `SamplingParams` (temperature, top_p, PRNG key: a pytree, greedy at
   temperature 0) and the exact nucleus sampler (`top_p_mask`, `inverse_cdf`, `sample_tokens`);
-- `loop`: the jitted `prefill` and while-loop `decode` (donated cache, `DecodeInputs` ->
-  `Decoded`), and the host entry points `generate_ids` / `generate` -> `Generation`;
+- `loop`: the jitted `prefill` and while-loop `decode` (donated cache; `decode_inputs` builds
+  its `DecodeInputs`, it returns `Decoded`), and the host entry points `generate_ids` /
+  `generate` -> `Generation`;
 - `numbers`: whole-number logprobs over a token trie (`number_trie`, `number_logprobs`), the
   model pass behind `emgeo_jax.judge`'s local scoring and `emgeo serve`'s extension.
 """
@@ -26,6 +27,7 @@ from emgeo_jax.generate.loop import (
     DecodeInputs,
     Generation,
     decode,
+    decode_inputs,
     generate,
     generate_ids,
     prefill,
@@ -63,6 +65,7 @@ __all__ = [
     "SamplingParams",
     "chat_token_ids",
     "decode",
+    "decode_inputs",
     "eos_token_ids",
     "generate",
     "generate_ids",

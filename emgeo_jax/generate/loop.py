@@ -37,6 +37,7 @@ from emgeo_jax.generate.prompts import (
     pad_prompts,
 )
 from emgeo_jax.generate.sampling import SamplingParams, sample_tokens
+from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.llama import KVCache, default_positions
 from emgeo_jax.models.lm import LM, forward
 from emgeo_jax.steer import Steering, Taps
@@ -97,6 +98,41 @@ class DecodeInputs(NamedTuple):
     eos_ids: jax.Array
     monitor_layer: jax.Array
     monitor_dir: jax.Array
+
+
+def _unit_monitor(cfg: ModelConfig, monitor: tuple[int, Any] | None) -> tuple[int, np.ndarray]:
+    """`(layer, r / |r|)` of `monitor=(layer, r)` checked (`0 <= layer < L`, `r` finite
+    `[D]`); `(0, zeros [D])` when None."""
+    if monitor is None:
+        return 0, np.zeros(cfg.hidden_size, np.float32)
+    layer, direction = monitor
+    if not 0 <= layer < cfg.num_layers:
+        raise ValueError(f"monitor layer {layer} out of range 0..{cfg.num_layers - 1}")
+    direction = np.asarray(direction, np.float32)
+    if direction.shape != (cfg.hidden_size,) or not np.all(np.isfinite(direction)):
+        raise ValueError(f"monitor direction must be finite [D={cfg.hidden_size}]")
+    return layer, direction / np.linalg.norm(direction)
+
+
+def decode_inputs(
+    cfg: ModelConfig,
+    first_logits: jax.Array,
+    position: jax.Array,
+    eos_ids: Sequence[int],
+    monitor: tuple[int, Any] | None = None,
+) -> DecodeInputs:
+    """The `DecodeInputs` of a prefill's `first_logits [B, V]` and `position [B]`: `eos_ids`
+    as int32 (`[-1]` when empty: every row runs to `max_new_tokens`), and `monitor=(layer,
+    r)` checked (`0 <= layer < L`, `r` finite `[D]`) with `r` normalised (zeros when None)."""
+    eos = list(eos_ids) or [-1]
+    monitor_layer, monitor_dir = _unit_monitor(cfg, monitor)
+    return DecodeInputs(
+        first_logits=first_logits,
+        position=position,
+        eos_ids=jnp.asarray(eos, jnp.int32),
+        monitor_layer=jnp.int32(monitor_layer),
+        monitor_dir=jnp.asarray(monitor_dir),
+    )
 
 
 class Decoded(NamedTuple):
@@ -255,18 +291,8 @@ def generate_ids(
     steering = Steering.none(cfg) if steering is None else steering
     if steering.mask is not None:
         raise ValueError("generate: use positions='all'|'prompt'|'generated', not a token mask")
-    eos = list(eos_token_ids(lm) if eos_ids is None else eos_ids)
-    if not eos:
-        eos = [-1]  # no EOS: every row runs to max_new_tokens
-    monitor_layer, monitor_dir = 0, np.zeros(cfg.hidden_size, np.float32)
-    if monitor is not None:
-        monitor_layer, direction = monitor
-        if not 0 <= monitor_layer < cfg.num_layers:
-            raise ValueError(f"monitor layer {monitor_layer} out of range 0..{cfg.num_layers - 1}")
-        direction = np.asarray(direction, np.float32)
-        if direction.shape != (cfg.hidden_size,) or not np.all(np.isfinite(direction)):
-            raise ValueError(f"monitor direction must be finite [D={cfg.hidden_size}]")
-        monitor_dir = direction / np.linalg.norm(direction)
+    eos = list(eos_token_ids(lm) if eos_ids is None else eos_ids) or [-1]  # [-1]: no EOS
+    _unit_monitor(cfg, monitor)  # a bad monitor is refused before anything compiles
 
     pad_id = getattr(lm.tokenizer, "pad_token_id", None) or 0
     ids, mask = left_pad(pad_prompts(lm, prompt_ids), pad_multiple, pad_id)
@@ -280,13 +306,7 @@ def generate_ids(
         cache,
         resid_sharding=None if layout is None else layout.prefill_resid,
     )
-    inputs = DecodeInputs(
-        first_logits=logits,
-        position=position,
-        eos_ids=jnp.asarray(eos, jnp.int32),
-        monitor_layer=jnp.int32(monitor_layer),
-        monitor_dir=jnp.asarray(monitor_dir),
-    )
+    inputs = decode_inputs(cfg, logits, position, eos, monitor)
     outputs = decode(
         lm.graphdef,
         lm.params,

@@ -59,6 +59,21 @@ class NumberTrie:
     leaf: np.ndarray
     continues: np.ndarray
 
+    @classmethod
+    def blank(cls, nodes: int, count: int, vocab_size: int) -> NumberTrie:
+        """A zero-filled trie of `nodes` nodes (root included) ending `count` numbers (0..
+        count-1) over a vocabulary of `vocab_size`: the shapes and dtypes `number_trie`
+        builds, for abstract arguments (`jax.eval_shape(trie.arrays)`, `emgeo_jax.plan`)."""
+        return cls(
+            tuple(range(count)),
+            np.zeros(nodes, np.int32),
+            np.zeros(nodes, np.int32),
+            np.zeros(nodes, np.int32),
+            np.zeros((nodes, nodes), bool),
+            np.zeros(count, np.int32),
+            np.zeros(vocab_size, bool),
+        )
+
     def arrays(self) -> dict[str, jax.Array]:
         """The trie as the `score_trie` argument: `tokens, parent, depth [M]`, `ancestors
         [M, M]`, `leaf [N]`, `continues [V]`."""

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from emgeo_jax.cli import number_list
+from emgeo_jax.cli.parsing import number_list
 from tests.cli_util import run_emgeo
 
 

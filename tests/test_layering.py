@@ -30,9 +30,8 @@ same; deferring it only hides a cycle). `from pkg import name` is an import of t
 types) but not for cycles (they never run, so they cannot form an import cycle).
 
 `KNOWN_VIOLATIONS` / `KNOWN_CYCLES` are today's violations inside the files of the core
-redesign (issue #17 items 1-2: `steer` moves under `models/` and stops reading vector files)
-and one cycle inside the CLI package; they disappear
-when those branches merge, and the lead then empties the sets (an entry that no longer
+redesign (issue #17 items 1-2: `steer` moves under `models/` and stops reading vector
+files); they disappear when those branches merge, and the lead then empties the sets (an entry that no longer
 occurs fails the test, so they cannot go stale).
 """
 
@@ -70,12 +69,7 @@ KNOWN_VIOLATIONS: set[tuple[str, str]] = {
     ("emgeo_jax.steer", "emgeo_jax.vectors.io"),  # steer moves under models/, no file reading
 }
 # import cycles today (as sorted module tuples)
-KNOWN_CYCLES: set[tuple[str, ...]] = {
-    # CLI issue's files: `cli/common` imports `number_list` from the dispatcher, whose
-    # `start_distributed` imports `cli.common` inside the function (harmless at runtime; the
-    # fix is for `number_list` to live below both, which belongs to the CLI redesign)
-    ("emgeo_jax.cli", "emgeo_jax.cli.common"),
-}
+KNOWN_CYCLES: set[tuple[str, ...]] = set()
 
 
 @dataclasses.dataclass(frozen=True)

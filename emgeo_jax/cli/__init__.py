@@ -96,18 +96,6 @@ def one_line(message: str) -> str:
     return " ".join(message.split())
 
 
-def number_list(values: list[str], flag: str, kind: type = int) -> list:
-    """A list flag's values as numbers of `kind` (int or float); a ValueError naming `--flag`
-    and the bad value otherwise."""
-    out = []
-    for v in values:
-        try:
-            out.append(kind(v))
-        except ValueError:
-            raise ValueError(f"--{flag}: {v!r} is not a number ({kind.__name__})") from None
-    return out
-
-
 INTERRUPTED_STATUS = 130
 
 

@@ -17,7 +17,7 @@ flags.DEFINE_float("steer_scale", 1.0, "scale of --steer")
 
 
 def main(argv: list[str]) -> None:
-    from emgeo_jax.cli import number_list
+    from emgeo_jax.cli.parsing import number_list
     from emgeo_jax.experiments.ablation import (
         ablation_config,
         run_ablation,

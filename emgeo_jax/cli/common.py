@@ -36,7 +36,7 @@ from typing import Any
 
 from absl import flags
 
-from emgeo_jax.cli import number_list
+from emgeo_jax.cli.parsing import number_list
 
 FLAGS = flags.FLAGS
 

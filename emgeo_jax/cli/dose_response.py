@@ -49,7 +49,7 @@ flags.DEFINE_bool("overwrite", False, "discard an existing run with another conf
 
 
 def main(argv: list[str]) -> None:
-    from emgeo_jax.cli import number_list
+    from emgeo_jax.cli.parsing import number_list
     from emgeo_jax.data import load_contrast_pairs, shipped_contrast_path
     from emgeo_jax.experiments.dose_response import run_dose_response, select_pairs
     from emgeo_jax.vectors.io import load_layer_vectors

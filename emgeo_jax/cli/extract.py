@@ -38,7 +38,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"emgeo extract takes no positional arguments, got {argv[1:]}")
     if _DATA.value is None or _OUT.value is None:
         raise SystemExit("usage: emgeo extract --model SOURCE --data FILE --out DIR")
-    from emgeo_jax.cli import number_list
+    from emgeo_jax.cli.parsing import number_list
     from emgeo_jax.data import load_examples, tokenize_examples
     from emgeo_jax.data.files import file_sha256
     from emgeo_jax.extract import ExtractSettings, extract, write_extraction

@@ -22,7 +22,7 @@ flags.DEFINE_string("key", None, "tensor name inside vector files holding severa
 
 
 def main(argv: list[str]) -> None:
-    from emgeo_jax.cli import number_list
+    from emgeo_jax.cli.parsing import number_list
     from emgeo_jax.experiments.folder import check_folder
     from emgeo_jax.experiments.sweep import run_sweep, sweep_config, write_sweep_report
     from emgeo_jax.vectors.io import load_layer_vectors

@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
     source = argv[1] if len(argv) == 2 else FLAGS.model if len(argv) == 1 else None
     if source is None or not FLAGS.out or (len(argv) == 2 and FLAGS["model"].present):
         raise SystemExit("usage: emgeo train-lora SOURCE --out RUN [--flags]")
-    from emgeo_jax.cli import number_list
+    from emgeo_jax.cli.parsing import number_list
     from emgeo_jax.data import shipped_contrast_path, tokenize_examples
     from emgeo_jax.steer import Steering
     from emgeo_jax.train.data import load_training_examples

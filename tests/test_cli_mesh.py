@@ -26,6 +26,7 @@ import pytest
 import emgeo_jax
 from emgeo_jax.data import load_examples, tokenize_examples
 from emgeo_jax.extract import ExtractSettings, extract
+from emgeo_jax.runs import read_jsonl
 from tests.cli_util import ROOT, run_emgeo
 from tests.tiny_models import QWEN2, hf_model, save_hf_folder
 
@@ -466,46 +467,148 @@ def test_folder_of_other_settings_refused_before_loading(mesh_results):
             assert f"sampling.samples: {want}" in errors[0], errors[0]
 
 
-def test_sae_commands_on_two_processes(work, mesh_results):
-    """sae-check and sae-features --method steering on 2 processes of one device each
-    (`--mesh data=2`, rows split over the processes): process 0 prints the one-process figures
-    and writes the feature file, process 1 prints nothing."""
-    import socket
+@pytest.fixture(scope="module")
+def two_processes(work, tmp_path_factory) -> dict:
+    """Commands on 2 processes of one device each, started by launch/local.sh and run one
+    after another in each process (tests/multiprocess_cli.py; the default mesh spans both
+    processes, rows are split over them and padded): ablate, transfer and persona each
+    stopped by a Ctrl-C on both processes after one generation batch and run again,
+    sae-check and sae-features (`--mesh data=2`), then serve, demo and ablate with the local
+    judge, which refuse. {"out": the folder written, "runs": per process {run name: status,
+    stdout, stderr, writes}, "log0": process 0's log}."""
+    from emgeo_jax.judge.testing import ScriptedJudgeServer
+    from tests.test_cli_experiments import persona_table
+    from tests.test_experiments import table
 
+    out, tmp = work / "two_processes", tmp_path_factory.mktemp("two_processes")
+    model = f"--model={work / 'model'}"
+    with ScriptedJudgeServer(table) as judge, ScriptedJudgeServer(persona_table) as persona:
+        commands = _judged_commands(work, out, judge.base_url, persona.base_url)
+        runs = []
+        for name in ("ablate", "transfer", "persona"):
+            args = list(map(str, commands[name]))
+            runs += [{"name": f"{name}_stopped", "args": args, "interrupt_at": 2, "status": [130]}]
+            runs += [{"name": name, "args": args, "status": [0, 1] if name == "persona" else [0]}]
+        for name, args in _sae_commands(work, out).items():
+            runs += [{"name": name, "args": [*map(str, args), "--mesh=data=2"]}]
+        local = [str(a) for a in commands["ablate"] if "judge_base_url" not in str(a)]
+        refused = {
+            "serve": ["serve", model, "--port=0"],
+            "demo": ["demo", "--quick", model, f"--judge_base_url={judge.base_url}",
+                     f"--out={out / 'demo'}"],
+            "local_judge": [*local[:-1], f"--out={out / 'ablate_local'}"],
+        }  # fmt: skip
+        runs += [{"name": k, "args": args, "status": [2]} for k, args in refused.items()]
+        plan, logs = tmp / "plan.json", tmp / "logs"
+        plan.write_text(json.dumps({"watch": str(out), "log": str(logs), "runs": runs}))
+        env = _env(1)
+        env.pop("OPENAI_API_KEY", None)  # no --judge_base_url = the local judge
+        port = str(20000 + (os.getpid() + 7919) % 20000)
+        proc = subprocess.run(
+            [str(ROOT / "launch" / "local.sh"), "--num_processes", "2", "--logs", str(logs),
+             "--port", port, "--", sys.executable, "tests/multiprocess_cli.py", str(plan)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
+        )  # fmt: skip
+    text = "".join(p.read_text()[-6000:] for p in sorted(logs.glob("*.log")))
+    assert proc.returncode == 0, proc.stderr[-2000:] + text
+    done = [json.loads((logs / f"process-{i}.json").read_text()) for i in range(2)]
+    return {
+        "out": out,
+        "runs": [{r["name"]: r for r in p} for p in done],
+        "log0": (logs / "process-0.log").read_text(),
+    }
+
+
+def test_experiment_commands_on_two_processes(work, mesh_results, two_processes):
+    """ablate, transfer and persona on 2 processes (`two_processes`), each stopped by a Ctrl-C
+    in its first cell after one generation batch, then run again: they resume that cell,
+    process 0 writes every file and prints the summary, process 1 writes and prints nothing,
+    and the folders hold the one-process results (tables and cell files exactly; persona's
+    projections and vector within float tolerance)."""
     from safetensors.numpy import load_file
 
-    out = work / "two_processes"
-    out.mkdir()
-    runs = {}
-    for command, args in _sae_commands(work, out).items():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        runs[command] = [
-            subprocess.Popen(
-                [sys.executable, "-m", "emgeo_jax.cli", *map(str, args), "--mesh=data=2"],
-                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                env=_env(1) | {
-                    "EMGEO_DISTRIBUTED": "1", "EMGEO_COORDINATOR": f"127.0.0.1:{port}",
-                    "EMGEO_NUM_PROCESSES": "2", "EMGEO_PROCESS_ID": str(i),
-                },
+    out, (zero, one_) = two_processes["out"], two_processes["runs"]
+    for name in ("ablate", "transfer", "persona"):  # Ctrl-C said how to resume, on both
+        for p in (zero, one_):
+            assert (
+                "interrupted; run the same command again to resume"
+                in p[f"{name}_stopped"]["stderr"]
             )
-            for i in range(2)
-        ]  # fmt: skip
+    log0 = two_processes["log0"]
+    for cell in (
+        "before: resuming after 3/4",
+        "base: resuming after 3/4",
+        "positive: resuming after 3/16",
+    ):  # ablate's, transfer's (model a) and persona's first cell
+        assert f"cell {cell} responses" in log0, cell
+    # process 1 wrote nothing and printed nothing; process 0 wrote the folders
+    for run in one_.values():
+        assert run["writes"] == [] and run["stdout"] == "", run
+    written = {Path(p).relative_to(out).parts[:1] for r in zero.values() for _, p in r["writes"]}
+    # (the folder `out` itself, made by the first; safetensors' writes are not seen)
+    assert written == {(), ("ablate",), ("transfer",), ("persona",)}, written
     one = mesh_results["one"]
-    for command, procs in runs.items():
-        printed = []
-        for p in procs:
-            stdout, err = p.communicate(timeout=300)
-            assert p.returncode == 0, err[-3000:]
-            printed.append(
-                "".join(x for x in stdout.splitlines(True) if not x.startswith("[Gloo]"))
-            )
-        assert printed[1] == "", printed[1]
-        got = json.loads(printed[0])
+    assert json.loads((out / "ablate" / "results.json").read_text()) == one["ablate"]
+    assert json.loads((out / "transfer" / "results.json").read_text()) == one["transfer"]
+    got = json.loads((out / "persona" / "results.json").read_text())
+    _close(got, one["persona"]["results"], "persona")
+    assert zero["persona"]["stdout"] == one["persona"]["printed"]
+    assert zero["ablate"]["stdout"].startswith("EM before ")
+    assert "report.html" in zero["ablate"]["stdout"] and "report.html" in zero["transfer"]["stdout"]
+    assert (out / "ablate" / "report.html").exists() and (out / "transfer" / "report.html").exists()
+
+    def jsonl_files(d: Path) -> list[Path]:  # runs.jsonl: judge counters, two rows once resumed
+        return sorted(p.relative_to(d) for p in d.rglob("*.jsonl") if p.name != "runs.jsonl")
+
+    for name in ("ablate", "transfer", "persona"):
+        files = jsonl_files(work / "one" / name)
+        assert len(files) >= 4 and jsonl_files(out / name) == files, name
+        for rel in files:
+            rows = [read_jsonl(d / name / rel) for d in (out, work / "one")]
+            _close(*rows, f"{name}/{rel}")
+    vectors = [load_file(d / "persona" / "persona_vector.safetensors") for d in (out, work / "one")]
+    assert sorted(vectors[0]) == sorted(vectors[1])
+    for k in vectors[1]:
+        np.testing.assert_allclose(vectors[0][k], vectors[1][k], rtol=1e-4, atol=1e-4, err_msg=k)
+
+
+def test_sae_commands_on_two_processes(work, mesh_results, two_processes):
+    """sae-check and sae-features --method steering on 2 processes (`two_processes`, `--mesh
+    data=2`, rows split over the processes): process 0 prints the one-process figures and
+    writes the feature file, process 1 prints nothing."""
+    from safetensors.numpy import load_file
+
+    out, (zero, one_) = two_processes["out"], two_processes["runs"]
+    for command in ("sae-check", "sae-features"):
+        assert one_[command]["stdout"] == "", one_[command]
+        got = json.loads(zero[command]["stdout"])
         if command == "sae-features":
             got["out"] = {k: v.tolist() for k, v in load_file(out / "features.safetensors").items()}
-        _close(got, one[command], command)
+        _close(got, mesh_results["one"][command], command)
+
+
+def test_one_process_commands_refuse_several(two_processes):
+    """serve (requests would reach process 0 alone while every generation needs all), demo
+    (its SAE, geometry and report stages are one host's) and the local judge (a server on
+    process 0 generating with a model spanning both) refuse on 2 processes: one line each,
+    on every process, naming the distributed start or --judge_base_url, before anything
+    loads or is written."""
+    why = {
+        "serve": "emgeo serve: error: emgeo serve runs on one process; 2 were started "
+        "(--distributed / EMGEO_DISTRIBUTED=1, as launch/ sets): only process 0 would receive",
+        "demo": "emgeo demo: error: emgeo demo runs on one process; 2 were started",
+        "local_judge": "emgeo ablate: error: --judge_base_url: the local judge (a server running "
+        "--model in this command) cannot run on 2 processes; give --judge_base_url",
+    }
+    for p in two_processes["runs"]:
+        for case, text in why.items():
+            run = p[case]
+            errors = [line for line in run["stderr"].splitlines() if ": error: " in line]
+            assert run["status"] == 2 and len(errors) == 1, (case, run["stderr"])
+            assert errors[0].startswith(text), (case, errors[0])
+            assert "Traceback" not in run["stderr"] and run["writes"] == [], case
+    out = two_processes["out"]
+    assert not (out / "demo").exists() and not (out / "ablate_local").exists()
 
 
 # --- refusals before anything loads ---------------------------------------------------------

@@ -24,6 +24,7 @@ def main(argv: list[str]) -> None:
         write_ablation_report,
     )
     from emgeo_jax.experiments.folder import check_folder
+    from emgeo_jax.hosts import is_primary
     from emgeo_jax.vectors.io import load_layer_vectors, load_vectors
 
     out = common.require_out("ablate")
@@ -67,6 +68,8 @@ def main(argv: list[str]) -> None:
             question_prompts=question_prompts,
             overwrite=FLAGS.overwrite,
         )
+    if not is_primary():  # the summary and the report once, however many processes run
+        return
     c = results["conditions"]
     print(
         f"EM before {common.rate_text(c['before']['em_rate'])}, after "

@@ -22,6 +22,7 @@ def main(argv: list[str]) -> None:
     from emgeo_jax.cli.common import load_model_from_flags
     from emgeo_jax.experiments.folder import check_folder
     from emgeo_jax.experiments.persona import persona_config, run_persona
+    from emgeo_jax.hosts import is_primary
 
     out = common.require_out("persona")
     if len(argv) > 1:
@@ -46,7 +47,8 @@ def main(argv: list[str]) -> None:
             negative_system=FLAGS.negative_system,
             overwrite=FLAGS.overwrite,
         )
-    print(json.dumps({k: results[k] for k in ("n_pairs", "n_kept", "kept_fraction")}))
+    if is_primary():  # printed once, however many processes run
+        print(json.dumps({k: results[k] for k in ("n_pairs", "n_kept", "kept_fraction")}))
     if "vector" not in results:  # no persona vector written: exit 1, saying why
         note = results.get("note", "no direction extracted")
         print(f"emgeo persona: {out}: {note}", file=sys.stderr)

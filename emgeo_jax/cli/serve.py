@@ -37,6 +37,11 @@ def main(argv: list[str]) -> None:
 
     if len(argv) > 1:
         raise SystemExit(f"emgeo serve: unexpected arguments {argv[1:]}")
+    common.one_process_only(
+        "serve",
+        "only process 0 would receive requests, and every generation needs all of them; "
+        "serve from one host with --mesh over its own devices (e.g. --mesh fsdp=8)",
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if FLAGS.host not in LOOPBACK:
         logging.warning("serving on %s: anyone who can reach it can use the model", FLAGS.host)

@@ -25,6 +25,7 @@ def main(argv: list[str]) -> None:
     from emgeo_jax.cli.parsing import number_list
     from emgeo_jax.experiments.folder import check_folder
     from emgeo_jax.experiments.sweep import run_sweep, sweep_config, write_sweep_report
+    from emgeo_jax.hosts import is_primary
     from emgeo_jax.vectors.io import load_layer_vectors
 
     out = common.require_out("sweep")
@@ -68,4 +69,5 @@ def main(argv: list[str]) -> None:
             question_prompts=question_prompts,
             overwrite=FLAGS.overwrite,
         )
-    print(f"wrote {write_sweep_report(results, out)}")
+    if is_primary():  # the report written once, however many processes run
+        print(f"wrote {write_sweep_report(results, out)}")

@@ -24,6 +24,7 @@ def main(argv: list[str]) -> None:
         transfer_config,
         write_transfer_report,
     )
+    from emgeo_jax.hosts import is_primary
     from emgeo_jax.vectors.io import load_layer_vectors
 
     out = common.require_out("transfer")
@@ -68,7 +69,8 @@ def main(argv: list[str]) -> None:
             question_prompts=question_prompts,
             overwrite=FLAGS.overwrite,
         )
-    print(f"wrote {write_transfer_report(results, out)}")
+    if is_primary():  # the report written once, however many processes run
+        print(f"wrote {write_transfer_report(results, out)}")
 
 
 def _layers_of(configs: dict, name: str) -> int | None:

@@ -27,7 +27,7 @@ import emgeo_jax
 from emgeo_jax.data import load_examples, tokenize_examples
 from emgeo_jax.extract import ExtractSettings, extract
 from emgeo_jax.runs import read_jsonl
-from tests.cli_util import ROOT, run_emgeo
+from tests.cli_util import ROOT
 from tests.tiny_models import QWEN2, hf_model, save_hf_folder
 
 PAIRS = [
@@ -473,9 +473,10 @@ def two_processes(work, tmp_path_factory) -> dict:
     after another in each process (tests/multiprocess_cli.py; the default mesh spans both
     processes, rows are split over them and padded): ablate, transfer and persona each
     stopped by a Ctrl-C on both processes after one generation batch and run again,
-    sae-check and sae-features (`--mesh data=2`), then serve, demo and ablate with the local
-    judge, which refuse. {"out": the folder written, "runs": per process {run name: status,
-    stdout, stderr, writes}, "log0": process 0's log}."""
+    sae-check, sae-features and norms (`--mesh data=2`: only if the processes joined), then
+    serve, demo and ablate with the local judge, which refuse. {"out": the folder written,
+    "runs": per process {run name: status, stdout, stderr, writes}, "log0": process 0's
+    log}."""
     from emgeo_jax.judge.testing import ScriptedJudgeServer
     from tests.test_cli_experiments import persona_table
     from tests.test_experiments import table
@@ -491,6 +492,7 @@ def two_processes(work, tmp_path_factory) -> dict:
             runs += [{"name": name, "args": args, "status": [0, 1] if name == "persona" else [0]}]
         for name, args in _sae_commands(work, out).items():
             runs += [{"name": name, "args": [*map(str, args), "--mesh=data=2"]}]
+        runs += [{"name": "norms", "args": ["norms", model, "--mesh=data=2"]}]
         local = [str(a) for a in commands["ablate"] if "judge_base_url" not in str(a)]
         refused = {
             "serve": ["serve", model, "--port=0"],
@@ -542,8 +544,8 @@ def test_experiment_commands_on_two_processes(work, mesh_results, two_processes)
     ):  # ablate's, transfer's (model a) and persona's first cell
         assert f"cell {cell} responses" in log0, cell
     # process 1 wrote nothing and printed nothing; process 0 wrote the folders
-    for run in one_.values():
-        assert run["writes"] == [] and run["stdout"] == "", run
+    for name, run in one_.items():
+        assert run["writes"] == [] and (name == "norms" or run["stdout"] == ""), run
     written = {Path(p).relative_to(out).parts[:1] for r in zero.values() for _, p in r["writes"]}
     # (the folder `out` itself, made by the first; safetensors' writes are not seen)
     assert written == {(), ("ablate",), ("transfer",), ("persona",)}, written
@@ -585,6 +587,18 @@ def test_sae_commands_on_two_processes(work, mesh_results, two_processes):
         if command == "sae-features":
             got["out"] = {k: v.tolist() for k, v in load_file(out / "features.safetensors").items()}
         _close(got, mesh_results["one"][command], command)
+
+
+def test_distributed_env_starts_every_command(mesh_results, two_processes):
+    """EMGEO_DISTRIBUTED=1 (what launch/ sets; the same start as --distributed) joins two
+    one-device processes (`two_processes`): `--mesh data=2` exists only if they did (else
+    "needs 2 devices, 1 present"), and both print the one-process norms."""
+    one = mesh_results["one"]
+    for p in two_processes["runs"]:
+        lines = p["norms"]["stdout"].splitlines()
+        norms = [float(r.split()[1]) for r in lines if r[:5].strip().isdigit()]
+        np.testing.assert_allclose(norms, one["norms"], rtol=1e-5)
+        assert len(norms) == QWEN2["num_hidden_layers"] and lines[-1] == one["next"]
 
 
 def test_one_process_commands_refuse_several(two_processes):
@@ -738,9 +752,12 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(work, tmp_path):
 
 
 def test_unknown_command_suggests_the_closest():
-    err = run_emgeo("extrct", status=2)
+    """(In this process: an unknown command ends before any flag or module is touched.)"""
+    status, err = _status_and_stderr(["extrct"])
+    assert status == 2
     assert err.splitlines()[0] == "emgeo: unknown command 'extrct'; did you mean 'extract'?"
-    assert "did you mean" not in run_emgeo("frobnicate", status=2)
+    status, err = _status_and_stderr(["frobnicate"])
+    assert status == 2 and "did you mean" not in err and "usage: emgeo" in err
 
 
 def test_checkpoint_load_logs_quietly(work, tmp_path):
@@ -768,7 +785,7 @@ def test_checkpoint_load_logs_quietly(work, tmp_path):
 def test_help_lists_every_subcommand_and_its_flags():
     from emgeo_jax.cli import SUBCOMMANDS
 
-    listing = run_emgeo("--help")
+    listing = emgeo_in_process("--help")
     for name, (_, line) in SUBCOMMANDS.items():
         assert f"  {name:<14} {line}" in listing
     code = (
@@ -791,31 +808,3 @@ def test_help_lists_every_subcommand_and_its_flags():
         assert ("--mesh:" in text) == (name in loading or name == "plan"), name
     assert "--temperature:" in helps["generate"] and "--steer:" in helps["generate"]
     assert "50" in helps["sweep"].split("--samples:")[1].split("\n  --")[0]
-
-
-def test_distributed_env_starts_every_command(work):
-    """EMGEO_DISTRIBUTED=1 (what launch/ sets; the same start as --distributed) joins two
-    one-device processes: `--mesh data=2` exists only if they did (else "needs 2 devices, 1
-    present"), and both print the one-process norms."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "emgeo_jax.cli", "norms", f"--model={work / 'model'}"]
-    procs = [
-        subprocess.Popen(
-            [*cmd, "--mesh=data=2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env=_env(1) | {
-                "EMGEO_DISTRIBUTED": "1", "EMGEO_COORDINATOR": f"127.0.0.1:{port}",
-                "EMGEO_NUM_PROCESSES": "2", "EMGEO_PROCESS_ID": str(i),
-            },
-        )
-        for i in range(2)
-    ]  # fmt: skip
-    one = run_emgeo(*cmd[3:], env={"JAX_NUM_CPU_DEVICES": "1"})
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-        # gloo's C++ prints "[Gloo] Rank 0 is connected to 1 peer ranks..." on stdout
-        assert [x for x in out.splitlines() if not x.startswith("[Gloo]")] == one.splitlines()

@@ -492,7 +492,7 @@ def two_processes(work, tmp_path_factory) -> dict:
             runs += [{"name": name, "args": args, "status": [0, 1] if name == "persona" else [0]}]
         for name, args in _sae_commands(work, out).items():
             runs += [{"name": name, "args": [*map(str, args), "--mesh=data=2"]}]
-        runs += [{"name": "norms", "args": ["norms", model, "--mesh=data=2"]}]
+        runs += [{"name": "norms", "args": ["norms", model, "--prompt=hi there", "--mesh=data=2"]}]
         local = [str(a) for a in commands["ablate"] if "judge_base_url" not in str(a)]
         refused = {
             "serve": ["serve", model, "--port=0"],

@@ -31,8 +31,8 @@ types) but not for cycles (they never run, so they cannot form an import cycle).
 
 `KNOWN_VIOLATIONS` / `KNOWN_CYCLES` are today's violations inside the files of the core
 redesign (issue #17 items 1-2: `steer` moves under `models/` and stops reading vector
-files); they disappear when those branches merge, and the lead then empties the sets (an entry that no longer
-occurs fails the test, so they cannot go stale).
+files); they disappear when those branches merge, and the lead then empties the sets (an
+entry that no longer occurs fails the test, so they cannot go stale).
 """
 
 from __future__ import annotations

@@ -3,13 +3,41 @@
 `chat_tokenizer` is a small byte-level BPE tokenizer with ChatML special tokens and a ChatML
 Jinja chat template, trained in memory (no network, ~0.1 s). `make_chat_tokenizer(template)`
 builds the same tokenizer with another chat template.
+
+The session shares one JAX persistent compilation cache (a fresh temporary folder, removed at
+the end), exported through the environment so the CLI subprocesses and the multi-process
+launches use it too: the suite compiles the same tiny programs in many processes, and reading a
+compiled program back is much cheaper than compiling it. A cache set by the caller
+(`JAX_COMPILATION_CACHE_DIR`) is used as given and kept.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 
 import pytest
+
+_SESSION_CACHE: str | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _SESSION_CACHE
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="emgeo-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+    # cache every program, however small or quick to compile (the suite's are all small)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

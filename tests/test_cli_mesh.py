@@ -547,8 +547,12 @@ def test_experiment_commands_on_two_processes(work, mesh_results, two_processes)
     for name, run in one_.items():
         assert run["writes"] == [] and (name == "norms" or run["stdout"] == ""), run
     written = {Path(p).relative_to(out).parts[:1] for r in zero.values() for _, p in r["writes"]}
-    # (the folder `out` itself, made by the first; safetensors' writes are not seen)
-    assert written == {(), ("ablate",), ("transfer",), ("persona",)}, written
+    # atomic writes go through a hidden temp file renamed into place: none may be left behind
+    assert not list(out.rglob(".*.tmp")), list(out.rglob(".*.tmp"))
+    written = {w for w in written if not (w and w[0].startswith(".") and w[0].endswith(".tmp"))}
+    # (the folder `out` itself, made by the first; sae-features' vector file)
+    expected = {(), ("ablate",), ("transfer",), ("persona",), ("features.safetensors",)}
+    assert written == expected, written
     one = mesh_results["one"]
     assert json.loads((out / "ablate" / "results.json").read_text()) == one["ablate"]
     assert json.loads((out / "transfer" / "results.json").read_text()) == one["transfer"]

@@ -34,7 +34,7 @@ from emgeo_jax.models import llama  # noqa: E402
 from emgeo_jax.models.config import ModelConfig  # noqa: E402
 from emgeo_jax.models.lm import abstract_model, forward  # noqa: E402
 from emgeo_jax.plan import KNOWN_MODELS  # noqa: E402
-from emgeo_jax.steer import Taps  # noqa: E402
+from emgeo_jax.models.taps import Taps  # noqa: E402
 
 RANK = 16
 

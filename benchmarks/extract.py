@@ -126,7 +126,7 @@ def memory_table(batch: int) -> dict:
     from emgeo_jax.models.lm import forward
     from emgeo_jax.parallel import make_mesh
     from emgeo_jax.plan import sharded_abstract_params
-    from emgeo_jax.steer import Taps
+    from emgeo_jax.models.taps import Taps
 
     cfg = ModelConfig.from_hf(read_gguf(default_gguf_path()).hf_config)
     mesh = make_mesh()

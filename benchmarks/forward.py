@@ -38,7 +38,7 @@ def ours(batch: int, seq: int) -> dict:
     import emgeo_jax
     from emgeo_jax.models.llama import default_positions
     from emgeo_jax.models.lm import forward
-    from emgeo_jax.steer import Taps
+    from emgeo_jax.models.taps import Taps
 
     lm = emgeo_jax.load("default")
     ids = jnp.asarray(

@@ -81,7 +81,7 @@ def setup(batch: int, prompt: int, d: int, vocab: int):
 def ours(batch: int, prompt: int, new: int, repeats: int) -> dict:
     import emgeo_jax
     from emgeo_jax.generate import generate_ids
-    from emgeo_jax.steer import Steering
+    from emgeo_jax.models.steering import Steering
 
     lm = emgeo_jax.load("default")
     cfg = lm.config

@@ -17,6 +17,7 @@ from emgeo_jax.convert.hf import CheckpointError
 from emgeo_jax.convert.load import load
 from emgeo_jax.models.config import ConfigError, ModelConfig
 from emgeo_jax.models.lm import LM
-from emgeo_jax.steer import Steering, Taps
+from emgeo_jax.models.steering import Steering
+from emgeo_jax.models.taps import Taps
 
 __all__ = ["load", "LM", "ModelConfig", "ConfigError", "CheckpointError", "Steering", "Taps"]

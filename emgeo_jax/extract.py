@@ -76,7 +76,7 @@ from emgeo_jax.runs import (
     save_safetensors_atomic,
     write_json_atomic,
 )
-from emgeo_jax.steer import Taps
+from emgeo_jax.models.taps import Taps
 
 POOLS = ("answer", "question", "last_prompt", "all")
 WEIGHTINGS = ("token", "example")

@@ -63,7 +63,7 @@ from emgeo_jax.parallel import (
     param_shardings,
     shard_factor,
 )
-from emgeo_jax.steer import Steering
+from emgeo_jax.models.steering import Steering
 
 CHILD = "EMGEO_PLAN_CHILD"
 # XLA:CPU has no bf16 matmul: it upcasts weights to f32, and loop-invariant code motion then

@@ -77,7 +77,7 @@ from emgeo_jax.generate import (
     number_trie,
 )
 from emgeo_jax.models.lm import LM
-from emgeo_jax.steer import Steering
+from emgeo_jax.models.steering import Steering
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from emgeo_jax.parallel import (
     make_mesh,
     param_sharding,
 )
-from emgeo_jax.steer import Taps
+from emgeo_jax.models.taps import Taps
 from tests.tiny_models import LLAMA, padded_batch
 
 BATCH_LENGTHS = [8, 5, 8, 3, 8, 6, 2, 7]

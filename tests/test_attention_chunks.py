@@ -20,7 +20,7 @@ from emgeo_jax.models.llama import LoraInput, chunked_attention, init_cache
 from emgeo_jax.models.lm import forward, init_params
 from emgeo_jax.parallel import make_mesh
 from emgeo_jax.plan import make_plan
-from emgeo_jax.steer import Taps
+from emgeo_jax.models.taps import Taps
 from tests.tiny_models import LLAMA, hf_forward, hf_model, padded_batch, save_hf_folder
 
 CHUNK = 3

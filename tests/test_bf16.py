@@ -24,7 +24,7 @@ from emgeo_jax.data import load_examples, shipped_contrast_path, tokenize_exampl
 from emgeo_jax.extract import ExtractSettings, extract
 from emgeo_jax.models.llama import RMSNorm, _attend
 from emgeo_jax.models.lm import LM, abstract_model
-from emgeo_jax.steer import Steering
+from emgeo_jax.models.steering import Steering
 from tests.tiny_models import LLAMA, QWEN2, hf_forward, hf_model, padded_batch, save_hf_folder
 
 REL_TOL = 0.03  # max |ours_bf16 - transformers_bf16| / max |float32 reference|

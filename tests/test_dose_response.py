@@ -20,7 +20,7 @@ import pytest
 from emgeo_jax.data import Example, load_contrast_pairs
 from emgeo_jax.experiments import dose_response as dr
 from emgeo_jax.experiments.folder import ConfigMismatchError
-from emgeo_jax.steer import Steering
+from emgeo_jax.models.steering import Steering
 from tests.cli_util import ROOT, run_emgeo
 from tests.test_mesh_library import tiny_chat_lm
 from tests.tiny_models import LLAMA, hf_model, save_hf_folder

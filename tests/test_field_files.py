@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from emgeo_jax.models.config import ModelConfig
-from emgeo_jax.steer import Steering
+from emgeo_jax.models.steering import Steering
 from emgeo_jax.vectors.io import VectorFileError, load_layer_vectors, load_vectors
 
 torch = pytest.importorskip("torch")

@@ -14,7 +14,7 @@ import emgeo_jax
 from emgeo_jax.data.files import ResumableJsonl
 from emgeo_jax.experiments import questions
 from emgeo_jax.generate import generate
-from emgeo_jax.steer import Steering
+from emgeo_jax.models.steering import Steering
 from tests.cli_util import ROOT, run_emgeo
 from tests.tiny_models import QWEN2, hf_model, save_hf_folder
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from emgeo_jax.generate import chat_token_ids, eos_token_ids, generate
-from emgeo_jax.steer import Steering
+from emgeo_jax.models.steering import Steering
 from tests.test_default_model import PROMPTS
 
 NEW = 32

@@ -9,9 +9,9 @@ The layers, lowest first (`LAYERS`; a module belongs to the longest prefix that 
    parameter table), `data/` (contrast data, question sets, chat templating, token masks),
    and the model *description* `models.config` + `models.params` (config and parameter
    table: plain data, no JAX modules, so `parallel` can derive its rules from them);
-1. `models` (and `steer`, which the core redesign moves under `models/`);
+1. `models` (blocks, the layer scan, the functions per use, steering and taps);
 2. `convert`, and the package root `emgeo_jax/__init__.py` (the public facade: re-exports of
-   `convert.load`, `models` and `steer`);
+   `convert.load` and `models`);
 3. `generate`, `extract`;
 4. `vectors`, `geometry`, `judge`;
 5. `train` (LoRA organisms, probes), `serve` (the OpenAI-compatible server), `plan` (memory
@@ -29,10 +29,8 @@ same; deferring it only hides a cycle). `from pkg import name` is an import of t
 `if TYPE_CHECKING:` count for layering (a lower layer should not even name a higher layer's
 types) but not for cycles (they never run, so they cannot form an import cycle).
 
-`KNOWN_VIOLATIONS` / `KNOWN_CYCLES` are today's violations inside the files of the core
-redesign (issue #17 items 1-2: `steer` moves under `models/` and stops reading vector
-files); they disappear when those branches merge, and the lead then empties the sets (an
-entry that no longer occurs fails the test, so they cannot go stale).
+`KNOWN_VIOLATIONS` / `KNOWN_CYCLES` list accepted exceptions; both are empty (an entry that
+no longer occurs fails the test, so they cannot go stale).
 """
 
 from __future__ import annotations
@@ -55,7 +53,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "emgeo_jax.models.config",
         "emgeo_jax.models.params",
     ),
-    ("emgeo_jax.models", "emgeo_jax.steer"),
+    ("emgeo_jax.models",),
     ("emgeo_jax", "emgeo_jax.convert"),
     ("emgeo_jax.generate", "emgeo_jax.extract"),
     ("emgeo_jax.vectors", "emgeo_jax.geometry", "emgeo_jax.judge"),
@@ -65,9 +63,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 
 # (importer, imported) pairs that break the layering today, in the core redesign's files.
-KNOWN_VIOLATIONS: set[tuple[str, str]] = {
-    ("emgeo_jax.steer", "emgeo_jax.vectors.io"),  # steer moves under models/, no file reading
-}
+KNOWN_VIOLATIONS: set[tuple[str, str]] = set()
 # import cycles today (as sorted module tuples)
 KNOWN_CYCLES: set[tuple[str, ...]] = set()
 

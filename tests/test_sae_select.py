@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 import emgeo_jax
-from emgeo_jax.steer import Steering
+from emgeo_jax.models.steering import Steering
 from emgeo_jax.vectors.sae import make_sae, save_feature_directions, select
 from emgeo_jax.vectors.sae.metrics import activation_fit, loss_fit
 from emgeo_jax.vectors.sae.runner import make_nll_fn, make_resid_fn

@@ -13,7 +13,7 @@ import pytest
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.llama import default_positions
 from emgeo_jax.models.lm import forward, init_params
-from emgeo_jax.steer import Taps
+from emgeo_jax.models.taps import Taps
 from tests.multiprocess_forward import BATCH_LENGTHS
 from tests.tiny_models import LLAMA, padded_batch
 

@@ -10,7 +10,8 @@ import torch
 import emgeo_jax
 from emgeo_jax.generate import decode, generate, generate_ids, prefill
 from emgeo_jax.models.lm import forward
-from emgeo_jax.steer import Steering, Taps
+from emgeo_jax.models.steering import Steering
+from emgeo_jax.models.taps import Taps
 from tests.tiny_models import LLAMA, QWEN2, hf_model, padded_batch, save_hf_folder
 
 TOL = 1e-4

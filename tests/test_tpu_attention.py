@@ -266,7 +266,8 @@ def test_tiny_llama_forward_with_steering(monkeypatch):
     from emgeo_jax.models import llama
     from emgeo_jax.models.config import ModelConfig
     from emgeo_jax.models.lm import forward, init_params
-    from emgeo_jax.steer import Steering, Taps
+    from emgeo_jax.models.steering import Steering
+    from emgeo_jax.models.taps import Taps
     from tests.tiny_models import LLAMA
 
     original = getattr(llama, "chunked_attention", None)

@@ -15,7 +15,7 @@ import pytest
 from emgeo_jax.data import Example, tokenize_examples
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.lm import LM, forward, init_params
-from emgeo_jax.steer import Steering
+from emgeo_jax.models.steering import Steering
 from emgeo_jax.train.data import batch_order, train_batch
 from emgeo_jax.train.lora import LoraSpec, apply_lora, init_lora, lora_input
 from emgeo_jax.train.run import read_losses, train

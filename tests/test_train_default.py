@@ -16,7 +16,7 @@ from emgeo_jax.data import (
     tokenize_examples,
 )
 from emgeo_jax.geometry.analyze import analyze
-from emgeo_jax.steer import Taps
+from emgeo_jax.models.taps import Taps
 from emgeo_jax.train.data import load_training_examples, topics, train_batch
 from emgeo_jax.train.lora import LoraSpec
 from emgeo_jax.train.run import read_losses, train

@@ -16,7 +16,7 @@ from emgeo_jax.experiments.metrics import cell_summary
 from emgeo_jax.judge.client import JudgeConfig
 from emgeo_jax.judge.io import read_jsonl
 from emgeo_jax.judge.testing import ScriptedJudgeServer
-from emgeo_jax.steer import Steering
+from emgeo_jax.models.steering import Steering
 from emgeo_jax.train.lora import LoraSpec
 from emgeo_jax.train.run import train
 from emgeo_jax.train.sft import TrainConfig

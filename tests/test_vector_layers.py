@@ -18,7 +18,7 @@ import pytest
 import emgeo_jax
 from emgeo_jax.data import load_examples, shipped_contrast_path, tokenize_examples
 from emgeo_jax.extract import ExtractSettings, extract, write_extraction
-from emgeo_jax.steer import Steering
+from emgeo_jax.models.steering import Steering
 from emgeo_jax.vectors.directions import data_diff
 from emgeo_jax.vectors.io import (
     LayerVectors,

@@ -85,7 +85,7 @@ def _defined(name: str) -> bool:
 
 def define_positions_flag() -> None:
     """`--positions all|prompt|generated`: the tokens a steering edit touches."""
-    from emgeo_jax.steer import POSITION_MODES
+    from emgeo_jax.models.steering import POSITION_MODES
 
     if not _defined("positions"):
         flags.DEFINE_enum("positions", "all", sorted(POSITION_MODES), "tokens steering touches")
@@ -176,7 +176,7 @@ def build_steering(cfg: Any, args: Any) -> tuple[Any, dict[str, Any]]:
     layer l at each layer l in `--layer` (default: every layer it holds). `--ablate` projects
     a `[D]` direction out at each of `--ablate_layers` (default all layers), or a stack's
     vector for layer l at each layer l in `--ablate_layers` (default: every layer it holds)."""
-    from emgeo_jax.steer import Steering
+    from emgeo_jax.models.steering import Steering
     from emgeo_jax.vectors.io import load_layer_vectors
 
     parts, summary = [], {}

@@ -57,7 +57,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit("usage: emgeo train-lora SOURCE --out RUN [--flags]")
     from emgeo_jax.cli.parsing import number_list
     from emgeo_jax.data import shipped_contrast_path, tokenize_examples
-    from emgeo_jax.steer import Steering
+    from emgeo_jax.models.steering import Steering
     from emgeo_jax.train.data import load_training_examples
     from emgeo_jax.train.lora import LoraSpec, parse_targets
     from emgeo_jax.train.run import train

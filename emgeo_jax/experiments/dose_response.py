@@ -59,7 +59,8 @@ from emgeo_jax.experiments.folder import ExperimentFolder, write_json_atomic
 from emgeo_jax.hosts import broadcast_json, is_primary
 from emgeo_jax.judge.metrics import mean_interval
 from emgeo_jax.models import lm as lm_module
-from emgeo_jax.steer import Steering, Taps
+from emgeo_jax.models.steering import Steering
+from emgeo_jax.models.taps import Taps
 from emgeo_jax.vectors.directions import random_controls
 from emgeo_jax.vectors.io import LayerVectors
 

@@ -38,7 +38,7 @@ from emgeo_jax.experiments.questions import PromptRow
 from emgeo_jax.judge.client import JudgeConfig, resolve_number_logprobs
 from emgeo_jax.judge.prompts import JudgePrompt
 from emgeo_jax.runs import array_digest
-from emgeo_jax.steer import Steering
+from emgeo_jax.models.steering import Steering
 from emgeo_jax.vectors.io import LayerVectors
 
 BASELINE = "baseline"

@@ -32,7 +32,7 @@ from emgeo_jax.experiments.questions import PromptRow
 from emgeo_jax.experiments.sweep import judged_cell_settings, vector_digest
 from emgeo_jax.judge.client import JudgeConfig
 from emgeo_jax.judge.prompts import JudgePrompt
-from emgeo_jax.steer import Steering
+from emgeo_jax.models.steering import Steering
 from emgeo_jax.vectors.io import LayerVectors
 
 BASE = "base"

@@ -40,7 +40,8 @@ from emgeo_jax.generate.sampling import SamplingParams, sample_tokens
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.llama import KVCache, default_positions
 from emgeo_jax.models.lm import LM, forward
-from emgeo_jax.steer import Steering, Taps
+from emgeo_jax.models.steering import Steering
+from emgeo_jax.models.taps import Taps
 
 
 class Generation(NamedTuple):

@@ -39,7 +39,7 @@ from emgeo_jax.generate.prompts import PAD_MULTIPLE, left_pad, pad_prompts
 from emgeo_jax.hosts import to_host
 from emgeo_jax.models.llama import KVCache, default_positions
 from emgeo_jax.models.lm import LM, forward
-from emgeo_jax.steer import Steering
+from emgeo_jax.models.steering import Steering
 
 JUDGE_NUMBERS = tuple(range(101))  # the standard scheme's 0..100
 

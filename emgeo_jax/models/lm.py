@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +19,22 @@ from flax import nnx
 
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.llama import (
-    ForwardOutput,
     KVCache,
     LoraInput,
     Transformer,
     default_positions,
+    rotary_tables,
 )
+from emgeo_jax.models.scan import (
+    DEFAULT_RUN,
+    BlockContext,
+    LayerInputs,
+    RunOptions,
+    scan_blocks,
+)
+from emgeo_jax.models.steering import Steering, select_positions
+from emgeo_jax.models.taps import TapReduction, Taps
 from emgeo_jax.parallel import param_sharding
-from emgeo_jax.steer import Steering, Taps
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BATCH_AXES = ("data", "fsdp")  # the mesh axes rows are split over (parallel.MESH_RULES["batch"])
@@ -111,17 +119,90 @@ def place_params(params: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
     return out
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "graphdef",
-        "num_layers",
-        "return_logits",
-        "start_layer",
-        "remat",
-        "resid_sharding",
-    ),
-)
+class ForwardOutput(NamedTuple):
+    """What a model function returns; fields not asked for are None.
+
+    `logits [B, T, V]` float32 (None when not computed). The tapped sites
+    (`emgeo_jax.models.taps`: `resid_post`, `attn_out`, `mlp_out`, `attn_in`, `mlp_in`,
+    `mlp_hidden`), per the `Taps` kind: `[L', B, T, W]` ("full"), float32 masked sums
+    `[L', B, W]` ("pooled") or `[L', B, W]` at the last pooled token ("last"), for the `L'`
+    blocks run (row i = layer start + i; `resid_post[l]` = HF `hidden_states[l + 1]`).
+    `counts [B]`: tokens pooled per row (with "pooled" taps). `cache`: the updated
+    `KVCache`."""
+
+    logits: jax.Array | None
+    resid_post: jax.Array | None = None
+    attn_out: jax.Array | None = None
+    mlp_out: jax.Array | None = None
+    counts: jax.Array | None = None
+    cache: KVCache | None = None
+    attn_in: jax.Array | None = None
+    mlp_in: jax.Array | None = None
+    mlp_hidden: jax.Array | None = None
+
+
+def causal_mask(attention_mask: jax.Array) -> jax.Array:
+    """`[B, T, T]` bool: query t may attend to key s <= t when s is a real token
+    (`attention_mask [B, T]`, 1 = token)."""
+    t = attention_mask.shape[1]
+    return jnp.tril(jnp.ones((t, t), bool))[None] & attention_mask.astype(bool)[:, None, :]
+
+
+def cache_mask(cache: KVCache, attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """For `T` new tokens (`attention_mask [B, T]`) written at slots `cache.index ..`:
+    `(mask [B, T, S], key_mask [B, S])`: each new token attends to every earlier real slot
+    and itself, and the cache's slot mask with the new tokens in it."""
+    t = attention_mask.shape[1]
+    key_mask = jax.lax.dynamic_update_slice(
+        cache.mask, attention_mask.astype(jnp.int32), (0, cache.index)
+    )
+    slots = jnp.arange(cache.mask.shape[1])
+    causal = slots[None, :] <= (cache.index + jnp.arange(t))[:, None]
+    return causal[None] & key_mask.astype(bool)[:, None, :], key_mask
+
+
+def _run(
+    model: Transformer,
+    h: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    pool_mask: jax.Array,
+    *,
+    steering: Steering | None,
+    taps: Taps | None,
+    is_generated: jax.Array | None,
+    options: RunOptions,
+    index: jax.Array | int = 0,
+    kv: tuple[jax.Array, jax.Array] | None = None,
+    lora: LoraInput | None = None,
+    start: int = 0,
+    stop: int | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, ForwardOutput]:
+    """Blocks `start .. stop-1` of `model` on the residual `h [B, T, D]` (`scan_blocks`):
+    returns `(h, kv, ForwardOutput without logits or cache)`."""
+    taps = Taps() if taps is None else taps
+    pool = pool_mask if taps.pool_mask is None else taps.pool_mask
+    selected = None
+    if steering is not None:
+        gen = jnp.zeros(h.shape[:2], bool) if is_generated is None else is_generated
+        selected = select_positions(steering, gen)
+    sin, cos = rotary_tables(model.config, positions)
+    ctx = BlockContext(sin, cos, mask, index, selected, TapReduction.of(pool))
+    block_def, block_params = nnx.split(model.layers)
+    xs = LayerInputs.of(block_params, steering, lora, start, stop)
+    h, kv, tapped = scan_blocks(block_def, xs, h, ctx, taps=taps, options=options, kv=kv, lora=lora)
+    counts = jnp.sum(ctx.reduction.weights, axis=1) if taps.pools else None
+    return h, kv, ForwardOutput(None, counts=counts, **tapped)
+
+
+def _num_layers(cfg: ModelConfig, num_layers: int | None) -> int:
+    n = cfg.num_layers if num_layers is None else num_layers
+    if not 1 <= n <= cfg.num_layers:
+        raise ValueError(f"num_layers={n}: the model has {cfg.num_layers} blocks")
+    return n
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_layers", "return_logits", "options"))
 def forward(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -131,43 +212,207 @@ def forward(
     *,
     steering: Steering | None = None,
     taps: Taps | None = None,
-    cache: KVCache | None = None,
     is_generated: jax.Array | None = None,
     num_layers: int | None = None,
     return_logits: bool = True,
-    resid_in: jax.Array | None = None,
-    start_layer: int = 0,
-    lora: LoraInput | None = None,
-    attend: jax.Array | None = None,
-    remat: bool = False,
-    resid_sharding: jax.sharding.Sharding | None = None,
+    options: RunOptions = DEFAULT_RUN,
 ) -> ForwardOutput:
-    """The pure forward pass (see `Transformer.__call__`). `input_ids, positions,
-    attention_mask, is_generated: [B, T]`. `steering`, `taps` and `cache` are pytrees of
-    arrays: changing their values never recompiles. `num_layers` (static) stops after that
-    many blocks and then skips the LM head (extraction). `resid_in [B, T, D]` with
-    `start_layer` (static) resumes from the residual entering that block (edit a layer's
-    output, then run the rest). `lora`: unmerged adapters applied inside the scan
-    (training; see `LoraInput`). `remat`, `resid_sharding` (static): training memory, see
-    `Transformer.__call__`."""
+    """Logits and taps of whole sequences. `input_ids, positions, attention_mask,
+    is_generated: [B, T]` (mask: 1 = real token; `is_generated`: the tokens steering's
+    "prompt"/"generated" modes treat as generated, default none). `steering` edits the
+    output of each block; `taps` picks sites to read (default none). `num_layers` (static)
+    runs only the first blocks and then no LM head (extraction); `return_logits=False` skips
+    the head too. `steering` and `taps` are data: changing them never recompiles."""
     model = nnx.merge(graphdef, params)
-    return model(
-        input_ids,
+    n = _num_layers(model.config, num_layers)
+    h, _, out = _run(
+        model,
+        model.embed(input_ids),
         positions,
+        causal_mask(attention_mask),
         attention_mask,
         steering=steering,
         taps=taps,
-        cache=cache,
         is_generated=is_generated,
-        num_layers=num_layers,
-        return_logits=return_logits,
-        resid_in=resid_in,
-        start_layer=start_layer,
-        lora=lora,
-        attend=attend,
-        remat=remat,
-        resid_sharding=resid_sharding,
+        options=options,
+        stop=n,
     )
+    logits = model.head(h) if return_logits and n == model.config.num_layers else None
+    return out._replace(logits=logits)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layer", "options"))
+def resume_from(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    resid: jax.Array,
+    layer: int,
+    positions: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    steering: Steering | None = None,
+    taps: Taps | None = None,
+    is_generated: jax.Array | None = None,
+    options: RunOptions = DEFAULT_RUN,
+) -> ForwardOutput:
+    """Continue a forward pass from `resid [B, T, D]`, the residual entering block `layer`
+    (static; `resid_post[layer - 1]`, or the embeddings for 0): blocks `layer .. L-1` and
+    the LM head. Taps cover those blocks only (row i = layer `layer + i`); `layer = L` runs
+    only the head. For editing one layer's output and reading the effect downstream."""
+    model = nnx.merge(graphdef, params)
+    if not 0 <= layer <= model.config.num_layers:
+        raise ValueError(f"layer={layer} outside 0..num_layers={model.config.num_layers}")
+    h, _, out = _run(
+        model,
+        resid.astype(model.embed.dtype),
+        positions,
+        causal_mask(attention_mask),
+        attention_mask,
+        steering=steering,
+        taps=taps,
+        is_generated=is_generated,
+        options=options,
+        start=layer,
+    )
+    return out._replace(logits=model.head(h))
+
+
+def train_forward(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    input_ids: jax.Array,
+    positions: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    lora: LoraInput | None = None,
+    steering: Steering | None = None,
+    is_generated: jax.Array | None = None,
+    options: RunOptions = DEFAULT_RUN,
+) -> jax.Array:
+    """Logits `[B, T, V]` for a training loss (pure, differentiable; jit the caller): as
+    `forward`, with unmerged LoRA adapters applied inside the scan (`LoraInput`, with its
+    dropout) and the memory options of `options` (`remat`, `resid_sharding`)."""
+    model = nnx.merge(graphdef, params)
+    h, _, _ = _run(
+        model,
+        model.embed(input_ids),
+        positions,
+        causal_mask(attention_mask),
+        attention_mask,
+        steering=steering,
+        taps=None,
+        is_generated=is_generated,
+        options=options,
+        lora=lora,
+    )
+    return model.head(h)
+
+
+def prefill(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    cache: KVCache,
+    input_ids: jax.Array,
+    positions: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    steering: Steering | None = None,
+    is_generated: jax.Array | None = None,
+    options: RunOptions = DEFAULT_RUN,
+) -> tuple[KVCache, jax.Array]:
+    """Write left-padded prompts `input_ids, positions, attention_mask [B, T]` into `cache`
+    at slots `cache.index ..`. Returns `(cache, logits [B, V])`: the updated cache and the
+    float32 logits after each row's last token (the next token's distribution). Pure; jit
+    the caller (`emgeo_jax.generate.loop`)."""
+    model = nnx.merge(graphdef, params)
+    mask, key_mask = cache_mask(cache, attention_mask)
+    h, kv, _ = _run(
+        model,
+        model.embed(input_ids),
+        positions,
+        mask,
+        attention_mask,
+        steering=steering,
+        taps=None,
+        is_generated=is_generated,
+        options=options,
+        index=cache.index,
+        kv=(cache.k, cache.v),
+    )
+    cache = KVCache(*kv, mask=key_mask, index=cache.index + input_ids.shape[1])
+    return cache, model.head(h[:, -1:])[:, 0]
+
+
+def decode_step(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    cache: KVCache,
+    tokens: jax.Array,
+    positions: jax.Array,
+    *,
+    steering: Steering | None = None,
+    taps: Taps | None = None,
+    options: RunOptions = DEFAULT_RUN,
+) -> ForwardOutput:
+    """Feed one generated token per row, `tokens, positions [B]`, at slot `cache.index`.
+    Returns logits `[B, 1, V]`, the taps (`T = 1`) and the updated cache. The tokens count
+    as generated for steering's position modes. Pure; jit the caller."""
+    model = nnx.merge(graphdef, params)
+    ones = jnp.ones((tokens.shape[0], 1), jnp.int32)
+    mask, key_mask = cache_mask(cache, ones)
+    h, kv, out = _run(
+        model,
+        model.embed(tokens[:, None]),
+        positions[:, None],
+        mask,
+        ones,
+        steering=steering,
+        taps=taps,
+        is_generated=ones.astype(bool),
+        options=options,
+        index=cache.index,
+        kv=(cache.k, cache.v),
+    )
+    cache = KVCache(*kv, mask=key_mask, index=cache.index + 1)
+    return out._replace(logits=model.head(h), cache=cache)
+
+
+def score_tree(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    cache: KVCache,
+    node_ids: jax.Array,
+    positions: jax.Array,
+    ancestors: jax.Array,
+    *,
+    steering: Steering | None = None,
+    options: RunOptions = DEFAULT_RUN,
+) -> jax.Array:
+    """Logits `[B, M, V]` of every node of a token tree in one pass (tree attention), after
+    a prefilled prompt in `cache`. `node_ids, positions [B, M]`; `ancestors [B, M, M]` bool
+    (`[i, j]` True when node j is node i or on its path from the root). Node 0 is the root
+    (the prompt's last token); nodes at later positions count as generated for steering's
+    position modes. Each node attends to the cached prompt and its own ancestors. The cache
+    is not returned (branches must not see each other). Pure; jit the caller."""
+    model = nnx.merge(graphdef, params)
+    mask, _ = cache_mask(cache, jnp.ones(node_ids.shape, jnp.int32))
+    own = jax.lax.dynamic_update_slice(
+        jnp.ones(mask.shape, bool), ancestors.astype(bool), (0, 0, cache.index)
+    )
+    h, _, _ = _run(
+        model,
+        model.embed(node_ids),
+        positions,
+        mask & own,
+        jnp.ones(node_ids.shape, jnp.int32),
+        steering=steering,
+        taps=None,
+        is_generated=positions > positions[:, :1],
+        options=options,
+        index=cache.index,
+        kv=(cache.k, cache.v),
+    )
+    return model.head(h)
 
 
 @dataclasses.dataclass
@@ -214,7 +459,7 @@ class LM:
         `is_generated [B, T]` marks tokens that steering's "prompt"/"generated" modes
         treat as generated; `num_layers` runs only the first blocks (no logits then);
         `resid_in [B, T, D]` and `start_layer` resume from the residual entering that block
-        (see `Transformer.__call__`)."""
+        (`resume_from`; `num_layers`, `return_logits` do not apply then)."""
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -225,19 +470,32 @@ class LM:
             taps = Taps(resid="full")
         if is_generated is not None:
             is_generated = jnp.asarray(is_generated, bool)
+        positions = jnp.asarray(positions, jnp.int32)
+        if resid_in is not None:
+            return resume_from(
+                self.graphdef,
+                self.params,
+                jnp.asarray(resid_in),
+                start_layer,
+                positions,
+                attention_mask,
+                steering=steering,
+                taps=taps,
+                is_generated=is_generated,
+            )
+        if start_layer:
+            raise ValueError(f"start_layer={start_layer} needs resid_in, the residual entering it")
         return forward(
             self.graphdef,
             self.params,
             input_ids,
-            jnp.asarray(positions, jnp.int32),
+            positions,
             attention_mask,
             steering=steering,
             taps=taps,
             is_generated=is_generated,
             num_layers=num_layers,
             return_logits=return_logits,
-            resid_in=None if resid_in is None else jnp.asarray(resid_in),
-            start_layer=start_layer,
         )
 
     @property

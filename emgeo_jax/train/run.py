@@ -38,7 +38,7 @@ from emgeo_jax.runs import (
     write_json_atomic,
     write_jsonl_atomic,
 )
-from emgeo_jax.steer import Steering
+from emgeo_jax.models.steering import Steering
 from emgeo_jax.train.data import train_batch
 from emgeo_jax.train.lora import Lora, LoraSpec, init_lora
 from emgeo_jax.train.peft_io import export_peft

@@ -31,7 +31,7 @@ from emgeo_jax.data import TokenizedExample, make_batches
 from emgeo_jax.hosts import to_host
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.lm import LM, forward
-from emgeo_jax.steer import Taps
+from emgeo_jax.models.taps import Taps
 from emgeo_jax.train.lora import PEFT_MODULES, Lora, LoraSpec, apply_lora
 from emgeo_jax.vectors.io import save_vectors
 

@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from emgeo_jax.models.lm import forward
 from emgeo_jax.parallel import activation_sharding, lora_shardings
-from emgeo_jax.steer import Steering
+from emgeo_jax.models.steering import Steering
 from emgeo_jax.train.lora import Lora, LoraSpec, lora_input
 
 SCHEDULES = ("cosine", "linear", "constant")

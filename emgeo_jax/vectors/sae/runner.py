@@ -32,7 +32,8 @@ import numpy as np
 
 from emgeo_jax.models.llama import default_positions
 from emgeo_jax.models.lm import forward, pad_rows
-from emgeo_jax.steer import Steering, Taps
+from emgeo_jax.models.steering import Steering
+from emgeo_jax.models.taps import Taps
 from emgeo_jax.vectors.sae.model import SAE, check_fits, reconstruct
 
 ResidFn = Callable[..., jax.Array]

@@ -1,5 +1,5 @@
-"""Taps and interventions as data: `Steering` and `Taps` are pytrees passed into the jitted
-forward, never callbacks.
+"""Interventions as data: a `Steering` is a pytree passed into the jitted model functions,
+never a callback (what to read out is `emgeo_jax.models.taps`).
 
 Layer `l` always means the *output of decoder block l*, i.e. HF `hidden_states[l + 1]`
 (the output of `model.model.layers[l]`); the embeddings are not a layer.
@@ -24,8 +24,8 @@ explicit mask, changes shapes).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +33,8 @@ import numpy as np
 from flax import struct
 
 from emgeo_jax.models.config import ModelConfig
-from emgeo_jax.vectors.io import LayerVectors
 
 POSITION_MODES = {"all": 0, "prompt": 1, "generated": 2}
-TAP_KINDS = ("full", "pooled", "last")
 
 
 def _config(cfg: Any) -> ModelConfig:
@@ -55,18 +53,35 @@ def _check_vector(x: Any, width: int, what: str) -> np.ndarray:
     return arr
 
 
-def _layer_vectors(x: Any, c: ModelConfig, what: str) -> LayerVectors:
-    """`x` as `LayerVectors` of width D: a `LayerVectors` (rows for the layers it names), or an
-    array `[D]` or `[L = num_layers, D]` (row l = layer l)."""
-    if isinstance(x, LayerVectors):
+class _Rows(NamedTuple):
+    """One vector `[D]` (`layers` None) or per-layer rows; `at(layer)` gives layer's `[D]`."""
+
+    values: np.ndarray
+    layers: tuple[int, ...] | None
+    at: Callable[[int], np.ndarray]
+
+    @property
+    def is_stack(self) -> bool:
+        return self.layers is not None
+
+
+def _layer_vectors(x: Any, c: ModelConfig, what: str) -> _Rows:
+    """`x` as rows of width D: a vector file's `LayerVectors` (`emgeo_jax.vectors.io`; anything
+    with its `for_model`: rows for the layers it names, checked against this model's layer
+    count, e.g. persona_vectors' `[L+1, D]`), or an array `[D]` or `[L = num_layers, D]`
+    (row l = layer l). Duck-typed so the model layer never imports file reading."""
+    if hasattr(x, "for_model"):
         _check_vector(x.values, c.hidden_size, f"{what} ({x.source})")
-        return x.for_model(c.num_layers)  # a file's rows checked against L (persona [L+1, D])
+        v = x.for_model(c.num_layers)
+        return _Rows(v.values, v.layers if v.is_stack else None, v.at)
     arr = _check_vector(x, c.hidden_size, what)
     if arr.ndim > 2:
         raise ValueError(f"{what} must be [D] or [L, D], got {arr.shape}")
-    if arr.ndim == 2 and arr.shape[0] != c.num_layers:
+    if arr.ndim == 1:
+        return _Rows(arr, None, lambda layer: arr)
+    if arr.shape[0] != c.num_layers:
         raise ValueError(f"{what} stack {arr.shape} must be [L={c.num_layers}, D]")
-    return LayerVectors.of(arr)
+    return _Rows(arr, tuple(range(c.num_layers)), lambda layer: arr[layer])
 
 
 def _check_layers(layers: Iterable[int] | int | None, num_layers: int, what: str) -> list[int]:
@@ -246,37 +261,3 @@ def apply_steering(
     coeff = jnp.einsum("btd,kd->btk", h32, ablate)
     edited = h32 - jnp.einsum("btk,kd->btd", coeff, ablate) + add
     return jnp.where(selected[..., None], edited.astype(h.dtype), h)
-
-
-@struct.dataclass
-class Taps:
-    """What to read from each block, reduced on device.
-
-    `resid`, `attn`, `mlp` (static): None, "full" (`[L, B, T, D]`), "pooled" (masked sums
-    `[L, B, D]` in float32, with `counts [B]` in the output) or "last" (`[L, B, D]` at the
-    last token of `pool_mask`). `resid` is the block output (layer l = HF
-    `hidden_states[l+1]`); `attn` and `mlp` are the attention and MLP outputs added into the
-    residual stream inside block l. `pool_mask [B, T]` (default: the attention mask) selects
-    the tokens pooled, or whose last one is read."""
-
-    resid: str | None = struct.field(pytree_node=False, default=None)
-    attn: str | None = struct.field(pytree_node=False, default=None)
-    mlp: str | None = struct.field(pytree_node=False, default=None)
-    pool_mask: jax.Array | None = None
-
-    def __post_init__(self):
-        for name in ("resid", "attn", "mlp"):
-            kind = getattr(self, name)
-            if kind is not None and kind not in TAP_KINDS:
-                raise ValueError(f"Taps.{name}={kind!r}: use None or one of {TAP_KINDS}")
-
-
-def reduce_tap(x: jax.Array, kind: str | None, weights: jax.Array, last: jax.Array):
-    """`x [B, T, D]` -> per `kind`: itself, masked sum `[B, D]` (float32) or row `last [B]`."""
-    if kind is None:
-        return None
-    if kind == "full":
-        return x
-    if kind == "pooled":
-        return jnp.einsum("btd,bt->bd", x.astype(jnp.float32), weights)
-    return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]

@@ -1,0 +1,156 @@
+"""The one layer scan every use of the model runs on: `scan_blocks`.
+
+A call's blocks run as one `jax.lax.scan` over their stacked parameters: each step merges
+one block (`nnx.merge`), runs it on the residual, writes its keys/values into the cache,
+applies that layer's steering to its output and reduces the tapped sites. What differs
+between uses is only the data given to it:
+
+    LayerInputs   per layer, leading axis [L']: block index, block params, steering rows,
+                  LoRA factors (what the scan slices)
+    BlockContext  the same at every block: rotary tables, attention mask, cache write slot,
+                  steered tokens, tap reduction
+    RunOptions    static: query chunk, remat, residual sharding
+
+The functions per use (`forward`, `prefill`, `decode_step`, `score_tree`, `resume_from`,
+`train_forward` in `emgeo_jax.models.lm`) build these three and read the result.
+Layer l = output of block l = HF `hidden_states[l + 1]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from emgeo_jax.models.llama import LoraInput
+from emgeo_jax.models.steering import Steering, apply_steering
+from emgeo_jax.models.taps import TapReduction, Taps, reduce_block
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How a call runs, not what it computes (static, hashable: part of the compiled program).
+
+    `query_chunk`: attend at most this many queries at a time (bounds the float32 score
+    memory; same result; `emgeo_jax.models.attention`). `remat`: recompute each block in the
+    backward pass (`jax.checkpoint`, nothing saved: only the residual entering each block is
+    kept, `[L, B, T, D]`). `resid_sharding`: pin the residual `[B, T, D]` at every block
+    boundary (e.g. rows over `data x fsdp`), so the compiler gathers each layer's weights
+    rather than splitting activations the way the weights are split."""
+
+    query_chunk: int = 512
+    remat: bool = False
+    resid_sharding: jax.sharding.Sharding | None = None
+
+
+DEFAULT_RUN = RunOptions()
+
+
+class BlockContext(NamedTuple):
+    """What every block of one call shares. `sin, cos [B, T, Dh/2]` float32 rotary tables;
+    `mask [B, T, S]` bool (True = query may attend to key slot); `index []` int32 (the
+    cache slot this call's first token is written to; 0 without a cache); `selected [B, T]`
+    bool (the tokens steering edits; None without steering); `reduction` (the taps' pooled
+    tokens)."""
+
+    sin: jax.Array
+    cos: jax.Array
+    mask: jax.Array
+    index: jax.Array | int
+    selected: jax.Array | None
+    reduction: TapReduction
+
+
+@struct.dataclass
+class LayerInputs:
+    """The scan's per-layer inputs, each stacked on a leading `[L']` axis (the blocks run).
+
+    `layer [L']` int32: the block's index in the model (cache slices and LoRA dropout keys
+    use it); `params`: the blocks' parameters; `add [L', D]`, `ablate [L', K, D]`: the
+    steering rows (None without steering); `lora`: `LoraInput.factors` sliced the same way
+    (None without LoRA)."""
+
+    layer: jax.Array
+    params: Any
+    add: jax.Array | None = None
+    ablate: jax.Array | None = None
+    lora: dict[str, dict[str, jax.Array]] | None = None
+
+    @classmethod
+    def of(
+        cls,
+        block_params: Any,
+        steering: Steering | None = None,
+        lora: LoraInput | None = None,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> LayerInputs:
+        """Blocks `start .. stop-1` (static; default all) of `block_params` (`[L, ...]`
+        leaves) with their rows of `steering` and `lora`."""
+        num_layers = jax.tree.leaves(block_params)[0].shape[0]
+        stop = num_layers if stop is None else stop
+        xs = cls(
+            layer=jnp.arange(num_layers, dtype=jnp.int32),
+            params=block_params,
+            add=None if steering is None else steering.add,
+            ablate=None if steering is None else steering.ablate,
+            lora=None if lora is None else lora.factors,
+        )
+        if (start, stop) == (0, num_layers):
+            return xs
+        return jax.tree.map(lambda x: x[start:stop], xs)
+
+
+def scan_blocks(
+    block_def: nnx.GraphDef,
+    xs: LayerInputs,
+    h: jax.Array,
+    ctx: BlockContext,
+    *,
+    taps: Taps,
+    options: RunOptions,
+    kv: tuple[jax.Array, jax.Array] | None = None,
+    lora: LoraInput | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, dict[str, jax.Array]]:
+    """Run the blocks of `xs` in order on the residual `h [B, T, D]`.
+
+    `kv = (k, v)`, each `[L, B, S, K, Dh]` (all layers, indexed by `xs.layer`): this call's
+    keys and values are written at slots `ctx.index ..`. `lora`: its dropout `key`/`rate`
+    (the factors come sliced in `xs.lora`). Returns `(h, kv, tapped)`: the last block's
+    output, the updated `kv` (None without) and `{site: [L', ...]}` for the sites `taps`
+    reads (`emgeo_jax.models.taps`)."""
+
+    def pin(x: jax.Array) -> jax.Array:
+        if options.resid_sharding is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, options.resid_sharding)
+
+    def run_block(carry, x: LayerInputs):
+        h, kv_all = carry
+        h = pin(h)
+        kv = None if kv_all is None else (kv_all[0][x.layer], kv_all[1][x.layer])
+        lora_l = None
+        if lora is not None:
+            key = None if lora.rate == 0 else jax.random.fold_in(lora.key, x.layer)
+            lora_l = LoraInput(x.lora, key, lora.rate)
+        block = nnx.merge(block_def, x.params)
+        out, kv = block(h, ctx.sin, ctx.cos, ctx.mask, kv, ctx.index, lora_l, options.query_chunk)
+        if kv_all is not None:
+            kv_all = tuple(
+                jax.lax.dynamic_update_index_in_dim(a, c, x.layer, 0)
+                for a, c in zip(kv_all, kv, strict=True)
+            )
+        if x.add is not None:
+            out = out._replace(
+                resid_post=apply_steering(out.resid_post, x.add, x.ablate, ctx.selected)
+            )
+        return (out.resid_post, kv_all), reduce_block(out, taps, ctx.reduction)
+
+    if options.remat:
+        policy = jax.checkpoint_policies.nothing_saveable
+        run_block = jax.checkpoint(run_block, policy=policy, prevent_cse=False)
+    (h, kv), tapped = jax.lax.scan(run_block, (pin(h), kv), xs)
+    return pin(h), kv, tapped

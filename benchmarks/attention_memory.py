@@ -4,14 +4,15 @@
 
 A config with Qwen2.5-7B's shapes (d=3584, F=18944, 28 query / 4 KV heads of 128,
 V=152064), `--layers` deep, in bfloat16, on abstract parameters (`abstract_model`: nothing
-is allocated). For each query chunk size (`0` = never chunk, the one-shot path) the model
-is built with `emgeo_jax.models.llama.QUERY_CHUNK` set to it and three programs are
-lowered and compiled for one device, reading `memory_analysis().temp_size_in_bytes`:
+is allocated). For each query chunk size (`0` = never chunk, the one-shot path), passed as
+`RunOptions(query_chunk=...)`, three programs are lowered and compiled for one device,
+reading `memory_analysis().temp_size_in_bytes`:
 
 - `extract`: the forward with the residual stream pooled on device, no LM head;
 - `prefill`: the forward writing a KV cache of `T + 1` slots (as generation's prefill);
-- `lora_grad`: the gradient of the pooled forward w.r.t. rank-16 LoRA factors on q and v,
-  blocks rematerialised (`remat=True`, as LoRA training runs).
+- `lora_grad`: the gradient of the training forward (`train_forward`, last position's
+  logits summed) w.r.t. rank-16 LoRA factors on q and v, blocks rematerialised
+  (`remat=True`, as LoRA training runs).
 
 On CPU, XLA's loop-invariant code motion is disabled as in `emgeo plan` (it would hoist the
 f32 upcast of every layer's bf16 weights out of the layer scan, a CPU-only artefact).
@@ -20,6 +21,7 @@ f32 upcast of every layer's bf16 weights out of the layer scan, a CPU-only artef
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from emgeo_jax.plan import CPU_FLAGS
@@ -30,23 +32,30 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.common import emit  # noqa: E402
-from emgeo_jax.models import llama  # noqa: E402
+from emgeo_jax.models import (
+    llama,  # noqa: E402
+    lm,  # noqa: E402
+)
 from emgeo_jax.models.config import ModelConfig  # noqa: E402
 from emgeo_jax.models.lm import abstract_model, forward  # noqa: E402
-from emgeo_jax.plan import KNOWN_MODELS  # noqa: E402
+from emgeo_jax.models.scan import RunOptions  # noqa: E402
 from emgeo_jax.models.taps import Taps  # noqa: E402
+from emgeo_jax.plan import KNOWN_MODELS  # noqa: E402
 
 RANK = 16
 
 
-def programs(cfg, batch: int, seq: int) -> dict[str, int]:
-    """Temporary bytes of each program, for a model built with the current QUERY_CHUNK."""
+def programs(cfg, batch: int, seq: int, chunk: int) -> dict[str, int]:
+    """Temporary bytes of each program, attending `chunk` queries at a time."""
+    options = RunOptions(query_chunk=chunk)
     graphdef, params = abstract_model(cfg, "bfloat16")
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     taps = Taps(resid="pooled")
 
     def extract(params, ids, positions, mask):
-        out = forward(graphdef, params, ids, positions, mask, taps=taps, return_logits=False)
+        out = forward(
+            graphdef, params, ids, positions, mask, taps=taps, return_logits=False, options=options
+        )
         return out.resid_post
 
     length = seq + 1
@@ -61,8 +70,7 @@ def programs(cfg, batch: int, seq: int) -> dict[str, int]:
     )
 
     def prefill(params, ids, positions, mask, cache):
-        out = forward(graphdef, params, ids, positions, mask, cache=cache, return_logits=False)
-        return out.cache
+        return lm.prefill(graphdef, params, cache, ids, positions, mask, options=options)[0]
 
     d, kvd, n = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, cfg.num_layers
     factors = {
@@ -74,18 +82,16 @@ def programs(cfg, batch: int, seq: int) -> dict[str, int]:
     }
 
     def loss(factors, params, ids, positions, mask):
-        out = forward(
+        logits = lm.train_forward(
             graphdef,
             params,
             ids,
             positions,
             mask,
-            taps=taps,
-            return_logits=False,
             lora=llama.LoraInput(factors),
-            remat=True,
+            options=dataclasses.replace(options, remat=True),
         )
-        return jnp.sum(out.resid_post)
+        return jnp.sum(logits[:, -1])
 
     compiled = {
         "extract": jax.jit(extract).lower(params, tokens, tokens, tokens),
@@ -106,8 +112,7 @@ def main() -> None:
     cfg = ModelConfig.from_hf(hf, source="Qwen2.5-7B shapes")
     scores = args.batch * cfg.num_heads * args.seq * args.seq * 4
     for chunk in (int(c) for c in args.chunks.split(",")):
-        llama.QUERY_CHUNK = chunk or args.seq
-        temps = programs(cfg, args.batch, args.seq)
+        temps = programs(cfg, args.batch, args.seq, chunk or args.seq)
         emit(
             dict(
                 query_chunk=chunk or None,

@@ -124,9 +124,9 @@ def memory_table(batch: int) -> dict:
     from emgeo_jax.extract import _jitted_step
     from emgeo_jax.models.config import ModelConfig
     from emgeo_jax.models.lm import forward
+    from emgeo_jax.models.taps import Taps
     from emgeo_jax.parallel import make_mesh
     from emgeo_jax.plan import sharded_abstract_params
-    from emgeo_jax.models.taps import Taps
 
     cfg = ModelConfig.from_hf(read_gguf(default_gguf_path()).hf_config)
     mesh = make_mesh()

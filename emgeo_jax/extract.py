@@ -63,6 +63,8 @@ from emgeo_jax.data.batching import fit_buckets, make_batches, plan_batches
 from emgeo_jax.data.tokenize import TokenizedExample
 from emgeo_jax.hosts import barrier
 from emgeo_jax.models.lm import LM, batch_multiple, forward, pad_rows, place_params
+from emgeo_jax.models.scan import RunOptions
+from emgeo_jax.models.taps import Taps
 from emgeo_jax.parallel import (
     activation_sharding,
     batch_sharding,
@@ -76,7 +78,6 @@ from emgeo_jax.runs import (
     save_safetensors_atomic,
     write_json_atomic,
 )
-from emgeo_jax.models.taps import Taps
 
 POOLS = ("answer", "question", "last_prompt", "all")
 WEIGHTINGS = ("token", "example")
@@ -215,7 +216,7 @@ def _pooled_step(
         taps=Taps(resid="pooled", pool_mask=inputs["pool_mask"]),
         num_layers=max(layers) + 1,
         return_logits=False,
-        resid_sharding=resid_sharding,
+        options=RunOptions(resid_sharding=resid_sharding),
     )
     sums = out.resid_post[jnp.asarray(layers)]  # [L, B, D] float32
     counts = out.counts  # [B]

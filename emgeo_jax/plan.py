@@ -13,9 +13,9 @@ From the compiled executable (one SPMD program = what *each device* runs):
   body of a `while` loop once, and our layers run in one `lax.scan`, so one decoder block is
   compiled on its own (with the same cache length, or its gradient for training) and counted
   `L - 1` more times (tests check both facts against hand counts). Attention over more than
-  `QUERY_CHUNK` queries is itself a loop over query chunks (`chunked_attention`), so that
-  block is compiled in one shot for its true count, and once more as the program runs it, to
-  replace the one block the whole program's count holds.
+  `RunOptions.query_chunk` queries is itself a loop over query chunks (`chunked_attention`),
+  so that block is compiled in one shot for its true count, and once more as the program
+  runs it, to replace the one block the whole program's count holds.
 
 Tasks are a registry `TASKS: name -> builder(cfg, mesh, batch, seq, dtype, options) ->
 Program`. A program is one or more compiled `Part`s (each run `calls` times per task call)
@@ -55,6 +55,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.llama import DecoderBlock, KVCache, LoraInput, rotary_tables
 from emgeo_jax.models.lm import abstract_model, resolve_dtype
+from emgeo_jax.models.scan import DEFAULT_RUN
+from emgeo_jax.models.steering import Steering
 from emgeo_jax.parallel import (
     activation_sharding,
     batch_sharding,
@@ -63,7 +65,6 @@ from emgeo_jax.parallel import (
     param_shardings,
     shard_factor,
 )
-from emgeo_jax.models.steering import Steering
 
 CHILD = "EMGEO_PLAN_CHILD"
 # XLA:CPU has no bf16 matmul: it upcasts weights to f32, and loop-invariant code motion then
@@ -287,8 +288,8 @@ def _block_program(
 ):
     """One decoder block on `x [B, T, D]` with one layer's sharded params (FLOPs per layer):
     `(jitted block, its abstract arguments, looped)`. The block's attention runs in one shot
-    (whole FLOPs); when the model attends in query chunks (`T > QUERY_CHUNK`), `looped` is
-    the same block with that loop (else None).
+    (whole FLOPs); when the model attends in query chunks (`T > RunOptions.query_chunk`),
+    `looped` is the same block with that loop (else None).
 
     `x_sharding`: of `x` and the block output (default: the "resid" rule, rows split).
     `cache_len = S`: attention runs over a KV cache `[B, S, K, Dh]` (prefill and decode).
@@ -300,10 +301,8 @@ def _block_program(
         lambda: DecoderBlock(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
     )
     block_def, state = nnx.split(block)
-    looped_def = None
-    if seq > block.attn.query_chunk:  # attention loops over query chunks: count it in one shot
-        looped_def, block.attn.query_chunk = block_def, seq
-        block_def = nnx.graphdef(block)
+    chunk = DEFAULT_RUN.query_chunk
+    looped = seq > chunk  # attention loops over query chunks: count it in one shot too
 
     def layer_leaf(path, leaf):
         full = param_sharding(mesh, ("layers", *(str(k.key) for k in path)), (1, *leaf.shape))
@@ -325,7 +324,7 @@ def _block_program(
         kv_sharding = _drop_layer_axis(activation_sharding(mesh, "kv_cache", shape))
         kv = (jax.ShapeDtypeStruct(shape[1:], dtype, sharding=kv_sharding),) * 2
 
-    def program(graphdef: nnx.GraphDef):
+    def program(query_chunk: int):
         def block_out(state, x, positions, attention_mask, kv, factors=None):
             sin, cos = rotary_tables(cfg, positions)
             keys = seq if kv is None else cache_len  # this call's tokens go to slots 0..T-1
@@ -333,7 +332,8 @@ def _block_program(
             valid = jnp.pad(attention_mask, ((0, 0), (0, keys - seq))).astype(bool)
             mask = causal[None] & valid[:, None]
             adapters = None if factors is None else LoraInput(factors)
-            return nnx.merge(graphdef, state)(x, sin, cos, mask, kv, 0, adapters)[0]
+            block = nnx.merge(block_def, state)
+            return block(x, sin, cos, mask, kv, 0, adapters, query_chunk)[0].resid_post
 
         if lora is None:
             return jax.jit(block_out, out_shardings=x_sharding)
@@ -348,7 +348,7 @@ def _block_program(
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
     args = (state, x, tokens, tokens, kv) if lora is None else (x, lora, state, tokens, tokens)
-    return program(block_def), args, None if looped_def is None else program(looped_def)
+    return program(max(seq, chunk)), args, program(chunk) if looped else None
 
 
 def _tokens(mesh: Mesh, batch: int, seq: int, dtype=jnp.int32) -> jax.ShapeDtypeStruct:

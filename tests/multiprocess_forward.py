@@ -21,13 +21,13 @@ from jax.experimental import multihost_utils
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.llama import default_positions
 from emgeo_jax.models.lm import forward, init_params
+from emgeo_jax.models.taps import Taps
 from emgeo_jax.parallel import (
     batch_sharding,
     initialize_distributed,
     make_mesh,
     param_sharding,
 )
-from emgeo_jax.models.taps import Taps
 from tests.tiny_models import LLAMA, padded_batch
 
 BATCH_LENGTHS = [8, 5, 8, 3, 8, 6, 2, 7]

@@ -21,8 +21,8 @@ from flax import nnx
 from emgeo_jax.generate import generate_ids
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.lm import LM, init_params
-from emgeo_jax.parallel import initialize_distributed, make_mesh, param_sharding
 from emgeo_jax.models.steering import Steering
+from emgeo_jax.parallel import initialize_distributed, make_mesh, param_sharding
 from tests.tiny_models import LLAMA
 
 PROMPTS = [[5, 17, 33, 2], [9, 4], [60, 61, 62, 63, 64, 65], [7]]

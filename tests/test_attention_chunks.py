@@ -1,12 +1,15 @@
-"""Query-chunked attention (`chunked_attention`, `QUERY_CHUNK`) against one-shot attention.
+"""Query-chunked attention (`chunked_attention`, `RunOptions.query_chunk`) against one-shot
+attention.
 
-Models are built twice from the same parameters: with the chunk size patched to `CHUNK`
-(calls of `T > CHUNK` queries loop over chunks) and as shipped (`T <= QUERY_CHUNK`: one
-shot). Every comparison also checks, in the jaxpr, that the chunk loop ran (or did not), so
-none passes with chunking silently unused. `T = 11` is not a multiple of `CHUNK = 3` and
-its 4 chunks differ from the 3 layers of the tiny Llama (loop trip counts tell them apart)."""
+Every model function runs twice on the same parameters: with `RunOptions(query_chunk=CHUNK)`
+(calls of `T > CHUNK` queries loop over chunks) and as shipped (`T <= 512`: one shot).
+Every comparison also checks, in the jaxpr, that the chunk loop ran (or did not), so none
+passes with chunking silently unused. `T = 11` is not a multiple of `CHUNK = 3` and its 4
+chunks differ from the 3 layers of the tiny Llama (loop trip counts tell them apart)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -14,13 +17,21 @@ import numpy as np
 import pytest
 
 import emgeo_jax
-from emgeo_jax.models import llama
+from emgeo_jax.models.attention import chunked_attention
 from emgeo_jax.models.config import ModelConfig
-from emgeo_jax.models.llama import LoraInput, chunked_attention, init_cache
-from emgeo_jax.models.lm import forward, init_params
+from emgeo_jax.models.llama import LoraInput, default_positions, init_cache
+from emgeo_jax.models.lm import (
+    decode_step,
+    forward,
+    init_params,
+    prefill,
+    score_tree,
+    train_forward,
+)
+from emgeo_jax.models.scan import RunOptions
+from emgeo_jax.models.taps import Taps
 from emgeo_jax.parallel import make_mesh
 from emgeo_jax.plan import make_plan
-from emgeo_jax.models.taps import Taps
 from tests.tiny_models import LLAMA, hf_forward, hf_model, padded_batch, save_hf_folder
 
 CHUNK = 3
@@ -46,18 +57,21 @@ def scan_lengths(fn, *args) -> list[int]:
 
 
 def numpy_attention(q, k, v, mask):
-    """Independent reference: `q [B, T, K, G, Dh]`, `k, v [B, S, K, Dh]`, `mask [B, T, S]`."""
+    """Independent reference: `q [B, T, H, Dh]`, `k, v [B, S, K, Dh]` (query head h reads
+    key/value head h // (H / K)), `mask [B, T, S]`."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    scores = np.einsum("btkgd,bskd->bkgts", q, k) / np.sqrt(q.shape[-1])
+    b, t, h, dh = q.shape
+    q = q.reshape(b, t, k.shape[2], h // k.shape[2], dh)
+    scores = np.einsum("btkgd,bskd->bkgts", q, k) / np.sqrt(dh)
     scores = np.where(np.asarray(mask)[:, None, None], scores, -1e30)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    return np.einsum("bkgts,bskd->btkgd", probs, v)
+    return np.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
 
 
 def random_qkv(b=2, t=11, s=11, k=2, g=3, dh=8, seed=0):
     r = np.random.default_rng(seed)
-    q = jnp.asarray(r.normal(size=(b, t, k, g, dh)), jnp.float32)
+    q = jnp.asarray(r.normal(size=(b, t, k * g, dh)), jnp.float32)
     key, value = (jnp.asarray(r.normal(size=(b, s, k, dh)), jnp.float32) for _ in range(2))
     mask = r.random((b, t, s)) < 0.6
     mask[0, 2] = False  # a fully masked row (a left-padding query): uniform, finite
@@ -90,7 +104,7 @@ def test_chunks_bound_compiled_temporaries(grad):
     thanks to the per-chunk `jax.checkpoint`: otherwise the loop would keep every chunk's
     probabilities, as many bytes as the one-shot scores)."""
     q, k, v, mask = random_qkv(b=1, t=256, s=256, k=2, g=2, dh=8)
-    scores = 4 * 256 * 256 * 4  # [B, K, G, T, S] float32
+    scores = 4 * 256 * 256 * 4  # [B, H, T, S] float32
 
     def temp(chunk):
         def f(q, k, v):
@@ -109,15 +123,14 @@ def cfg() -> ModelConfig:
     return ModelConfig.from_hf(LLAMA, source="tests.tiny_models.LLAMA")
 
 
+CHUNKED = RunOptions(query_chunk=CHUNK)
+ONE_SHOT = RunOptions()  # T <= 512: one shot
+
+
 @pytest.fixture(scope="module")
-def models(cfg):
-    """`(chunked graphdef, one-shot graphdef, params)`: the same weights."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(llama, "QUERY_CHUNK", CHUNK)
-        chunked, params = init_params(cfg, seed=3)
-    one_shot, _ = init_params(cfg, seed=3)
-    assert chunked != one_shot  # the chunk size is static: jit compiles each on its own
-    return chunked, one_shot, params
+def params(cfg):
+    """`(graphdef, params)` of the tiny Llama."""
+    return init_params(cfg, seed=3)
 
 
 def assert_close_trees(a, b, relative=False):
@@ -130,73 +143,83 @@ def assert_close_trees(a, b, relative=False):
         assert np.max(np.abs(x - y), initial=0.0) < TOL * scale
 
 
-def run_both(models, cfg, fn, *args):
-    """`fn(graphdef, params, *args)` with both graphdefs; checks that loops over the chunks
-    of `T = args[0].shape[1]` queries ran in the chunked one only (besides the layer scan
-    and, under `jax.grad`, its transpose)."""
-    chunked, one_shot, params = models
-    chunks = -(-args[0].shape[1] // CHUNK)
-    assert set(scan_lengths(lambda *a: fn(chunked, params, *a), *args)) == {cfg.num_layers, chunks}
-    assert set(scan_lengths(lambda *a: fn(one_shot, params, *a), *args)) == {cfg.num_layers}
-    return fn(chunked, params, *args), fn(one_shot, params, *args)
+def run_both(cfg, fn, queries, *args):
+    """`fn(options, *args)` with `CHUNKED` and `ONE_SHOT`; checks that loops over the chunks
+    of `queries` tokens ran in the chunked call only (besides the layer scans and, under
+    `jax.grad`, their transposes)."""
+    chunks = -(-queries // CHUNK)
+    assert set(scan_lengths(lambda *a: fn(CHUNKED, *a), *args)) == {cfg.num_layers, chunks}
+    assert set(scan_lengths(lambda *a: fn(ONE_SHOT, *a), *args)) == {cfg.num_layers}
+    return fn(CHUNKED, *args), fn(ONE_SHOT, *args)
 
 
-def test_causal_left_padded_forward_matches(models, cfg):
+def test_causal_left_padded_forward_matches(params, cfg):
     ids, mask = padded_batch(cfg.vocab_size, [11, 7, 3], seed=1)
-    positions = llama.default_positions(jnp.asarray(mask))
+    positions = default_positions(jnp.asarray(mask))
 
-    def fn(graphdef, params, ids, positions, mask):
-        return forward(graphdef, params, ids, positions, mask, taps=Taps(resid="full"))
+    def fn(options, ids, positions, mask):
+        return forward(*params, ids, positions, mask, taps=Taps(resid="full"), options=options)
 
-    a, b = run_both(models, cfg, fn, jnp.asarray(ids), positions, jnp.asarray(mask))
+    a, b = run_both(cfg, fn, 11, jnp.asarray(ids), positions, jnp.asarray(mask))
     assert_close_trees((a.logits, a.resid_post), (b.logits, b.resid_post))
 
 
-def test_cached_prefill_and_decode_match(models, cfg):
+def test_cached_prefill_and_decode_match(params, cfg):
     ids, mask = padded_batch(cfg.vocab_size, [11, 6], seed=2)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-    positions = llama.default_positions(mask)
+    positions = default_positions(mask)
     cache = init_cache(cfg, batch=2, length=16)
 
-    def prefill(graphdef, params, ids, positions, mask):
-        return forward(graphdef, params, ids, positions, mask, cache=cache)
+    def fill(options, ids, positions, mask):
+        return prefill(*params, cache, ids, positions, mask, options=options)
 
-    a, b = run_both(models, cfg, prefill, ids, positions, mask)
-    assert_close_trees((a.logits, a.cache), (b.logits, b.cache))
-    # a decode step (T = 1) takes the one-shot path in both models
-    chunked, one_shot, params = models
-    step = (jnp.argmax(a.logits[:, -1:], -1), positions[:, -1:] + 1, jnp.ones((2, 1), jnp.int32))
+    a, b = run_both(cfg, fill, 11, ids, positions, mask)
+    assert_close_trees(a, b)
+    # a decode step (T = 1) takes the one-shot path in both
+    cache, logits = a
+    step = (jnp.argmax(logits, -1), positions[:, -1] + 1)
 
-    def decode(graphdef, *args):
-        return forward(graphdef, params, *args, cache=a.cache)
+    def decode(options, *step):
+        return decode_step(*params, cache, *step, options=options)
 
-    assert scan_lengths(lambda *s: decode(chunked, *s), *step) == [cfg.num_layers]
-    assert_close_trees(decode(chunked, *step).logits, decode(one_shot, *step).logits)
+    assert scan_lengths(lambda *s: decode(CHUNKED, *s), *step) == [cfg.num_layers]
+    assert_close_trees(decode(CHUNKED, *step).logits, decode(ONE_SHOT, *step).logits)
 
 
-def test_tree_attention_mask_matches(models, cfg):
-    """`attend [B, T, T]` (tree attention) reaches the chunks inside `mask`: two branches
-    after a shared 5-token trunk, each blind to the other."""
-    t = 11
-    attend = np.ones((1, t, t), bool)
-    attend[0, 5:8, 8:] = attend[0, 8:, 5:8] = False
-    ids, mask = padded_batch(cfg.vocab_size, [t], seed=4)
-    positions = jnp.asarray(np.r_[0:8, 5:8][None], jnp.int32)
+def test_tree_attention_mask_matches(params, cfg):
+    """`score_tree`'s ancestor mask reaches the chunks: after a 2-token prompt, a root and
+    two branches of 4 and 5 tokens (10 nodes: 4 chunks), each branch blind to the other."""
+    r = np.random.default_rng(4)
+    prompt = jnp.asarray(r.integers(1, cfg.vocab_size, (1, 2)), jnp.int32)
+    nodes = jnp.asarray(r.integers(1, cfg.vocab_size, (1, 10)), jnp.int32)
+    depth = np.r_[0, 1:5, 1:6]
+    parent = np.r_[0, 0:4, 0, 5:9]
+    ancestors = np.eye(10, dtype=bool)
+    for i in range(1, 10):
+        ancestors[i] = ancestors[parent[i]]
+        ancestors[i, i] = True
 
-    def fn(graphdef, params, ids, positions, mask, attend):
-        return forward(graphdef, params, ids, positions, mask, attend=attend)
+    def fn(options, nodes, depth, ancestors):
+        m = nodes.shape[1]
+        cache = init_cache(cfg, batch=1, length=2 + m)
+        ones = jnp.ones((1, 2), jnp.int32)
+        cache, _ = prefill(*params, cache, prompt, default_positions(ones), ones)
+        return score_tree(*params, cache, nodes, 2 + depth, ancestors, options=options)
 
-    args = jnp.asarray(ids), positions, jnp.asarray(mask), jnp.asarray(attend)
-    a, b = run_both(models, cfg, fn, *args)
-    assert_close_trees(a.logits, b.logits)
-    # the tree mask mattered: branch 2 alone (trunk + branch) gives the same logits
-    alone = np.r_[0:5, 8:11]
-    c = fn(models[0], models[2], args[0][:, alone], positions[:, alone], args[2][:, alone], None)
-    assert np.max(np.abs(np.asarray(a.logits[:, 8:]) - np.asarray(c.logits[:, 5:]))) < TOL
+    args = nodes, jnp.asarray(depth[None]), jnp.asarray(ancestors[None])
+    a, b = run_both(cfg, fn, 10, *args)
+    assert_close_trees(a, b)
+    # the tree mask mattered: branch 2 alone (root + its 5 nodes) gives the same logits
+    alone = np.r_[0, 5:10]
+    c = fn(
+        CHUNKED, nodes[:, alone], args[1][:, alone], jnp.asarray(ancestors[alone][:, alone])[None]
+    )
+    assert np.max(np.abs(np.asarray(a[:, 5:]) - np.asarray(c[:, 1:]))) < TOL
+    assert np.max(np.abs(np.asarray(a[:, 1:5]) - np.asarray(c[:, 1:5]))) > 1e-3
 
 
 @pytest.mark.parametrize("remat", [False, True])
-def test_gradients_wrt_params_and_lora_match(models, cfg, remat):
+def test_gradients_wrt_params_and_lora_match(params, cfg, remat):
     r = np.random.default_rng(5)
     d, n, rank = cfg.hidden_size, cfg.num_layers, 2
     outs = {"q_proj": cfg.num_heads * cfg.head_dim, "v_proj": cfg.num_kv_heads * cfg.head_dim}
@@ -209,45 +232,55 @@ def test_gradients_wrt_params_and_lora_match(models, cfg, remat):
     }
     ids, mask = padded_batch(cfg.vocab_size, [11, 9], seed=6)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-    positions = llama.default_positions(mask)
+    positions = default_positions(mask)
     weights = jnp.asarray(r.normal(size=(*ids.shape, cfg.vocab_size)), jnp.float32)
+    graphdef, values = params
 
-    def grads(graphdef, params, ids, positions, mask):
-        def loss(params, factors):
-            out = forward(
-                graphdef, params, ids, positions, mask, lora=LoraInput(factors), remat=remat
+    def grads(options, ids, positions, mask):
+        options = dataclasses.replace(options, remat=remat)
+
+        def loss(values, factors):
+            logits = train_forward(
+                graphdef, values, ids, positions, mask, lora=LoraInput(factors), options=options
             )
-            return jnp.sum(out.logits * weights)
+            return jnp.sum(logits * weights)
 
-        return jax.grad(loss, argnums=(0, 1))(params, factors)
+        return jax.grad(loss, argnums=(0, 1))(values, factors)
 
-    a, b = run_both(models, cfg, grads, ids, positions, mask)
+    a, b = run_both(cfg, grads, 11, ids, positions, mask)
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(b)) > 1.0  # not trivial
     assert_close_trees(a, b, relative=True)
 
 
-def test_logits_match_transformers_with_small_chunks(tmp_path, monkeypatch):
+def test_logits_match_transformers_with_small_chunks(tmp_path):
     model = hf_model(LLAMA)
     folder = save_hf_folder(model, tmp_path / "llama")
-    monkeypatch.setattr(llama, "QUERY_CHUNK", CHUNK)
     lm = emgeo_jax.load(folder)
     ids, mask = padded_batch(LLAMA["vocab_size"], [11, 7, 3, 11], seed=1)
     ref_logits, _, _ = hf_forward(model, ids, mask)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-    positions = llama.default_positions(mask)
-    assert scan_lengths(
-        lambda *a: forward(lm.graphdef, lm.params, *a), ids, positions, mask
-    ) == sorted([LLAMA["num_hidden_layers"], 4])
+    positions = default_positions(mask)
+
+    def run(*a):
+        return forward(lm.graphdef, lm.params, *a, options=CHUNKED)
+
+    assert scan_lengths(run, ids, positions, mask) == sorted([LLAMA["num_hidden_layers"], 4])
     real = np.asarray(mask, bool)
-    logits = np.asarray(lm.forward(ids, mask).logits)
+    logits = np.asarray(run(ids, positions, mask).logits)
     np.testing.assert_allclose(logits[real], ref_logits[real], atol=1e-4, rtol=0)
 
 
-def test_plan_counts_every_chunk(cfg, monkeypatch):
-    """XLA counts a loop body once; the plan's FLOPs must not drop when attention loops."""
+def test_plan_counts_every_chunk(cfg):
+    """XLA counts a loop body once; the plan's FLOPs must not drop when attention loops.
+    An extraction's FLOPs are exactly quadratic in the length `T` (projections linear,
+    scores and mixing quadratic): fitted on three one-shot lengths (`T <= 512`), they
+    predict the count at `T = 520`, where attention runs in two query chunks."""
     mesh = make_mesh({}, jax.devices()[:1])
-    kw = dict(task="extract", batch=2, seq=16, dtype="float32")
-    one_shot = make_plan(cfg, mesh, **kw)
-    monkeypatch.setattr(llama, "QUERY_CHUNK", CHUNK)
-    chunked = make_plan(cfg, mesh, **kw)
-    assert chunked.flops_per_device == pytest.approx(one_shot.flops_per_device, rel=1e-3)
+
+    def flops(seq):
+        return make_plan(cfg, mesh, task="extract", batch=1, seq=seq, dtype="float32")
+
+    seqs = np.asarray([128.0, 320.0, 512.0])
+    fit = np.polyfit(seqs, [flops(int(s)).flops_per_device for s in seqs], 2)
+    assert ONE_SHOT.query_chunk < 520
+    assert flops(520).flops_per_device == pytest.approx(np.polyval(fit, 520.0), rel=1e-3)

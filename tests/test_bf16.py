@@ -22,7 +22,8 @@ import pytest
 import emgeo_jax
 from emgeo_jax.data import load_examples, shipped_contrast_path, tokenize_examples
 from emgeo_jax.extract import ExtractSettings, extract
-from emgeo_jax.models.llama import RMSNorm, _attend
+from emgeo_jax.models.attention import attend
+from emgeo_jax.models.llama import RMSNorm
 from emgeo_jax.models.lm import LM, abstract_model
 from emgeo_jax.models.steering import Steering
 from tests.tiny_models import LLAMA, QWEN2, hf_forward, hf_model, padded_batch, save_hf_folder
@@ -95,10 +96,10 @@ def test_bf16_logits_are_float32_not_rounded(pair):
 def test_bf16_attention_scores_are_float32():
     """Hand-derived: scores 100 and 100.25 (x 1/sqrt(2)). Rounded to bf16 (8 bits: 100.25 ->
     100.0) both keys get weight 1/2; in float32 the second gets sigmoid(0.25/sqrt(2))."""
-    q = jnp.asarray([1.0, 1.0], jnp.bfloat16).reshape(1, 1, 1, 1, 2)
+    q = jnp.asarray([1.0, 1.0], jnp.bfloat16).reshape(1, 1, 1, 2)
     k = jnp.asarray([[64.0, 36.0], [64.0, 36.25]], jnp.bfloat16).reshape(1, 2, 1, 2)
     v = jnp.asarray([[0.0, 0.0], [1.0, 1.0]], jnp.bfloat16).reshape(1, 2, 1, 2)
-    out = _attend(q, k, v, jnp.ones((1, 1, 2), bool))
+    out = attend(q, k, v, jnp.ones((1, 1, 2), bool))
     assert out.dtype == jnp.bfloat16
     expected = 1.0 / (1.0 + np.exp(-0.25 / np.sqrt(2.0)))  # 0.5441
     np.testing.assert_allclose(np.asarray(out, np.float32).ravel(), expected, atol=2e-3)

@@ -20,8 +20,8 @@ from emgeo_jax.generate import (
     number_logprobs,
     number_trie,
 )
-from emgeo_jax.serve import TokenText
 from emgeo_jax.models.steering import Steering
+from emgeo_jax.serve import TokenText
 from tests.tiny_models import LLAMA, hf_model, save_hf_folder
 
 CHATS = [

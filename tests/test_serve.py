@@ -21,8 +21,8 @@ from scipy.special import log_softmax
 import emgeo_jax
 from emgeo_jax.generate import chat_token_ids, generate, generate_ids
 from emgeo_jax.judge import JudgeConfig, JudgeStats, judge_responses, load_prompts
-from emgeo_jax.serve import serve_in_thread
 from emgeo_jax.models.steering import Steering
+from emgeo_jax.serve import serve_in_thread
 from tests.tiny_models import LLAMA, hf_model, save_hf_folder
 
 NEW = 6  # every tiny request and reference shares max_new_tokens and a 32-token prompt bucket

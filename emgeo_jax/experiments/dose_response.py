@@ -86,15 +86,14 @@ def _logits(
 ) -> jax.Array:
     """The one model call: logits `[B, T, V]` of the steered forward pass (no taps), from
     the token embeddings or, with `resid_in`, from the residual entering `start_layer`."""
-    return lm_module.forward(
-        graphdef,
-        params,
-        input_ids,
-        positions,
-        attention_mask,
-        steering=steering,
-        resid_in=resid_in,
-        start_layer=start_layer,
+    if resid_in is None:
+        if start_layer:
+            raise ValueError(f"start_layer={start_layer} needs resid_in, the residual entering it")
+        return lm_module.forward(
+            graphdef, params, input_ids, positions, attention_mask, steering=steering
+        ).logits
+    return lm_module.resume_from(
+        graphdef, params, resid_in, start_layer, positions, attention_mask, steering=steering
     ).logits
 
 

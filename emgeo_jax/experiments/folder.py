@@ -46,9 +46,9 @@ from emgeo_jax.hosts import broadcast_json, is_primary
 from emgeo_jax.judge.client import JudgeConfig, JudgeStats, judge_responses
 from emgeo_jax.judge.io import question_text, write_jsonl_atomic
 from emgeo_jax.judge.prompts import JudgePrompt
+from emgeo_jax.models.steering import Steering
 from emgeo_jax.runs import ResumableJsonl, SettingsMismatch, read_jsonl
 from emgeo_jax.runs import settings_diff as settings_diff  # re-exported: its old home
-from emgeo_jax.models.steering import Steering
 
 # An experiment folder already holds a run with another configuration: the package's one
 # settings error (the old name stays for callers that catch it).

@@ -37,8 +37,8 @@ from emgeo_jax.experiments.metrics import cell_summary
 from emgeo_jax.experiments.questions import PromptRow
 from emgeo_jax.judge.client import JudgeConfig, resolve_number_logprobs
 from emgeo_jax.judge.prompts import JudgePrompt
-from emgeo_jax.runs import array_digest
 from emgeo_jax.models.steering import Steering
+from emgeo_jax.runs import array_digest
 from emgeo_jax.vectors.io import LayerVectors
 
 BASELINE = "baseline"

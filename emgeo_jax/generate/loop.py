@@ -39,7 +39,9 @@ from emgeo_jax.generate.prompts import (
 from emgeo_jax.generate.sampling import SamplingParams, sample_tokens
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.llama import KVCache, default_positions
-from emgeo_jax.models.lm import LM, forward
+from emgeo_jax.models.lm import LM, decode_step
+from emgeo_jax.models.lm import prefill as prefill_cache
+from emgeo_jax.models.scan import RunOptions
 from emgeo_jax.models.steering import Steering
 from emgeo_jax.models.taps import Taps
 
@@ -74,18 +76,17 @@ def prefill(
     """Run the padded prompts `ids, mask [B, Tp]` into the empty `cache` (donated).
     Returns `(cache, last_logits [B, V], next_positions [B])`. `resid_sharding` (static):
     pins the residual `[B, Tp, D]` (`Layout.prefill_resid`; None on one device)."""
-    positions = default_positions(mask)
-    out = forward(
+    cache, logits = prefill_cache(
         graphdef,
         params,
+        cache,
         ids,
-        positions,
+        default_positions(mask),
         mask,
         steering=steering,
-        cache=cache,
-        resid_sharding=resid_sharding,
+        options=RunOptions(resid_sharding=resid_sharding),
     )
-    return out.cache, out.logits[:, -1], jnp.sum(mask, axis=-1).astype(jnp.int32)
+    return cache, logits, jnp.sum(mask, axis=-1).astype(jnp.int32)
 
 
 class DecodeInputs(NamedTuple):
@@ -232,23 +233,21 @@ def decode(
     state = _Loop(
         jnp.int32(1), cache, tok, inputs.position, done, tokens, lps, top_ids, top_lps, zeros
     )
-    ones = jnp.ones((b, 1), jnp.int32)
+    options = RunOptions(resid_sharding=resid_sharding)
 
     def cond(s: _Loop):
         return (s.step <= last_step) & ~jnp.all(s.done)
 
     def body(s: _Loop) -> _Loop:
-        out = forward(
+        out = decode_step(
             graphdef,
             params,
-            s.token[:, None],
-            s.position[:, None],
-            ones,
+            s.cache,
+            s.token,
+            s.position,
             steering=steering,
             taps=Taps(resid="full") if monitor else None,
-            cache=s.cache,
-            is_generated=ones.astype(bool),
-            resid_sharding=resid_sharding,
+            options=options,
         )
         proj = s.proj
         if monitor:

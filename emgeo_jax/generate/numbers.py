@@ -38,7 +38,9 @@ from emgeo_jax.generate.layout import place_prompts
 from emgeo_jax.generate.prompts import PAD_MULTIPLE, left_pad, pad_prompts
 from emgeo_jax.hosts import to_host
 from emgeo_jax.models.llama import KVCache, default_positions
-from emgeo_jax.models.lm import LM, forward
+from emgeo_jax.models.lm import LM, score_tree
+from emgeo_jax.models.lm import prefill as prefill_cache
+from emgeo_jax.models.scan import RunOptions
 from emgeo_jax.models.steering import Steering
 
 JUDGE_NUMBERS = tuple(range(101))  # the standard scheme's 0..100
@@ -162,33 +164,29 @@ def score_trie(
     prompt pass's residual pin on a mesh (`generate.Layout.prefill_resid`)."""
     b = ids.shape[0]
     m = trie["tokens"].shape[0]
-    positions = default_positions(mask)
-    pre = forward(
+    options = RunOptions(resid_sharding=resid_sharding)
+    cache, _ = prefill_cache(
         graphdef,
         params,
+        cache,
         ids,
-        positions,
+        default_positions(mask),
         mask,
         steering=steering,
-        cache=cache,
-        return_logits=False,
-        resid_sharding=resid_sharding,
+        options=options,
     )
     root = jnp.sum(mask, axis=-1).astype(jnp.int32)  # position of the last prompt token
     node_ids = jnp.where(jnp.arange(m)[None] == 0, last[:, None], trie["tokens"][None])
-    depth = jnp.broadcast_to(trie["depth"][None], (b, m))
-    out = forward(
+    logits = score_tree(
         graphdef,
         params,
+        cache,
         node_ids,
-        root[:, None] + depth,
-        jnp.ones((b, m), jnp.int32),
+        root[:, None] + trie["depth"][None],
+        jnp.broadcast_to(trie["ancestors"][None], (b, m, m)),
         steering=steering,
-        cache=pre.cache,
-        is_generated=depth > 0,
-        attend=jnp.broadcast_to(trie["ancestors"][None], (b, m, m)),
     )
-    lsm = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)  # [B, M, V]
+    lsm = jax.nn.log_softmax(logits, axis=-1)  # [B, M, V]
     edge = lsm[:, trie["parent"], jnp.maximum(trie["tokens"], 0)]  # [B, M]: log P(node | parent)
     edge = jnp.where(jnp.arange(m)[None] == 0, 0.0, edge)
     path = jnp.einsum("bj,ij->bi", edge, trie["ancestors"].astype(jnp.float32))

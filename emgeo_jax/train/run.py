@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from emgeo_jax.data import TokenizedExample, bucket_length
 from emgeo_jax.hosts import barrier, broadcast_json, is_primary, put_global, to_host
 from emgeo_jax.models.lm import LM
+from emgeo_jax.models.steering import Steering
 from emgeo_jax.parallel import lora_shardings
 from emgeo_jax.runs import (
     SettingsMismatch,
@@ -38,7 +39,6 @@ from emgeo_jax.runs import (
     write_json_atomic,
     write_jsonl_atomic,
 )
-from emgeo_jax.models.steering import Steering
 from emgeo_jax.train.data import train_batch
 from emgeo_jax.train.lora import Lora, LoraSpec, init_lora
 from emgeo_jax.train.peft_io import export_peft

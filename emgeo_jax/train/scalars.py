@@ -5,14 +5,14 @@ input `[in]`, `a [in, r]`, `b [r, out]`. For rank 1 that is a scalar `s = scale 
 a fixed direction `b`; for `down` (and `o`) `b` lives in the residual stream, so it is a
 steering direction at layer `l` (output of block `l`).
 
-The module inputs are recomputed from taps of the adapted model, with the model's own
-submodules (so they are exactly what the module saw):
+The module inputs are the blocks' own named intermediates of the adapted model, tapped
+(`emgeo_jax.models.taps`, so they are exactly what the module saw):
 
-    q, k, v:   input_norm(h)                      h = output of block l-1 (embeddings for l=0)
-    gate, up:  post_attn_norm(h + attn_l)         attn_l = attention output of block l
-    down:      silu(gate(n)) * up(n), n = post_attn_norm(h + attn_l)
+    q, k, v:   attn_in     input_norm(residual entering block l)
+    gate, up:  mlp_in      post_attn_norm(residual + attention output of block l)
+    down:      mlp_hidden  silu(gate(mlp_in)) * up(mlp_in)
 
-`o` (input: the attention heads before `o_proj`) is not reachable from taps and is refused.
+`o` (input: the attention heads before `o_proj`) is not a capture site and is refused.
 """
 
 from __future__ import annotations
@@ -49,13 +49,9 @@ def adapter_names(spec: LoraSpec) -> list[str]:
     return names
 
 
-def _module_input(block: Any, target: str, h: jax.Array, attn: jax.Array) -> jax.Array:
-    if target in ("q", "k", "v"):
-        return block.input_norm(h)
-    n = block.post_attn_norm(h + attn)
-    if target in ("gate", "up"):
-        return n
-    return jax.nn.silu(block.mlp.gate_proj(n)) * block.mlp.up_proj(n)
+MODULE_INPUT_SITE = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "gate": "mlp_in"}
+MODULE_INPUT_SITE |= {"up": "mlp_in", "down": "mlp_hidden"}
+"""The block's capture site (`emgeo_jax.models.taps`) holding each target module's input."""
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
@@ -67,26 +63,21 @@ def lora_scalars(
     `batch`: `input_ids, positions, attention_mask [B, T]`."""
     if "o" in spec.targets:
         raise ValueError("scalars of o_proj adapters need the attention heads, not tapped")
-    merged = apply_lora(params, lora, spec)
-    ids = batch["input_ids"]
+    sites = {MODULE_INPUT_SITE[t] for t in spec.targets}
     out = forward(
         graphdef,
-        merged,
-        ids,
+        apply_lora(params, lora, spec),
+        batch["input_ids"],
         batch["positions"],
         batch["attention_mask"],
-        taps=Taps(resid="full", attn="full"),
+        taps=Taps(**{site: "full" for site in sites}),
         num_layers=spec.layers[-1] + 1,
     )
-    model = nnx.merge(graphdef, merged)
-    block_def, block_state = nnx.split(model.layers)
     cols = []
     for t in spec.targets:
+        inputs = getattr(out, MODULE_INPUT_SITE[t])  # [L', B, T, in]
         for i, layer in enumerate(spec.layers):
-            block = nnx.merge(block_def, jax.tree.map(lambda x, j=layer: x[j], block_state))
-            h = model.embed(ids) if layer == 0 else out.resid_post[layer - 1]
-            x = _module_input(block, t, h, out.attn_out[layer]).astype(jnp.float32)
-            cols.append(spec.scale * x @ lora[t]["a"][i])
+            cols.append(spec.scale * inputs[layer].astype(jnp.float32) @ lora[t]["a"][i])
     return jnp.concatenate(cols, axis=-1)
 
 

@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from emgeo_jax.models.lm import forward
-from emgeo_jax.parallel import activation_sharding, lora_shardings
+from emgeo_jax.models.lm import train_forward
+from emgeo_jax.models.scan import RunOptions
 from emgeo_jax.models.steering import Steering
+from emgeo_jax.parallel import activation_sharding, lora_shardings
 from emgeo_jax.train.lora import Lora, LoraSpec, lora_input
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -154,22 +155,21 @@ def lora_loss(
         width = jax.tree.leaves(params["embed"])[0].shape[-1]  # embedding [V, D]
         resid_sharding = activation_sharding(mesh, "hidden", (b, t, width))
     run = functools.partial(
-        forward,
+        train_forward,
         graphdef,
         input_ids=ids,
         positions=batch["positions"],
         attention_mask=mask,
         steering=steering,
         is_generated=answer.astype(bool),
-        remat=remat,
-        resid_sharding=resid_sharding,
+        options=RunOptions(remat=remat, resid_sharding=resid_sharding),
     )
 
-    def logits_of(out):
+    def logits_of(logits):
         if mesh is None:
-            return out.logits
-        pinned = activation_sharding(mesh, "logits", out.logits.shape)
-        return jax.lax.with_sharding_constraint(out.logits, pinned)
+            return logits
+        pinned = activation_sharding(mesh, "logits", logits.shape)
+        return jax.lax.with_sharding_constraint(logits, pinned)
 
     num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
     logits = logits_of(run(params, lora=lora_input(lora, spec, num_layers, dropout, key)))

@@ -12,8 +12,8 @@ Interfaces (any callable with these signatures will do):
 
 `make_resid_fn(lm)` is one forward (`emgeo_jax.models.lm.forward`) with a `Steering` at
 block `layer - 1`, stopped after block `layer`. `make_nll_fn(lm)` runs blocks `0..layer`,
-edits their output, and resumes the same forward from the edited residual
-(`resid_in`, `start_layer = layer + 1`), so the edit flows through the real remaining blocks.
+edits their output, and resumes from the edited residual (`emgeo_jax.models.lm.resume_from`
+at block `layer + 1`), so the edit flows through the real remaining blocks.
 
 On `lm.mesh` both split their rows over `data x fsdp`, padding a batch those axes do not
 divide (`LM.place_rows`; the added rows are dropped from the result), so the figures equal
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emgeo_jax.models.llama import default_positions
-from emgeo_jax.models.lm import forward, pad_rows
+from emgeo_jax.models.lm import forward, pad_rows, resume_from
 from emgeo_jax.models.steering import Steering
 from emgeo_jax.models.taps import Taps
 from emgeo_jax.vectors.sae.model import SAE, check_fits, reconstruct
@@ -88,14 +88,13 @@ def _nll_with_sae(graphdef, params, sae: SAE, input_ids, attention_mask, layer: 
     recon = jnp.where(real, reconstruct(sae, h).astype(h.dtype), h)
     zero = jnp.where(real, jnp.zeros_like(h), h)
     tile = lambda a: jnp.concatenate([a] * 3)  # noqa: E731
-    logits = forward(
+    logits = resume_from(
         graphdef,
         params,
-        tile(input_ids),
+        jnp.concatenate([h, recon, zero]),  # [3B, T, D]: the residual entering block layer+1
+        layer + 1,
         tile(positions),
         tile(attention_mask),
-        resid_in=jnp.concatenate([h, recon, zero]),  # [3B, T, D]
-        start_layer=layer + 1,
     ).logits
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     target = tile(input_ids)[:, 1:]

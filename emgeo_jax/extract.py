@@ -192,6 +192,7 @@ def _pooled_step(
     layers: tuple[int, ...],
     per_example: bool,
     mesh: Mesh | None,
+    attention: str,
     params: nnx.State,
     inputs: dict[str, jax.Array],
 ) -> dict[str, jax.Array]:
@@ -216,7 +217,11 @@ def _pooled_step(
         taps=Taps(resid="pooled", pool_mask=inputs["pool_mask"]),
         num_layers=max(layers) + 1,
         return_logits=False,
-        options=RunOptions(resid_sharding=resid_sharding),
+        options=RunOptions(
+            resid_sharding=resid_sharding,
+            attention=attention,
+            mesh=mesh if attention == "splash" else None,
+        ),
     )
     sums = out.resid_post[jnp.asarray(layers)]  # [L, B, D] float32
     counts = out.counts  # [B]
@@ -247,10 +252,15 @@ def _local_rows(x: jax.Array) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _jitted_step(
-    graphdef: nnx.GraphDef, layers: tuple[int, ...], per_example: bool, mesh: Mesh
+    graphdef: nnx.GraphDef,
+    layers: tuple[int, ...],
+    per_example: bool,
+    mesh: Mesh,
+    attention: str = "xla",
 ) -> Callable:
     """`_pooled_step` jitted for `mesh` (cached, so repeated extractions reuse compilations);
-    the residual is pinned when the mesh has more than one device."""
+    the residual is pinned when the mesh has more than one device. `attention`: the
+    implementation (`RunOptions.attention`; `LM.attention`)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     out_shardings = dict.fromkeys(SUM_FIELDS, replicated)
     if per_example:
@@ -258,7 +268,7 @@ def _jitted_step(
         for k in ("tokens", "label", "example_index"):
             out_shardings[k] = batch_sharding(mesh, 1)
     pinned = mesh if mesh.size > 1 else None
-    step = functools.partial(_pooled_step, graphdef, layers, per_example, pinned)
+    step = functools.partial(_pooled_step, graphdef, layers, per_example, pinned, attention)
     return jax.jit(step, out_shardings=out_shardings)
 
 
@@ -292,7 +302,7 @@ class _Runner:
         self.local_multiple = row_split // pc
         self.mesh, self.pool = mesh, settings.pool
         self.params = place_params(lm.params, mesh)
-        self.step = _jitted_step(lm.graphdef, layers, settings.per_example, mesh)
+        self.step = _jitted_step(lm.graphdef, layers, settings.per_example, mesh, lm.attention)
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Dispatch one batch (this process's rows); rows the mesh's row split needs are

@@ -52,10 +52,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from emgeo_jax.models.attention import chunked_attention
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.llama import DecoderBlock, KVCache, LoraInput, rotary_tables
 from emgeo_jax.models.lm import abstract_model, resolve_dtype
-from emgeo_jax.models.scan import DEFAULT_RUN
+from emgeo_jax.models.scan import DEFAULT_RUN, RunOptions
 from emgeo_jax.models.steering import Steering
 from emgeo_jax.parallel import (
     activation_sharding,
@@ -333,7 +334,8 @@ def _block_program(
             mask = causal[None] & valid[:, None]
             adapters = None if factors is None else LoraInput(factors)
             block = nnx.merge(block_def, state)
-            return block(x, sin, cos, mask, kv, 0, adapters, query_chunk)[0].resid_post
+            attend = functools.partial(chunked_attention, mask=mask, chunk=query_chunk)
+            return block(x, sin, cos, attend, kv, 0, adapters)[0].resid_post
 
         if lora is None:
             return jax.jit(block_out, out_shardings=x_sharding)
@@ -426,7 +428,9 @@ def generate_program(
     decode_pin = layout.decode_resid if pinned else None
     # decode's arguments are what the real functions make of these, as in generate_ids:
     # prefill's outputs (rows split like the prompts), decode_inputs, SamplingParams.make
-    run_prefill = functools.partial(prefill, graphdef, resid_sharding=prefill_pin)
+    run_prefill = functools.partial(
+        prefill, graphdef, options=RunOptions(resid_sharding=prefill_pin)
+    )
     cache_out, logits, position = jax.eval_shape(
         run_prefill, state, tokens, tokens, steering, cache
     )
@@ -445,10 +449,12 @@ def generate_program(
         cfg, mesh, batch, 1, dtype, cache_len=length, x_sharding=decode_pin
     )
     kv_bytes = bytes_per_device((cache.k, cache.v))
-    decode_static = dict(max_new_tokens=n, top_k=0, monitor=False, resid_sharding=decode_pin)
+    decode_static = dict(
+        max_new_tokens=n, top_k=0, monitor=False, options=RunOptions(resid_sharding=decode_pin)
+    )
     parts = [
         Part("prefill", prefill, (graphdef, state, tokens, tokens, steering, cache), 1,
-             *prefill_layer, static=dict(resid_sharding=prefill_pin)),
+             *prefill_layer, static=dict(options=RunOptions(resid_sharding=prefill_pin))),
         Part("decode", decode, (graphdef, state, _sharded(cache_out, layout.cache), steering,
                                 inputs, sampling),
              n, *decode_layer, static=decode_static),
@@ -565,7 +571,7 @@ def judge_part(judge: ModelConfig, mesh: Mesh, dtype, options: TaskOptions, stat
         layer_fn,
         layer_args,
         looped,
-        static=dict(top_k=20, resid_sharding=pin),
+        static=dict(top_k=20, options=RunOptions(resid_sharding=pin)),
         resident={
             "judge_kv_cache": bytes_per_device((cache.k, cache.v)),
             "judge_inputs": bytes_per_device((tokens, tokens, last, trie, cache.mask)),

@@ -253,41 +253,26 @@ def test_refused_choices(requested, backend, message):
 
 def test_tiny_llama_forward_with_steering(monkeypatch):
     """A whole tiny GQA Llama (3 layers, H = 4 on K = 2) with steering added at two layers, a
-    left-padded batch, the residual stream and logits of one forward and 4 greedy decode
-    steps: splash (interpret mode) against the model's own XLA attention.
-
-    Until the core redesign routes the model's attention through `attention(...)` (a
-    `RunOptions.attention` field), this swaps the model's attention function for a shim that
-    reads the key mask and offset back from the model's `[B, T, S]` mask (no cache: its last
-    row, offset 0; a decode step: its one row, every slot up to `S - 1`). Skipped once that
-    function is gone or changed: the forward's own option replaces the shim."""
-    import inspect
-
-    from emgeo_jax.models import llama
+    left-padded batch, the residual stream and logits of one forward, a cached prefill and 4
+    greedy decode steps: `RunOptions(attention="splash")` (interpret mode) against the
+    model's own XLA attention. The kernel is counted, so none passes with it unused."""
+    from emgeo_jax.models import tpu_attention
     from emgeo_jax.models.config import ModelConfig
-    from emgeo_jax.models.lm import forward, init_params
+    from emgeo_jax.models.llama import default_positions, init_cache
+    from emgeo_jax.models.lm import decode_step, forward, init_params, prefill
+    from emgeo_jax.models.scan import RunOptions
     from emgeo_jax.models.steering import Steering
     from emgeo_jax.models.taps import Taps
     from tests.tiny_models import LLAMA
 
-    original = getattr(llama, "chunked_attention", None)
-    if original is None or list(inspect.signature(original).parameters) != [
-        "q", "k", "v", "mask", "chunk"
-    ]:  # fmt: skip
-        pytest.skip("the model's attention call changed: wire RunOptions.attention instead")
-
     calls = []
+    kernel = tpu_attention.splash_attention
 
-    def shim(q, k, v, mask, chunk):
-        b, t, kh, g, dh = q.shape
-        calls.append(t)
-        flat = q.reshape(b, t, kh * g, dh)
-        if t == 1:
-            out = splash_attention(flat, k, v, mask[:, 0, :], k.shape[1] - 1)
-        else:
-            out = splash_attention(flat, k, v, mask[:, -1, :], 0)
-        return out.reshape(q.shape)
+    def counted(q, *args, **kwargs):
+        calls.append(q.shape[1])
+        return kernel(q, *args, **kwargs)
 
+    monkeypatch.setattr(tpu_attention, "splash_attention", counted)
     cfg = ModelConfig.from_hf({**LLAMA, "architectures": ["LlamaForCausalLM"]})
     graphdef, params = init_params(cfg, seed=1)
     rng = np.random.default_rng(0)
@@ -296,31 +281,33 @@ def test_tiny_llama_forward_with_steering(monkeypatch):
     mask = np.ones((b, t), np.int32)
     mask[1, :4] = mask[2, :7] = 0
     mask = jnp.asarray(mask)
-    positions = llama.default_positions(mask)
+    positions = default_positions(mask)
     vectors = rng.normal(size=(cfg.num_layers, cfg.hidden_size)).astype(np.float32)
     steering = Steering.addition(cfg, vectors, layers=[0, 1], scale=4.0)
 
-    def run():
-        jax.clear_caches()  # the jitted forward must be traced again with the other attention
-        fwd = jax.jit(functools.partial(forward, graphdef, steering=steering))
-        full = fwd(params, ids, positions, mask, taps=Taps(resid="full"))
-        out = fwd(params, ids, positions, mask, cache=llama.init_cache(cfg, b, t + new))
-        tokens, last, logits = [], positions[:, -1:], []
+    def run(options):
+        full = forward(
+            graphdef, params, ids, positions, mask, steering=steering, taps=Taps(resid="full"),
+            options=options,
+        )  # fmt: skip
+        fill = jax.jit(functools.partial(prefill, graphdef, steering=steering, options=options))
+        step = jax.jit(functools.partial(decode_step, graphdef, steering=steering, options=options))
+        cache, logits = fill(params, init_cache(cfg, b, t + new), ids, positions, mask)
+        tokens, last, step_logits = [], positions[:, -1], []
         for _ in range(new):
-            tokens.append(jnp.argmax(out.logits[:, -1], -1))
+            tokens.append(jnp.argmax(logits, -1))
             last = last + 1
-            step = (tokens[-1][:, None], last, jnp.ones((b, 1), jnp.int32))
-            out = fwd(params, *step, cache=out.cache)
-            logits.append(out.logits[:, -1])
-        return full, np.stack(tokens, 1), np.stack(logits, 1)
+            out = step(params, cache, tokens[-1], last)
+            cache, logits = out.cache, out.logits[:, -1]
+            step_logits.append(logits)
+        return full, np.stack(tokens, 1), np.stack(step_logits, 1)
 
-    xla_full, xla_tokens, xla_logits = run()
-    monkeypatch.setattr(llama, "chunked_attention", shim)
-    got_full, got_tokens, got_logits = run()
+    xla_full, xla_tokens, xla_logits = run(RunOptions())
+    assert calls == []
+    got_full, got_tokens, got_logits = run(RunOptions(attention="splash"))
     assert sorted(set(calls)) == [1, t]  # traced: the forward, the prefill and the step
-    jax.clear_caches()
     real = np.asarray(mask, bool)
-    unsteered = jax.jit(functools.partial(forward, graphdef))(params, ids, positions, mask)
+    unsteered = forward(graphdef, params, ids, positions, mask)
     assert np.abs(np.asarray(unsteered.logits) - np.asarray(xla_full.logits))[real].max() > 1
     resid = np.abs(np.asarray(got_full.resid_post) - np.asarray(xla_full.resid_post))
     assert resid[:, real].max() < 1e-5
@@ -328,6 +315,54 @@ def test_tiny_llama_forward_with_steering(monkeypatch):
     assert np.isfinite(np.asarray(got_full.resid_post)).all()
     np.testing.assert_array_equal(got_tokens, xla_tokens)
     np.testing.assert_allclose(got_logits, xla_logits, atol=1e-5, rtol=0)
+
+
+def test_loaded_model_runs_its_attention(tmp_path, monkeypatch):
+    """`load` picks the backend's implementation (CPU: XLA) and refuses a kernel this backend
+    lacks before reading tensors; a model set to splash generates (greedy, steered) and
+    extracts what XLA does, through the kernel."""
+    import dataclasses
+
+    import emgeo_jax
+    from emgeo_jax.data.tokenize import TokenizedExample
+    from emgeo_jax.extract import extract
+    from emgeo_jax.generate import generate_ids
+    from emgeo_jax.models import tpu_attention
+    from emgeo_jax.models.steering import Steering
+    from tests.tiny_models import LLAMA, hf_model, save_hf_folder
+
+    folder = save_hf_folder(hf_model(LLAMA), tmp_path / "llama")
+    lm = emgeo_jax.load(folder)
+    assert lm.attention == "xla"
+    with pytest.raises(ValueError, match="--attention splash: needs a TPU backend"):
+        emgeo_jax.load(tmp_path / "no-such-folder-read", attention="splash")
+    calls = []
+    kernel = tpu_attention.splash_attention
+    monkeypatch.setattr(
+        tpu_attention, "splash_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k)
+    )
+    splash = dataclasses.replace(lm, attention="splash")
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, LLAMA["vocab_size"], n).tolist() for n in (5, 9)]
+    steer = Steering.addition(lm, rng.normal(size=LLAMA["hidden_size"]), layers=[1], scale=3.0)
+    kw = dict(max_new_tokens=5, eos_ids=[])
+    want = generate_ids(lm, prompts, steer, **kw)
+    assert not calls
+    got = generate_ids(splash, prompts, steer, **kw)
+    assert calls
+    assert got.tokens == want.tokens
+    for a, b in zip(got.logprobs, want.logprobs, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    examples = [
+        TokenizedExample(np.asarray(p, np.int32), 2, len(p), i % 2, i, f"t:{i}")
+        for i, p in enumerate(prompts * 2)
+    ]
+    calls.clear()
+    want_means = extract(lm, examples).token_sum
+    assert not calls
+    got_means = extract(splash, examples).token_sum
+    assert calls
+    np.testing.assert_allclose(got_means, want_means, atol=1e-4, rtol=1e-5)
 
 
 def test_8_devices_shard_map():

@@ -10,6 +10,8 @@ Defined on import (every model-loading command imports this module):
     --mesh SPEC        the devices the parameters are split over, spelled as `emgeo plan`
                        spells it: `fsdp=8`, `data=2,fsdp=4,tensor=2`, or `auto` (every device
                        on fsdp). Default: `auto` on TPU/GPU, one device on CPU
+    --attention        auto | xla | splash | cudnn: the attention implementation (auto: the
+                       Pallas splash kernel on TPU, cuDNN on GPU in bfloat16, XLA elsewhere)
     --distributed      start `jax.distributed` first (one process per host); the launch/
                        scripts set `EMGEO_DISTRIBUTED=1`, which means the same.
                        `--coordinator_address/--num_processes/--process_id` (or the
@@ -57,6 +59,13 @@ flags.DEFINE_string(
     "devices the model is split over: auto (every device on fsdp) or AXIS=SIZE,... over "
     "data, fsdp, tensor, e.g. fsdp=8 or data=2,fsdp=4 (default: auto on TPU/GPU and on "
     "several processes, one device on a single CPU process)",
+)
+flags.DEFINE_enum(
+    "attention",
+    "auto",
+    ["auto", "xla", "splash", "cudnn"],
+    "attention implementation: auto (splash on TPU, cuDNN on GPU in bfloat16, XLA elsewhere), "
+    "xla, splash (Pallas TPU kernel) or cudnn (GPU)",
 )
 flags.DEFINE_bool(
     "distributed",
@@ -325,11 +334,14 @@ def load_model_from_flags(
 ) -> Any:
     """The model of `source` (default `--model`) with `--dtype`, placed on `--mesh`: the
     config is read first and the mesh validated against it before any tensor is read, then
-    `emgeo_jax.load(source, dtype=..., mesh=...)` restores or places every parameter straight
-    onto its shards. `config`: the config already read (`read_config`) for earlier checks."""
+    `emgeo_jax.load(source, dtype=..., mesh=..., attention=...)` restores or places every
+    parameter straight onto its shards and sets `--attention`. `config`: the config already
+    read (`read_config`) for earlier checks."""
     import emgeo_jax
 
     source = FLAGS.model if source is None else source
     cfg = read_config(source) if config is None else config
     mesh = mesh_for(cfg)
-    return emgeo_jax.load(source, dtype=resolve_dtype(), mesh=mesh, adapter=adapter)
+    return emgeo_jax.load(
+        source, dtype=resolve_dtype(), mesh=mesh, adapter=adapter, attention=FLAGS.attention
+    )

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from emgeo_jax.convert.hf import (
 from emgeo_jax.convert.peft import MergedSource, read_adapter
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.lm import LM, abstract_model, resolve_dtype
+from emgeo_jax.models.tpu_attention import attention_implementation
 from emgeo_jax.parallel import default_sharding, param_sharding, put_sharded, stack_on_devices
 
 log = logging.getLogger(__name__)
@@ -38,11 +40,31 @@ def load(
     dtype: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
     adapter: str | Path | None = None,
+    attention: str | None = None,
 ) -> LM:
     """Load a model from `source` (see module docstring) with params of `dtype`
     (`"float32"` or `"bfloat16"`; default: as stored in a checkpoint, else float32),
-    placed on `mesh` by the partition rules of `emgeo_jax.parallel` (default: one device)."""
-    source = str(source)
+    placed on `mesh` by the partition rules of `emgeo_jax.parallel` (default: one device).
+    `attention`: the implementation its calls run (`LM.attention`): "xla", "splash", "cudnn"
+    or None/"auto" = the backend's best (`tpu_attention.attention_implementation`: splash on
+    TPU, cuDNN on GPU in bf16, XLA elsewhere); refused before anything is read if this
+    backend cannot run it."""
+    backend = jax.default_backend()
+    attention_implementation(attention, backend)  # a kernel this backend lacks: refused now
+    lm = _load(str(source), dtype=dtype, mesh=mesh, adapter=adapter)
+    head_dim = lm.config.head_dim
+    chosen = attention_implementation(attention, backend, dtype=lm.dtype, head_dim=head_dim)
+    return dataclasses.replace(lm, attention=chosen)
+
+
+def _load(
+    source: str,
+    *,
+    dtype: str | None,
+    mesh: jax.sharding.Mesh | None,
+    adapter: str | Path | None,
+) -> LM:
+    """`load` without choosing the attention implementation."""
     if source != "default" and not Path(source).exists():
         raise FileNotFoundError(f"{source}: no such file or folder (or use 'default')")
     if source != "default" and is_checkpoint(source):

@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
 from emgeo_jax.generate.layout import place_prompts
 from emgeo_jax.generate.prompts import (
@@ -41,7 +40,7 @@ from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.llama import KVCache, default_positions
 from emgeo_jax.models.lm import LM, decode_step
 from emgeo_jax.models.lm import prefill as prefill_cache
-from emgeo_jax.models.scan import RunOptions
+from emgeo_jax.models.scan import DEFAULT_RUN, RunOptions
 from emgeo_jax.models.steering import Steering
 from emgeo_jax.models.taps import Taps
 
@@ -61,9 +60,7 @@ class Generation(NamedTuple):
     finish_reasons: list[str]
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "resid_sharding"), donate_argnames=("cache",)
-)
+@functools.partial(jax.jit, static_argnames=("graphdef", "options"), donate_argnames=("cache",))
 def prefill(
     graphdef: Any,
     params: Any,
@@ -71,11 +68,11 @@ def prefill(
     mask: jax.Array,
     steering: Steering,
     cache: KVCache,
-    resid_sharding: NamedSharding | None = None,
+    options: RunOptions = DEFAULT_RUN,
 ) -> tuple[KVCache, jax.Array, jax.Array]:
     """Run the padded prompts `ids, mask [B, Tp]` into the empty `cache` (donated).
-    Returns `(cache, last_logits [B, V], next_positions [B])`. `resid_sharding` (static):
-    pins the residual `[B, Tp, D]` (`Layout.prefill_resid`; None on one device)."""
+    Returns `(cache, last_logits [B, V], next_positions [B])`. `options` (static): the
+    attention implementation and the residual pin `[B, Tp, D]` (`Layout.prefill_resid`)."""
     cache, logits = prefill_cache(
         graphdef,
         params,
@@ -84,7 +81,7 @@ def prefill(
         default_positions(mask),
         mask,
         steering=steering,
-        options=RunOptions(resid_sharding=resid_sharding),
+        options=options,
     )
     return cache, logits, jnp.sum(mask, axis=-1).astype(jnp.int32)
 
@@ -165,7 +162,7 @@ class _Loop(NamedTuple):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "top_k", "monitor", "resid_sharding"),
+    static_argnames=("graphdef", "max_new_tokens", "top_k", "monitor", "options"),
     donate_argnames=("cache",),
 )
 def decode(
@@ -179,13 +176,13 @@ def decode(
     max_new_tokens: int,
     top_k: int,
     monitor: bool,
-    resid_sharding: NamedSharding | None = None,
+    options: RunOptions = DEFAULT_RUN,
 ) -> Decoded:
     """The decode loop. Token 0 comes from `inputs.first_logits [B, V]`; step i feeds token
     i-1 at `inputs.position + i - 1` and chooses token i with `sampling` (key
     `fold_in(sampling.key, i)`). With `monitor`, one extra step feeds the last token so that
-    every generated token's residual is projected. `resid_sharding` (static): pins each
-    step's residual `[B, 1, D]` (`Layout.decode_resid`; None on one device)."""
+    every generated token's residual is projected. `options` (static): the attention
+    implementation and each step's residual pin `[B, 1, D]` (`Layout.decode_resid`)."""
     n = max_new_tokens
     b = inputs.first_logits.shape[0]
     last_step = n if monitor else n - 1
@@ -233,7 +230,6 @@ def decode(
     state = _Loop(
         jnp.int32(1), cache, tok, inputs.position, done, tokens, lps, top_ids, top_lps, zeros
     )
-    options = RunOptions(resid_sharding=resid_sharding)
 
     def cond(s: _Loop):
         return (s.step <= last_step) & ~jnp.all(s.done)
@@ -304,7 +300,7 @@ def generate_ids(
         mask,
         steering,
         cache,
-        resid_sharding=None if layout is None else layout.prefill_resid,
+        options=lm.run_options(resid_sharding=None if layout is None else layout.prefill_resid),
     )
     inputs = decode_inputs(cfg, logits, position, eos, monitor)
     outputs = decode(
@@ -317,7 +313,7 @@ def generate_ids(
         max_new_tokens=max_new_tokens,
         top_k=top_logprobs,
         monitor=monitor is not None,
-        resid_sharding=None if layout is None else layout.decode_resid,
+        options=lm.run_options(resid_sharding=None if layout is None else layout.decode_resid),
     )[:5]
     if jax.process_count() > 1:  # rows may live on other processes' devices
         from jax.experimental import multihost_utils

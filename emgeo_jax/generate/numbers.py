@@ -32,7 +32,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
 from emgeo_jax.generate.layout import place_prompts
 from emgeo_jax.generate.prompts import PAD_MULTIPLE, left_pad, pad_prompts
@@ -40,7 +39,7 @@ from emgeo_jax.hosts import to_host
 from emgeo_jax.models.llama import KVCache, default_positions
 from emgeo_jax.models.lm import LM, score_tree
 from emgeo_jax.models.lm import prefill as prefill_cache
-from emgeo_jax.models.scan import RunOptions
+from emgeo_jax.models.scan import DEFAULT_RUN, RunOptions
 from emgeo_jax.models.steering import Steering
 
 JUDGE_NUMBERS = tuple(range(101))  # the standard scheme's 0..100
@@ -144,7 +143,7 @@ class NumberScores(NamedTuple):
     top_logprobs: np.ndarray
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "top_k", "resid_sharding"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "top_k", "options"))
 def score_trie(
     graphdef: Any,
     params: Any,
@@ -156,15 +155,15 @@ def score_trie(
     trie: dict[str, jax.Array],
     *,
     top_k: int,
-    resid_sharding: NamedSharding | None = None,
+    options: RunOptions = DEFAULT_RUN,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The jitted scoring pass. `ids, mask [B, Tp]`: the prompts without their last token
     `last [B]`, left-padded; `cache` empty with `Tp + M` slots; `trie`: `NumberTrie.arrays()`.
-    Returns `number logprobs [B, N]`, `top_ids, top_lps [B, top_k]`. `resid_sharding`: the
-    prompt pass's residual pin on a mesh (`generate.Layout.prefill_resid`)."""
+    Returns `number logprobs [B, N]`, `top_ids, top_lps [B, top_k]`. `options` (static): the
+    attention implementation and the prompt pass's residual pin on a mesh
+    (`generate.Layout.prefill_resid`); the tree pass always attends through XLA."""
     b = ids.shape[0]
     m = trie["tokens"].shape[0]
-    options = RunOptions(resid_sharding=resid_sharding)
     cache, _ = prefill_cache(
         graphdef,
         params,
@@ -185,6 +184,7 @@ def score_trie(
         root[:, None] + trie["depth"][None],
         jnp.broadcast_to(trie["ancestors"][None], (b, m, m)),
         steering=steering,
+        options=dataclasses.replace(options, resid_sharding=None),
     )
     lsm = jax.nn.log_softmax(logits, axis=-1)  # [B, M, V]
     edge = lsm[:, trie["parent"], jnp.maximum(trie["tokens"], 0)]  # [B, M]: log P(node | parent)
@@ -231,7 +231,7 @@ def number_logprobs(
             cache,
             trie.arrays(),
             top_k=top_logprobs,
-            resid_sharding=None if layout is None else layout.prefill_resid,
+            options=lm.run_options(resid_sharding=None if layout is None else layout.prefill_resid),
         )
     )
     n = len(prompt_ids)

@@ -24,13 +24,13 @@ float32 (matmuls feeding them accumulate in float32 via `preferred_element_type`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from emgeo_jax.models.attention import chunked_attention
 from emgeo_jax.models.config import ModelConfig, rope_inv_freq
 from emgeo_jax.models.params import LORA_MODULES
 from emgeo_jax.models.taps import BlockOut
@@ -101,6 +101,11 @@ def _project(module: nnx.Linear, x: jax.Array, lora: LoraInput | None, name: str
     return module(x) if lora is None else lora.project(module, x, name)
 
 
+Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+"""`attend(q [B, T, H, Dh], k, v [B, S, K, Dh]) -> [B, T, H, Dh]`: the attention of one call,
+its mask and implementation bound (`emgeo_jax.models.scan.BlockContext.attend`)."""
+
+
 class Attention(nnx.Module):
     """Rotary grouped-query attention: `H` query heads in `K` groups of `G = H / K`, each
     group sharing one key/value head (`emgeo_jax.models.attention`)."""
@@ -119,18 +124,16 @@ class Attention(nnx.Module):
         x: jax.Array,
         sin: jax.Array,
         cos: jax.Array,
-        mask: jax.Array,
+        attend: Attend,
         kv: tuple[jax.Array, jax.Array] | None = None,
         index: jax.Array | int = 0,
         lora: LoraInput | None = None,
-        query_chunk: int = 512,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """`x [B, T, D]` -> `([B, T, D], kv)`. Without a cache, `mask [B, T, T]` (True = query
-        may attend to key). With `kv = (k, v)`, each `[B, S, K, Dh]`, this call's keys and
-        values are written at slots `index .. index+T-1`, attention runs over all `S` slots
-        with `mask [B, T, S]`, and the updated `kv` is returned. `lora`: this block's
-        unmerged adapters (`LoraInput`). More than `query_chunk` queries are attended in
-        chunks (same result, less memory: `chunked_attention`)."""
+        """`x [B, T, D]` -> `([B, T, D], kv)`. Without a cache, `attend` runs over this call's
+        `T` keys. With `kv = (k, v)`, each `[B, S, K, Dh]`, this call's keys and values are
+        written at slots `index .. index+T-1`, `attend` runs over all `S` slots, and the
+        updated `kv` is returned. `attend` carries the call's mask and implementation
+        (`Attend`). `lora`: this block's unmerged adapters (`LoraInput`)."""
         b, t, _ = x.shape
         k_heads, dh = self.num_kv_heads, self.head_dim
         q = _project(self.q_proj, x, lora, "q_proj").reshape(b, t, self.num_heads, dh)
@@ -144,7 +147,7 @@ class Attention(nnx.Module):
                 for c, n in zip(kv, (k, v), strict=True)
             )
             k, v = kv
-        out = chunked_attention(q, k, v, mask, query_chunk)
+        out = attend(q, k, v)
         return _project(self.o_proj, out.reshape(b, t, self.num_heads * dh), lora, "o_proj"), kv
 
 
@@ -177,17 +180,16 @@ class DecoderBlock(nnx.Module):
         x: jax.Array,
         sin: jax.Array,
         cos: jax.Array,
-        mask: jax.Array,
+        attend: Attend,
         kv: tuple[jax.Array, jax.Array] | None = None,
         index: jax.Array | int = 0,
         lora: LoraInput | None = None,
-        query_chunk: int = 512,
     ) -> tuple[BlockOut, tuple[jax.Array, jax.Array] | None]:
         """`x [B, T, D]` (the residual entering the block) -> `(BlockOut, kv)`: the block's
         named intermediates (`emgeo_jax.models.taps`), `resid_post = x + attn_out +
-        mlp_out`; `kv`, `index`, `lora`, `query_chunk` as in `Attention`."""
+        mlp_out`; `attend`, `kv`, `index`, `lora` as in `Attention`."""
         attn_in = self.input_norm(x)
-        attn_out, kv = self.attn(attn_in, sin, cos, mask, kv, index, lora, query_chunk)
+        attn_out, kv = self.attn(attn_in, sin, cos, attend, kv, index, lora)
         h = x + attn_out
         mlp_in = self.post_attn_norm(h)
         mlp_out, mlp_hidden = self.mlp(mlp_in, lora)

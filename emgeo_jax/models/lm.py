@@ -177,9 +177,11 @@ def _run(
     lora: LoraInput | None = None,
     start: int = 0,
     stop: int | None = None,
+    key_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, ForwardOutput]:
     """Blocks `start .. stop-1` of `model` on the residual `h [B, T, D]` (`scan_blocks`):
-    returns `(h, kv, ForwardOutput without logits or cache)`."""
+    returns `(h, kv, ForwardOutput without logits or cache)`. `key_mask [B, S]`: given when
+    `mask` is causal from `index` over those slots (attention kernels may run)."""
     taps = Taps() if taps is None else taps
     pool = pool_mask if taps.pool_mask is None else taps.pool_mask
     selected = None
@@ -187,7 +189,7 @@ def _run(
         gen = jnp.zeros(h.shape[:2], bool) if is_generated is None else is_generated
         selected = select_positions(steering, gen)
     sin, cos = rotary_tables(model.config, positions)
-    ctx = BlockContext(sin, cos, mask, index, selected, TapReduction.of(pool))
+    ctx = BlockContext(sin, cos, mask, index, selected, TapReduction.of(pool), key_mask)
     block_def, block_params = nnx.split(model.layers)
     xs = LayerInputs.of(block_params, steering, lora, start, stop)
     h, kv, tapped = scan_blocks(block_def, xs, h, ctx, taps=taps, options=options, kv=kv, lora=lora)
@@ -236,6 +238,7 @@ def forward(
         is_generated=is_generated,
         options=options,
         stop=n,
+        key_mask=attention_mask,
     )
     logits = model.head(h) if return_logits and n == model.config.num_layers else None
     return out._replace(logits=logits)
@@ -273,6 +276,7 @@ def resume_from(
         is_generated=is_generated,
         options=options,
         start=layer,
+        key_mask=attention_mask,
     )
     return out._replace(logits=model.head(h))
 
@@ -304,6 +308,7 @@ def train_forward(
         is_generated=is_generated,
         options=options,
         lora=lora,
+        key_mask=attention_mask,
     )
     return model.head(h)
 
@@ -338,6 +343,7 @@ def prefill(
         options=options,
         index=cache.index,
         kv=(cache.k, cache.v),
+        key_mask=key_mask,
     )
     cache = KVCache(*kv, mask=key_mask, index=cache.index + input_ids.shape[1])
     return cache, model.head(h[:, -1:])[:, 0]
@@ -372,6 +378,7 @@ def decode_step(
         options=options,
         index=cache.index,
         kv=(cache.k, cache.v),
+        key_mask=key_mask,
     )
     cache = KVCache(*kv, mask=key_mask, index=cache.index + 1)
     return out._replace(logits=model.head(h), cache=cache)
@@ -423,7 +430,9 @@ class LM:
     `emgeo_jax.parallel` rules (`emgeo_jax.load(..., mesh=...)` restores them there), and
     generation, extraction, scoring and training split their batch rows over its
     `data x fsdp` axes (`place_rows`), padding batches those axes do not divide. Without a
-    mesh everything runs where the params are (one device)."""
+    mesh everything runs where the params are (one device). `attention`: the attention
+    implementation every entry point runs (`RunOptions.attention`; `emgeo_jax.load(...,
+    attention=...)` picks the backend's best by default)."""
 
     config: ModelConfig
     graphdef: nnx.GraphDef
@@ -431,6 +440,14 @@ class LM:
     tokenizer: Any = None
     mesh: jax.sharding.Mesh | None = None
     source: str = ""
+    attention: str = "xla"
+
+    def run_options(self, **fields: Any) -> RunOptions:
+        """How this model's calls run: its attention implementation (`attention`, one of
+        `tpu_attention.IMPLEMENTATIONS`; the splash kernel split over `mesh`) and `fields`
+        (e.g. `resid_sharding`)."""
+        mesh = self.mesh if self.attention == "splash" else None
+        return RunOptions(attention=self.attention, mesh=mesh, **fields)
 
     @property
     def dtype(self):
@@ -482,6 +499,7 @@ class LM:
                 steering=steering,
                 taps=taps,
                 is_generated=is_generated,
+                options=self.run_options(),
             )
         if start_layer:
             raise ValueError(f"start_layer={start_layer} needs resid_in, the residual entering it")
@@ -496,6 +514,7 @@ class LM:
             is_generated=is_generated,
             num_layers=num_layers,
             return_logits=return_logits,
+            options=self.run_options(),
         )
 
     @property

@@ -9,7 +9,7 @@ between uses is only the data given to it:
                   LoRA factors (what the scan slices)
     BlockContext  the same at every block: rotary tables, attention mask, cache write slot,
                   steered tokens, tap reduction
-    RunOptions    static: query chunk, remat, residual sharding
+    RunOptions    static: attention implementation, query chunk, remat, residual sharding
 
 The functions per use (`forward`, `prefill`, `decode_step`, `score_tree`, `resume_from`,
 `train_forward` in `emgeo_jax.models.lm`) build these three and read the result.
@@ -19,23 +19,33 @@ Layer l = output of block l = HF `hidden_states[l + 1]`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from emgeo_jax.models.attention import chunked_attention
 from emgeo_jax.models.llama import LoraInput
 from emgeo_jax.models.steering import Steering, apply_steering
 from emgeo_jax.models.taps import TapReduction, Taps, reduce_block
+from emgeo_jax.models.tpu_attention import attention
 
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """How a call runs, not what it computes (static, hashable: part of the compiled program).
 
-    `query_chunk`: attend at most this many queries at a time (bounds the float32 score
-    memory; same result; `emgeo_jax.models.attention`). `remat`: recompute each block in the
+    `attention`: the attention implementation (`tpu_attention.IMPLEMENTATIONS`, resolved
+    for the backend by `attention_implementation`): "xla" (`jax.nn.dot_product_attention`
+    in query chunks), "splash" (the Pallas TPU kernel; interpret mode elsewhere) or "cudnn"
+    (GPU). Kernels run where the mask is causal over a key mask (every call but
+    `score_tree`'s tree attention, which stays on XLA); `mesh`: the mesh a kernel is split
+    over (`shard_map`; the XLA path needs none). `query_chunk`: the XLA path attends at most
+    this many queries at a time (bounds the float32 score memory; same result;
+    `emgeo_jax.models.attention`). `remat`: recompute each block in the
     backward pass (`jax.checkpoint`, nothing saved: only the residual entering each block is
     kept, `[L, B, T, D]`). `resid_sharding`: pin the residual `[B, T, D]` at every block
     boundary (e.g. rows over `data x fsdp`), so the compiler gathers each layer's weights
@@ -44,6 +54,8 @@ class RunOptions:
     query_chunk: int = 512
     remat: bool = False
     resid_sharding: jax.sharding.Sharding | None = None
+    attention: str = "xla"
+    mesh: jax.sharding.Mesh | None = None
 
 
 DEFAULT_RUN = RunOptions()
@@ -54,7 +66,8 @@ class BlockContext(NamedTuple):
     `mask [B, T, S]` bool (True = query may attend to key slot); `index []` int32 (the
     cache slot this call's first token is written to; 0 without a cache); `selected [B, T]`
     bool (the tokens steering edits; None without steering); `reduction` (the taps' pooled
-    tokens)."""
+    tokens); `key_mask [B, S]` (the slots holding real tokens when `mask` is exactly "causal
+    from `index` over real slots", so an attention kernel can run; None for other masks)."""
 
     sin: jax.Array
     cos: jax.Array
@@ -62,6 +75,20 @@ class BlockContext(NamedTuple):
     index: jax.Array | int
     selected: jax.Array | None
     reduction: TapReduction
+    key_mask: jax.Array | None = None
+
+    def attend(self, options: RunOptions) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+        """`attend(q [B, T, H, Dh], k, v [B, S, K, Dh]) -> [B, T, H, Dh]` for this call: the
+        kernel of `options.attention` where the mask allows, else XLA in query chunks."""
+        if options.attention != "xla" and self.key_mask is not None:
+            return functools.partial(
+                attention,
+                key_mask=self.key_mask,
+                offset=self.index,
+                implementation=options.attention,
+                mesh=options.mesh,
+            )
+        return functools.partial(chunked_attention, mask=self.mask, chunk=options.query_chunk)
 
 
 @struct.dataclass
@@ -137,7 +164,7 @@ def scan_blocks(
             key = None if lora.rate == 0 else jax.random.fold_in(lora.key, x.layer)
             lora_l = LoraInput(x.lora, key, lora.rate)
         block = nnx.merge(block_def, x.params)
-        out, kv = block(h, ctx.sin, ctx.cos, ctx.mask, kv, ctx.index, lora_l, options.query_chunk)
+        out, kv = block(h, ctx.sin, ctx.cos, attend, kv, ctx.index, lora_l)
         if kv_all is not None:
             kv_all = tuple(
                 jax.lax.dynamic_update_index_in_dim(a, c, x.layer, 0)
@@ -149,6 +176,7 @@ def scan_blocks(
             )
         return (out.resid_post, kv_all), reduce_block(out, taps, ctx.reduction)
 
+    attend = ctx.attend(options)
     if options.remat:
         policy = jax.checkpoint_policies.nothing_saveable
         run_block = jax.checkpoint(run_block, policy=policy, prevent_cse=False)

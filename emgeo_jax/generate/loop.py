@@ -34,6 +34,7 @@ from emgeo_jax.generate.prompts import (
     eos_token_ids,
     left_pad,
     pad_prompts,
+    pad_steering,
 )
 from emgeo_jax.generate.sampling import SamplingParams, sample_tokens
 from emgeo_jax.models.config import ModelConfig
@@ -292,6 +293,7 @@ def generate_ids(
 
     pad_id = getattr(lm.tokenizer, "pad_token_id", None) or 0
     ids, mask = left_pad(pad_prompts(lm, prompt_ids), pad_multiple, pad_id)
+    steering = pad_steering(steering, len(prompt_ids), len(ids))
     ids, mask, cache, layout = place_prompts(lm, ids, mask, ids.shape[1] + max_new_tokens + 1)
     cache, logits, position = prefill(
         lm.graphdef,

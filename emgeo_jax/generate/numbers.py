@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emgeo_jax.generate.layout import place_prompts
-from emgeo_jax.generate.prompts import PAD_MULTIPLE, left_pad, pad_prompts
+from emgeo_jax.generate.prompts import PAD_MULTIPLE, left_pad, pad_prompts, pad_steering
 from emgeo_jax.hosts import to_host
 from emgeo_jax.models.llama import KVCache, default_positions
 from emgeo_jax.models.lm import LM, score_tree
@@ -219,6 +219,7 @@ def number_logprobs(
     rows = pad_prompts(lm, prompt_ids)  # a multiple of the mesh's row split; dropped below
     ids, mask = left_pad([p[:-1] for p in rows], pad_multiple, pad_id)
     last = np.asarray([p[-1] for p in rows], np.int32)
+    steering = pad_steering(steering, len(prompt_ids), len(rows))
     ids, mask, cache, layout = place_prompts(lm, ids, mask, ids.shape[1] + len(trie.tokens))
     lps, top_ids, top_lps = to_host(  # rows may live on other processes' devices
         score_trie(

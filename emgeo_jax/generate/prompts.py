@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from emgeo_jax.models.lm import LM
+from emgeo_jax.models.steering import Steering
 
 PAD_MULTIPLE = 32
 CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|eom_id|>")
@@ -90,3 +91,14 @@ def pad_prompts(lm: LM, prompts: Sequence[Any]) -> list[Any]:
     outputs of the added rows (`[:len(prompts)]`)."""
     prompts = list(prompts)
     return prompts + prompts[-1:] * (-len(prompts) % lm.batch_multiple)
+
+
+def pad_steering(steering: Steering, prompts: int, rows: int) -> Steering:
+    """`steering` for `prompts` prompts padded to `rows` rows by `pad_prompts`: a per-row
+    steering (`Steering.per_row`) must name one intervention per prompt, and the added rows
+    repeat the last one's; a shared steering is returned as is."""
+    if steering.variant is not None and len(steering.variant) != prompts:
+        raise ValueError(
+            f"per-row steering names {len(steering.variant)} rows for {prompts} prompts"
+        )
+    return steering.padded_rows(rows)

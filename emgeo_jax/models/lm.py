@@ -189,7 +189,8 @@ def _run(
         gen = jnp.zeros(h.shape[:2], bool) if is_generated is None else is_generated
         selected = select_positions(steering, gen)
     sin, cos = rotary_tables(model.config, positions)
-    ctx = BlockContext(sin, cos, mask, index, selected, TapReduction.of(pool), key_mask)
+    variant = None if steering is None else steering.variant
+    ctx = BlockContext(sin, cos, mask, index, selected, TapReduction.of(pool), key_mask, variant)
     block_def, block_params = nnx.split(model.layers)
     xs = LayerInputs.of(block_params, steering, lora, start, stop)
     h, kv, tapped = scan_blocks(block_def, xs, h, ctx, taps=taps, options=options, kv=kv, lora=lora)

@@ -67,7 +67,8 @@ class BlockContext(NamedTuple):
     cache slot this call's first token is written to; 0 without a cache); `selected [B, T]`
     bool (the tokens steering edits; None without steering); `reduction` (the taps' pooled
     tokens); `key_mask [B, S]` (the slots holding real tokens when `mask` is exactly "causal
-    from `index` over real slots", so an attention kernel can run; None for other masks)."""
+    from `index` over real slots", so an attention kernel can run; None for other masks);
+    `variant [B]` (per-row steering: the intervention of each row; None when shared)."""
 
     sin: jax.Array
     cos: jax.Array
@@ -76,6 +77,7 @@ class BlockContext(NamedTuple):
     selected: jax.Array | None
     reduction: TapReduction
     key_mask: jax.Array | None = None
+    variant: jax.Array | None = None
 
     def attend(self, options: RunOptions) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
         """`attend(q [B, T, H, Dh], k, v [B, S, K, Dh]) -> [B, T, H, Dh]` for this call: the
@@ -96,9 +98,9 @@ class LayerInputs:
     """The scan's per-layer inputs, each stacked on a leading `[L']` axis (the blocks run).
 
     `layer [L']` int32: the block's index in the model (cache slices and LoRA dropout keys
-    use it); `params`: the blocks' parameters; `add [L', D]`, `ablate [L', K, D]`: the
-    steering rows (None without steering); `lora`: `LoraInput.factors` sliced the same way
-    (None without LoRA)."""
+    use it); `params`: the blocks' parameters; `add [L', D]`, `ablate [L', K, D]` (per-row
+    steering: `[L', V, D]`, `[L', V, K, D]`): the steering rows (None without steering);
+    `lora`: `LoraInput.factors` sliced the same way (None without LoRA)."""
 
     layer: jax.Array
     params: Any
@@ -171,9 +173,8 @@ def scan_blocks(
                 for a, c in zip(kv_all, kv, strict=True)
             )
         if x.add is not None:
-            out = out._replace(
-                resid_post=apply_steering(out.resid_post, x.add, x.ablate, ctx.selected)
-            )
+            steered = apply_steering(out.resid_post, x.add, x.ablate, ctx.selected, ctx.variant)
+            out = out._replace(resid_post=steered)
         return (out.resid_post, kv_all), reduce_block(out, taps, ctx.reduction)
 
     attend = ctx.attend(options)

@@ -10,6 +10,7 @@ A `Steering` holds
     ablate  [L, K, D]  float32, orthonormal rows per layer; zero rows are no-ops
     mode    []         int32 position mode: 0 all tokens, 1 prompt only, 2 generated only
     mask    [B, T]     optional bool, an explicit token mask ANDed with the mode
+    variant [B]        optional int32: per-row steering (below)
 
 At layer `l` the edited residual is, on the selected tokens,
 
@@ -20,6 +21,14 @@ so ablating then adding at one layer leaves exactly `add[l]` along the ablated d
 Every field is an array, so changing vectors, scales, layers or the position mode reuses the
 same compiled program (only a different number of ablated directions, or the presence of an
 explicit mask, changes shapes).
+
+Per-row steering (`Steering.per_row(specs, variant)`): a batch whose rows run different
+interventions, e.g. every cell of a sweep in one generate call. The fields gain a variant
+axis, `add [L, V, D]`, `ablate [L, V, K, D]` (K padded with zero rows to the largest),
+`mode [V]`, and `variant [B]` says which of the `V` interventions row b runs. Each row is
+edited exactly as a batch of its intervention alone would be. Vectors, scales, layers,
+position modes and the variant of each row are data (never recompiled); the number of
+variants `V` and of directions `K` are shapes.
 """
 
 from __future__ import annotations
@@ -132,6 +141,57 @@ class Steering:
     ablate: jax.Array  # [L, K, D]
     mode: jax.Array  # [] int32
     mask: jax.Array | None = None  # [B, T] bool
+    variant: jax.Array | None = None  # [B] int32: row b runs intervention variant[b]
+
+    @property
+    def per_row_count(self) -> int | None:
+        """`V`, the interventions of a per-row steering (None for one shared by all rows)."""
+        return None if self.variant is None else int(self.add.shape[1])
+
+    @staticmethod
+    def per_row(specs: Sequence[Steering], variant: Sequence[int] | np.ndarray) -> Steering:
+        """Row b of the batch runs `specs[variant[b]]` (module docstring): `specs` are
+        ordinary (shared, maskless) steerings of one model; `variant [B]` ints in
+        `0 .. len(specs) - 1`."""
+        if not specs:
+            raise ValueError("Steering.per_row: no interventions")
+        for i, spec in enumerate(specs):
+            if spec.variant is not None or spec.mask is not None:
+                raise ValueError(
+                    f"Steering.per_row: intervention {i} is per-row or has a token mask; "
+                    "give shared interventions with a position mode"
+                )
+        shapes = {np.shape(spec.add) for spec in specs}
+        if len(shapes) > 1:
+            raise ValueError(f"Steering.per_row: interventions of different models {shapes}")
+        rows = np.asarray(variant)
+        if rows.ndim != 1 or len(rows) == 0 or not np.issubdtype(rows.dtype, np.integer):
+            raise ValueError(f"Steering.per_row: variant must be [B] ints, got {rows!r}")
+        if rows.min() < 0 or rows.max() >= len(specs):
+            raise ValueError(
+                f"Steering.per_row: variant {rows.tolist()} outside 0..{len(specs) - 1}"
+            )
+        k = max(spec.ablate.shape[1] for spec in specs)
+        ablate = [np.asarray(spec.ablate) for spec in specs]
+        ablate = [np.pad(a, ((0, 0), (0, k - a.shape[1]), (0, 0))) for a in ablate]
+        return Steering(
+            add=jnp.asarray(np.stack([np.asarray(spec.add) for spec in specs], axis=1)),
+            ablate=jnp.asarray(np.stack(ablate, axis=1)),
+            mode=jnp.asarray([int(spec.mode) for spec in specs], jnp.int32),
+            variant=jnp.asarray(rows, jnp.int32),
+        )
+
+    def padded_rows(self, rows: int) -> Steering:
+        """This steering for a batch padded to `rows` rows by repeating its last row
+        (`generate.prompts.pad_prompts`): a per-row `variant` gains copies of its last entry;
+        a shared steering is returned as is."""
+        if self.variant is None or len(self.variant) == rows:
+            return self
+        extra = rows - len(self.variant)
+        if extra < 0:
+            raise ValueError(f"per-row steering has {len(self.variant)} rows, batch has {rows}")
+        tail = jnp.repeat(self.variant[-1:], extra)
+        return self.replace(variant=jnp.concatenate([self.variant, tail]))
 
     @classmethod
     def none(cls, cfg: Any, num_directions: int = 1) -> Steering:
@@ -216,8 +276,13 @@ class Steering:
         return cls.combine(*(cls.ablation(c, vec.at(l), [l], positions) for l in rows))
 
     def at_positions(self, positions: str | Any) -> Steering:
-        """The same edit at other tokens: "all", "prompt", "generated" or a `[B, T]` mask."""
+        """The same edit at other tokens: "all", "prompt", "generated" or a `[B, T]` mask
+        (for per-row steering: a mode, set for every intervention)."""
         mode, mask = _position_mode(positions)
+        if self.variant is not None:
+            if mask is not None:
+                raise ValueError("per-row steering: use a position mode, not a token mask")
+            return self.replace(mode=jnp.full(self.mode.shape, mode, jnp.int32))
         return self.replace(mode=jnp.asarray(mode), mask=mask)
 
     def __add__(self, other: Steering) -> Steering:
@@ -229,6 +294,8 @@ class Steering:
         position modes must agree (a spec with mode "all" and no mask adopts the other's)."""
         if not specs:
             raise ValueError("Steering.combine: nothing to combine")
+        if any(spec.variant is not None for spec in specs):
+            raise ValueError("Steering.combine: combine interventions before Steering.per_row")
         targeted = [s for s in specs if int(s.mode) != 0 or s.mask is not None]
         modes = {(int(s.mode), None if s.mask is None else s.mask.tobytes()) for s in targeted}
         if len(modes) > 1:
@@ -244,20 +311,33 @@ class Steering:
 
 
 def select_positions(steering: Steering, is_generated: jax.Array) -> jax.Array:
-    """Bool `[B, T]`: the tokens the edit touches, from the mode (data) and optional mask."""
+    """Bool `[B, T]`: the tokens the edit touches, from the mode (data; per row for per-row
+    steering) and optional mask."""
     gen = is_generated.astype(bool)
-    sel = jnp.where(steering.mode == 0, True, jnp.where(steering.mode == 1, ~gen, gen))
+    mode = steering.mode if steering.variant is None else steering.mode[steering.variant][:, None]
+    sel = jnp.where(mode == 0, True, jnp.where(mode == 1, ~gen, gen))
     if steering.mask is not None:
         sel = sel & steering.mask
     return sel
 
 
 def apply_steering(
-    h: jax.Array, add: jax.Array, ablate: jax.Array, selected: jax.Array
+    h: jax.Array,
+    add: jax.Array,
+    ablate: jax.Array,
+    selected: jax.Array,
+    variant: jax.Array | None = None,
 ) -> jax.Array:
-    """One layer's edit. `h [B, T, D]`, `add [D]`, `ablate [K, D]`, `selected [B, T]`.
-    Computed in float32, cast back to `h.dtype`; unselected tokens are returned unchanged."""
+    """One layer's edit. `h [B, T, D]`, `add [D]`, `ablate [K, D]`, `selected [B, T]`; with
+    `variant [B]` (per-row steering) `add [V, D]`, `ablate [V, K, D]` and row b takes
+    variant b's rows. Computed in float32, cast back to `h.dtype`; unselected tokens are
+    returned unchanged."""
     h32 = h.astype(jnp.float32)
-    coeff = jnp.einsum("btd,kd->btk", h32, ablate)
-    edited = h32 - jnp.einsum("btk,kd->btd", coeff, ablate) + add
+    if variant is None:
+        coeff = jnp.einsum("btd,kd->btk", h32, ablate)
+        edited = h32 - jnp.einsum("btk,kd->btd", coeff, ablate) + add
+    else:
+        ablate_rows = ablate[variant]  # [B, K, D]
+        coeff = jnp.einsum("btd,bkd->btk", h32, ablate_rows)
+        edited = h32 - jnp.einsum("btk,bkd->btd", coeff, ablate_rows) + add[variant][:, None]
     return jnp.where(selected[..., None], edited.astype(h.dtype), h)

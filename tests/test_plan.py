@@ -164,8 +164,10 @@ def test_generate_plan_kv_cache_params_and_flops_match_hand_counts():
     assert plan["resident"]["params"] == pytest.approx(hand["resident"], rel=0.01)
     assert plan["tokens_per_call"] == batch * new
     per_token = hand["layers"] * (2 * hand["per_layer"] + 4 * slots * hand["h"] * hand["dh"])
-    per_token += 2 * hf["hidden_size"] * hf["vocab_size"]  # LM head on every prompt token
-    assert plan["part_flops"]["prefill"] * 8 == pytest.approx(batch * seq * per_token, rel=0.05)
+    head = 2 * hf["hidden_size"] * hf["vocab_size"]
+    prefill = batch * seq * per_token + batch * head  # LM head on each row's last token only
+    assert plan["part_flops"]["prefill"] * 8 == pytest.approx(prefill, rel=0.05)
+    per_token += head  # a decode step runs the head on its one token
     # decode steps: the same matmuls per generated token, plus what XLA:CPU adds per step
     # (upcasting each gathered bf16 layer to f32 is counted per weight element, and only
     # B=8 tokens share it), so only a range is checked here

@@ -14,7 +14,7 @@ import pytest
 
 from emgeo_jax.data import Example, tokenize_examples
 from emgeo_jax.models.config import ModelConfig
-from emgeo_jax.models.lm import LM, forward, init_params
+from emgeo_jax.models.lm import LM, init_params, train_forward
 from emgeo_jax.models.steering import Steering
 from emgeo_jax.train.data import batch_order, train_batch
 from emgeo_jax.train.lora import LoraSpec, apply_lora, init_lora, lora_input
@@ -124,7 +124,7 @@ def test_unmerged_lora_equals_merged_logits_and_grads(tiny_lm, tokenized):
 
     def logits(params, lora=None):
         ids, pos, mask = batch["input_ids"], batch["positions"], batch["attention_mask"]
-        return forward(lm.graphdef, params, ids, pos, mask, lora=lora).logits
+        return train_forward(lm.graphdef, params, ids, pos, mask, lora=lora)
 
     def merged_loss(lora, spec):
         nll, count = answer_nll(

@@ -266,6 +266,9 @@ def resume_from(
     model = nnx.merge(graphdef, params)
     if not 0 <= layer <= model.config.num_layers:
         raise ValueError(f"layer={layer} outside 0..num_layers={model.config.num_layers}")
+    want = (*attention_mask.shape, model.config.hidden_size)
+    if resid.shape != want:
+        raise ValueError(f"resid {resid.shape} is not [B, T, D]={want}")
     h, _, out = _run(
         model,
         resid.astype(model.embed.dtype),

@@ -230,9 +230,20 @@ def _judged_commands(d: Path, out: Path, judge_url: str, persona_url: str = "") 
     }  # fmt: skip
 
 
+def _dose_command(d: Path, out: Path) -> tuple:
+    """`emgeo dose-response` (judge-free) of the `[L, D]` vector on the 4 contrast pairs
+    (without --mesh): layers 1 and 3, 2 random directions, batches of 6 rows (3 pairs: the
+    second batch holds one pair, padded on a mesh)."""
+    return (
+        "dose-response", d / "v.npy", f"--model={d / 'model'}", f"--data={d / 'pairs.jsonl'}",
+        "--layers=1,3", "--scales=-4,4", "--n_random=2", "--batch_size=6",
+        f"--out={out / 'dose'}",
+    )  # fmt: skip
+
+
 def _experiments_on_meshes(d: Path, results: dict, judge_url: str) -> None:
-    """serve, ablate, transfer, persona, train-lora, lora-em, lora-scalars, sae-check,
-    sae-features and demo --quick, each on one device and on `fsdp=8` (ablate also on
+    """serve, ablate, transfer, persona, train-lora, lora-em, dose-response, lora-scalars,
+    sae-check, sae-features and demo --quick, each on one device and on `fsdp=8` (ablate also on
     `data=2,fsdp=4`), greedy where they generate (persona and demo: sampled); what each
     wrote or printed goes into `results[mesh name]`. Batches of 3 rows: padded on the mesh."""
     from safetensors.numpy import load_file
@@ -270,6 +281,8 @@ def _experiments_on_meshes(d: Path, results: dict, judge_url: str) -> None:
             }
             emgeo_in_process(*commands["lora-em"], *mesh)
             got["lora-em"] = read("lora_em/results.json")
+            emgeo_in_process(*_dose_command(d, out), *mesh)
+            got["dose-response"] = read("dose/results.json")
             adapter = d / "one" / "run" / "adapter"
             emgeo_in_process(
                 "lora-scalars", d / "model", f"--adapter={adapter}", f"--data={d / 'pairs.jsonl'}",
@@ -417,11 +430,15 @@ def _close(got, want, path: str = "") -> None:
 
 
 def test_experiment_commands_on_8_devices_match_one_device(mesh_results):
-    """serve, ablate, transfer, persona, train-lora, lora-em, lora-scalars, sae-check,
-    sae-features and demo --quick on `fsdp=8` (ablate also `data=2,fsdp=4`) give the one-device
-    results: generations, judged tables and kept pairs equal (the folders' configurations too:
-    the mesh is not a setting), losses, scalars and SAE figures within float tolerance."""
+    """serve, ablate, transfer, persona, train-lora, lora-em, dose-response, lora-scalars,
+    sae-check, sae-features and demo --quick on `fsdp=8` (ablate also `data=2,fsdp=4`) give
+    the one-device results: generations, judged tables and kept pairs equal (the folders'
+    configurations too: the mesh is not a setting), losses, margins, scalars and SAE figures
+    within float tolerance."""
     one, res = mesh_results["one"], mesh_results
+    dose = one["dose-response"]  # 4 pairs x 2 layers x 2 scales, the steering moved them
+    assert dose["n_pairs"] == 4 and len(dose["cells"]) == 4
+    assert all(len(c["null_shifts"]) == 2 and abs(c["shift"]) > 1e-3 for c in dose["cells"])
     assert len(set(one["serve"])) > 1 and all(one["serve"])  # replies differ between prompts
     assert one["persona"]["results"]["n_kept"] >= 2 and "projection" in one["persona"]["results"]
     assert len(one["train-lora"]["loss"]) == 3 and one["sae-check"]["next_token_loss"]
@@ -437,7 +454,7 @@ def test_experiment_commands_on_8_devices_match_one_device(mesh_results):
                     _close(got[command], want, f"{name}.{command}")
     assert sorted(res["d2f4"]) == ["ablate", "extract", "generate"]
     commands = ("serve", "ablate", "transfer", "persona", "train-lora", "lora-em", "lora-scalars")
-    commands += ("sae-check", "sae-features", "demo")
+    commands += ("dose-response", "sae-check", "sae-features", "demo")
     loads = [x for x in res["loaded"] if x["command"] in commands]
     for command in commands:  # every command loaded onto the mesh it was given
         meshes = [x["mesh"] and x["mesh"]["fsdp"] for x in loads if x["command"] == command]
@@ -468,11 +485,12 @@ def test_folder_of_other_settings_refused_before_loading(mesh_results):
 
 
 @pytest.fixture(scope="module")
-def two_processes(work, tmp_path_factory) -> dict:
+def two_processes(work, mesh_results, tmp_path_factory) -> dict:
     """Commands on 2 processes of one device each, started by launch/local.sh and run one
     after another in each process (tests/multiprocess_cli.py; the default mesh spans both
     processes, rows are split over them and padded): ablate, transfer and persona each
-    stopped by a Ctrl-C on both processes after one generation batch and run again,
+    stopped by a Ctrl-C on both processes after one generation batch and run again, sweep,
+    lora-em (on the one-device run's adapter: `mesh_results` made it), dose-response,
     sae-check, sae-features and norms (`--mesh data=2`: only if the processes joined), then
     serve, demo and ablate with the local judge, which refuse. {"out": the folder written,
     "runs": per process {run name: status, stdout, stderr, writes}, "log0": process 0's
@@ -490,6 +508,9 @@ def two_processes(work, tmp_path_factory) -> dict:
             args = list(map(str, commands[name]))
             runs += [{"name": f"{name}_stopped", "args": args, "interrupt_at": 2, "status": [130]}]
             runs += [{"name": name, "args": args, "status": [0, 1] if name == "persona" else [0]}]
+        for name in ("sweep", "lora-em"):
+            runs += [{"name": name, "args": list(map(str, commands[name]))}]
+        runs += [{"name": "dose-response", "args": list(map(str, _dose_command(work, out)))}]
         for name, args in _sae_commands(work, out).items():
             runs += [{"name": name, "args": [*map(str, args), "--mesh=data=2"]}]
         runs += [{"name": "norms", "args": ["norms", model, "--prompt=hi there", "--mesh=data=2"]}]
@@ -526,7 +547,9 @@ def test_experiment_commands_on_two_processes(work, mesh_results, two_processes)
     in its first cell after one generation batch, then run again: they resume that cell,
     process 0 writes every file and prints the summary, process 1 writes and prints nothing,
     and the folders hold the one-process results (tables and cell files exactly; persona's
-    projections and vector within float tolerance)."""
+    projections and vector within float tolerance). sweep, lora-em and dose-response (run
+    once each): the same, with their results equal to one device's (dose-response's margins
+    within float tolerance)."""
     from safetensors.numpy import load_file
 
     out, (zero, one_) = two_processes["out"], two_processes["runs"]
@@ -552,6 +575,7 @@ def test_experiment_commands_on_two_processes(work, mesh_results, two_processes)
     written = {w for w in written if not (w and w[0].startswith(".") and w[0].endswith(".tmp"))}
     # (the folder `out` itself, made by the first; sae-features' vector file)
     expected = {(), ("ablate",), ("transfer",), ("persona",), ("features.safetensors",)}
+    expected |= {("sweep",), ("lora_em",), ("dose",)}
     assert written == expected, written
     one = mesh_results["one"]
     assert json.loads((out / "ablate" / "results.json").read_text()) == one["ablate"]
@@ -562,6 +586,16 @@ def test_experiment_commands_on_two_processes(work, mesh_results, two_processes)
     assert zero["ablate"]["stdout"].startswith("EM before ")
     assert "report.html" in zero["ablate"]["stdout"] and "report.html" in zero["transfer"]["stdout"]
     assert (out / "ablate" / "report.html").exists() and (out / "transfer" / "report.html").exists()
+    # sweep, lora-em (the one-device adapter) and dose-response: the one-device results,
+    # summaries printed by process 0 only
+    sweep = json.loads((out / "sweep" / "results.json").read_text())
+    assert {k: sweep[k] for k in ("baseline", "cells")} == one["sweep"]
+    assert zero["sweep"]["stdout"] == f"wrote {out / 'sweep' / 'report.html'}\n"
+    assert json.loads((out / "lora_em" / "results.json").read_text()) == one["lora-em"]
+    assert zero["lora-em"]["stdout"].startswith("EM base ")
+    _close(json.loads((out / "dose" / "results.json").read_text()), one["dose-response"], "dose")
+    assert zero["dose-response"]["stdout"].startswith("cells: 13 computed, 0 reused\n")
+    assert (out / "dose" / "report.html").exists() and (out / "dose" / "table.csv").exists()
 
     def jsonl_files(d: Path) -> list[Path]:  # runs.jsonl: judge counters, two rows once resumed
         return sorted(p.relative_to(d) for p in d.rglob("*.jsonl") if p.name != "runs.jsonl")

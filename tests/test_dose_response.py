@@ -272,27 +272,44 @@ def test_cli_end_to_end_and_resume(llama, tmp_path):
     assert json.loads((out / "results.json").read_text()) == results
 
 
+REFUSALS_CODE = """
+import json, sys
+from tests.test_cli_mesh import _status_and_stderr
+cases = json.loads(sys.argv[1])
+print(json.dumps({name: _status_and_stderr(args) for name, args in cases.items()}))
+"""
+
+
 def test_cli_refuses_bad_input_before_loading(llama, tmp_path):
+    """Each case through the dispatcher, one after another in one fresh process (absl flags
+    are process-global; the dispatcher starts each command from the defaults)."""
     folder, _, _ = llama
     config_only = tmp_path / "config_only"
     config_only.mkdir()
     shutil.copy(folder / "config.json", config_only)  # no weights: loading would fail
     np.save(tmp_path / "v.npy", np.zeros(D, np.float32))
     np.save(tmp_path / "wide.npy", np.zeros(D + 1, np.float32))
-    base = (f"--model={config_only}", f"--out={tmp_path / 'out'}")
+    base = ["dose-response", str(tmp_path / "v.npy"), f"--model={config_only}"]
+    base += [f"--out={tmp_path / 'out'}"]
+    cases = {
+        "layers": [*base, "--layers=3"],
+        "wide": [*base[:1], str(tmp_path / "wide.npy"), *base[2:], "--layers=1"],
+        "held_out": [*base, "--layers=1", "--held_out=72"],
+        "scales": [*base, "--layers=1", "--scales=0"],
+    }
     start = time.perf_counter()
-    err = run_emgeo("dose-response", str(tmp_path / "v.npy"), *base, "--layers=3", status=2)
-    assert "--layers: layer 3 out of range; the model has 3 layers" in err
-    err = run_emgeo("dose-response", str(tmp_path / "wide.npy"), *base, "--layers=1", status=2)
-    assert "hidden size is 64" in err
-    err = run_emgeo(
-        "dose-response", str(tmp_path / "v.npy"), *base, "--layers=1", "--held_out=72", status=2
-    )
-    assert "--held_out 72" in err and "none would be left" in err
-    err = run_emgeo(
-        "dose-response", str(tmp_path / "v.npy"), *base, "--layers=1", "--scales=0", status=2
-    )
-    assert "nonzero scale" in err
+    proc = subprocess.run(
+        [sys.executable, "-c", REFUSALS_CODE, json.dumps(cases)], cwd=ROOT, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    for name, (status, _) in got.items():
+        assert status == 2, (name, got[name])
+    assert "--layers: layer 3 out of range; the model has 3 layers" in got["layers"][1]
+    assert "hidden size is 64" in got["wide"][1]
+    assert "--held_out 72" in got["held_out"][1] and "none would be left" in got["held_out"][1]
+    assert "nonzero scale" in got["scales"][1]
     assert time.perf_counter() - start < 120
     assert not (tmp_path / "out").exists()
 

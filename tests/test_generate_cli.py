@@ -79,6 +79,17 @@ app.run(cli.main, argv=["emgeo generate", *sys.argv[1:]])
 """
 
 
+RESUMED = """
+import json, sys
+from tests.test_cli_mesh import _status_and_stderr, emgeo_in_process
+runs = json.loads(sys.argv[1])
+got = {"refused": _status_and_stderr(["generate", *runs["refused"]])}
+got["resumed"] = emgeo_in_process("generate", *runs["resumed"])
+emgeo_in_process("generate", *runs["ref"])
+print(json.dumps(got))
+"""
+
+
 def test_interrupted_run_resumes_to_the_uninterrupted_output(folder, tmp_path):
     """Killed in its third batch, `emgeo generate` leaves no OUT, only OUT.partial with the
     two finished batches (plus a torn line, as from a kill mid-write); the same command then
@@ -97,10 +108,19 @@ def test_interrupted_run_resumes_to_the_uninterrupted_output(folder, tmp_path):
     assert not out.exists() and len(partial.read_text().splitlines()) == 4
     with partial.open("a") as f:
         f.write('{"torn": ')
-    stderr = run_emgeo("generate", *args, "--seed=6", f"--out={out}", status=2)
-    assert "seed" in stderr and "partial" in stderr
-    assert "resuming after 4/6" in run_emgeo("generate", *args, f"--out={out}")
-    run_emgeo("generate", *args, f"--out={ref}")
+    # the refused run, the resumed run and the reference one after another in one fresh
+    # process, through the dispatcher (each command starts from the default flags)
+    runs = {"refused": [*args, "--seed=6", f"--out={out}"], "resumed": [*args, f"--out={out}"]}
+    runs["ref"] = [*args, f"--out={ref}"]
+    proc = subprocess.run(
+        [sys.executable, "-c", RESUMED, json.dumps(runs)], cwd=ROOT, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    status, stderr = got["refused"]
+    assert status == 2 and "seed" in stderr and "partial" in stderr
+    assert "resuming after 4/6" in got["resumed"]
     assert out.read_text() == ref.read_text() and len(ref.read_text().splitlines()) == 6
     assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == []
 

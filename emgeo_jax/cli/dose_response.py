@@ -94,6 +94,10 @@ def main(argv: list[str]) -> None:
         overwrite=FLAGS.overwrite,
         on_cell=lambda name, computed: counts.__setitem__(computed, counts[computed] + 1),
     )
+    from emgeo_jax.hosts import is_primary
+
+    if not is_primary():  # the summary once, however many processes run
+        return
     print(f"cells: {counts[True]} computed, {counts[False]} reused")
     base = results["baseline"]["margin_mean"]
     print(f"{results['n_pairs']} pairs; baseline margin {base:.4f}")

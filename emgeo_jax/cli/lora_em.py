@@ -58,6 +58,10 @@ def main(argv: list[str]) -> None:
             question_prompts=question_prompts,
             overwrite=FLAGS.overwrite,
         )
+    from emgeo_jax.hosts import is_primary
+
+    if not is_primary():  # the summary once, however many processes run
+        return
     c = results["conditions"]
     base, lora_rate = (common.rate_text(c[k]["em_rate"]) for k in ("base", "lora"))
     print(f"EM base {base}, with the LoRA {lora_rate}")

@@ -6,15 +6,16 @@ On the embedded default (SmolLM2-135M-Instruct, fp32). Random 32-token prompts, 
 tokens per row (EOS disabled so every row runs the full length), a random steering vector
 added at the middle layer at all positions. Greedy and sampled (temperature 1, top_p 0.9).
 Ours: `generate_ids` (jitted prefill + while_loop decode with a KV cache), the median of
-`--repeats` timed calls after a first (compiling) one. transformers: one call per mode, as
-`model.generate` with a forward hook on `model.layers[L // 2]`, eager attention, torch
-threads = cores (it has nothing to compile). Each side runs in its own process. Reports new
-tokens/s, the ratio, the fraction of the roofline: min over two bounds on new tokens/s,
-compute (2 x params FLOPs per token at the measured matmul peak) and weight bandwidth (all
-weights read once per decode step at the measured memory bandwidth), and the load average.
-It also reports a floor that does not depend on our program: the prefill as measured plus,
-for every later step, only the time XLA's kernels take for that step's matmuls
-(`decode_matmul_floor`): the best any decode loop built from them could do here.
+`--repeats` timed calls after a first (compiling) one, on both layer layouts (`LAYOUTS`).
+transformers: one call per mode, as `model.generate` with a forward hook on
+`model.layers[L//2]`, eager attention, torch threads = cores (it has nothing to compile).
+Each side runs in its own process. Reports new tokens/s, the ratio, the fraction of the
+roofline: min over two bounds on new tokens/s, compute (2 x params FLOPs per token at the
+measured matmul peak) and weight bandwidth (all weights read once per decode step at the
+measured memory bandwidth), and the load average. It also reports a floor that does not
+depend on our program: the prefill as measured plus, for every later step, only the time
+XLA's kernels take for that step's matmuls (`decode_matmul_floor`): the best any decode loop
+built from them could do here; "of floor" is that floor's time over ours.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ import numpy as np
 from benchmarks.common import emit, matmul_peak_flops, run_side, time_call
 
 SCALE = 4.0
+# The two layer layouts generation runs on: "scan" (stacked `[L, ...]` weights, one
+# `lax.scan`: each decode step slices every layer's weights out of the stack) and
+# "unstacked" (`LM.unstacked()`: one buffer per layer, read in place).
+LAYOUTS = ("scan", "unstacked")
 
 
 def memory_bandwidth(nbytes: int = 512 * 2**20) -> float:
@@ -88,27 +93,29 @@ def ours(batch: int, prompt: int, new: int, repeats: int) -> dict:
     ids, v = setup(batch, prompt, cfg.hidden_size, cfg.vocab_size)
     steer = Steering.addition(lm, v, layers=[cfg.num_layers // 2], scale=SCALE)
     out = dict(side="ours", params=lm.param_count())
-    for name, kw in (
-        ("greedy", dict(temperature=0.0)),
-        ("sampled", dict(temperature=1.0, top_p=0.9)),
-    ):
+    for layout in LAYOUTS:
+        model = lm if layout == "scan" else lm.unstacked()
+        for name, kw in (
+            ("greedy", dict(temperature=0.0)),
+            ("sampled", dict(temperature=1.0, top_p=0.9)),
+        ):
 
-        def call(seed=0, kw=kw):
-            g = generate_ids(
-                lm, ids.tolist(), steer, max_new_tokens=new, eos_ids=[], seed=seed, **kw
-            )
-            assert all(len(t) == new for t in g.tokens)
-            return g
+            def call(seed=0, kw=kw, model=model):
+                g = generate_ids(
+                    model, ids.tolist(), steer, max_new_tokens=new, eos_ids=[], seed=seed, **kw
+                )
+                assert all(len(t) == new for t in g.tokens)
+                return g
 
-        start = time.perf_counter()
-        call()
-        out[f"{name}_first_s"] = time.perf_counter() - start
-        times = []
-        for seed in range(repeats):
             start = time.perf_counter()
-            call(seed)
-            times.append(time.perf_counter() - start)
-        out[f"{name}_s"] = sorted(times)[repeats // 2]
+            call()
+            out[f"{layout}_{name}_first_s"] = time.perf_counter() - start
+            times = []
+            for seed in range(repeats):
+                start = time.perf_counter()
+                call(seed)
+                times.append(time.perf_counter() - start)
+            out[f"{layout}_{name}_s"] = sorted(times)[repeats // 2]
     out["prefill_s"] = time_call(
         lambda: generate_ids(lm, ids.tolist(), steer, max_new_tokens=1, eos_ids=[]), repeats
     )
@@ -190,16 +197,21 @@ def main() -> None:
         f"steered generation, SmolLM2-135M fp32, batch {a.batch}, {a.prompt}-token prompts, "
         f"{a.new} new tokens, layer L//2 add x{SCALE}"
     )
-    print(f"{'':10} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'roofline':>9} {'first s':>8}")
-    for name in ("greedy", "sampled"):
-        ours_tps, hf_tps = n / o[f"{name}_s"], n / t[f"{name}_s"]
-        print(
-            f"{name:10} {ours_tps:11.0f} {hf_tps:9.0f} {ours_tps / hf_tps:5.1f}x "
-            f"{ours_tps / roof:9.1%} {o[f'{name}_first_s']:8.1f}"
-        )
     # The best a decode loop built from XLA's kernels can do: the prefill as measured, then
     # every later step costing only its matmuls.
     floor_s = o["prefill_s"] + (a.new - 1) * o["floor_step_s"]
+    print(
+        f"{'':20} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'roofline':>9} "
+        f"{'of floor':>9} {'first s':>8}"
+    )
+    for layout in LAYOUTS:
+        for name in ("greedy", "sampled"):
+            ours_tps, hf_tps = n / o[f"{layout}_{name}_s"], n / t[f"{name}_s"]
+            print(
+                f"{name + ' ' + layout:20} {ours_tps:11.0f} {hf_tps:9.0f} "
+                f"{ours_tps / hf_tps:5.1f}x {ours_tps / roof:9.1%} "
+                f"{floor_s / o[f'{layout}_{name}_s']:9.1%} {o[f'{layout}_{name}_first_s']:8.1f}"
+            )
     floor_rate = 4 * o["params"] / o["floor_step_s"]
     print(
         f"XLA kernel floor: matmuls alone {o['floor_step_s'] * 1e3:.1f} ms/step (weights "

@@ -2,7 +2,8 @@
 `data=2,fsdp=4` (`LM.on_mesh`), batch sizes those meshes do not divide (rows padded, not
 replicated), the scripted deterministic judge. Greedy and sampled generations token for token,
 the sweep / ablation / transfer (one model under two names) / persona results tables equal,
-whole-number judge scores and SAE fit figures within float tolerance.
+whole-number judge scores and SAE fit figures within float tolerance; generation on unstacked
+layers (`LM.unstacked`) on `fsdp=8` with the per-block weights still split.
 
 The 8-device side is this module run as a script in a fresh process:
 
@@ -57,13 +58,25 @@ def _sae(d: int):
     )
 
 
+def run_generate(lm) -> dict[str, Any]:
+    """Greedy and sampled generations of `PROMPTS` with their logprobs."""
+    from emgeo_jax.generate import generate
+
+    res: dict[str, Any] = {}
+    for name, kw in (("greedy", {}), ("sampled", dict(temperature=1.0, top_p=0.9, seed=5))):
+        gen = generate(lm, PROMPTS, max_new_tokens=6, **kw)
+        res[name] = gen.tokens
+        res[f"{name}_logprobs"] = [x.tolist() for x in gen.logprobs]
+    return res
+
+
 def run_all(lm, out: Path) -> dict[str, Any]:
     """Every library entry point the commands call, on `lm` (wherever it is placed)."""
     from emgeo_jax.experiments.ablation import run_ablation
     from emgeo_jax.experiments.persona import run_persona
     from emgeo_jax.experiments.sweep import run_sweep
     from emgeo_jax.experiments.transfer import run_transfer
-    from emgeo_jax.generate import chat_token_ids, generate, number_logprobs, number_trie
+    from emgeo_jax.generate import chat_token_ids, number_logprobs, number_trie
     from emgeo_jax.judge.client import JudgeConfig
     from emgeo_jax.judge.testing import ScriptedJudgeServer
     from emgeo_jax.serve import TokenText
@@ -73,11 +86,7 @@ def run_all(lm, out: Path) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     L, D = lm.config.num_layers, lm.config.hidden_size
     v = {"md": rng.normal(size=(L, D)).astype(np.float32), "pc": rng.normal(size=D)}
-    res: dict[str, Any] = {}
-    for name, kw in (("greedy", {}), ("sampled", dict(temperature=1.0, top_p=0.9, seed=5))):
-        gen = generate(lm, PROMPTS, max_new_tokens=6, **kw)
-        res[name] = gen.tokens
-        res[f"{name}_logprobs"] = [x.tolist() for x in gen.logprobs]
+    res: dict[str, Any] = run_generate(lm)
     ids = chat_token_ids(lm.tokenizer, PROMPTS, None)
     trie = number_trie(lm.tokenizer, lm.config.vocab_size, TokenText(lm.tokenizer).bytes)
     res["number_logprobs"] = number_logprobs(lm, ids, trie, top_logprobs=3).logprobs.tolist()
@@ -171,6 +180,8 @@ def test_8_devices_match_1_device(chat_tokenizer, tmp_path):
         for exp in ("sweep", "ablation", "transfer", "persona"):  # the files as well
             written = json.loads((tmp_path / name / exp / "results.json").read_text())
             assert_same(written, one[exp], f"{name}/{exp}/results.json")
+    unstacked = json.loads((tmp_path / "unstacked.json").read_text())
+    assert_same(unstacked, {k: one[k] for k in unstacked}, "unstacked")
 
 
 if __name__ == "__main__":
@@ -188,3 +199,8 @@ if __name__ == "__main__":
         q = sharded.params["layers"]["attn"]["q_proj"]["kernel"].value
         assert q.addressable_shards[0].data.shape[1] == q.shape[1] // shape["fsdp"], q.sharding
         (out / f"{name}.json").write_text(json.dumps(run_all(sharded, out / name)))
+    # unstacked layers on fsdp=8: per-block buffers keep their split; generation unchanged
+    unstacked = lm.on_mesh(make_mesh(MESHES["fsdp8"])).unstacked(release=True)
+    q = unstacked.params["layers"][0]["attn"]["q_proj"]["kernel"].value
+    assert q.addressable_shards[0].data.shape[1] == q.shape[1] // 8, q.sharding
+    (out / "unstacked.json").write_text(json.dumps(run_generate(unstacked)))

@@ -25,7 +25,8 @@ from emgeo_jax.parallel import activation_sharding
 
 class Layout(NamedTuple):
     """Where generation keeps its arrays on a mesh: `tokens` for `ids, mask [B, T]`, `cache`
-    (a `KVCache` of shardings: `k, v [L, B, S, K, Dh]` by the "kv_cache" rule, `mask [B, S]`,
+    (a `KVCache` of shardings: `k, v [L, B, S, K, Dh]` by the "kv_cache" rule, or per layer
+    for unstacked layers, `mask [B, S]`,
     `index` replicated), and the residual pins of `prefill` (`[B, T, D]`, "hidden") and of
     each `decode` step (`[B, 1, D]`, "step_hidden")."""
 
@@ -36,11 +37,21 @@ class Layout(NamedTuple):
 
 
 def generation_layout(
-    mesh: Mesh, cfg: ModelConfig, batch: int, prompt_len: int, cache_len: int
+    mesh: Mesh,
+    cfg: ModelConfig,
+    batch: int,
+    prompt_len: int,
+    cache_len: int,
+    *,
+    per_layer: bool = False,
 ) -> Layout:
-    """The `Layout` of `batch` prompts of `prompt_len` tokens with `cache_len` cache slots."""
+    """The `Layout` of `batch` prompts of `prompt_len` tokens with `cache_len` cache slots
+    (`per_layer`: one cache buffer per layer, each split as a layer of the stacked one)."""
     kv = (cfg.num_layers, batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
     kv_sharding = activation_sharding(mesh, "kv_cache", kv)
+    if per_layer:
+        layer_sharding = NamedSharding(mesh, PartitionSpec(*kv_sharding.spec[1:]))
+        kv_sharding = (layer_sharding,) * cfg.num_layers
     cache = KVCache(
         k=kv_sharding,
         v=kv_sharding,
@@ -65,7 +76,10 @@ def place_prompts(
     process passes the same prompts; `B` must be a multiple of `lm.batch_multiple`
     (`prompts.pad_prompts`)."""
     cfg = lm.config
-    make_cache = functools.partial(init_cache, cfg, len(ids), cache_len, lm.dtype)
+    per_layer = not lm.scan_layers
+    make_cache = functools.partial(
+        init_cache, cfg, len(ids), cache_len, lm.dtype, per_layer=per_layer
+    )
     mesh = lm.mesh
     if mesh is None or mesh.size == 1:
         return jnp.asarray(ids), jnp.asarray(mask), make_cache(), None
@@ -74,7 +88,7 @@ def place_prompts(
             f"{len(ids)} prompt rows on a mesh splitting rows {lm.batch_multiple} ways; "
             "pad them with `pad_prompts` first"
         )
-    layout = generation_layout(mesh, cfg, *ids.shape, cache_len)
+    layout = generation_layout(mesh, cfg, *ids.shape, cache_len, per_layer=per_layer)
     ids, mask = (
         jax.make_array_from_callback(x.shape, layout.tokens, lambda i, x=x: x[i])
         for x in (ids, mask)

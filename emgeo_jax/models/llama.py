@@ -199,7 +199,8 @@ class DecoderBlock(nnx.Module):
 class KVCache(NamedTuple):
     """A preallocated key/value cache shared by all rows of a batch.
 
-    `k, v [L, B, S, K, Dh]`; `mask [B, S]` int32 (1 = slot holds a real token);
+    `k, v [L, B, S, K, Dh]` (for unstacked layers: tuples of `L` arrays `[B, S, K, Dh]`, one
+    buffer per layer, updated in place); `mask [B, S]` int32 (1 = slot holds a real token);
     `index []` int32: the next slot to write (all rows advance together, left padding
     keeps prompts aligned)."""
 
@@ -209,12 +210,21 @@ class KVCache(NamedTuple):
     index: jax.Array
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache for `batch` rows of `length` slots (prompt + new tokens)."""
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+def init_cache(
+    cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32, *, per_layer: bool = False
+) -> KVCache:
+    """An empty cache for `batch` rows of `length` slots (prompt + new tokens); `per_layer`:
+    one buffer per layer (the layout unstacked layers run on)."""
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+
+    def zeros():
+        if per_layer:
+            return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return jnp.zeros((cfg.num_layers, *shape), dtype)
+
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=zeros(),
+        v=zeros(),
         mask=jnp.zeros((batch, length), jnp.int32),
         index=jnp.int32(0),
     )
@@ -222,7 +232,13 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> 
 
 class Transformer(nnx.Module):
     """The whole decoder. `Transformer(cfg, rngs=...)` gives a randomly initialised model;
-    converters build it abstractly (`nnx.eval_shape`) and fill in real weights."""
+    converters build it abstractly (`nnx.eval_shape`) and fill in real weights.
+
+    `layers`: the `L` blocks, stacked (one `DecoderBlock` whose parameters have a leading
+    `[L]` axis, run by one `jax.lax.scan`) or, with `scan_layers=False`, unstacked (an
+    `nnx.List` of `L` blocks with their own weight buffers, run by an unrolled loop: a decode
+    step then reads every weight in place instead of slicing it out of the stack; MaxText's
+    `scan_layers=false` for inference; `emgeo_jax.models.lm.unstack_layers`)."""
 
     def __init__(
         self,
@@ -230,6 +246,7 @@ class Transformer(nnx.Module):
         *,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
+        scan_layers: bool = True,
         rngs: nnx.Rngs,
     ):
         self.config = cfg
@@ -242,7 +259,11 @@ class Transformer(nnx.Module):
         def stacked_blocks(rngs: nnx.Rngs) -> DecoderBlock:
             return DecoderBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-        self.layers = stacked_blocks(rngs)
+        if scan_layers:
+            self.layers = stacked_blocks(rngs)
+        else:
+            kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.layers = nnx.List([DecoderBlock(cfg, **kw) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
         )
@@ -259,6 +280,11 @@ class Transformer(nnx.Module):
                 rngs=rngs,
             )
         )
+
+    @property
+    def scan_layers(self) -> bool:
+        """True when `layers` is one stacked block (`[L, ...]` parameters)."""
+        return not isinstance(self.layers, nnx.List)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """The LM head on final-normed `h [B, T, D]` -> float32 logits `[B, T, V]`: the

@@ -119,6 +119,42 @@ def place_params(params: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
     return out
 
 
+def unstack_layers(
+    graphdef: nnx.GraphDef, params: nnx.State, *, release: bool = False
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """`(graphdef, params)` of the same model with unstacked layers (`Transformer(...,
+    scan_layers=False)`): each stacked `[L, ...]` parameter split into `L` per-block buffers
+    on the devices (and shardings, minus the layer axis) it is on. `release`: delete each
+    stacked array once split (the caller must own `params`), so at most one parameter is
+    held twice during the conversion and no second copy of the model is kept."""
+    model = nnx.merge(graphdef, params)
+    if not model.scan_layers:
+        return graphdef, params
+    cfg, dt = model.config, model.embed.embedding[...].dtype
+    del model
+    unstacked = nnx.eval_shape(
+        lambda: Transformer(cfg, dtype=dt, param_dtype=dt, scan_layers=False, rngs=nnx.Rngs(0))
+    )
+    new_graphdef, new_params = nnx.split(unstacked)
+    pure = nnx.to_pure_dict(params)
+    out = {key: value for key, value in pure.items() if key != "layers"}
+    out["layers"] = {i: {} for i in range(cfg.num_layers)}
+
+    def split(key_path, stacked):
+        path = [getattr(k, "key", k) for k in key_path]
+        for i in range(cfg.num_layers):
+            node = out["layers"][i]
+            for name in path[:-1]:
+                node = node.setdefault(name, {})
+            node[path[-1]] = stacked[i]
+        if release and isinstance(stacked, jax.Array):
+            stacked.delete()
+
+    jax.tree_util.tree_map_with_path(split, pure["layers"])
+    nnx.replace_by_pure_dict(new_params, out)
+    return new_graphdef, new_params
+
+
 class ForwardOutput(NamedTuple):
     """What a model function returns; fields not asked for are None.
 
@@ -161,6 +197,15 @@ def cache_mask(cache: KVCache, attention_mask: jax.Array) -> tuple[jax.Array, ja
     return causal[None] & key_mask.astype(bool)[:, None, :], key_mask
 
 
+def split_blocks(model: Transformer) -> tuple[nnx.GraphDef, Any]:
+    """`(block graphdef, block params)`: the stacked block's params (`[L, ...]` leaves), or
+    for unstacked layers a list of the `L` blocks' own params (they share one graphdef)."""
+    if model.scan_layers:
+        return nnx.split(model.layers)
+    block_def = nnx.split(model.layers[0])[0]
+    return block_def, [nnx.split(block)[1] for block in model.layers]
+
+
 def _run(
     model: Transformer,
     h: jax.Array,
@@ -191,7 +236,7 @@ def _run(
     sin, cos = rotary_tables(model.config, positions)
     variant = None if steering is None else steering.variant
     ctx = BlockContext(sin, cos, mask, index, selected, TapReduction.of(pool), key_mask, variant)
-    block_def, block_params = nnx.split(model.layers)
+    block_def, block_params = split_blocks(model)
     xs = LayerInputs.of(block_params, steering, lora, start, stop)
     h, kv, tapped = scan_blocks(block_def, xs, h, ctx, taps=taps, options=options, kv=kv, lora=lora)
     counts = jnp.sum(ctx.reduction.weights, axis=1) if taps.pools else None
@@ -446,6 +491,20 @@ class LM:
     source: str = ""
     attention: str = "xla"
 
+    @property
+    def scan_layers(self) -> bool:
+        """True when the blocks' parameters are stacked `[L, ...]` (run by one scan); False
+        after `unstacked()` (one buffer per block, run unrolled: decode reads weights in
+        place)."""
+        return "layers" in self.params and 0 not in self.params["layers"]
+
+    def unstacked(self, *, release: bool = False) -> LM:
+        """This model with unstacked layers (`unstack_layers`; `release`: free the stacked
+        arrays, which this LM then no longer holds). Training and `on_mesh` need the stacked
+        layout; every inference function runs on both with the same results."""
+        graphdef, params = unstack_layers(self.graphdef, self.params, release=release)
+        return dataclasses.replace(self, graphdef=graphdef, params=params)
+
     def run_options(self, **fields: Any) -> RunOptions:
         """How this model's calls run: its attention implementation (`attention`, one of
         `tpu_attention.IMPLEMENTATIONS`; the splash kernel split over `mesh`) and `fields`
@@ -531,6 +590,8 @@ class LM:
         device, `jax.device_put`; no host copy) and `mesh` set. Loading onto the mesh
         (`emgeo_jax.load(src, mesh=...)`) is the way for big models; this is for a model
         already in memory (tests, a second mesh)."""
+        if not self.scan_layers:
+            raise ValueError("place the model on the mesh before unstacking its layers")
         return dataclasses.replace(self, params=place_params(self.params, mesh), mesh=mesh)
 
     def place_rows(self, batch: dict[str, Any], blank: Sequence[str] = ()) -> tuple[dict, int]:

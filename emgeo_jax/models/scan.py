@@ -116,17 +116,35 @@ class LayerInputs:
         lora: LoraInput | None = None,
         start: int = 0,
         stop: int | None = None,
-    ) -> LayerInputs:
-        """Blocks `start .. stop-1` (static; default all) of `block_params` (`[L, ...]`
-        leaves) with their rows of `steering` and `lora`."""
-        num_layers = jax.tree.leaves(block_params)[0].shape[0]
+    ) -> LayerInputs | list[LayerInputs]:
+        """Blocks `start .. stop-1` (static; default all) of `block_params` with their rows
+        of `steering` and `lora`. Stacked params (`[L, ...]` leaves) give one `LayerInputs`
+        stacked on `[L']` (for the scan); unstacked ones (a sequence of `L` per-block
+        params) give a list of per-block `LayerInputs` whose `layer` is a Python int (for
+        the unrolled loop; each block's weights are its own buffers, nothing is sliced)."""
+        unstacked = isinstance(block_params, (list, tuple))
+        num_layers = len(block_params) if unstacked else jax.tree.leaves(block_params)[0].shape[0]
         stop = num_layers if stop is None else stop
+        add = None if steering is None else steering.add
+        ablate = None if steering is None else steering.ablate
+        factors = None if lora is None else lora.factors
+        if unstacked:
+            return [
+                cls(
+                    layer=i,
+                    params=block_params[i],
+                    add=None if add is None else add[i],
+                    ablate=None if ablate is None else ablate[i],
+                    lora=None if factors is None else jax.tree.map(lambda x, i=i: x[i], factors),
+                )
+                for i in range(start, stop)
+            ]
         xs = cls(
             layer=jnp.arange(num_layers, dtype=jnp.int32),
             params=block_params,
-            add=None if steering is None else steering.add,
-            ablate=None if steering is None else steering.ablate,
-            lora=None if lora is None else lora.factors,
+            add=add,
+            ablate=ablate,
+            lora=factors,
         )
         if (start, stop) == (0, num_layers):
             return xs
@@ -135,22 +153,25 @@ class LayerInputs:
 
 def scan_blocks(
     block_def: nnx.GraphDef,
-    xs: LayerInputs,
+    xs: LayerInputs | list[LayerInputs],
     h: jax.Array,
     ctx: BlockContext,
     *,
     taps: Taps,
     options: RunOptions,
-    kv: tuple[jax.Array, jax.Array] | None = None,
+    kv: tuple[Any, Any] | None = None,
     lora: LoraInput | None = None,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, dict[str, jax.Array]]:
+) -> tuple[jax.Array, tuple[Any, Any] | None, dict[str, jax.Array]]:
     """Run the blocks of `xs` in order on the residual `h [B, T, D]`.
 
-    `kv = (k, v)`, each `[L, B, S, K, Dh]` (all layers, indexed by `xs.layer`): this call's
-    keys and values are written at slots `ctx.index ..`. `lora`: its dropout `key`/`rate`
-    (the factors come sliced in `xs.lora`). Returns `(h, kv, tapped)`: the last block's
-    output, the updated `kv` (None without) and `{site: [L', ...]}` for the sites `taps`
-    reads (`emgeo_jax.models.taps`)."""
+    `xs` stacked (`LayerInputs.of` stacked params): one `jax.lax.scan`; a list (unstacked
+    params): the same block step unrolled, one block after another. `kv = (k, v)`: the cache
+    of all layers (indexed by `xs.layer`), each `[L, B, S, K, Dh]` or, for unstacked
+    layers, a tuple of `L` per-layer `[B, S, K, Dh]` buffers; this call's keys and values
+    are written at slots `ctx.index ..`. `lora`: its dropout `key`/`rate` (the factors come
+    sliced in `xs.lora`). Returns `(h, kv, tapped)`: the last block's output, the updated
+    `kv` (None without) and `{site: [L', ...]}` for the sites `taps` reads
+    (`emgeo_jax.models.taps`)."""
 
     def pin(x: jax.Array) -> jax.Array:
         if options.resid_sharding is None:
@@ -168,10 +189,7 @@ def scan_blocks(
         block = nnx.merge(block_def, x.params)
         out, kv = block(h, ctx.sin, ctx.cos, attend, kv, ctx.index, lora_l)
         if kv_all is not None:
-            kv_all = tuple(
-                jax.lax.dynamic_update_index_in_dim(a, c, x.layer, 0)
-                for a, c in zip(kv_all, kv, strict=True)
-            )
+            kv_all = tuple(_write_layer(a, c, x.layer) for a, c in zip(kv_all, kv, strict=True))
         if x.add is not None:
             steered = apply_steering(out.resid_post, x.add, x.ablate, ctx.selected, ctx.variant)
             out = out._replace(resid_post=steered)
@@ -181,5 +199,25 @@ def scan_blocks(
     if options.remat:
         policy = jax.checkpoint_policies.nothing_saveable
         run_block = jax.checkpoint(run_block, policy=policy, prevent_cse=False)
-    (h, kv), tapped = jax.lax.scan(run_block, (pin(h), kv), xs)
+    carry = (pin(h), kv)
+    if isinstance(xs, list):
+        tapped = []
+        for x in xs:
+            carry, tapped_l = run_block(carry, x)
+            tapped.append(tapped_l)
+        tapped = jax.tree.map(lambda *rows: jnp.stack(rows), *tapped) if tapped else {}
+    else:
+        if kv is not None and isinstance(kv[0], tuple):
+            raise ValueError("a per-layer KV cache runs with unstacked layers only")
+        carry, tapped = jax.lax.scan(run_block, carry, xs)
+    h, kv = carry
     return pin(h), kv, tapped
+
+
+def _write_layer(cache: Any, layer_kv: jax.Array, layer: jax.Array | int) -> Any:
+    """`cache` (`[L, B, S, K, Dh]` or a tuple of `L` per-layer buffers) with layer `layer`'s
+    entry replaced by `layer_kv [B, S, K, Dh]` (per-layer: the tuple entry itself, which
+    XLA updates in place; stacked: a dynamic update of the slice)."""
+    if isinstance(cache, tuple):
+        return (*cache[:layer], layer_kv, *cache[layer + 1 :])
+    return jax.lax.dynamic_update_index_in_dim(cache, layer_kv, layer, 0)

@@ -52,30 +52,40 @@ def memory_bandwidth(nbytes: int = 512 * 2**20) -> float:
 
 
 def decode_matmul_floor(lm, batch: int) -> float:
-    """Seconds for the matmuls of one decode step with XLA's own kernels and nothing else:
-    every weight matrix (each layer's kernels as separate buffers, so nothing is sliced out
-    of the stacked arrays, and the LM head) times a `[batch, in]` input, in one jitted call.
-    No decode step built from these kernels can take less."""
+    """Seconds for the matmuls of one decode step with XLA's own kernels and nothing else,
+    in their data dependencies: per block `q, k, v = x @ Wq, x @ Wk, x @ Wv`, `x += q @ Wo`,
+    `x += (x @ Wgate * x @ Wup) @ Wdown` (each block's kernels as separate buffers, so
+    nothing is sliced out of a stack), then the LM head, on a `[batch, D]` input in one
+    jitted call. Attention, norms, rotary, steering and sampling are left out, so no decode
+    step built from these kernels can take less. (Independent matmuls of different blocks
+    could overlap on the cores; a decode step cannot overlap them, so neither does this.)"""
     import jax
     import jax.numpy as jnp
+    from flax import nnx
 
-    kernels, head = [], None
-    for path, leaf in jax.tree_util.tree_flatten_with_path(lm.params)[0]:
-        keys = [getattr(k, "key", None) for k in path]
-        if "kernel" in keys and "layers" in keys:
-            kernels += [jnp.array(leaf[i]) for i in range(leaf.shape[0])]
-        elif "lm_head" in keys and "kernel" in keys:
-            head = leaf.T
-        elif "embedding" in keys and head is None:
-            head = leaf  # tied: logits = h @ embedding.T
-    x = jax.random.normal(jax.random.key(0), (batch, max(k.shape[0] for k in kernels)))
+    pure = nnx.to_pure_dict(lm.params)
+    layers = pure["layers"]
+    num_layers = lm.config.num_layers
+    if 0 in layers:  # unstacked already
+        blocks = [layers[i] for i in range(num_layers)]
+    else:
+        blocks = [jax.tree.map(lambda x, i=i: jnp.array(x[i]), layers) for i in range(num_layers)]
+    head = pure["lm_head"]["kernel"].T if "lm_head" in pure else pure["embed"]["embedding"]
+    x = jax.random.normal(jax.random.key(0), (batch, lm.config.hidden_size))
 
     @jax.jit
-    def step(kernels, head, x):
-        d = head.shape[1]
-        return [x[:, : k.shape[0]] @ k for k in kernels] + [x[:, :d] @ head.T]
+    def step(blocks, head, x):
+        kv = []
+        for block in blocks:
+            attn, mlp = block["attn"], block["mlp"]
+            q = x @ attn["q_proj"]["kernel"]
+            kv += [x @ attn["k_proj"]["kernel"], x @ attn["v_proj"]["kernel"]]
+            x = x + q @ attn["o_proj"]["kernel"]
+            hidden = (x @ mlp["gate_proj"]["kernel"]) * (x @ mlp["up_proj"]["kernel"])
+            x = x + hidden @ mlp["down_proj"]["kernel"]
+        return x @ head.T, kv
 
-    return time_call(lambda: jax.block_until_ready(step(kernels, head, x)), repeats=10)
+    return time_call(lambda: jax.block_until_ready(step(blocks, head, x)), repeats=10)
 
 
 def setup(batch: int, prompt: int, d: int, vocab: int):

@@ -51,6 +51,7 @@ def test_cli_writes_steered_responses(folder, tmp_path):
         "--samples=2",
         "--temperature=0",
         "--max_new_tokens=5",
+        "--noscan_layers",  # unstacked layers; the reference below runs the stacked ones
         f"--out={out}",
     )
     got = [json.loads(line) for line in out.read_text().splitlines()]

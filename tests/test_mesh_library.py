@@ -201,6 +201,6 @@ if __name__ == "__main__":
         (out / f"{name}.json").write_text(json.dumps(run_all(sharded, out / name)))
     # unstacked layers on fsdp=8: per-block buffers keep their split; generation unchanged
     unstacked = lm.on_mesh(make_mesh(MESHES["fsdp8"])).unstacked(release=True)
-    q = unstacked.params["layers"][0]["attn"]["q_proj"]["kernel"].value
-    assert q.addressable_shards[0].data.shape[1] == q.shape[1] // 8, q.sharding
+    q = unstacked.params["layers"][0]["attn"]["q_proj"]["kernel"][...]  # [D, H * Dh]
+    assert q.addressable_shards[0].data.shape[0] == q.shape[0] // 8, q.sharding
     (out / "unstacked.json").write_text(json.dumps(run_generate(unstacked)))

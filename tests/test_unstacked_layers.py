@@ -167,3 +167,14 @@ def test_the_decode_loop_updates_the_cache_buffers_in_place(tiny_chat_llama):
     )
     after = [x.unsafe_buffer_pointer() for x in (*out.cache.k, *out.cache.v)]
     assert after == before
+
+
+def test_training_refuses_unstacked_layers(models, tmp_path):
+    from emgeo_jax.train.lora import LoraSpec
+    from emgeo_jax.train.run import train
+    from emgeo_jax.train.sft import TrainConfig
+
+    spec = LoraSpec(rank=2, alpha=4.0, targets=("down",), layers=(1,))
+    with pytest.raises(ValueError, match="stacked layers"):
+        train(models[1], [], spec, TrainConfig(), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

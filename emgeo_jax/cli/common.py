@@ -12,6 +12,8 @@ Defined on import (every model-loading command imports this module):
                        on fsdp). Default: `auto` on TPU/GPU, one device on CPU
     --attention        auto | xla | splash | cudnn: the attention implementation (auto: the
                        Pallas splash kernel on TPU, cuDNN on GPU in bfloat16, XLA elsewhere)
+    --noscan_layers    unstack the blocks once loaded (`LM.unstacked`: decode reads every
+                       weight in place instead of slicing it out of the stack); inference only
     --distributed      start `jax.distributed` first (one process per host); the launch/
                        scripts set `EMGEO_DISTRIBUTED=1`, which means the same.
                        `--coordinator_address/--num_processes/--process_id` (or the
@@ -66,6 +68,13 @@ flags.DEFINE_enum(
     ["auto", "xla", "splash", "cudnn"],
     "attention implementation: auto (splash on TPU, cuDNN on GPU in bfloat16, XLA elsewhere), "
     "xla, splash (Pallas TPU kernel) or cudnn (GPU)",
+)
+flags.DEFINE_bool(
+    "scan_layers",
+    True,
+    "run the blocks as one scan over stacked weights (default); --noscan_layers unstacks them "
+    "once loaded (one buffer per block, no second copy kept), so each decode step reads the "
+    "weights in place: faster generation, longer compiles; inference commands only",
 )
 flags.DEFINE_bool(
     "distributed",
@@ -330,18 +339,30 @@ def mesh_for(cfg: Any, spec: str | None = None) -> Any:
 
 
 def load_model_from_flags(
-    source: str | None = None, *, adapter: str | None = None, config: Any = None
+    source: str | None = None,
+    *,
+    adapter: str | None = None,
+    config: Any = None,
+    training: bool = False,
 ) -> Any:
     """The model of `source` (default `--model`) with `--dtype`, placed on `--mesh`: the
     config is read first and the mesh validated against it before any tensor is read, then
     `emgeo_jax.load(source, dtype=..., mesh=..., attention=...)` restores or places every
     parameter straight onto its shards and sets `--attention`. `config`: the config already
-    read (`read_config`) for earlier checks."""
+    read (`read_config`) for earlier checks. `training`: the command trains (stacked
+    layers only: `--noscan_layers` is refused before anything loads)."""
     import emgeo_jax
 
+    if training and not FLAGS.scan_layers:
+        raise ValueError("--noscan_layers is for inference; training runs on stacked layers")
     source = FLAGS.model if source is None else source
     cfg = read_config(source) if config is None else config
     mesh = mesh_for(cfg)
     return emgeo_jax.load(
-        source, dtype=resolve_dtype(), mesh=mesh, adapter=adapter, attention=FLAGS.attention
+        source,
+        dtype=resolve_dtype(),
+        mesh=mesh,
+        adapter=adapter,
+        attention=FLAGS.attention,
+        scan_layers=FLAGS.scan_layers,
     )

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
     from emgeo_jax.train.scalars import b_directions, collect_scalars, save_scalars
     from emgeo_jax.vectors.io import save_vectors
 
-    lm = common.load_model_from_flags(source)
+    lm = common.load_model_from_flags(source, training=True)
     spec, lora = import_peft(FLAGS.adapter, lm.config)
     examples, _ = load_examples(FLAGS.data or shipped_contrast_path())
     tokenized, _ = tokenize_examples(examples, lm.tokenizer, FLAGS.max_length)

@@ -95,7 +95,8 @@ def main(argv: list[str]) -> None:
     for vec in (steer_vec, ablate_vec):
         if vec is not None:
             common.check_vectors(cfg, {vec.source: vec}, steer_layers)
-    lm = common.load_model_from_flags(source, config=cfg)  # LoRA factors stay float32
+    # LoRA factors stay float32
+    lm = common.load_model_from_flags(source, config=cfg, training=True)
     layers = tuple(range(lm.config.num_layers)) if layers is None else tuple(sorted(layers))
     spec = LoraSpec(FLAGS.rank, FLAGS.alpha, targets, layers, FLAGS.rslora)
     tokenized, report = tokenize_examples(examples, lm.tokenizer, FLAGS.max_length)

@@ -41,6 +41,7 @@ def load(
     mesh: jax.sharding.Mesh | None = None,
     adapter: str | Path | None = None,
     attention: str | None = None,
+    scan_layers: bool = True,
 ) -> LM:
     """Load a model from `source` (see module docstring) with params of `dtype`
     (`"float32"` or `"bfloat16"`; default: as stored in a checkpoint, else float32),
@@ -48,13 +49,16 @@ def load(
     `attention`: the implementation its calls run (`LM.attention`): "xla", "splash", "cudnn"
     or None/"auto" = the backend's best (`tpu_attention.attention_implementation`: splash on
     TPU, cuDNN on GPU in bf16, XLA elsewhere); refused before anything is read if this
-    backend cannot run it."""
+    backend cannot run it. `scan_layers=False`: unstack the blocks once loaded (`LM.unstacked`:
+    one buffer per block, the stacked arrays freed; decode reads weights in place; inference
+    only)."""
     backend = jax.default_backend()
     attention_implementation(attention, backend)  # a kernel this backend lacks: refused now
     lm = _load(str(source), dtype=dtype, mesh=mesh, adapter=adapter)
     head_dim = lm.config.head_dim
     chosen = attention_implementation(attention, backend, dtype=lm.dtype, head_dim=head_dim)
-    return dataclasses.replace(lm, attention=chosen)
+    lm = dataclasses.replace(lm, attention=chosen)
+    return lm if scan_layers else lm.unstacked(release=True)
 
 
 def _load(

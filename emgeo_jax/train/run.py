@@ -102,6 +102,8 @@ def train(
     shardings. `steering` is applied in every forward pass
     (preventative steering / concept ablation). `stop_after` ends the call after that many
     optimizer steps in total (as if interrupted) without exporting the adapter."""
+    if not lm.scan_layers:
+        raise ValueError("training runs on stacked layers; train the model before `unstacked()`")
     out = Path(out_dir).absolute()
     settings = _settings(spec, tc, lm.source, steering)
     run_json = out / "run.json"

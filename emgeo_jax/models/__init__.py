@@ -6,14 +6,16 @@ Read in this order:
     params.py     the one parameter table (Flax path, HF and GGUF names, partition axes,
                   LoRA module) that conversion, sharding and LoRA targets derive from
     llama.py      the blocks: RMSNorm, rotary GQA attention, SwiGLU MLP, DecoderBlock
-                  (returns its named intermediates), Transformer (embedding, stacked
-                  blocks, head), KVCache
+                  (returns its named intermediates), Transformer (embedding, blocks
+                  stacked or, for decoding, unstacked; head), KVCache
     attention.py  jax.nn.dot_product_attention in query chunks
     steering.py   Steering: additions and ablations as data
     taps.py       BlockOut (the capture sites) and Taps (which sites, reduced how)
-    scan.py       scan_blocks: the one layer scan; LayerInputs, BlockContext, RunOptions
+    scan.py       scan_blocks: the one layer scan (unrolled over unstacked blocks);
+                  LayerInputs, BlockContext, RunOptions
     lm.py         the functions per use on top of it (forward, resume_from, prefill,
-                  decode_step, score_tree, train_forward) and `LM`, a loaded model
+                  decode_step, score_tree, train_forward), unstack_layers and `LM`, a
+                  loaded model
 
 Every function in `lm.py` is pure over `(graphdef, params)` and pytrees of arrays
 (`Steering`, `Taps`, `KVCache`, `LoraInput`): changing their values never recompiles.
@@ -32,6 +34,7 @@ from emgeo_jax.models.lm import (
     resume_from,
     score_tree,
     train_forward,
+    unstack_layers,
 )
 from emgeo_jax.models.scan import RunOptions
 from emgeo_jax.models.steering import Steering
@@ -55,4 +58,5 @@ __all__ = [
     "resume_from",
     "score_tree",
     "train_forward",
+    "unstack_layers",
 ]

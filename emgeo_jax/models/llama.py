@@ -1,4 +1,5 @@
-"""The Llama / Qwen2 decoder blocks in Flax NNX, their layers stacked on a leading `[L]` axis.
+"""The Llama / Qwen2 decoder blocks in Flax NNX, their layers stacked on a leading `[L]` axis
+(or, for decoding, unstacked: `Transformer(..., scan_layers=False)`).
 
 Both families are the same network: token embedding, `L` pre-norm decoder blocks
 (RMSNorm -> rotary GQA attention -> residual add, RMSNorm -> SwiGLU MLP -> residual add),

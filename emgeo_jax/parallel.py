@@ -133,7 +133,12 @@ def logical_spec(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int]) -
 
 def param_sharding(mesh: Mesh, path: tuple[str, ...], shape: Sequence[int]) -> NamedSharding:
     """Sharding of the parameter at `path` (pure-dict path, e.g. `("layers","attn","q_proj",
-    "kernel")`) with the given full shape."""
+    "kernel")`) with the given full shape. A block of unstacked layers (`("layers", "3",
+    ...)`, `LM.unstacked`) is split as that block's row of the stacked parameter."""
+    if len(path) > 1 and path[0] == "layers" and str(path[1]).isdigit():
+        stacked = param((path[0], *path[2:])).full_axes
+        spec = logical_spec(mesh, stacked, (1, *shape))
+        return NamedSharding(mesh, PartitionSpec(*spec[1:]))
     return NamedSharding(mesh, logical_spec(mesh, param(path).full_axes, shape))
 
 

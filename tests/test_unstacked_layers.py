@@ -54,8 +54,6 @@ def test_unstacking_keeps_every_weight(models):
     assert sorted(blocks) == list(range(stacked.config.num_layers))
     for i, block in blocks.items():
         jax.tree.map(lambda x, y, i=i: np.testing.assert_array_equal(x, y[i]), block, layers)
-    with pytest.raises(ValueError, match="before unstacking"):
-        unstacked.on_mesh(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("fsdp",)))
 
 
 def test_forward_and_resume_equal_the_stacked_model(models, steering):
@@ -178,3 +176,18 @@ def test_training_refuses_unstacked_layers(models, tmp_path):
     with pytest.raises(ValueError, match="stacked layers"):
         train(models[1], [], spec, TrainConfig(), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_extraction_equals_the_stacked_model(models, chat_tokenizer):
+    """Extraction places the params on its mesh (`place_params`): unstacked blocks are split
+    as their row of the stacked parameter, and the sums come out the same."""
+    from emgeo_jax.data import load_examples, shipped_contrast_path, tokenize_examples
+    from emgeo_jax.extract import ExtractSettings, extract
+
+    examples, _ = load_examples(shipped_contrast_path())
+    examples = [e for e in examples if e.label == 0][:3] + [e for e in examples if e.label][:3]
+    tokenized = tokenize_examples(examples, chat_tokenizer, max_length=512)[0]
+    settings = ExtractSettings(layers=(0, 2), per_example=True, batch_size=4)
+    a, b = (extract(m, tokenized, settings) for m in models)
+    np.testing.assert_allclose(b.token_sum, a.token_sum, rtol=1e-5)
+    np.testing.assert_allclose(b.pooled, a.pooled, rtol=1e-5, atol=1e-6)

@@ -500,8 +500,8 @@ class LM:
 
     def unstacked(self, *, release: bool = False) -> LM:
         """This model with unstacked layers (`unstack_layers`; `release`: free the stacked
-        arrays, which this LM then no longer holds). Training and `on_mesh` need the stacked
-        layout; every inference function runs on both with the same results."""
+        arrays, which this LM then no longer holds). Training needs the stacked layout; every
+        inference function runs on both with the same results."""
         graphdef, params = unstack_layers(self.graphdef, self.params, release=release)
         return dataclasses.replace(self, graphdef=graphdef, params=params)
 
@@ -590,8 +590,6 @@ class LM:
         device, `jax.device_put`; no host copy) and `mesh` set. Loading onto the mesh
         (`emgeo_jax.load(src, mesh=...)`) is the way for big models; this is for a model
         already in memory (tests, a second mesh)."""
-        if not self.scan_layers:
-            raise ValueError("place the model on the mesh before unstacking its layers")
         return dataclasses.replace(self, params=place_params(self.params, mesh), mesh=mesh)
 
     def place_rows(self, batch: dict[str, Any], blank: Sequence[str] = ()) -> tuple[dict, int]:

@@ -152,3 +152,28 @@ def test_bad_per_row_steering_is_refused(tiny_chat_llama, interventions):
         Steering.per_row(interventions, [0, 1]) + interventions[0]
     with pytest.raises(ValueError, match="names 2 rows for 3 prompts"):
         generate_ids(lm, [[5, 6]] * 3, Steering.per_row(interventions, [0, 1]), max_new_tokens=2)
+
+
+def test_sampled_rows_keep_their_streams_when_packed(tiny_chat_llama, interventions):
+    """Rows of two differently seeded batches, each with its own intervention, packed into one
+    batch in another order with their `(seed, lane)` streams, sample the tokens their own
+    batches sampled (temperature 1, nucleus 0.9)."""
+    lm = tiny_chat_llama
+    r = np.random.default_rng(8)
+    batch_a = [r.integers(3, lm.config.vocab_size, n).tolist() for n in (4, 7, 5)]
+    batch_b = [r.integers(3, lm.config.vocab_size, n).tolist() for n in (6, 3, 5, 4)]
+    kw = dict(max_new_tokens=6, eos_ids=[], temperature=1.0, top_p=0.9)
+    alone_a = generate_ids(lm, batch_a, interventions[0], seed=11, **kw).tokens
+    alone_b = generate_ids(lm, batch_b, interventions[1], seed=12, **kw).tokens
+    order = [("b", 2), ("a", 0), ("b", 0), ("a", 2), ("b", 3), ("a", 1), ("b", 1)]
+    prompts = [(batch_a if s == "a" else batch_b)[i] for s, i in order]
+    streams = [(11 if s == "a" else 12, i) for s, i in order]
+    variant = [0 if s == "a" else 1 for s, _ in order]
+    packed = generate_ids(
+        lm, prompts, Steering.per_row(interventions, variant), streams=streams, **kw
+    ).tokens
+    want = [(alone_a if s == "a" else alone_b)[i] for s, i in order]
+    assert packed == want
+    # the streams matter: the default streams (seed 0, lane = row) sample other tokens
+    other = generate_ids(lm, prompts, Steering.per_row(interventions, variant), **kw).tokens
+    assert other != want

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from emgeo_jax.generate.sampling import NUCLEUS_ROWS, inverse_cdf, sample_tokens, top_p_mask
+from emgeo_jax.generate.sampling import (
+    NUCLEUS_ROWS,
+    SamplingParams,
+    inverse_cdf,
+    sample_tokens,
+    top_p_mask,
+)
 
 
 def nucleus_reference(row: np.ndarray, top_p: float) -> np.ndarray:
@@ -69,7 +75,7 @@ def test_sample_tokens_draws_the_nucleus_distribution(top_p):
     row[:5] = -np.inf
     draws = sample_tokens(
         jnp.broadcast_to(jnp.asarray(row), (n, row.size)),
-        jax.random.key(0),
+        jax.random.uniform(jax.random.key(0), (n,)),
         jnp.float32(temperature),
         jnp.float32(top_p),
     )
@@ -91,3 +97,33 @@ def test_sample_tokens_draws_the_nucleus_distribution(top_p):
         observed, expected = observed[:-1], expected[:-1]
     p_value = stats.chisquare(observed, expected).pvalue
     assert p_value > 1e-3, p_value
+
+
+def test_default_streams_are_one_seeded_batch():
+    """Row b's uniform at step i is entry b of `uniform(fold_in(PRNGKey(seed), i), (B,))`; a
+    row given stream `(seed, lane)` draws entry `lane` of that batch, in a batch of any size."""
+    batch = SamplingParams.make(1.0, 1.0, seed=7, rows=5)
+    for step in (0, 3):
+        want = jax.random.uniform(jax.random.fold_in(jax.random.PRNGKey(7), step), (5,))
+        np.testing.assert_array_equal(batch.uniforms(step), want)
+    moved = SamplingParams.make(1.0, 1.0, rows=6, streams=[(7, 4), (3, 0), (7, 0)] * 2)
+    u3 = jax.random.uniform(jax.random.fold_in(jax.random.PRNGKey(3), 2), (1,))
+    np.testing.assert_array_equal(
+        moved.uniforms(2)[:3], [batch.uniforms(2)[4], u3[0], batch.uniforms(2)[0]]
+    )
+    padded = batch.padded_rows(8)
+    assert padded.keys.shape == (8, 2) and padded.lanes.tolist() == [0, 1, 2, 3, 4, 4, 4, 4]
+    np.testing.assert_array_equal(padded.uniforms(1)[:5], batch.uniforms(1))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(rows=2, streams=[(0, 0)]), "1 for 2 rows"),
+        (dict(rows=2, streams=[(0, 0), (0, 2)]), "outside 0..1"),
+        (dict(rows=2, streams=[(0, -1), (0, 0)]), "outside 0..1"),
+    ],
+)
+def test_bad_streams_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams.make(1.0, 1.0, **kw)

@@ -180,8 +180,8 @@ def decode(
     options: RunOptions = DEFAULT_RUN,
 ) -> Decoded:
     """The decode loop. Token 0 comes from `inputs.first_logits [B, V]`; step i feeds token
-    i-1 at `inputs.position + i - 1` and chooses token i with `sampling` (key
-    `fold_in(sampling.key, i)`). With `monitor`, one extra step feeds the last token so that
+    i-1 at `inputs.position + i - 1` and chooses token i with `sampling` (each row's
+    uniform from its stream: `SamplingParams.uniforms(i)`). With `monitor`, one extra step feeds the last token so that
     every generated token's residual is projected. `options` (static): the attention
     implementation and each step's residual pin `[B, 1, D]` (`Layout.decode_resid`)."""
     n = max_new_tokens
@@ -190,8 +190,8 @@ def decode(
     eos_ids = inputs.eos_ids
 
     def choose(logits, step, state_tokens, state_lps, top_ids, top_lps, done):
-        key = jax.random.fold_in(sampling.key, step)
-        tok = sample_tokens(logits, key, sampling.temperature, sampling.top_p)
+        u = sampling.uniforms(step)
+        tok = sample_tokens(logits, u, sampling.temperature, sampling.top_p)
         tok = jnp.where(done, eos_ids[0], tok)
         logits = logits.astype(jnp.float32)
         log_z = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
@@ -269,6 +269,7 @@ def generate_ids(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    streams: Sequence[tuple[int, int]] | None = None,
     eos_ids: Sequence[int] | None = None,
     top_logprobs: int = 0,
     monitor: tuple[int, Any] | None = None,
@@ -284,7 +285,7 @@ def generate_ids(
             raise ValueError(f"generate: prompt {i} is empty")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    sampling = SamplingParams.make(temperature, top_p, seed)
+    sampling = SamplingParams.make(temperature, top_p, seed, len(prompt_ids), streams)
     steering = Steering.none(cfg) if steering is None else steering
     if steering.mask is not None:
         raise ValueError("generate: use positions='all'|'prompt'|'generated', not a token mask")
@@ -294,6 +295,7 @@ def generate_ids(
     pad_id = getattr(lm.tokenizer, "pad_token_id", None) or 0
     ids, mask = left_pad(pad_prompts(lm, prompt_ids), pad_multiple, pad_id)
     steering = pad_steering(steering, len(prompt_ids), len(ids))
+    sampling = sampling.padded_rows(len(ids))
     ids, mask, cache, layout = place_prompts(lm, ids, mask, ids.shape[1] + max_new_tokens + 1)
     cache, logits, position = prefill(
         lm.graphdef,
@@ -352,6 +354,7 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    streams: Sequence[tuple[int, int]] | None = None,
     system: str | None = None,
     top_logprobs: int = 0,
     monitor: tuple[int, Any] | None = None,
@@ -359,7 +362,10 @@ def generate(
     """Generate a reply to each prompt (a user string or a list of chat messages).
 
     `steering`: a `Steering` (its position mode applies; see module docstring).
-    `temperature=0` is greedy; `seed` fixes the PRNG key. `system` adds a system message.
+    `temperature=0` is greedy; `seed` fixes the PRNG key: row b samples as row b of a batch
+    seeded `seed`, or, with `streams` (one `(seed, lane)` per prompt, `0 <= lane < len(prompts)`),
+    as row `lane` of a batch seeded `seed`, whatever else is in the batch (`sampling` module
+    docstring). `system` adds a system message.
     `top_logprobs=k` also returns the k most likely tokens per step. `monitor=(layer, r)`
     returns, per generated token, its residual after block `layer` dotted with `r/|r|`."""
     if isinstance(prompts, str):
@@ -375,6 +381,7 @@ def generate(
         temperature=temperature,
         top_p=top_p,
         seed=seed,
+        streams=streams,
         top_logprobs=top_logprobs,
         monitor=monitor,
     )

@@ -2,40 +2,97 @@
 
 `temperature == 0` is greedy (argmax); otherwise logits / temperature, optionally restricted
 to its nucleus (the smallest set of highest logits with probability >= `top_p`, found exactly
-without a sort: `top_p_mask`), sampled by inverse CDF (`inverse_cdf`) with one uniform per row
-from the key `fold_in(PRNGKey(seed), step)`. Temperature and top_p are data (leaves of the
-`SamplingParams` pytree): changing them does not recompile. Each row's uniform depends only on
-its index (JAX's partitionable threefry), so a row draws the same token on any mesh.
+without a sort: `top_p_mask`), sampled by inverse CDF (`inverse_cdf`) with one uniform per row.
+Temperature and top_p are data (leaves of the `SamplingParams` pytree): changing them does not
+recompile.
+
+Each row draws from its own *stream* `(seed, lane)`: at step `i` its uniform is entry `lane`
+of `uniform(fold_in(PRNGKey(seed), i), (B,))`. By default row `b` is stream `(seed, b)`, one
+seeded batch. A row's uniform depends only on its stream (JAX's partitionable threefry makes
+entry `lane` independent of the array's length and of the mesh), so a row given the stream it
+had in another batch draws the same token: experiments pack rows of many cells into one batch
+(`emgeo_jax.experiments.folder`) and still sample each row as its own cell's batch would.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NUCLEUS_ROWS = 8  # rows per chunk of the nucleus bisection (see `top_p_mask`)
 
 
 class SamplingParams(NamedTuple):
     """How the decode loop draws tokens (a pytree of arrays, so values never recompile):
-    `temperature []` f32 (0 = greedy), `top_p []` f32 in (0, 1] (1 = no nucleus cut), `key`
-    the raw `PRNGKey(seed)` (`[2]` uint32) that step `i` folds in as `fold_in(key, i)`."""
+    `temperature []` f32 (0 = greedy), `top_p []` f32 in (0, 1] (1 = no nucleus cut), and per
+    row its stream: `keys [B, 2]` uint32 (`PRNGKey(seed)`) and `lanes [B]` int32 in `0..B-1`
+    (module docstring)."""
 
     temperature: jax.Array
     top_p: jax.Array
-    key: jax.Array
+    keys: jax.Array
+    lanes: jax.Array
 
     @classmethod
-    def make(cls, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> SamplingParams:
-        """Checked parameters: `temperature` finite and >= 0, `top_p` in (0, 1]."""
+    def make(
+        cls,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        rows: int = 1,
+        streams: Sequence[tuple[int, int]] | None = None,
+    ) -> SamplingParams:
+        """Checked parameters for `rows` rows: `temperature` finite and >= 0, `top_p` in
+        (0, 1]; `streams` one `(seed, lane)` per row with `0 <= lane < rows` (default
+        `(seed, b)` for row b)."""
         if not (temperature >= 0 and math.isfinite(temperature)):
             raise ValueError(f"temperature={temperature} must be finite and >= 0")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p={top_p} must be in (0, 1]")
-        return cls(jnp.float32(temperature), jnp.float32(top_p), jax.random.PRNGKey(seed))
+        if streams is None:
+            streams = [(seed, b) for b in range(rows)]
+        if len(streams) != rows:
+            raise ValueError(f"sampling streams: {len(streams)} for {rows} rows")
+        lanes = np.asarray([lane for _, lane in streams], np.int64)
+        if rows and (lanes.min() < 0 or lanes.max() >= rows):
+            raise ValueError(f"sampling streams: lanes {lanes.tolist()} outside 0..{rows - 1}")
+        seeds = sorted({int(s) for s, _ in streams})
+        key_of = {s: np.asarray(jax.random.PRNGKey(s)) for s in seeds}
+        keys = np.stack([key_of[int(s)] for s, _ in streams]) if rows else np.zeros((0, 2))
+        return cls(
+            jnp.float32(temperature),
+            jnp.float32(top_p),
+            jnp.asarray(keys, jnp.uint32),
+            jnp.asarray(lanes, jnp.int32),
+        )
+
+    def padded_rows(self, rows: int) -> SamplingParams:
+        """These parameters for a batch padded to `rows` rows (`generate.prompts.pad_prompts`):
+        the added rows repeat the last row's stream (their outputs are dropped)."""
+        extra = rows - self.keys.shape[0]
+        if extra < 0:
+            raise ValueError(f"sampling has {self.keys.shape[0]} rows, batch has {rows}")
+        if extra == 0:
+            return self
+        return self._replace(
+            keys=jnp.concatenate([self.keys, jnp.repeat(self.keys[-1:], extra, axis=0)]),
+            lanes=jnp.concatenate([self.lanes, jnp.repeat(self.lanes[-1:], extra)]),
+        )
+
+    def uniforms(self, step: jax.Array | int) -> jax.Array:
+        """`[B]` f32 in [0, 1): row b's uniform at decode step `step`, entry `lanes[b]` of
+        `uniform(fold_in(keys[b], step), (B,))`."""
+        width = self.lanes.shape[0]
+
+        def row(key, lane):
+            return jax.random.uniform(jax.random.fold_in(key, step), (width,))[lane]
+
+        return jax.vmap(row)(self.keys, self.lanes)
 
 
 def _order_key(x: jax.Array) -> jax.Array:
@@ -97,11 +154,11 @@ def inverse_cdf(weights: jax.Array, u: jax.Array, block: int = 256) -> jax.Array
 
 
 def sample_tokens(
-    logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array
+    logits: jax.Array, uniforms: jax.Array, temperature: jax.Array, top_p: jax.Array
 ) -> jax.Array:
     """`logits [B, V]` -> ids `[B]`: argmax when `temperature == 0`, else an exact draw from
     softmax(logits / temperature) restricted to its `top_p` nucleus (`top_p_mask`), by
-    inverse CDF with one uniform per row (`fold_in`-derived `key`)."""
+    inverse CDF with row b's uniform `uniforms[b]` (`SamplingParams.uniforms`)."""
     logits = logits.astype(jnp.float32)
 
     def draw(lg):
@@ -110,7 +167,7 @@ def sample_tokens(
             top_p < 1.0, top_p_mask, lambda x, _: jnp.ones(x.shape, bool), lg, top_p
         )
         weights = jnp.where(keep, jnp.exp(lg - jnp.max(lg, axis=-1, keepdims=True)), 0.0)
-        return inverse_cdf(weights, jax.random.uniform(key, lg.shape[:1])).astype(jnp.int32)
+        return inverse_cdf(weights, uniforms).astype(jnp.int32)
 
     # argmax as top-1 (the lower index wins ties, as in argmax): 4x cheaper on XLA CPU
     greedy = lambda lg: jax.lax.top_k(lg, 1)[1][:, 0].astype(jnp.int32)  # noqa: E731

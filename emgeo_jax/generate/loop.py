@@ -182,8 +182,9 @@ def decode(
     """The decode loop. Token 0 comes from `inputs.first_logits [B, V]`; step i feeds token
     i-1 at `inputs.position + i - 1` and chooses token i with `sampling` (each row's
     uniform from its stream: `SamplingParams.uniforms(i)`). With `monitor`, one extra step
-    feeds the last token so that every generated token's residual is projected. `options` (static): the attention
-    implementation and each step's residual pin `[B, 1, D]` (`Layout.decode_resid`)."""
+    feeds the last token so that every generated token's residual is projected. `options`
+    (static): the attention implementation and each step's residual pin `[B, 1, D]`
+    (`Layout.decode_resid`)."""
     n = max_new_tokens
     b = inputs.first_logits.shape[0]
     last_step = n if monitor else n - 1

@@ -363,7 +363,7 @@ def test_a_cell_killed_mid_generation_resumes_after_its_last_finished_batch(
     real, calls = folder.generate, []
 
     def counting(*args, **kw):
-        calls.append(kw["seed"])
+        calls.append(kw["streams"])
         if kill_at is not None and len(calls) == kill_at:
             raise Killed
         return real(*args, **kw)
@@ -389,7 +389,8 @@ def test_a_cell_killed_mid_generation_resumes_after_its_last_finished_batch(
         res = run_sweep(
             tiny_chat_llama, vectors, QUESTIONS, judge=judge, out_dir=tmp_path / "b", **grid
         )
-    assert calls == [SAMPLING.seed + 1, SAMPLING.seed + 2]  # only the missing batches, same seeds
+    seed = SAMPLING.seed  # only the missing batches, with the steered cell's own streams
+    assert calls == [[(seed + 1, 0), (seed + 1, 1)], [(seed + 2, 0), (seed + 2, 1)]]
     assert not partial.exists()
     assert json.loads(json.dumps(res)) == json.loads(json.dumps(ref))
     for f in (tmp_path / "a" / "cells").glob("*.jsonl"):

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from emgeo_jax.experiments.folder import (
+    Cell,
     CellRunner,
     ExperimentFolder,
     Sampling,
@@ -91,9 +92,9 @@ def run_ablation(
     )
     conds = {"before": add, "after": ablate if add is None else Steering.combine(add, ablate)}
     results: dict[str, Any] = {"config_hash": folder.hash, "conditions": {}}
-    for name, st in conds.items():
-        rows = runner.run(folder.path / "cells", name, st, {"cell": name})
-        results["conditions"][name] = cell_summary(rows, seed=sampling.seed)
+    cells = [Cell(name, st, {"cell": name}) for name, st in conds.items()]
+    for cell, rows in zip(cells, runner.run_cells(folder.path / "cells", cells), strict=True):
+        results["conditions"][cell.name] = cell_summary(rows, seed=sampling.seed)
     before, after = (results["conditions"][k]["em_rate"] for k in ("before", "after"))
     results["em_change"] = None if None in (before, after) else after - before
     write_json_atomic(folder.path / "results.json", results)

@@ -13,11 +13,16 @@ An experiment folder holds:
     results.json, *.png, report.html
 
 A cell is one intervention (a `Steering`, or none) applied to every question x sample job.
-Re-running skips cells whose judged file exists, reuses a generations file without
-regenerating, and judges through the cache, so no judge request is ever repeated. Every cell
-samples with the same seeds (common random numbers): differences between cells come from the
-intervention, not from sampling noise, and a cell's output does not depend on which cells
-ran before it.
+An experiment's unfinished cells are generated together: their rows are packed into shared
+batches of `batch_size` rows, each row running its own cell's intervention (per-row steering),
+so a sweep of many cells takes few generate calls. Job j of every cell samples from the stream
+`(seed + j // batch_size, j % batch_size)` (`job_stream`): the tokens of a cell run alone,
+batch by batch, whatever it was packed with. Every cell samples with the same seeds (common
+random numbers): differences between cells come from the intervention, not from sampling
+noise, and a cell's output does not depend on which cells ran before or beside it. Re-running
+skips cells whose judged file exists, reuses a generations file without regenerating,
+continues a cell's partial generations after its last saved row, and judges through the
+cache, so no judge request is ever repeated.
 
 Several processes (a model on a mesh spanning them, under `jax.distributed.initialize`): every
 process calls the same experiment function; process 0 decides what is already on disk and
@@ -32,6 +37,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -185,52 +191,107 @@ def make_jobs(questions: Sequence[PromptRow], samples: int) -> list[dict[str, An
     return jobs
 
 
-def generate_jobs(
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One intervention over a job list: `name` (file-safe; the cell's files are named after
+    it), `steering` (None: unsteered), `meta` (fields every row of the cell carries) and
+    `jobs` (None: the runner's job list)."""
+
+    name: str
+    steering: Steering | None
+    meta: Mapping[str, Any]
+    jobs: Sequence[Mapping[str, Any]] | None = None
+
+
+def job_stream(sampling: Sampling, j: int) -> tuple[int, int]:
+    """The sampling stream `(seed, lane)` of job `j` of every cell: row `j % batch_size` of a
+    batch seeded `seed + j // batch_size`, as if the cell ran alone in batches of
+    `batch_size` (so a row samples the same tokens however cells are packed or resumed)."""
+    b = sampling.batch_size
+    return sampling.seed + j // b, j % b
+
+
+def generate_cells(
     lm: Any,
-    jobs: Sequence[Mapping[str, Any]],
-    steering: Steering | None,
+    cells: Sequence[tuple[Steering | None, Sequence[Mapping[str, Any]]]],
     sampling: Sampling,
     monitor: tuple[int, np.ndarray] | None = None,
-    start: int = 0,
-    on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Generate a response per job; rows gain `response`, `finish_reason` and, with
-    `monitor=(layer, direction)`, `projection` (mean over generated tokens of the residual
-    after block `layer` dotted with the unit direction).
+    starts: Sequence[int] | None = None,
+    on_rows: Callable[[int, list[dict[str, Any]]], None] | None = None,
+) -> list[list[dict[str, Any]]]:
+    """Generate a response per job of every cell, the cells' rows packed into batches of
+    `sampling.batch_size` (the last padded to full size, so every batch shares one compiled
+    program). `cells`: `(steering, jobs)` per cell; rows run their cell's steering (at
+    `sampling.positions`) through per-row steering when cells with different steerings share
+    a batch. Rows gain `response`, `finish_reason` and, with `monitor=(layer, direction)`,
+    `projection` (mean over generated tokens of the residual after block `layer` dotted with
+    the unit direction).
 
-    `start` (a multiple of `sampling.batch_size`) skips the jobs before it, as a resumed run
-    does: batch k always samples with seed `sampling.seed + k`, so the rows come out as in an
-    uninterrupted run. `on_batch(rows)` gets each finished batch's rows (to save them)."""
-    if steering is not None:
-        steering = steering.at_positions(sampling.positions)
-    out = []
+    Job `j` samples from stream `job_stream(sampling, j)`: the rows are those of each cell run
+    alone, batch by batch. `starts[c]` skips cell c's first jobs (a resumed run).
+    `on_rows(c, rows)` gets cell c's rows as each batch finishes, in job order (to save them).
+    Returns each cell's new rows."""
+    starts = list(starts) if starts is not None else [0] * len(cells)
+    todo = [(c, j) for c, (_, jobs) in enumerate(cells) for j in range(starts[c], len(jobs))]
+    out: list[list[dict[str, Any]]] = [[] for _ in cells]
+    if not todo:
+        return out
     b = sampling.batch_size
-    if start % b:
-        raise ValueError(f"generate_jobs: start {start} is not a multiple of the batch {b}")
-    for k in range(start, len(jobs), b):
-        batch = list(jobs[k : k + b])
+    batches = [todo[k : k + b] for k in range(0, len(todo), b)]
+    specs = [None if st is None else st.at_positions(sampling.positions) for st, _ in cells]
+    shared = len({id(spec) for spec in specs}) == 1  # one intervention for every row
+    if not shared:  # per-row steering, the same shapes in every batch (one compile)
+        slots = max(len({c for c, _ in batch}) for batch in batches)
+        none = Steering.none(lm.config)
+        specs = [none if spec is None else spec for spec in specs]
+        directions = max(int(spec.ablate.shape[1]) for spec in specs)
+    logging.info(
+        "generating %d responses of %d cells in %d batches of %d",
+        len(todo),
+        sum(1 for c in range(len(cells)) if starts[c] < len(cells[c][1])),
+        len(batches),
+        b,
+    )
+    clock = time.monotonic()
+    for i, batch in enumerate(batches, 1):
         padded = batch + [batch[-1]] * (b - len(batch))
+        jobs = [cells[c][1][j] for c, j in padded]
+        steering = specs[0]
+        if not shared:
+            order = list(dict.fromkeys(c for c, _ in padded))
+            used = [specs[c] for c in order] + [specs[order[-1]]] * (slots - len(order))
+            variant = [order.index(c) for c, _ in padded]
+            steering = Steering.per_row(used, variant, num_directions=directions)
         res = generate(
             lm,
-            [with_system(j["prompt"], j.get("system")) for j in padded],
+            [with_system(job["prompt"], job.get("system")) for job in jobs],
             steering,
             max_new_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
-            seed=sampling.seed + k // b,
+            streams=[job_stream(sampling, j) for _, j in padded],
             monitor=monitor,
         )
-        rows = []
-        for i, job in enumerate(batch):
-            row = {key: v for key, v in job.items() if key != "prompt"}
-            row.update(response=res.texts[i], finish_reason=res.finish_reasons[i])
+        by_cell: dict[int, list[dict[str, Any]]] = {}
+        for r, (c, _) in enumerate(batch):
+            row = {key: v for key, v in jobs[r].items() if key != "prompt"}
+            row.update(response=res.texts[r], finish_reason=res.finish_reasons[r])
             if res.projections is not None:
-                p = res.projections[i]
+                p = res.projections[r]
                 row["projection"] = float(np.mean(p)) if len(p) else None
-            rows.append(row)
-        if on_batch is not None:
-            on_batch(rows)
-        out += rows
+            by_cell.setdefault(c, []).append(row)
+        for c, rows in by_cell.items():
+            out[c] += rows
+            if on_rows is not None:
+                on_rows(c, rows)
+        rate = i / (time.monotonic() - clock)
+        logging.info(
+            "batch %d/%d: %.2f batches/s, ETA %.0f s",
+            i,
+            len(batches),
+            rate,
+            (len(batches) - i) / rate,
+        )
     return out
 
 
@@ -254,62 +315,90 @@ class CellRunner:
     def run(
         self, cell_dir: Path, name: str, steering: Steering | None, meta: Mapping[str, Any]
     ) -> list[dict[str, Any]]:
-        """The judged rows of cell `name` (each carrying `meta`), computing what is missing
-        (the same rows on every process; see the module docstring)."""
-        judged = cell_dir / f"{name}.judged.jsonl"
-        gen = cell_dir / f"{name}.generations.jsonl"
+        """The judged rows of cell `name` (each carrying `meta`); `run_cells` of one cell."""
+        return self.run_cells(cell_dir, [Cell(name, steering, meta)])[0]
+
+    def run_cells(self, cell_dir: Path, cells: Sequence[Cell]) -> list[list[dict[str, Any]]]:
+        """The judged rows of every cell, computing what is missing: first the generations of
+        every unfinished cell, packed into shared batches (`generate_cells`), then each cell's
+        judging in order. The same rows on every process (see the module docstring)."""
         done = None
         if is_primary():
-            done = "judged" if judged.exists() else "generated" if gen.exists() else None
+            done = [
+                "judged"
+                if (cell_dir / f"{c.name}.judged.jsonl").exists()
+                else "generated"
+                if (cell_dir / f"{c.name}.generations.jsonl").exists()
+                else None
+                for c in cells
+            ]
         done = broadcast_json(done)
-        if done == "judged":
-            return broadcast_json(read_jsonl(judged) if is_primary() else None)
-        if done == "generated":
+        self._generate(cell_dir, [c for c, d in zip(cells, done, strict=True) if d is None])
+        out = []
+        for cell, state in zip(cells, done, strict=True):
+            judged = cell_dir / f"{cell.name}.judged.jsonl"
+            if state == "judged":
+                out.append(broadcast_json(read_jsonl(judged) if is_primary() else None))
+                continue
+            gen = cell_dir / f"{cell.name}.generations.jsonl"
             rows = broadcast_json(read_jsonl(gen) if is_primary() else None)
-        else:
-            rows = self._generate(gen, name, steering, meta)
-        self._stage(name, "generated")
-        scored = None
+            self._stage(cell.name, "generated")
+            scored = None
+            if is_primary():
+                logging.info("cell %s: judging", cell.name)
+                scored = judge_responses(
+                    [{**r, "answer": r["response"]} for r in rows],
+                    self.judge,
+                    cache_path=self.cache_path,
+                    question_prompts=self.question_prompts,
+                    stats=self.stats,
+                    progress=False,
+                )
+                scored = [{k: v for k, v in r.items() if k != "answer"} for r in scored]
+                write_jsonl_atomic(judged, scored)
+            out.append(broadcast_json(scored))
+            self._stage(cell.name, "judged")
+        return out
+
+    def _generate(self, cell_dir: Path, cells: Sequence[Cell]) -> None:
+        """Generate the cells, their rows appended to each cell's `NAME.generations.jsonl
+        .partial` as batches finish (process 0 writes), so an interrupted run resumes after
+        each cell's last saved row; `NAME.generations.jsonl` appears when the cell is
+        complete."""
+        if not cells:
+            return
+        jobs = [self.jobs if c.jobs is None else c.jobs for c in cells]
+        writers = None
         if is_primary():
-            logging.info("cell %s: judging", name)
-            scored = judge_responses(
-                [{**r, "answer": r["response"]} for r in rows],
-                self.judge,
-                cache_path=self.cache_path,
-                question_prompts=self.question_prompts,
-                stats=self.stats,
-                progress=False,
-            )
-            scored = [{k: v for k, v in r.items() if k != "answer"} for r in scored]
-            write_jsonl_atomic(judged, scored)
-        scored = broadcast_json(scored)
-        self._stage(name, "judged")
-        return scored
+            writers = [
+                ResumableJsonl(
+                    cell_dir / f"{c.name}.generations.jsonl",
+                    {"cell": c.name, "jobs": len(j), "batch_size": self.sampling.batch_size},
+                )
+                for c, j in zip(cells, jobs, strict=True)
+            ]
+        starts = broadcast_json(None if writers is None else [w.done for w in writers])
+        for c, start, j in zip(cells, starts, jobs, strict=True):
+            if start:
+                logging.info("cell %s: resuming after %d/%d responses", c.name, start, len(j))
 
-    def _generate(
-        self, gen: Path, name: str, steering: Steering | None, meta: Mapping[str, Any]
-    ) -> list[dict[str, Any]]:
-        """The cell's generations, batch by batch into `gen.partial` (process 0 writes), so an
-        interrupted cell resumes after its last finished batch; `gen` appears when complete."""
-        b = self.sampling.batch_size
-        record = {"cell": name, "jobs": len(self.jobs), "batch_size": b}
-        writer = ResumableJsonl(gen, record, unit=b) if is_primary() else None
-        start = broadcast_json(writer.done if writer is not None else None)
-        if start:
-            logging.info("cell %s: resuming after %d/%d responses", name, start, len(self.jobs))
-        else:
-            logging.info("cell %s: generating %d responses", name, len(self.jobs))
+        def save(c: int, rows: list[dict[str, Any]]) -> None:
+            if writers is not None:
+                writers[c].append([{**r, **cells[c].meta} for r in rows])
+                if writers[c].done == len(jobs[c]):
+                    writers[c].finish()
 
-        def save(rows: list[dict[str, Any]]) -> None:
-            if writer is not None:
-                writer.append([{**r, **meta} for r in rows])
-
-        generate_jobs(
-            self.lm, self.jobs, steering, self.sampling, self.monitor, start=start, on_batch=save
+        for c, writer in enumerate(writers or []):
+            if writer.done == len(jobs[c]):  # complete but not renamed: finish it now
+                writer.finish()
+        generate_cells(
+            self.lm,
+            [(c.steering, j) for c, j in zip(cells, jobs, strict=True)],
+            self.sampling,
+            self.monitor,
+            starts=starts,
+            on_rows=save,
         )
-        if writer is not None:
-            writer.finish()
-        return broadcast_json(read_jsonl(gen) if is_primary() else None)
 
     def _stage(self, name: str, stage: str) -> None:
         if self.on_stage is not None:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from emgeo_jax.experiments.folder import (
+    Cell,
     CellRunner,
     ExperimentFolder,
     Sampling,
@@ -91,12 +92,19 @@ def run_persona(
 
     config = persona_config(model, positive_system, negative_system, questions, sampling, judge)
     folder = ExperimentFolder(out_dir, config, overwrite=overwrite)
-    judged = {}
-    for cond, system in (("positive", positive_system), ("negative", negative_system)):
-        jobs = make_jobs([{**q, "system": system} for q in questions], sampling.samples)
-        runner = CellRunner(lm, jobs, sampling, judge, folder.judge_cache)
-        judged[cond] = runner.run(folder.path / "cells", cond, None, {"cell": cond})
-        log_judge_stats(folder.path, runner.stats)
+    cells = [
+        Cell(
+            cond,
+            None,
+            {"cell": cond},
+            make_jobs([{**q, "system": system} for q in questions], sampling.samples),
+        )
+        for cond, system in (("positive", positive_system), ("negative", negative_system))
+    ]
+    runner = CellRunner(lm, cells[0].jobs, sampling, judge, folder.judge_cache)
+    rows = runner.run_cells(folder.path / "cells", cells)  # both system prompts packed
+    judged = {cell.name: r for cell, r in zip(cells, rows, strict=True)}
+    log_judge_stats(folder.path, runner.stats)
     pairs = []
     for pos, neg in zip(judged["positive"], judged["negative"], strict=True):
         if keep_pair(pos, neg):

@@ -9,10 +9,12 @@ A direction is `[D]` (added at each swept layer) or a per-layer stack: a `LayerV
 layers the file holds) or a plain `[L, D]` array (row l = layer l), multiplied by the scale as
 is (no normalisation). A layer the stack does not hold is refused, naming the file. Cell
 (direction, layer, scale) adds `scale * v` at that one layer; the unsteered baseline is one
-extra cell shared by every curve as scale 0. All cells share one compiled generate program:
-steering values are data. Results per cell: EM rate (question-stratified bootstrap interval),
-mean aligned and coherent (bootstrap intervals), per-question EM, and with a monitor the mean
-projection of generated tokens on the monitor direction.
+extra cell shared by every curve as scale 0. All cells share one compiled generate program
+(steering values are data) and their rows are packed into shared batches (per-row steering;
+`experiments.folder`), with the outputs each cell gives alone. Results per cell: EM rate
+(question-stratified bootstrap interval), mean aligned and coherent (bootstrap intervals),
+per-question EM, and with a monitor the mean projection of generated tokens on the monitor
+direction.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 from absl import logging
 
 from emgeo_jax.experiments.folder import (
+    Cell,
     CellRunner,
     ExperimentFolder,
     Sampling,
@@ -163,26 +166,31 @@ def run_sweep(
     cells_dir = folder.path / "cells"
     grid = [(d, int(layer), s) for d in directions for layer in layers for s in scales]
     logging.info("sweep: %d cells + baseline, %d responses each", len(grid), len(runner.jobs))
-    base_rows = runner.run(cells_dir, BASELINE, None, {"cell": BASELINE})
+    cells = [Cell(BASELINE, None, {"cell": BASELINE})]
+    for d, layer, s in grid:
+        name = cell_name(d, layer, s)
+        steering = Steering.addition(lm, directions[d].at(layer), [layer], s)
+        cells.append(
+            Cell(name, steering, {"cell": name, "direction": d, "layer": layer, "scale": s})
+        )
+    base_rows, *cell_rows = runner.run_cells(cells_dir, cells)
     results: dict[str, Any] = {
         "config_hash": folder.hash,
         "baseline": cell_summary(base_rows, seed=sampling.seed),
         "cells": [],
     }
-    for i, (d, layer, s) in enumerate(grid, 1):
-        name = cell_name(d, layer, s)
-        steering = Steering.addition(lm, directions[d].at(layer), [layer], s)
-        meta = {"cell": name, "direction": d, "layer": layer, "scale": s}
-        rows = runner.run(cells_dir, name, steering, meta)
+    for i, ((d, layer, s), cell, rows) in enumerate(
+        zip(grid, cells[1:], cell_rows, strict=True), 1
+    ):
         summary = cell_summary(rows, seed=sampling.seed)
         results["cells"].append(
-            {"name": name, "direction": d, "layer": layer, "scale": s, **summary}
+            {"name": cell.name, "direction": d, "layer": layer, "scale": s, **summary}
         )
         logging.info(
             "cell %d/%d %s: EM %s, aligned %s",
             i,
             len(grid),
-            name,
+            cell.name,
             _fmt(summary["em_rate"]),
             _fmt(summary["aligned_mean"]),
         )

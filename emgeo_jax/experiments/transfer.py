@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from emgeo_jax.experiments.folder import (
+    Cell,
     CellRunner,
     ExperimentFolder,
     Sampling,
@@ -125,13 +126,16 @@ def run_transfer(
                 f"transfer: model {b} has D={lm.config.hidden_size}, vectors have D={widths[b]}"
             )
         runner = CellRunner(lm, jobs, sampling, judge, folder.judge_cache, question_prompts)
-        summaries[b] = {}
+        todo = []
         for c, a in cells.items():
             st = None
             if a is not None and lm is not None:
                 st = Steering.addition(lm, steer[a], [layer], scale)
-            rows = runner.run(cell_dir, c, st, {"cell": c, "target": b, "source": a})
-            summaries[b][c] = cell_summary(rows, seed=sampling.seed)
+            todo.append(Cell(c, st, {"cell": c, "target": b, "source": a}))
+        judged = runner.run_cells(cell_dir, todo)  # one model's cells packed together
+        summaries[b] = {
+            c: cell_summary(rows, seed=sampling.seed) for c, rows in zip(cells, judged, strict=True)
+        }
         log_judge_stats(folder.path, runner.stats)
         logging.info("transfer: model %s done", b)
     pq = {b: {c: s["per_question_em"] for c, s in summaries[b].items()} for b in names}

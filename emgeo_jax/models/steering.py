@@ -149,10 +149,13 @@ class Steering:
         return None if self.variant is None else int(self.add.shape[1])
 
     @staticmethod
-    def per_row(specs: Sequence[Steering], variant: Sequence[int] | np.ndarray) -> Steering:
+    def per_row(
+        specs: Sequence[Steering], variant: Sequence[int] | np.ndarray, num_directions: int = 0
+    ) -> Steering:
         """Row b of the batch runs `specs[variant[b]]` (module docstring): `specs` are
         ordinary (shared, maskless) steerings of one model; `variant [B]` ints in
-        `0 .. len(specs) - 1`."""
+        `0 .. len(specs) - 1`. Ablations are zero-padded to the most directions of any spec,
+        or to `num_directions` if more (so batches of other mixes share one program)."""
         if not specs:
             raise ValueError("Steering.per_row: no interventions")
         for i, spec in enumerate(specs):
@@ -171,7 +174,7 @@ class Steering:
             raise ValueError(
                 f"Steering.per_row: variant {rows.tolist()} outside 0..{len(specs) - 1}"
             )
-        k = max(spec.ablate.shape[1] for spec in specs)
+        k = max(num_directions, *(spec.ablate.shape[1] for spec in specs))
         ablate = [np.asarray(spec.ablate) for spec in specs]
         ablate = [np.pad(a, ((0, 0), (0, k - a.shape[1]), (0, 0))) for a in ablate]
         return Steering(

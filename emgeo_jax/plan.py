@@ -441,7 +441,8 @@ def generate_program(
         DecodeInputs(first_logits=rows, position=rows, eos_ids=one, monitor_layer=one,
                      monitor_dir=one),
     )  # fmt: skip
-    sampling = _replicated(mesh, jax.eval_shape(lambda: SamplingParams.make(rows=batch)))
+    sampling = SamplingParams.make(rows=batch)  # small host-made arrays: their shapes
+    sampling = _replicated(mesh, jax.eval_shape(lambda: sampling))
     prefill_layer = _block_program(
         cfg, mesh, batch, seq, dtype, cache_len=length, x_sharding=prefill_pin
     )

@@ -19,6 +19,7 @@ from emgeo_jax.generate.loop import decode
 from emgeo_jax.judge.client import JudgeConfig, judge_responses
 from emgeo_jax.judge.io import read_jsonl
 from emgeo_jax.judge.testing import ScriptedJudgeServer
+from emgeo_jax.models.lm import LM, init_params
 from emgeo_jax.models.steering import Steering
 from emgeo_jax.vectors.io import LayerVectors
 from tests.test_experiments import QUESTIONS, Killed, directions, table
@@ -29,20 +30,15 @@ GRID = dict(layers=[0, 2], scales=[-4, 4, 8])  # x 2 directions = 12 cells, + th
 MONITOR = (1, "md")
 
 
-def cell_by_cell(lm, vectors, sampling, monitor):
-    """Today's sweep generation, the reference: each cell alone, batch k of `batch_size` jobs
-    (the last padded with copies of its last job) seeded `seed + k`, one shared steering."""
-    jobs = make_jobs(QUESTIONS, sampling.samples)
-    vectors = {k: LayerVectors.of(v, k).for_model(lm.config.num_layers) for k, v in vectors.items()}
-    mon = (monitor[0], vectors[monitor[1]].at(monitor[0]))
-    cells = {BASELINE: None}
-    for d in vectors:
-        for layer in GRID["layers"]:
-            for s in GRID["scales"]:
-                add = Steering.addition(lm, vectors[d].at(layer), [layer], s)
-                cells[cell_name(d, layer, s)] = add.at_positions(sampling.positions)
+def alone(lm, cells, sampling, monitor=None, questions=QUESTIONS):
+    """Today's experiment generation, the reference: each cell alone, batch k of `batch_size`
+    jobs (the last padded with copies of its last job) seeded `seed + k`, one shared steering.
+    `cells`: name -> Steering or None. Returns name -> [(response, mean projection)]."""
+    jobs = make_jobs(questions, sampling.samples)
     out, b = {}, sampling.batch_size
     for name, steering in cells.items():
+        if steering is not None:
+            steering = steering.at_positions(sampling.positions)
         rows = []
         for k in range(0, len(jobs), b):
             batch = jobs[k : k + b]
@@ -55,12 +51,26 @@ def cell_by_cell(lm, vectors, sampling, monitor):
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
                 seed=sampling.seed + k // b,
-                monitor=mon,
+                monitor=monitor,
             )
             for i, _ in enumerate(batch):
-                rows.append((res.texts[i], float(np.mean(res.projections[i]))))
+                proj = None if monitor is None else float(np.mean(res.projections[i]))
+                rows.append((res.texts[i], proj))
         out[name] = rows
     return out
+
+
+def cell_by_cell(lm, vectors, sampling, monitor):
+    """The sweep's cells run alone (`alone`)."""
+    vectors = {k: LayerVectors.of(v, k).for_model(lm.config.num_layers) for k, v in vectors.items()}
+    cells = {BASELINE: None}
+    for d in vectors:
+        for layer in GRID["layers"]:
+            for s in GRID["scales"]:
+                cells[cell_name(d, layer, s)] = Steering.addition(
+                    lm, vectors[d].at(layer), [layer], s
+                )
+    return alone(lm, cells, sampling, (monitor[0], vectors[monitor[1]].at(monitor[0])))
 
 
 def sweep(lm, out, server, **kw):
@@ -164,3 +174,53 @@ def test_killed_in_a_mixed_batch_resumes_to_the_same_files(tiny_chat_llama, pack
     assert json.loads(json.dumps(res)) == json.loads(json.dumps(ref))
     for f in (ref_out / "cells").glob("*.jsonl"):
         assert (tmp_path / "cells" / f.name).read_text() == f.read_text(), f.name
+
+
+def test_packed_ablation_and_transfer_equal_their_cells_alone(tiny_chat_llama, tmp_path):
+    """The ablation's two cells (a steered one and the same with a direction projected out,
+    per-row ablation) and a transfer's three cells per model, packed, give the responses of
+    each cell run alone."""
+    from emgeo_jax.experiments.ablation import run_ablation
+    from emgeo_jax.experiments.transfer import run_transfer
+
+    lm, v = tiny_chat_llama, directions(tiny_chat_llama)
+    steer = Steering.addition(lm, v["pc"], [1], 4.0)
+    ablate = Steering.layer_ablation(lm, v["md"], None)
+    with ScriptedJudgeServer(table) as server:
+        judge = JudgeConfig(base_url=server.base_url, model="scripted")
+        run_ablation(
+            lm,
+            v["md"],
+            QUESTIONS,
+            layers=None,
+            sampling=SAMPLING,
+            judge=judge,
+            out_dir=tmp_path / "ablate",
+            steer=(v["pc"], 1, 4.0),
+        )
+        other = LM(lm.config, *init_params(lm.config, seed=2), tokenizer=lm.tokenizer)
+        run_transfer(
+            {"a": lambda: lm, "b": lambda: other},
+            {"a": v["pc"], "b": v["md"][2]},
+            QUESTIONS,
+            layer=1,
+            scale=4.0,
+            sampling=SAMPLING,
+            judge=judge,
+            out_dir=tmp_path / "transfer",
+        )
+    want = alone(lm, {"before": steer, "after": Steering.combine(steer, ablate)}, SAMPLING)
+    for name, rows in want.items():
+        got = read_jsonl(tmp_path / "ablate" / "cells" / f"{name}.generations.jsonl")
+        assert [r["response"] for r in got] == [t for t, _ in rows], name
+    for model, target in (("a", lm), ("b", other)):
+        cells = {
+            "base": None,
+            "from_a": Steering.addition(target, v["pc"], [1], 4.0),
+            "from_b": Steering.addition(target, v["md"][2], [1], 4.0),
+        }
+        for name, rows in alone(target, cells, SAMPLING).items():
+            got = read_jsonl(
+                tmp_path / "transfer" / "models" / model / "cells" / f"{name}.generations.jsonl"
+            )
+            assert [r["response"] for r in got] == [t for t, _ in rows], (model, name)

@@ -119,7 +119,9 @@ def define_sampling_flags(batch_size: int, samples_help: str) -> None:
     flags.DEFINE_float("temperature", 1.0, "sampling temperature (0 = greedy)")
     flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
     flags.DEFINE_integer("seed", 0, "sampling seed (batch k uses seed + k)")
-    flags.DEFINE_integer("batch_size", batch_size, "rows per generation batch")
+    flags.DEFINE_integer(
+        "batch_size", batch_size, "rows per generation batch (experiments pack all cells into them)"
+    )
 
 
 def define_steering_flags() -> None:

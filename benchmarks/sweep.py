@@ -90,7 +90,9 @@ def main() -> None:
 
     lm = emgeo_jax.load("default")
     questions = read_prompts(shipped_questions_path())
-    jobs = make_jobs((questions * args.jobs)[: args.jobs], 1)
+    questions = [{k: v for k, v in q.items() if k != "samples"} for q in questions]
+    jobs = make_jobs((questions * args.jobs)[: args.jobs], 1)  # one sample each
+    assert len(jobs) == args.jobs
     cells = cells_of(lm, args.layers)
     base = Sampling(samples=1, max_new_tokens=args.new, temperature=1.0, batch_size=args.batch)
     tight = Sampling(samples=1, max_new_tokens=args.new, temperature=1.0, batch_size=args.jobs)

@@ -628,17 +628,34 @@ def completion_json(
 def text_deltas(
     tokens: Sequence[int], text: str, decode: Callable[[Sequence[int]], str]
 ) -> list[str]:
-    """One piece of `text` per token, joining to `text` exactly: after token k, the part of
-    `decode(tokens[:k])` that is stable (a prefix of `text`, not ending in U+FFFD, the mark of
-    an incomplete UTF-8 character) and not yet sent; the last token carries the rest. With no
-    tokens, `[text]` if `text` else `[]`."""
+    """One piece of `text` per token, joining to `text` exactly: after token k, the text that
+    is stable (a prefix of `text`, not ending in U+FFFD, the mark of an incomplete UTF-8
+    character) and not yet sent; the last token carries the rest. With no tokens, `[text]`
+    if `text` else `[]`.
+
+    Incremental: the new text is read off a short window (the tokens since the one before
+    the last piece sent, decoded with and without the newest ones), so a reply costs linear,
+    not quadratic, decoding. If a window's text ever disagrees with `text` (a tokenizer whose
+    decoding is not local), the rest is found from whole prefixes `decode(tokens[:k])`."""
     if not tokens:
         return [text] if text else []
     pieces, sent = [], 0
+    start = read = 0  # window: tokens[start:read] are context, their text sent already
+    local = True
     for k in range(1, len(tokens) + 1):
+        stable = sent
         if k == len(tokens):
             stable = len(text)
-        else:
+        elif local:
+            before, after = decode(tokens[start:read]), decode(tokens[start:k])
+            new = after[len(before) :] if after.startswith(before) else None
+            if new is not None and (not new or new.endswith("\ufffd")):
+                pass  # nothing new yet, or an incomplete character: wait for more tokens
+            elif new is not None and text.startswith(new, sent):
+                stable, start, read = sent + len(new), read, k
+            else:
+                local = False
+        if not local and k < len(tokens):
             prefix = decode(tokens[:k]).rstrip("\ufffd")
             stable = max(sent, len(os.path.commonprefix([prefix, text])))
         pieces.append(text[sent:stable])

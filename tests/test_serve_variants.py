@@ -211,6 +211,20 @@ def test_text_deltas_hold_back_incomplete_characters(chat_tokenizer):
     assert len(pieces) == len(ids) and "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
     assert text_deltas([], "", dec) == []
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # random token soups, special tokens included: still exact
+        ids = rng.integers(0, len(tok), size=int(rng.integers(1, 40))).tolist()
+        pieces = text_deltas(ids, dec(ids), dec)
+        assert "".join(pieces) == dec(ids) and len(pieces) == len(ids)
+    calls = []
+
+    def nonlocal_decode(t):  # a decoder whose text of a window disagrees with the whole
+        calls.append(len(t))
+        return dec(t) if len(t) == len(ids) or t[:1] == ids[:1] else "#" + dec(t)
+
+    ids = tok.encode(text * 3, add_special_tokens=False)
+    pieces = text_deltas(ids, dec(ids), nonlocal_decode)
+    assert "".join(pieces) == dec(ids) and not any("#" in p for p in pieces)
 
 
 def post(server, body):
@@ -223,6 +237,32 @@ def post(server, body):
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def test_number_logprobs_of_two_variants_in_one_call(tiny_chat_llama, steerings, server):
+    """number_logprobs requests of two variants share one call and equal a direct call with
+    each variant's steering."""
+    from emgeo_jax.generate import number_logprobs, number_trie
+    from emgeo_jax.serve import TokenText
+
+    lm = tiny_chat_llama
+    trie = number_trie(lm.tokenizer, lm.config.vocab_size, TokenText(lm.tokenizer).bytes)
+    ids = chat_token_ids(lm.tokenizer, [CHAT], None)
+    body = {"messages": CHAT, "max_tokens": 1, "temperature": 0, "number_logprobs": True}
+    calls = server.worker.number_calls
+    replies = concurrently(
+        *(lambda m=m: post(server, {**body, "model": m}) for m in ("base", "up"))
+    )
+    assert server.worker.number_calls == calls + 1
+    for (code, reply), name in zip(replies, ("base", "up"), strict=True):
+        assert code == 200, reply
+        ref = number_logprobs(lm, ids, trie, steerings[name])
+        got = [g["logprob"] for g in reply["choices"][0]["number_logprobs"]]
+        np.testing.assert_allclose(got, ref.logprobs[0], atol=1e-5)
+    assert (
+        replies[0][1]["choices"][0]["number_logprobs"]
+        != replies[1][1]["choices"][0]["number_logprobs"]
+    )
 
 
 def test_models_list_and_unknown_model(server):

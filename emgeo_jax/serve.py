@@ -4,14 +4,24 @@
         client = openai.OpenAI(base_url=server.base_url, api_key="x")
         client.chat.completions.create(model="m", messages=[...], logprobs=True, top_logprobs=5)
 
-Endpoints: `GET /v1/models` (one model, id = `model_name`, with `"capabilities":
+    with serve_in_thread(lm, variants={"base": None, "evil": steering}) as server:
+        client.chat.completions.create(model="evil", messages=[...], stream=True)
+
+Endpoints: `GET /v1/models` (one entry per variant, id = its name, with `"capabilities":
 ["number_logprobs"]`, which judges read to score by whole numbers), `POST /v1/chat/completions` with
-`messages` (system/user/assistant; content a string or a list of text parts), `max_tokens`
-(or `max_completion_tokens`), `temperature`, `top_p`, `seed`, `n`, `logprobs`,
-`top_logprobs` (0..20). Unknown fields are ignored, as is `model` (there is one model);
-`stream: true` is refused. Errors are OpenAI-style `{"error": {"message", "type"}}` with
-400 for bad requests, 404 for unknown paths, 500 for a failure inside the model and 503 for
-requests still queued when the server stops.
+`model`, `messages` (system/user/assistant; content a string or a list of text parts),
+`max_tokens` (or `max_completion_tokens`), `temperature`, `top_p`, `seed`, `n`, `logprobs`,
+`top_logprobs` (0..20), `stream`, `stream_options.include_usage`. Unknown fields are
+ignored. Errors are OpenAI-style `{"error": {"message", "type", "code"}}` with 400 for bad
+requests, 404 for unknown paths and unknown models, 500 for a failure inside the model and
+503 for requests still queued when the server stops.
+
+Variants: one server answers for several steerings of one model, `ModelServer(lm,
+variants={name: Steering or None})` (None: unsteered); the request's `model` picks one.
+With a single variant (`ModelServer(lm, steering, model_name=...)`, the old spelling: one
+variant named `model_name`) every `model` is accepted; with several an unknown `model` gets
+404 `{"error": {..., "type": "invalid_request_error", "code": "model_not_found"}}` naming
+the variants there are.
 
 Load: the server refuses work it cannot finish in time rather than queue it. A request is
 answered `429` with `Retry-After` (seconds) when the queue ahead of it would take longer than
@@ -22,25 +32,49 @@ never answered, without a traceback. `close()` (SIGTERM in `emgeo serve`) finish
 the batch in flight (`emgeo serve` gives it 2 s); everything queued is answered 503.
 
 Whole-number logprobs (an extension, for judges; see `emgeo_jax.generate.numbers`): a request
-with `"number_logprobs": true` (and `max_tokens=1, n=1, temperature=0`) gets, in its choice,
-`"number_logprobs": [{"number": n, "logprob": lp}, ...]` for n = 0..100: the log probability
-that the reply starts with the whole number n, exact also for tokenizers that spell numbers
-digit by digit. Its one-token completion and `top_logprobs` come from the same pass and equal
-a plain greedy request's. OpenAI's API rejects the field; send it only to this server.
+with `"number_logprobs": true` (and `max_tokens=1, n=1, temperature=0`, not streamed) gets,
+in its choice, `"number_logprobs": [{"number": n, "logprob": lp}, ...]` for n = 0..100: the
+log probability that the reply starts with the whole number n, exact also for tokenizers
+that spell numbers digit by digit. Its one-token completion and `top_logprobs` come from the
+same pass and equal a plain greedy request's. OpenAI's API rejects the field; send it only
+to this server.
 
 Batching: HTTP handler threads parse and tokenize, then queue a job for one model worker
 thread. The worker waits `batch_wait` seconds after the first job, takes everything queued,
-and runs greedy jobs (temperature 0) that share `max_tokens` as one `generate_ids` call of up
-to `max_batch` rows. To keep the number of compiled programs small, every call asks for the
-top 20 logprobs (each request gets its first `top_logprobs`), and greedy batches are padded
-to a power of two with copies of their first row. A greedy answer equals its
-solo answer up to float reassociation in the batched matmuls.
+and runs jobs that share a batch key as one `generate_ids` call of up to `max_batch` rows:
+greedy jobs (temperature 0) that share `max_tokens`; sampled jobs that share
+(`temperature`, `top_p`, `max_tokens`); number_logprobs jobs (one `number_logprobs` call
+per power-of-two chunk). The variant is not part of the key: with several variants every
+call runs `Steering.per_row` over all of them (row b runs the variant of its request; an
+unsteered variant is `Steering.none`; ablations padded to the most directions of any
+variant; each variant keeps its position mode), so the shapes never depend on the mix and a
+new mix of variants reuses the compiled program. With one variant its steering is shared by
+the rows as before. To keep the number of compiled programs small, every call asks for the
+top 20 logprobs (each request gets its first `top_logprobs`), and batches are padded to a
+power of two with copies of their first row. A greedy answer equals its solo answer up to
+float reassociation in the batched matmuls.
 
-Seeds: a sampled job (temperature > 0) always runs alone, as one call whose `n` rows use the
-key `PRNGKey(seed)`, so a request with a seed is reproducible and independent of other
-traffic: its result equals `generate(lm, [messages] * n, temperature=..., seed=seed)`. Its n
-choices differ because each row draws its own noise from that key. Without a seed a random
-one is drawn.
+Seeds: each row samples from its own stream `(seed, lane)` (`emgeo_jax.generate.sampling`):
+a request's n rows are lanes 0..n-1 of its `seed` (a random seed when it gives none), so a
+request with a seed samples exactly as it would alone, whatever else shares its batch: its
+result equals `generate(lm, [messages] * n, steering, temperature=..., top_p=...,
+seed=seed)`. Its n choices differ because each lane draws its own noise; padding rows repeat
+the first row's stream.
+
+Streaming: with `stream: true` the reply is server-sent events (`Content-Type:
+text/event-stream`, `data: {json}` chunks of `object: "chat.completion.chunk"`, then `data:
+[DONE]`), in HTTP/1.1 chunked encoding on the standard-library `ThreadingHTTPServer` (a
+handler thread may write its response piece by piece, so no other HTTP stack is needed).
+Per choice (n > 1: each chunk carries one choice index, choice by choice): a first delta
+`{"role": "assistant", "content": ""}`, one chunk per generated token whose content delta is
+the newly stable text (prefixes of the token list are decoded and only text that is a
+prefix of the final text and does not end in an incomplete UTF-8 character, U+FFFD, is
+sent; the last token carries the rest), with that token's `logprobs: {"content": [entry]}`
+when asked, then a chunk with `finish_reason`; with `stream_options.include_usage` every
+chunk has `"usage": null` and a last chunk has no choices and the usage. The deltas join to
+exactly the non-streamed text and their logprobs to its list. The completion is computed
+whole first (the decode loop is one jitted while-loop that returns at its end) and then
+sent as chunks: streaming changes the protocol, not the time to the first token.
 
 Logprobs are of the model's unscaled distribution (log-softmax of the logits), per generated
 token; the EOS that ends a choice is not listed (finish_reason "stop"), as in OpenAI's API.
@@ -56,6 +90,7 @@ import functools
 import json
 import logging
 import math
+import os
 import queue
 import secrets
 import select
@@ -63,9 +98,11 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+import jax.numpy as jnp
 
 from emgeo_jax.generate import (
     Generation,
@@ -131,6 +168,8 @@ class ChatRequest:
     logprobs: bool
     top_logprobs: int
     number_logprobs: bool = False
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
 
 
 def _content(m: Any, i: int) -> str:
@@ -159,8 +198,15 @@ def parse_request(body: Any, max_tokens_cap: int) -> ChatRequest:
     """Validate a chat-completions JSON body; raises `RequestError` naming the bad field."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    if body.get("stream"):
-        raise RequestError("stream=true is not supported by this server")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise RequestError("stream must be a boolean")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise RequestError("stream_options must be an object")
+    include_usage = options.get("include_usage") or False
+    if not isinstance(include_usage, bool):
+        raise RequestError("stream_options.include_usage must be a boolean")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list")
@@ -196,8 +242,22 @@ def parse_request(body: Any, max_tokens_cap: int) -> ChatRequest:
         raise RequestError("number_logprobs must be a boolean")
     if numbers and (max_tokens != 1 or n != 1 or temperature != 0):
         raise RequestError("number_logprobs needs max_tokens=1, n=1 and temperature=0")
+    if numbers and stream:
+        raise RequestError("number_logprobs cannot be streamed: send it with stream=false")
     seed = _number(body, "seed", None, int)
-    return ChatRequest(turns, max_tokens, temperature, top_p, seed, n, logprobs, top, numbers)
+    return ChatRequest(
+        turns,
+        max_tokens,
+        temperature,
+        top_p,
+        seed,
+        n,
+        logprobs,
+        top,
+        numbers,
+        stream=stream,
+        include_usage=include_usage and stream,
+    )
 
 
 def _byte_level_decoder() -> dict[str, int]:
@@ -243,14 +303,16 @@ class _Job:
     numbers: list[tuple[int, float]] | None = None  # (n, logprob) with number_logprobs
     error: Exception | None = None
     sock: socket.socket | None = None  # the client's connection (dropped if it hangs up)
+    variant: int = 0  # which of the worker's variants (steerings) answers it
 
     def batch_key(self) -> tuple:
-        """Jobs with equal keys may share a model call; sampled jobs never do."""
+        """Jobs with equal keys share a model call, whatever their variants (module
+        docstring, "Batching")."""
         r = self.request
         if r.number_logprobs:
             return ("numbers",)
         if r.temperature > 0:
-            return ("sampled", id(self))
+            return ("sampled", r.temperature, r.top_p, r.max_tokens)
         return ("greedy", r.max_tokens)
 
     def fail(self, error: Exception) -> None:
@@ -260,15 +322,33 @@ class _Job:
 
 class ModelWorker:
     """One thread that owns the model and runs queued jobs in batches (module docstring).
-    `close()` lets a running batch finish; jobs still queued, and jobs queued later, fail
-    with `ServerClosed`."""
+    `variants`: the steerings a job's `variant` indexes (None: unsteered); default the one
+    `steering`. `close()` lets a running batch finish; jobs still queued, and jobs queued
+    later, fail with `ServerClosed`."""
 
     def __init__(
-        self, lm: LM, steering: Steering | None, max_batch: int = 16, batch_wait: float = 0.005
+        self,
+        lm: LM,
+        steering: Steering | None = None,
+        max_batch: int = 16,
+        batch_wait: float = 0.005,
+        *,
+        variants: Sequence[Steering | None] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
-        self.lm, self.steering = lm, steering
+        if variants is not None and steering is not None:
+            raise ValueError("ModelWorker: give steering or variants, not both")
+        self.variants = [steering] if variants is None else list(variants)
+        if not self.variants:
+            raise ValueError("ModelWorker: no variants")
+        self.lm = lm
+        self._per_row: Steering | None = None
+        if len(self.variants) > 1:
+            # all variants as the specs of every call: shapes fixed, so no mix recompiles
+            specs = [Steering.none(lm.config) if v is None else v for v in self.variants]
+            k = max(int(spec.ablate.shape[1]) for spec in specs)
+            self._per_row = Steering.per_row(specs, [0], num_directions=k)
         self.max_batch, self.batch_wait = max_batch, batch_wait
         self.generate_calls = 0  # how many generate_ids calls the worker made
         self.number_calls = 0  # how many number_logprobs calls
@@ -290,6 +370,14 @@ class ModelWorker:
         if self.row_seconds is None:
             return None
         return (self.pending_rows + rows) * self.row_seconds
+
+    def steering_for(self, variants: Sequence[int]) -> Steering | None:
+        """The steering of a call whose row b answers variant `variants[b]`: with one
+        variant its steering, shared by the rows; with several a per-row steering over all
+        of them."""
+        if self._per_row is None:
+            return self.variants[0]
+        return self._per_row.replace(variant=jnp.asarray(variants, jnp.int32))
 
     def run(self, job: _Job) -> Generation:
         """Queue `job`, wait for it, return its rows (n per request) or raise its error."""
@@ -399,21 +487,31 @@ class ModelWorker:
         if r.number_logprobs:
             self._run_numbers(batch)
             return
-        rows = [job.prompt_ids for job in batch for _ in range(job.request.n)]
-        real = len(rows)
-        if r.temperature == 0:  # pad greedy batches to a power of two: fewer compiled shapes
-            rows += [rows[0]] * ((1 << (real - 1).bit_length()) - real)
-        seed = r.seed if r.seed is not None else secrets.randbits(31)
+        rows, variants, streams = [], [], []
+        for job in batch:
+            # a request's n rows are lanes 0..n-1 of its seed: what it samples alone
+            seed = job.request.seed if job.request.seed is not None else secrets.randbits(31)
+            for lane in range(job.request.n):
+                rows.append(job.prompt_ids)
+                variants.append(job.variant)
+                streams.append((seed, lane))
+        # pad to a power of two with copies of the first row: fewer compiled shapes
+        pad = (1 << (len(rows) - 1).bit_length()) - len(rows)
+        rows, variants, streams = (
+            rows + rows[:1] * pad,
+            variants + variants[:1] * pad,
+            streams + streams[:1] * pad,
+        )
         try:
             self.generate_calls += 1
             out = generate_ids(
                 self.lm,
                 rows,
-                self.steering,
+                self.steering_for(variants),
                 max_new_tokens=r.max_tokens,
                 temperature=r.temperature,
                 top_p=r.top_p,
-                seed=seed,
+                streams=streams,
                 top_logprobs=MAX_TOP_LOGPROBS,  # one program for all requests; sliced per request
             )
         except Exception as e:  # noqa: BLE001 - handed to the waiting request threads
@@ -443,8 +541,9 @@ class ModelWorker:
                 chunk = batch[start : start + size]
                 start += size
                 self.number_calls += 1
+                steering = self.steering_for([j.variant for j in chunk])
                 out = number_logprobs(
-                    lm, [j.prompt_ids for j in chunk], self._trie, self.steering, MAX_TOP_LOGPROBS
+                    lm, [j.prompt_ids for j in chunk], self._trie, steering, MAX_TOP_LOGPROBS
                 )
                 for i, job in enumerate(chunk):
                     ids, lps = out.top_ids[i : i + 1], out.top_logprobs[i : i + 1]
@@ -467,6 +566,30 @@ class ModelWorker:
                     job.fail(e)
 
 
+def _logprob_content(
+    request: ChatRequest, gen: Generation, i: int, token_text: TokenText
+) -> list[dict[str, Any]]:
+    """Choice `i`'s `logprobs.content`: per generated token its entry and `top_logprobs`."""
+    content = []
+    for j, (tok, lp) in enumerate(zip(gen.tokens[i], gen.logprobs[i], strict=True)):
+        top = []
+        if gen.top_logprobs is not None:
+            ids, lps = gen.top_logprobs[i]
+            k = request.top_logprobs
+            top = [token_text.entry(t, v) for t, v in zip(ids[j, :k], lps[j, :k], strict=True)]
+        content.append({**token_text.entry(tok, lp), "top_logprobs": top})
+    return content
+
+
+def _usage(gen: Generation, prompt_tokens: int) -> dict[str, int]:
+    completion_tokens = sum(len(t) for t in gen.tokens)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
 def completion_json(
     request: ChatRequest,
     gen: Generation,
@@ -486,22 +609,11 @@ def completion_json(
             "logprobs": None,
         }
         if request.logprobs:
-            content = []
-            for j, (tok, lp) in enumerate(zip(gen.tokens[i], gen.logprobs[i], strict=True)):
-                entry = token_text.entry(tok, lp)
-                top = []
-                if gen.top_logprobs is not None:
-                    ids, lps = gen.top_logprobs[i]
-                    k = request.top_logprobs
-                    top = [
-                        token_text.entry(t, v) for t, v in zip(ids[j, :k], lps[j, :k], strict=True)
-                    ]
-                content.append({**entry, "top_logprobs": top})
+            content = _logprob_content(request, gen, i, token_text)
             choice["logprobs"] = {"content": content, "refusal": None}
         if numbers is not None:
             choice["number_logprobs"] = [{"number": k, "logprob": v} for k, v in numbers]
         choices.append(choice)
-    completion_tokens = sum(len(t) for t in gen.tokens)
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
@@ -509,12 +621,83 @@ def completion_json(
         "model": model,
         "system_fingerprint": "emgeo-jax",
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "usage": _usage(gen, prompt_tokens),
     }
+
+
+def text_deltas(
+    tokens: Sequence[int], text: str, decode: Callable[[Sequence[int]], str]
+) -> list[str]:
+    """One piece of `text` per token, joining to `text` exactly: after token k, the text that
+    is stable (a prefix of `text`, not ending in U+FFFD, the mark of an incomplete UTF-8
+    character) and not yet sent; the last token carries the rest. With no tokens, `[text]`
+    if `text` else `[]`.
+
+    Incremental: the new text is read off a short window (the tokens since the one before
+    the last piece sent, decoded with and without the newest ones), so a reply costs linear,
+    not quadratic, decoding. If a window's text ever disagrees with `text` (a tokenizer whose
+    decoding is not local), the rest is found from whole prefixes `decode(tokens[:k])`."""
+    if not tokens:
+        return [text] if text else []
+    pieces, sent = [], 0
+    start = read = 0  # window: tokens[start:read] are context, their text sent already
+    local = True
+    for k in range(1, len(tokens) + 1):
+        stable = sent
+        if k == len(tokens):
+            stable = len(text)
+        elif local:
+            before, after = decode(tokens[start:read]), decode(tokens[start:k])
+            new = after[len(before) :] if after.startswith(before) else None
+            if new is not None and (not new or new.endswith("\ufffd")):
+                pass  # nothing new yet, or an incomplete character: wait for more tokens
+            elif new is not None and text.startswith(new, sent):
+                stable, start, read = sent + len(new), read, k
+            else:
+                local = False
+        if not local and k < len(tokens):
+            prefix = decode(tokens[:k]).rstrip("\ufffd")
+            stable = max(sent, len(os.path.commonprefix([prefix, text])))
+        pieces.append(text[sent:stable])
+        sent = stable
+    return pieces
+
+
+def completion_chunks(
+    request: ChatRequest,
+    gen: Generation,
+    prompt_tokens: int,
+    model: str,
+    token_text: TokenText,
+    decode: Callable[[Sequence[int]], str],
+) -> list[dict[str, Any]]:
+    """The `chat.completion.chunk` objects of a streamed reply (module docstring,
+    "Streaming"): per choice a role chunk, one content chunk per token (with its logprobs
+    entry when asked), a chunk with the finish reason; then, with `include_usage`, a chunk
+    with no choices and the usage. Their content joins to `completion_json`'s."""
+    base = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": "emgeo-jax",
+    }
+
+    def chunk(i: int, delta: dict, logprobs: Any = None, finish: str | None = None) -> dict:
+        choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {**base, "choices": [choice], **({"usage": None} if request.include_usage else {})}
+
+    out = []
+    for i in range(request.n):
+        out.append(chunk(i, {"role": "assistant", "content": ""}))
+        entries = _logprob_content(request, gen, i, token_text) if request.logprobs else []
+        for k, piece in enumerate(text_deltas(gen.tokens[i], gen.texts[i], decode)):
+            lp = {"content": entries[k : k + 1], "refusal": None} if request.logprobs else None
+            out.append(chunk(i, {"content": piece}, lp))
+        out.append(chunk(i, {}, finish=gen.finish_reasons[i]))
+    if request.include_usage:
+        out.append({**base, "choices": [], "usage": _usage(gen, prompt_tokens)})
+    return out
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -535,6 +718,8 @@ class _HTTPServer(ThreadingHTTPServer):
 class ModelServer:
     """The HTTP server and its model worker. `start()` serves in a background thread;
     `serve_forever()` in the calling thread. `base_url` = `http://HOST:PORT/v1`.
+    `variants`: the models served, `{name: Steering or None}` (module docstring,
+    "Variants"); without it one variant named `model_name` with `steering`.
     `queue_timeout`: the seconds a client is assumed to wait when it does not say (module
     docstring, "Load")."""
 
@@ -543,6 +728,7 @@ class ModelServer:
         lm: LM,
         steering: Steering | None = None,
         *,
+        variants: Mapping[str, Steering | None] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         model_name: str | None = None,
@@ -555,11 +741,19 @@ class ModelServer:
             raise ValueError(f"serve: model {lm.source!r} has no tokenizer with a chat template")
         self.lm = lm
         self.model_name = model_name or lm.source or "emgeo"
+        if variants is not None and steering is not None:
+            raise ValueError("serve: give steering or variants, not both")
+        if variants is not None and not variants:
+            raise ValueError("serve: variants is empty")
+        self.variants = dict({self.model_name: steering} if variants is None else variants)
+        self.names = list(self.variants)
         self.max_tokens_cap = max_tokens_cap
         self.queue_timeout = queue_timeout
         self.refused = 0  # requests answered 429 because the queue was too deep
         self.token_text = TokenText(lm.tokenizer)
-        self.worker = ModelWorker(lm, steering, max_batch, batch_wait)
+        self.worker = ModelWorker(
+            lm, None, max_batch, batch_wait, variants=list(self.variants.values())
+        )
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -612,14 +806,17 @@ class ModelServer:
 
     def _get(self, h: BaseHTTPRequestHandler) -> None:
         if h.path.rstrip("/") == "/v1/models":
-            model = {
-                "id": self.model_name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "emgeo",
-                "capabilities": list(CAPABILITIES),
-            }
-            _send_json(h, 200, {"object": "list", "data": [model]})
+            models = [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "emgeo",
+                    "capabilities": list(CAPABILITIES),
+                }
+                for name in self.names
+            ]
+            _send_json(h, 200, {"object": "list", "data": models})
         else:
             _send_error(h, 404, f"no route GET {h.path}", "not_found_error")
 
@@ -641,6 +838,18 @@ class ModelServer:
         except RequestError as e:
             _send_error(h, 400, str(e), "invalid_request_error")
             return
+        variant = self.variant_index(body.get("model"))
+        if variant is None:
+            available = ", ".join(self.names)
+            _send_error(
+                h,
+                404,
+                f"the model {body.get('model')!r} does not exist here; this server has: "
+                f"{available}",
+                "invalid_request_error",
+                error_code="model_not_found",
+            )
+            return
         budget = _client_timeout(h, self.queue_timeout)
         wait = self.worker.expected_wait(request.n)
         if wait is None and self.worker.pending_rows + request.n > 2 * self.worker.max_batch:
@@ -658,12 +867,18 @@ class ModelServer:
                 headers={"Retry-After": str(retry)},
             )
             return
-        job = _Job(request, prompt_ids, sock=h.connection)
+        job = _Job(request, prompt_ids, sock=h.connection, variant=variant)
+        model = self.names[variant]
         try:
             gen = self.worker.run(job)
-            reply = completion_json(
-                request, gen, len(prompt_ids), self.model_name, self.token_text, job.numbers
-            )
+            if request.stream:
+                chunks = completion_chunks(
+                    request, gen, len(prompt_ids), model, self.token_text, self._decode
+                )
+            else:
+                reply = completion_json(
+                    request, gen, len(prompt_ids), model, self.token_text, job.numbers
+                )
         except ClientGone:
             h.close_connection = True
             return
@@ -673,7 +888,22 @@ class ModelServer:
         except Exception as e:  # noqa: BLE001 - reported to the client as a server error
             _send_error(h, 500, f"generation failed: {type(e).__name__}: {e}", "server_error")
             return
-        _send_json(h, 200, reply)
+        if request.stream:
+            _send_events(h, chunks)
+        else:
+            _send_json(h, 200, reply)
+
+    def variant_index(self, model: Any) -> int | None:
+        """The variant a request's `model` names: with one variant always it, with several
+        the one of that name (None: no such variant)."""
+        if len(self.names) == 1:
+            return 0
+        return (
+            self.names.index(model) if isinstance(model, str) and model in self.variants else None
+        )
+
+    def _decode(self, tokens: Sequence[int]) -> str:
+        return self.lm.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
 
 def _client_timeout(h: BaseHTTPRequestHandler, default: float) -> float:
@@ -714,8 +944,36 @@ def _send_error(
     message: str,
     kind: str,
     headers: dict[str, str] | None = None,
+    *,
+    error_code: str | None = None,
 ) -> None:
-    _send_json(h, code, {"error": {"message": message, "type": kind, "code": code}}, headers)
+    """An OpenAI-style error; its `code` is `error_code` if given, else the HTTP status."""
+    body = {"error": {"message": message, "type": kind, "code": error_code or code}}
+    _send_json(h, code, body, headers)
+
+
+def _send_events(h: BaseHTTPRequestHandler, events: Iterable[dict[str, Any]]) -> None:
+    """Server-sent events: `data: {json}` per object, then `data: [DONE]`, in HTTP/1.1
+    chunked encoding (so the connection stays reusable); a client that has hung up meanwhile
+    is noted at DEBUG, not raised."""
+
+    def write(data: bytes) -> None:
+        h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    try:
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Cache-Control", "no-cache")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        for obj in events:
+            write(f"data: {json.dumps(obj)}\n\n".encode())
+        write(b"data: [DONE]\n\n")
+        h.wfile.write(b"0\r\n\r\n")
+        h.wfile.flush()
+    except CONNECTION_ERRORS as e:
+        h.close_connection = True
+        log.debug("client %s hung up during its stream (%s)", h.address_string(), e)
 
 
 @contextlib.contextmanager

@@ -120,7 +120,7 @@ def test_models_and_bad_requests(tiny_server):
         "max_tokens": {**ok, "max_tokens": "ten"},
         "messages": {**ok, "messages": []},
         "top_logprobs": {**ok, "logprobs": True, "top_logprobs": 21},
-        "stream": {**ok, "stream": True},
+        "stream": {**ok, "stream": "yes"},
         "role": {**ok, "messages": [{"role": "robot", "content": "hi"}]},
         "temperature": {**ok, "temperature": -1},
         "logprobs": {**ok, "logprobs": "yes"},

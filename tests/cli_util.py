@@ -27,3 +27,20 @@ def run_emgeo(
     )
     assert proc.returncode == status, f"exit {proc.returncode} != {status}: {proc.stderr[-3000:]}"
     return proc.stdout if status == 0 else proc.stderr
+
+
+def start_serve(*args: str) -> tuple[subprocess.Popen, str]:
+    """A real `emgeo serve ARGS` process (give `--port=0`) and its base URL, read from the
+    line it prints once it listens (the test fails with its stderr if it exits first). The
+    caller stops it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emgeo_jax.cli", "serve", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ,
+    )
+    line = proc.stdout.readline()
+    assert " at http://" in line, proc.stderr.read() if proc.poll() is not None else line
+    return proc, line.split(" at ")[1].split()[0]

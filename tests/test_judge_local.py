@@ -9,11 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,7 +30,7 @@ from emgeo_jax.judge.client import (
 from emgeo_jax.judge.io import read_jsonl
 from emgeo_jax.judge.testing import ScriptedJudgeServer
 from emgeo_jax.serve import ModelWorker, serve_in_thread
-from tests.cli_util import ROOT, run_emgeo
+from tests.cli_util import run_emgeo, start_serve
 from tests.test_generate_cli import folder  # noqa: F401  (fixture)
 from tests.tiny_models import LLAMA, QWEN2, hf_model, save_hf_folder
 
@@ -164,18 +161,8 @@ def test_abandoned_requests_are_dropped_quietly_and_close_is_quick(tiny_lm, slow
 def test_emgeo_serve_stops_on_sigterm_with_32_abandoned_requests(folder):  # noqa: F811
     """`emgeo serve` (a real process) with 32 requests whose clients hung up: SIGTERM ends it
     within 5 s, with no traceback."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "emgeo_jax.cli", "serve", f"--model={folder}", "--port=0"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=os.environ,
-    )
+    proc, url = start_serve(f"--model={folder}", "--port=0")
     try:
-        line = proc.stdout.readline()
-        assert " at http://" in line, proc.stderr.read() if proc.poll() is not None else line
-        url = line.split(" at ")[1].split()[0]
         _abandon(url, 32)
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)

@@ -8,10 +8,7 @@ loads. Tiny random Llama (`tiny_chat_llama`), a few tokens per request."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -24,7 +21,7 @@ from emgeo_jax.generate import chat_token_ids, generate, generate_ids
 from emgeo_jax.generate.loop import decode
 from emgeo_jax.models.steering import Steering
 from emgeo_jax.serve import ModelServer, serve_in_thread, text_deltas
-from tests.cli_util import ROOT, run_emgeo
+from tests.cli_util import run_emgeo, start_serve
 from tests.tiny_models import LLAMA
 
 NEW = 5
@@ -339,18 +336,8 @@ def test_emgeo_serve_lists_its_variants(tmp_path, chat_tokenizer):
     chat_tokenizer.save_pretrained(str(folder))
     np.save(tmp_path / "v.npy", np.ones(LLAMA["hidden_size"], np.float32))
     args = ["--variant=base=none", f"--variant=up={tmp_path / 'v.npy'}:1:4", "--port=0"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "emgeo_jax.cli", "serve", f"--model={folder}", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=os.environ,
-    )
+    proc, url = start_serve(f"--model={folder}", *args)
     try:
-        line = proc.stdout.readline()
-        assert " at http://" in line, proc.stderr.read() if proc.poll() is not None else line
-        url = line.split(" at ")[1].split()[0]
         with urllib.request.urlopen(url + "/models", timeout=60) as r:
             assert [m["id"] for m in json.load(r)["data"]] == ["base", "up"]
         proc.send_signal(signal.SIGTERM)

@@ -2,7 +2,8 @@
 `data=2,fsdp=4` (`LM.on_mesh`), batch sizes those meshes do not divide (rows padded, not
 replicated), the scripted deterministic judge. Greedy and sampled generations token for token,
 the sweep / ablation / transfer (one model under two names) / persona results tables equal,
-whole-number judge scores and SAE fit figures within float tolerance; generation on unstacked
+whole-number judge scores and SAE fit figures within float tolerance; a server with two steered
+variants answering concurrent greedy and seeded sampled requests; generation on unstacked
 layers (`LM.unstacked`) on `fsdp=8` with the per-block weights still split.
 
 The 8-device side is this module run as a script in a fresh process:
@@ -70,6 +71,33 @@ def run_generate(lm) -> dict[str, Any]:
     return res
 
 
+def run_serve_variants(lm, v: np.ndarray) -> list[list[str]]:
+    """Three concurrent requests to a server with two variants (unsteered, and `v` x 4 at
+    layer 1): greedy to each, and a seeded sampled n=2 to the steered one; their texts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from emgeo_jax.models.steering import Steering
+    from emgeo_jax.serve import serve_in_thread
+
+    variants = {"base": None, "up": Steering.addition(lm, v, [1], 4.0)}
+    with serve_in_thread(lm, variants=variants, batch_wait=0.2) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="x")
+
+        def ask(model: str, **kw: Any) -> list[str]:
+            messages = [{"role": "user", "content": PROMPTS[2]}]
+            reply = client.chat.completions.create(
+                model=model, messages=messages, max_tokens=6, **kw
+            )
+            return [c.message.content for c in reply.choices]
+
+        asks = [("base", {"temperature": 0}), ("up", {"temperature": 0})]
+        asks.append(("up", {"temperature": 1.0, "seed": 3, "n": 2}))
+        with ThreadPoolExecutor(len(asks)) as pool:
+            return list(pool.map(lambda a: ask(a[0], **a[1]), asks))
+
+
 def run_all(lm, out: Path) -> dict[str, Any]:
     """Every library entry point the commands call, on `lm` (wherever it is placed)."""
     from emgeo_jax.experiments.ablation import run_ablation
@@ -87,6 +115,7 @@ def run_all(lm, out: Path) -> dict[str, Any]:
     L, D = lm.config.num_layers, lm.config.hidden_size
     v = {"md": rng.normal(size=(L, D)).astype(np.float32), "pc": rng.normal(size=D)}
     res: dict[str, Any] = run_generate(lm)
+    res["serve_variants"] = run_serve_variants(lm, v["pc"])
     ids = chat_token_ids(lm.tokenizer, PROMPTS, None)
     trie = number_trie(lm.tokenizer, lm.config.vocab_size, TokenText(lm.tokenizer).bytes)
     res["number_logprobs"] = number_logprobs(lm, ids, trie, top_logprobs=3).logprobs.tolist()
@@ -172,6 +201,7 @@ def test_8_devices_match_1_device(chat_tokenizer, tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert one["greedy"] != one["sampled"]
     assert one["sweep"]["cells"][0]["n_rows"] == len(QUESTIONS) * SAMPLING.samples
+    assert one["serve_variants"][0] != one["serve_variants"][1]  # the steering changed it
     for name in MESHES:
         got = json.loads((tmp_path / f"{name}.json").read_text())
         for key in ("greedy", "sampled"):  # token for token

@@ -191,7 +191,10 @@ def decode(
     eos_ids = inputs.eos_ids
 
     def choose(logits, step, state_tokens, state_lps, top_ids, top_lps, done):
-        u = sampling.uniforms(step)
+        # greedy (temperature 0) reads no uniforms: skip drawing the rows' streams
+        u = jax.lax.cond(
+            sampling.temperature > 0, sampling.uniforms, lambda _: jnp.zeros((b,)), step
+        )
         tok = sample_tokens(logits, u, sampling.temperature, sampling.top_p)
         tok = jnp.where(done, eos_ids[0], tok)
         logits = logits.astype(jnp.float32)

@@ -170,6 +170,8 @@ def test_emgeo_serve_stops_on_sigterm_with_32_abandoned_requests(folder):  # noq
         assert time.monotonic() - start < 5
         err = proc.stderr.read()
         assert "Traceback" not in err and "BrokenPipe" not in err, err[-2000:]
+        last = proc.stdout.read().strip().splitlines()[-1]  # the server's own account
+        assert last.startswith("stopped: ") and "refused as busy (429)" in last, last
     finally:
         if proc.poll() is None:
             proc.kill()

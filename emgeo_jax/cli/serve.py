@@ -212,7 +212,12 @@ def main(argv: list[str]) -> None:
         server.serve_forever()
     finally:
         server.close(grace=2.0)  # at most the batch in flight, for at most 2 s
-        print("stopped", flush=True)
+        w = server.worker
+        print(
+            f"stopped: {w.jobs_queued} requests queued, {server.refused} refused as busy "
+            f"(429), {w.jobs_dropped} dropped (client hung up)",
+            flush=True,
+        )
         if server.worker.alive:
             # a batch still computes in the (daemon) worker thread: interpreter teardown under
             # it aborts in XLA's C++ runtime, so leave without it

@@ -102,8 +102,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
+from emgeo_jax import hosts
 from emgeo_jax.generate import (
     Generation,
     NumberTrie,
@@ -119,6 +121,7 @@ from emgeo_jax.models.steering import Steering
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
+HEARTBEAT = 5.0  # seconds between `idle` calls to the other processes of an idle server
 MAX_TOP_LOGPROBS = 20
 ROLES = ("system", "user", "assistant")
 
@@ -334,6 +337,7 @@ class ModelWorker:
         batch_wait: float = 0.005,
         *,
         variants: Sequence[Steering | None] | None = None,
+        follower: bool = False,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
@@ -361,8 +365,11 @@ class ModelWorker:
         self._lock = threading.Lock()
         self._closed = False
         self._running: list[_Job] = []  # the batch in flight
+        # several processes: process 0's worker sends each model call to the others (`follow`)
+        self.multiprocess = jax.process_count() > 1
         self._thread = threading.Thread(target=self._loop, name="emgeo-serve-model", daemon=True)
-        self._thread.start()
+        if not follower:
+            self._thread.start()
 
     def expected_wait(self, rows: int = 1) -> float | None:
         """Seconds until `rows` more rows queued now would be done, from the rows pending
@@ -413,7 +420,11 @@ class ModelWorker:
 
     def _loop(self) -> None:
         while True:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=HEARTBEAT if self.multiprocess else None)
+            except queue.Empty:
+                hosts.broadcast_json({"kind": "idle"})  # the followers wait for it
+                continue
             if first is not None:
                 time.sleep(self.batch_wait)
             jobs = [first]
@@ -426,6 +437,8 @@ class ModelWorker:
                 for job in jobs:
                     if job is not None:
                         job.fail(ServerClosed("the server stopped before this request ran"))
+                if self.multiprocess:
+                    hosts.broadcast_json({"kind": "stop"})
                 return
             for batch in self._batches(jobs):
                 if self._closed:  # stopping: the batch in flight was the last one
@@ -497,23 +510,17 @@ class ModelWorker:
                 streams.append((seed, lane))
         # pad to a power of two with copies of the first row: fewer compiled shapes
         pad = (1 << (len(rows) - 1).bit_length()) - len(rows)
-        rows, variants, streams = (
-            rows + rows[:1] * pad,
-            variants + variants[:1] * pad,
-            streams + streams[:1] * pad,
+        call = dict(
+            kind="generate",
+            rows=rows + rows[:1] * pad,
+            variants=variants + variants[:1] * pad,
+            streams=streams + streams[:1] * pad,
+            max_new_tokens=r.max_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
         )
         try:
-            self.generate_calls += 1
-            out = generate_ids(
-                self.lm,
-                rows,
-                self.steering_for(variants),
-                max_new_tokens=r.max_tokens,
-                temperature=r.temperature,
-                top_p=r.top_p,
-                streams=streams,
-                top_logprobs=MAX_TOP_LOGPROBS,  # one program for all requests; sliced per request
-            )
+            out = self._dispatch(call)
         except Exception as e:  # noqa: BLE001 - handed to the waiting request threads
             log.exception("generation failed")
             for job in batch:
@@ -529,22 +536,20 @@ class ModelWorker:
     def _run_numbers(self, batch: list[_Job]) -> None:
         """Whole-number logprobs and the greedy first token of each job, in power-of-two
         chunks (8 + 4 + 1 for 13 jobs: few compiled shapes, no padding rows computed)."""
-        lm, tok = self.lm, self.lm.tokenizer
+        tok = self.lm.tokenizer
         try:
-            if self._trie is None:
-                text = TokenText(tok)
-                self._trie = number_trie(tok, lm.config.vocab_size, text.bytes)
-            eos = set(eos_token_ids(lm))
+            eos = set(eos_token_ids(self.lm))
             start = 0
             while start < len(batch):
                 size = 1 << ((len(batch) - start).bit_length() - 1)
                 chunk = batch[start : start + size]
                 start += size
-                self.number_calls += 1
-                steering = self.steering_for([j.variant for j in chunk])
-                out = number_logprobs(
-                    lm, [j.prompt_ids for j in chunk], self._trie, steering, MAX_TOP_LOGPROBS
+                call = dict(
+                    kind="numbers",
+                    rows=[j.prompt_ids for j in chunk],
+                    variants=[j.variant for j in chunk],
                 )
+                out = self._dispatch(call)
                 for i, job in enumerate(chunk):
                     ids, lps = out.top_ids[i : i + 1], out.top_logprobs[i : i + 1]
                     first = int(ids[0, 0])
@@ -564,6 +569,56 @@ class ModelWorker:
             for job in batch:
                 if not job.done.is_set():
                     job.fail(e)
+
+    # --- the model calls, and their broadcast to the other processes ------------------------
+
+    def _dispatch(self, call: dict[str, Any]) -> Any:
+        """Run one model call (`_execute`), first sending it to the other processes of a
+        multi-process server (they run it in `follow`, in step)."""
+        if self.multiprocess:
+            hosts.broadcast_json(call)
+        return self._execute(call)
+
+    def _execute(self, call: dict[str, Any]) -> Any:
+        """One model call, described by JSON so that every process can run it: `generate`
+        (token-id rows, their variants and sampling streams) -> `Generation`; `numbers` ->
+        `NumberScores`."""
+        steering = self.steering_for(call["variants"])
+        rows = [list(r) for r in call["rows"]]
+        if call["kind"] == "generate":
+            self.generate_calls += 1
+            return generate_ids(
+                self.lm,
+                rows,
+                steering,
+                max_new_tokens=call["max_new_tokens"],
+                temperature=call["temperature"],
+                top_p=call["top_p"],
+                streams=[tuple(s) for s in call["streams"]],
+                top_logprobs=MAX_TOP_LOGPROBS,  # one program for all requests; sliced per request
+            )
+        if call["kind"] == "numbers":
+            if self._trie is None:
+                text = TokenText(self.lm.tokenizer)
+                self._trie = number_trie(self.lm.tokenizer, self.lm.config.vocab_size, text.bytes)
+            self.number_calls += 1
+            return number_logprobs(self.lm, rows, self._trie, steering, MAX_TOP_LOGPROBS)
+        raise ValueError(f"unknown model call {call['kind']!r}")
+
+    def follow(self) -> None:
+        """On a process other than 0 of a multi-process server: run every model call process
+        0 broadcasts, in step with it, until it stops. Process 0 sends an `idle` call every
+        `HEARTBEAT` seconds without work, so no process waits in a collective for long."""
+        while True:
+            call = hosts.broadcast_json(None)
+            if call["kind"] == "stop":
+                return
+            if call["kind"] == "idle":
+                continue
+            try:
+                self._execute(call)
+            except Exception:  # noqa: BLE001 - process 0 reports it to the client
+                log.exception("model call %s failed", call["kind"])
 
 
 def _logprob_content(

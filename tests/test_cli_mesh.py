@@ -492,7 +492,8 @@ def two_processes(work, mesh_results, tmp_path_factory) -> dict:
     stopped by a Ctrl-C on both processes after one generation batch and run again, sweep,
     lora-em (on the one-device run's adapter: `mesh_results` made it), dose-response,
     sae-check, sae-features and norms (`--mesh data=2`: only if the processes joined), then
-    serve, demo and ablate with the local judge, which refuse. {"out": the folder written,
+    demo and ablate with the local judge, which refuse (serve on 2 processes:
+    tests/test_serve_multiprocess.py). {"out": the folder written,
     "runs": per process {run name: status, stdout, stderr, writes}, "log0": process 0's
     log}."""
     from emgeo_jax.judge.testing import ScriptedJudgeServer
@@ -516,7 +517,6 @@ def two_processes(work, mesh_results, tmp_path_factory) -> dict:
         runs += [{"name": "norms", "args": ["norms", model, "--prompt=hi there", "--mesh=data=2"]}]
         local = [str(a) for a in commands["ablate"] if "judge_base_url" not in str(a)]
         refused = {
-            "serve": ["serve", model, "--port=0"],
             "demo": ["demo", "--quick", model, f"--judge_base_url={judge.base_url}",
                      f"--out={out / 'demo'}"],
             "local_judge": [*local[:-1], f"--out={out / 'ablate_local'}"],
@@ -640,14 +640,11 @@ def test_distributed_env_starts_every_command(mesh_results, two_processes):
 
 
 def test_one_process_commands_refuse_several(two_processes):
-    """serve (requests would reach process 0 alone while every generation needs all), demo
-    (its SAE, geometry and report stages are one host's) and the local judge (a server on
+    """demo (its SAE, geometry and report stages are one host's) and the local judge (a server on
     process 0 generating with a model spanning both) refuse on 2 processes: one line each,
     on every process, naming the distributed start or --judge_base_url, before anything
     loads or is written."""
     why = {
-        "serve": "emgeo serve: error: emgeo serve runs on one process; 2 were started "
-        "(--distributed / EMGEO_DISTRIBUTED=1, as launch/ sets): only process 0 would receive",
         "demo": "emgeo demo: error: emgeo demo runs on one process; 2 were started",
         "local_judge": "emgeo ablate: error: --judge_base_url: the local judge (a server running "
         "--model in this command) cannot run on 2 processes; give --judge_base_url",

@@ -22,6 +22,11 @@ Requests of different variants share generation calls (per-row steering), sample
 of equal settings are batched (a seeded one still samples as it would alone), and `stream:
 true` is answered with server-sent events: see `emgeo_jax.serve`. `--mesh` splits the model
 over devices. Stops cleanly on Ctrl-C or SIGTERM.
+
+Several hosts (`--distributed`, as `launch/` starts it: a model too big for one host's chips,
+e.g. a 70B judge on a v4-32): process 0 listens and batches the requests; each model call it
+makes is sent to the other processes, which run it in step over the one mesh and answer
+nobody. Stop process 0; the others end with it.
 """
 
 from __future__ import annotations
@@ -163,7 +168,10 @@ def build_variants(specs: Sequence[VariantSpec], cfg: Any, key: str | None, posi
 
 
 def main(argv: list[str]) -> None:
-    from emgeo_jax.serve import ModelServer
+    import jax
+
+    from emgeo_jax import hosts
+    from emgeo_jax.serve import ModelServer, ModelWorker
 
     if len(argv) > 1:
         raise SystemExit(f"emgeo serve: unexpected arguments {argv[1:]}")
@@ -171,11 +179,6 @@ def main(argv: list[str]) -> None:
     if FLAGS.variant:
         refuse_single_steering(FLAGS)
         specs = parse_variants(FLAGS.variant)
-    common.one_process_only(
-        "serve",
-        "only process 0 would receive requests, and every generation needs all of them; "
-        "serve from one host with --mesh over its own devices (e.g. --mesh fsdp=8)",
-    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if FLAGS.host not in LOOPBACK:
         logging.warning("serving on %s: anyone who can reach it can use the model", FLAGS.host)
@@ -193,10 +196,17 @@ def main(argv: list[str]) -> None:
     )
     if specs is not None:
         variants, summary = build_variants(specs, lm.config, FLAGS.key, FLAGS.positions)
-        server = ModelServer(lm, variants=variants, model_name=FLAGS.model, **kwargs)
+        name = FLAGS.model
     else:
         steering, summary = common.build_steering(lm.config, FLAGS)
-        server = ModelServer(lm, steering, model_name=FLAGS.model_name or FLAGS.model, **kwargs)
+        name = FLAGS.model_name or FLAGS.model
+        variants = {name: steering}
+    if not hosts.is_primary():  # run process 0's model calls until it stops
+        worker = ModelWorker(lm, variants=list(variants.values()), follower=True)
+        worker.follow()
+        print(f"process {jax.process_index()}: process 0's server stopped", flush=True)
+        return
+    server = ModelServer(lm, variants=variants, model_name=name, **kwargs)
 
     def stop(signum, frame) -> None:  # shutdown() blocks until serve_forever returns
         threading.Thread(target=server.shutdown, daemon=True).start()

@@ -95,9 +95,9 @@ def test_sweep_end_to_end(uninterrupted):
     for c in res["cells"]:
         row = re.search(rf"<tr><td>{c['name']}</td>(.*?)</tr>", page).group(1)
         cells = re.findall(r"<td>(.*?)</td>", row)
-        assert cells[3] == f"{c['em_rate']:.4f}"
-        assert cells[5] == f"{c['aligned_mean']:.4f}"
-        assert cells[6] == f"[{c['aligned_ci'][0]:.4f}, {c['aligned_ci'][1]:.4f}]"
+        assert cells[3] == f"{c['em_rate']:.4g}"
+        assert cells[5] == f"{c['aligned_mean']:.4g}"
+        assert cells[6] == f"[{c['aligned_ci'][0]:.4g}, {c['aligned_ci'][1]:.4g}]"
 
 
 class Killed(Exception):

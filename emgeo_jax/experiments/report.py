@@ -1,7 +1,8 @@
 """Self-contained HTML reports: captions, tables and PNG figures inlined as base64.
 
-Numbers are printed with `fmt` (4 decimals), so a report can be checked against the JSON
-it was written from."""
+Numbers are printed with `fmt` (4 significant digits, as the geometry report prints them;
+whole numbers without decimals), so a report can be checked against the JSON it was written
+from."""
 
 from __future__ import annotations
 
@@ -23,14 +24,17 @@ STYLE = (
 
 
 def fmt(x: Any) -> str:
-    """A number as the report prints it: 4 decimals; None -> n/a; NaN -> NaN; intervals as
+    """A number as the report prints it: 4 significant digits (-8.0 -> -8, 0.00200 -> 0.002,
+    195.618 -> 195.6; from 10,000 on, no decimals); None -> n/a; NaN -> NaN; intervals as
     [lo, hi]."""
     if x is None:
         return "n/a"
     if isinstance(x, (list, tuple)):
         return "[" + ", ".join(fmt(v) for v in x) + "]"
     if isinstance(x, float):
-        return "NaN" if math.isnan(x) else f"{x:.4f}"
+        if math.isnan(x):
+            return "NaN"
+        return f"{x:.0f}" if abs(x) >= 1e4 else f"{x:.4g}"
     return html.escape(str(x))
 
 

@@ -262,6 +262,7 @@ def sae_directions(
         "n_tokens_held_out": len(held_rows),
         "fit_held_out": fit.as_dict(),
         "rankings": {m: r.as_dict() for m, r in rankings.items()},
+        "n_null": sizes.n_null,
         "exported": exported,
         "seconds": {"train": train_s, "total": time.perf_counter() - t0},
     }
@@ -274,6 +275,11 @@ def report_blocks(stage: SAEStage) -> list[str]:
     from emgeo_jax.experiments.report import fmt, paragraph, table
 
     s, fit = stage.summary, stage.summary["fit_held_out"]
+    n_null = s.get("n_null")  # absent from summaries written before it was recorded
+    floor = ""
+    if n_null is not None:
+        smallest = fmt(1 / (n_null + 1))
+        floor = f" ({n_null} null draws each: the smallest p-value they can give is {smallest})"
     rows = []
     for method, r in s["rankings"].items():
         for f, score, p in zip(r["features"], r["scores"], r["p_values"], strict=True):
@@ -286,11 +292,11 @@ def report_blocks(stage: SAEStage) -> list[str]:
             "each distinct prompt once, without the shared system prefix). On "
             f"{fit['n_tokens']} held-out tokens (unseen pairs): fraction of variance explained "
             f"{fmt(fit['fve'])}, L0 {fmt(fit['l0'])}, dead features {fit['dead']} of "
-            f"{s['width']} ({fmt(fit['dead_fraction'])}). Features are ranked by decoder-row "
+            f"{s['width']}. Features are ranked by decoder-row "
             "cosine with the mean-diff (null: random directions) and by the misaligned minus "
             "aligned mean activation over answer tokens (null: labels permuted between "
-            "examples); p-values are family-wise over all features. The top feature of each "
-            "method joins the geometry comparison as sae_cosine / sae_class_diff."
+            f"examples); p-values are family-wise over all features{floor}. The top feature of "
+            "each method joins the geometry comparison as sae_cosine / sae_class_diff."
         ),
         table(["method", "feature", "score", "p"], rows),
     ]

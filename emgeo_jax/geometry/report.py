@@ -97,7 +97,8 @@ def fig_mds(result: dict) -> plt.Figure:
 
 
 def _scatter_named(ax: plt.Axes, result: dict, coords: dict[str, list[float]]) -> None:
-    """Points coloured by cluster and numbered; the legend (outside the axes) maps each number
+    """Points coloured by their input set (`clusters`: the sets compared, not the dendrogram's
+    clusters) and numbered; the legend (outside the axes) maps each number
     to its direction, so long names never overlap each other or the points."""
     colour, cluster_of = {}, {}
     for c, (name, members) in enumerate(result["inputs"]["clusters"].items()):
@@ -115,7 +116,7 @@ def _scatter_named(ax: plt.Axes, result: dict, coords: dict[str, list[float]]) -
         bbox_to_anchor=(1.02, 1.0),
         borderaxespad=0,
         ncol=1 if len(coords) <= 16 else 2,
-        title="direction (colour: cluster)",
+        title="direction (colour: its set)",
         title_fontsize=7,
     )
 
@@ -254,7 +255,7 @@ CAPTIONS = {
     "dendrogram": "Average-linkage hierarchical clustering on 1 - cos; merge heights on the "
     "vertical axis.",
     "mds": "Classical MDS of the chord distances between the unit vectors; points are numbered, "
-    "the legend names them, colours are clusters.",
+    "the legend names them, colours are the sets compared below (not the dendrogram's clusters).",
     "pca": "PCA of the vectors (centred): variance explained (gray: PC1 share for random "
     "directions), vectors on PC1/PC2, and their scores on the first components.",
     "traces": "Cosine per layer to the reference vector; gray: isotropic null 95% range.",
@@ -292,8 +293,8 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 def _fmt(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.4g}"
-    if isinstance(x, list) and all(isinstance(v, float) for v in x):
-        return "[" + ", ".join(f"{v:.3g}" for v in x) + "]"
+    if isinstance(x, list) and all(isinstance(v, float) for v in x):  # counts print whole
+        return "[" + ", ".join(f"{v:.0f}" if v.is_integer() else f"{v:.3g}" for v in x) + "]"
     return "n/a" if x is None else str(x)
 
 

@@ -185,3 +185,14 @@ def test_independence_summary_is_one_criterion_per_sentence(result):
     assert "by the thresholds of Hunter (2025)" in sentences[0]
     assert "random clusters" not in sentences[0]
     assert all("thresholds" not in s for s in sentences[1:] if "random clusters" in s)
+
+
+def test_report_numbers_read_as_numbers():
+    """Experiment tables print 4 significant digits (as the geometry report does), whole
+    floats without decimals, no negative zero, large values without exponent."""
+    from emgeo_jax.experiments.report import fmt
+
+    cases = {-8.0: "-8", 0.0020: "0.002", 195.6182: "195.6", -0.0: "0", 12345.6: "12346"}
+    assert {x: fmt(x) for x in cases} == cases
+    assert fmt([0.16667, 0.5]) == "[0.1667, 0.5]"
+    assert (fmt(None), fmt(float("nan")), fmt("a<b")) == ("n/a", "NaN", "a&lt;b")

@@ -34,6 +34,7 @@ def fmt(x: Any) -> str:
     if isinstance(x, float):
         if math.isnan(x):
             return "NaN"
+        x += 0.0  # -0.0 prints as 0
         return f"{x:.0f}" if abs(x) >= 1e4 else f"{x:.4g}"
     return html.escape(str(x))
 

@@ -105,7 +105,7 @@ def run_ablation(
 def write_ablation_report(results: dict, out_dir: str | Path) -> Path:
     """`ablation.png` and `report.html` in `out_dir`."""
     from emgeo_jax.experiments.figures import ablation_bars, missing_score_notes
-    from emgeo_jax.experiments.report import paragraph, save_figure, table, write_page
+    from emgeo_jax.experiments.report import fmt, paragraph, save_figure, table, write_page
 
     c = results["conditions"]
     rows = [
@@ -114,7 +114,9 @@ def write_ablation_report(results: dict, out_dir: str | Path) -> Path:
             c[k]["em_rate"],
             c[k]["em_ci"],
             c[k]["aligned_mean"],
+            c[k].get("aligned_ci"),
             c[k]["coherent_mean"],
+            c[k].get("coherent_ci"),
             c[k]["n_rows"],
         ]
         for k in c
@@ -131,9 +133,18 @@ def write_ablation_report(results: dict, out_dir: str | Path) -> Path:
             "EM rate and mean aligned score before and after ablation (95% intervals).",
         ),
         table(
-            ["condition", "EM rate", "EM 95% CI", "mean aligned", "mean coherent", "responses"],
+            [
+                "condition",
+                "EM rate",
+                "EM 95% CI",
+                "mean aligned",
+                "aligned 95% CI",
+                "mean coherent",
+                "coherent 95% CI",
+                "responses",
+            ],
             rows,
         ),
-        paragraph(f"EM change (after - before): {results['em_change']}"),
+        paragraph(f"EM change (after - before): {fmt(results['em_change'])}"),
     ]
     return write_page(Path(out_dir) / "report.html", "Ablation", blocks)

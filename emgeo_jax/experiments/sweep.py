@@ -213,6 +213,7 @@ SWEEP_HEADER = [
     "mean aligned",
     "aligned 95% CI",
     "mean coherent",
+    "coherent 95% CI",
     "responses",
 ]
 
@@ -234,6 +235,7 @@ def sweep_rows(results: dict) -> list[list[Any]]:
             c["aligned_mean"],
             c["aligned_ci"],
             c["coherent_mean"],
+            c.get("coherent_ci"),
             c["n_rows"],
         ]
         for c in cells

@@ -196,3 +196,4 @@ def test_report_numbers_read_as_numbers():
     assert {x: fmt(x) for x in cases} == cases
     assert fmt([0.16667, 0.5]) == "[0.1667, 0.5]"
     assert (fmt(None), fmt(float("nan")), fmt("a<b")) == ("n/a", "NaN", "a&lt;b")
+    assert (fmt(True), fmt(False)) == ("yes", "no")

@@ -25,10 +25,12 @@ STYLE = (
 
 def fmt(x: Any) -> str:
     """A number as the report prints it: 4 significant digits (-8.0 -> -8, 0.00200 -> 0.002,
-    195.618 -> 195.6; from 10,000 on, no decimals); None -> n/a; NaN -> NaN; intervals as
-    [lo, hi]."""
+    195.618 -> 195.6; from 10,000 on, no decimals); None -> n/a; NaN -> NaN; True/False ->
+    yes/no; intervals as [lo, hi]."""
     if x is None:
         return "n/a"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
     if isinstance(x, (list, tuple)):
         return "[" + ", ".join(fmt(v) for v in x) + "]"
     if isinstance(x, float):

@@ -115,7 +115,7 @@ def _local_judge(n: int, words: int, concurrency: int) -> dict:
         "concurrency": concurrency,
         "seconds": seconds,
         "judgements_per_minute": 60 * 2 * n / seconds,
-        "mean_prompt_tokens": stats.prompt_tokens / max(stats.requests, 1),
+        "prompt_tokens_per_judgement": stats.prompt_tokens / (2 * n),  # refusals count none
         "requests": stats.requests,
         "failed": stats.failed,
         "failure_reasons": stats.failure_reasons,

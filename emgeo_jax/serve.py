@@ -54,6 +54,13 @@ top 20 logprobs (each request gets its first `top_logprobs`), and batches are pa
 power of two with copies of their first row. A greedy answer equals its solo answer up to
 float reassociation in the batched matmuls.
 
+Several processes (`jax.distributed`, a model on a mesh across hosts): process 0 runs the
+HTTP server and its worker; every model call the worker makes (`generate`, `numbers`) is
+described as JSON and broadcast (`hosts.broadcast_json`) to the other processes, which run
+the same call in step in `ModelWorker.follow` and answer nobody. An idle worker broadcasts
+`idle` every `HEARTBEAT` seconds so no process waits long in a collective; closing process
+0's worker broadcasts `stop`.
+
 Seeds: each row samples from its own stream `(seed, lane)` (`emgeo_jax.generate.sampling`):
 a request's n rows are lanes 0..n-1 of its `seed` (a random seed when it gives none), so a
 request with a seed samples exactly as it would alone, whatever else shares its batch: its

@@ -28,7 +28,7 @@ from emgeo_jax.experiments.folder import (
     make_jobs,
     write_json_atomic,
 )
-from emgeo_jax.experiments.metrics import cell_summary
+from emgeo_jax.experiments.metrics import SUMMARY_HEADER, cell_summary, summary_columns
 from emgeo_jax.experiments.questions import PromptRow
 from emgeo_jax.experiments.sweep import judged_cell_settings, vector_digest
 from emgeo_jax.judge.client import JudgeConfig
@@ -108,19 +108,7 @@ def write_ablation_report(results: dict, out_dir: str | Path) -> Path:
     from emgeo_jax.experiments.report import fmt, paragraph, save_figure, table, write_page
 
     c = results["conditions"]
-    rows = [
-        [
-            k,
-            c[k]["em_rate"],
-            c[k]["em_ci"],
-            c[k]["aligned_mean"],
-            c[k].get("aligned_ci"),
-            c[k]["coherent_mean"],
-            c[k].get("coherent_ci"),
-            c[k]["n_rows"],
-        ]
-        for k in c
-    ]
+    rows = [[k, *summary_columns(c[k])] for k in c]
     blocks = [
         *missing_score_notes(list(c.values())),
         paragraph(
@@ -132,19 +120,7 @@ def write_ablation_report(results: dict, out_dir: str | Path) -> Path:
             Path(out_dir) / "ablation.png",
             "EM rate and mean aligned score before and after ablation (95% intervals).",
         ),
-        table(
-            [
-                "condition",
-                "EM rate",
-                "EM 95% CI",
-                "mean aligned",
-                "aligned 95% CI",
-                "mean coherent",
-                "coherent 95% CI",
-                "responses",
-            ],
-            rows,
-        ),
+        table(["condition", *SUMMARY_HEADER], rows),
         paragraph(f"EM change (after - before): {fmt(results['em_change'])}"),
     ]
     return write_page(Path(out_dir) / "report.html", "Ablation", blocks)

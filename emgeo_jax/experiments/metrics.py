@@ -47,6 +47,31 @@ def cell_summary(rows: Sequence[Mapping[str, Any]], seed: int = 0) -> dict[str, 
     return out
 
 
+SUMMARY_HEADER = [
+    "EM rate",
+    "EM 95% CI",
+    "mean aligned",
+    "aligned 95% CI",
+    "mean coherent",
+    "coherent 95% CI",
+    "responses",
+]
+
+
+def summary_columns(summary: Mapping[str, Any]) -> list[Any]:
+    """A `cell_summary`'s report-table columns, in `SUMMARY_HEADER` order (intervals None when a
+    summary predates them)."""
+    return [
+        summary["em_rate"],
+        summary["em_ci"],
+        summary["aligned_mean"],
+        summary.get("aligned_ci"),
+        summary["coherent_mean"],
+        summary.get("coherent_ci"),
+        summary["n_rows"],
+    ]
+
+
 def transfer_effectiveness(
     em_b_steered: float,
     em_b_base: float,

@@ -36,7 +36,7 @@ from emgeo_jax.experiments.folder import (
     make_jobs,
     write_json_atomic,
 )
-from emgeo_jax.experiments.metrics import cell_summary
+from emgeo_jax.experiments.metrics import SUMMARY_HEADER, cell_summary, summary_columns
 from emgeo_jax.experiments.questions import PromptRow
 from emgeo_jax.judge.client import JudgeConfig, resolve_number_logprobs
 from emgeo_jax.judge.prompts import JudgePrompt
@@ -203,19 +203,7 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-SWEEP_HEADER = [
-    "cell",
-    "direction",
-    "layer",
-    "scale",
-    "EM rate",
-    "EM 95% CI",
-    "mean aligned",
-    "aligned 95% CI",
-    "mean coherent",
-    "coherent 95% CI",
-    "responses",
-]
+SWEEP_HEADER = ["cell", "direction", "layer", "scale", *SUMMARY_HEADER]
 
 
 def sweep_rows(results: dict) -> list[list[Any]]:
@@ -224,22 +212,7 @@ def sweep_rows(results: dict) -> list[list[Any]]:
         {"name": BASELINE, "direction": "-", "layer": "-", "scale": 0.0, **results["baseline"]},
         *results["cells"],
     ]
-    return [
-        [
-            c["name"],
-            c["direction"],
-            c["layer"],
-            c["scale"],
-            c["em_rate"],
-            c["em_ci"],
-            c["aligned_mean"],
-            c["aligned_ci"],
-            c["coherent_mean"],
-            c.get("coherent_ci"),
-            c["n_rows"],
-        ]
-        for c in cells
-    ]
+    return [[c["name"], c["direction"], c["layer"], c["scale"], *summary_columns(c)] for c in cells]
 
 
 def sweep_blocks(results: dict, out_dir: str | Path) -> list[str]:

@@ -59,7 +59,11 @@ HTTP server and its worker; every model call the worker makes (`generate`, `numb
 described as JSON and broadcast (`hosts.broadcast_json`) to the other processes, which run
 the same call in step in `ModelWorker.follow` and answer nobody. An idle worker broadcasts
 `idle` every `HEARTBEAT` seconds so no process waits long in a collective; closing process
-0's worker broadcasts `stop`.
+0's worker broadcasts `stop`. With `sessions=True` (an experiment's local judge, whose
+processes also run the experiment's own collectives) the other processes follow only inside
+judging sessions: `open_session` lets process 0's worker broadcast (calls and heartbeats),
+`end_session` broadcasts `end`, after which the worker broadcasts nothing (a request that
+arrives then fails) until the next session (`experiments.judging.judging_session`).
 
 Seeds: each row samples from its own stream `(seed, lane)` (`emgeo_jax.generate.sampling`):
 a request's n rows are lanes 0..n-1 of its `seed` (a random seed when it gives none), so a
@@ -345,6 +349,7 @@ class ModelWorker:
         *,
         variants: Sequence[Steering | None] | None = None,
         follower: bool = False,
+        sessions: bool = False,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
@@ -372,8 +377,12 @@ class ModelWorker:
         self._lock = threading.Lock()
         self._closed = False
         self._running: list[_Job] = []  # the batch in flight
-        # several processes: process 0's worker sends each model call to the others (`follow`)
+        # several processes: process 0's worker sends each model call to the others (`follow`),
+        # with `sessions` only between `open_session` and `end_session`; `_collective` is held
+        # around every broadcast so a session never ends in the middle of one
         self.multiprocess = jax.process_count() > 1
+        self._in_session = not sessions
+        self._collective = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="emgeo-serve-model", daemon=True)
         if not follower:
             self._thread.start()
@@ -430,7 +439,9 @@ class ModelWorker:
             try:
                 first = self._queue.get(timeout=HEARTBEAT if self.multiprocess else None)
             except queue.Empty:
-                hosts.broadcast_json({"kind": "idle"})  # the followers wait for it
+                with self._collective:
+                    if self._in_session:
+                        hosts.broadcast_json({"kind": "idle"})  # the followers wait for it
                 continue
             if first is not None:
                 time.sleep(self.batch_wait)
@@ -444,8 +455,9 @@ class ModelWorker:
                 for job in jobs:
                     if job is not None:
                         job.fail(ServerClosed("the server stopped before this request ran"))
-                if self.multiprocess:
-                    hosts.broadcast_json({"kind": "stop"})
+                with self._collective:
+                    if self.multiprocess and self._in_session:
+                        hosts.broadcast_json({"kind": "stop"})
                 return
             for batch in self._batches(jobs):
                 if self._closed:  # stopping: the batch in flight was the last one
@@ -582,9 +594,27 @@ class ModelWorker:
     def _dispatch(self, call: dict[str, Any]) -> Any:
         """Run one model call (`_execute`), first sending it to the other processes of a
         multi-process server (they run it in `follow`, in step)."""
-        if self.multiprocess:
+        if not self.multiprocess:
+            return self._execute(call)
+        with self._collective:
+            if not self._in_session:
+                raise ServerClosed("no judging session is open: the other processes are busy")
             hosts.broadcast_json(call)
-        return self._execute(call)
+            return self._execute(call)
+
+    def open_session(self) -> None:
+        """On process 0 (`sessions=True`): the other processes now `follow`; model calls and
+        heartbeats may be broadcast until `end_session`."""
+        with self._collective:
+            self._in_session = True
+
+    def end_session(self) -> None:
+        """On process 0: end the session (after the call in flight) by broadcasting `end`,
+        which returns the other processes from `follow`."""
+        with self._collective:
+            if self.multiprocess and self._in_session:
+                hosts.broadcast_json({"kind": "end"})
+            self._in_session = False
 
     def _execute(self, call: dict[str, Any]) -> Any:
         """One model call, described by JSON so that every process can run it: `generate`
@@ -614,11 +644,12 @@ class ModelWorker:
 
     def follow(self) -> None:
         """On a process other than 0 of a multi-process server: run every model call process
-        0 broadcasts, in step with it, until it stops. Process 0 sends an `idle` call every
-        `HEARTBEAT` seconds without work, so no process waits in a collective for long."""
+        0 broadcasts, in step with it, until it stops or ends the session. Process 0 sends an
+        `idle` call every `HEARTBEAT` seconds without work, so no process waits in a
+        collective for long."""
         while True:
             call = hosts.broadcast_json(None)
-            if call["kind"] == "stop":
+            if call["kind"] in ("stop", "end"):
                 return
             if call["kind"] == "idle":
                 continue
@@ -798,6 +829,7 @@ class ModelServer:
         batch_wait: float = 0.005,
         max_tokens_cap: int = 4096,
         queue_timeout: float = 60.0,
+        sessions: bool = False,
     ) -> None:
         if lm.tokenizer is None or not getattr(lm.tokenizer, "chat_template", None):
             raise ValueError(f"serve: model {lm.source!r} has no tokenizer with a chat template")
@@ -814,7 +846,12 @@ class ModelServer:
         self.refused = 0  # requests answered 429 because the queue was too deep
         self.token_text = TokenText(lm.tokenizer)
         self.worker = ModelWorker(
-            lm, None, max_batch, batch_wait, variants=list(self.variants.values())
+            lm,
+            None,
+            max_batch,
+            batch_wait,
+            variants=list(self.variants.values()),
+            sessions=sessions,
         )
         server = self
 

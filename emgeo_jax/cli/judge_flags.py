@@ -74,18 +74,8 @@ def planned_judge_from_flags(model_flag: str = "model") -> Any:
     """The `JudgeConfig` the flags describe, resolved before any model loads
     (`experiments.judging.planned_judge`): its identity is what an experiment folder records,
     so commands check an existing --out folder against it first."""
-    from emgeo_jax.experiments.judging import planned_judge, uses_local_judge
+    from emgeo_jax.experiments.judging import planned_judge
 
-    if uses_local_judge(FLAGS.judge_base_url):
-        import jax
-
-        n = jax.process_count()
-        if n > 1:  # its server would answer on process 0 while generating needs all processes
-            raise ValueError(
-                f"--judge_base_url: the local judge (a server running --{model_flag} in this "
-                f"command) cannot run on {n} processes; give --judge_base_url of a judge "
-                "server (e.g. `emgeo serve` on one host) or set OPENAI_API_KEY"
-            )
     return planned_judge(*_judge_args(model_flag))
 
 

@@ -27,8 +27,9 @@ cache, so no judge request is ever repeated.
 Several processes (a model on a mesh spanning them, under `jax.distributed.initialize`): every
 process calls the same experiment function; process 0 decides what is already on disk and
 tells the others (`emgeo_jax.hosts.broadcast_json`), all processes generate together (each
-transferring its own rows), process 0 alone writes files and calls the judge, and the judged
-rows are sent to every process, so every process returns the same results.
+transferring its own rows), process 0 alone writes files and calls the judge (a local
+judge's model calls run on every process inside `experiments.judging.judging_session`), and
+the judged rows are sent to every process, so every process returns the same results.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import numpy as np
 from absl import logging
 
 from emgeo_jax import runs
+from emgeo_jax.experiments.judging import judging_session
 from emgeo_jax.experiments.questions import PromptRow
 from emgeo_jax.generate import generate, with_system
 from emgeo_jax.hosts import broadcast_json, is_primary
@@ -344,16 +346,18 @@ class CellRunner:
             rows = broadcast_json(read_jsonl(gen) if is_primary() else None)
             self._stage(cell.name, "generated")
             scored = None
+            with judging_session(self.judge):  # a local judge's calls run on every process
+                if is_primary():
+                    logging.info("cell %s: judging", cell.name)
+                    scored = judge_responses(
+                        [{**r, "answer": r["response"]} for r in rows],
+                        self.judge,
+                        cache_path=self.cache_path,
+                        question_prompts=self.question_prompts,
+                        stats=self.stats,
+                        progress=False,
+                    )
             if is_primary():
-                logging.info("cell %s: judging", cell.name)
-                scored = judge_responses(
-                    [{**r, "answer": r["response"]} for r in rows],
-                    self.judge,
-                    cache_path=self.cache_path,
-                    question_prompts=self.question_prompts,
-                    stats=self.stats,
-                    progress=False,
-                )
                 scored = [{k: v for k, v in r.items() if k != "answer"} for r in scored]
                 write_jsonl_atomic(judged, scored)
             out.append(broadcast_json(scored))

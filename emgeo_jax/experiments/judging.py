@@ -6,7 +6,15 @@ Whole-number scoring (`JudgeConfig.number_logprobs`, right for tokenizers that s
 digit by digit) is on for the local server, and by default (`number_logprobs=None`) decided by
 asking an explicit URL whether it is `emgeo serve` (`judge.client.resolve_number_logprobs`),
 so `--judge_base_url` pointing at `emgeo serve` scores exactly as `emgeo judge
---number_logprobs` does. The yielded config is resolved: what it says is what was used."""
+--number_logprobs` does. The yielded config is resolved: what it says is what was used.
+
+Several processes (a model on a mesh across hosts): the local server listens on process 0
+and its model calls run on every process, in step. The experiment's own collectives
+(generation) must not interleave with them, so every process enters `judging_session(judge)`
+around process 0's judging (`experiments.folder.CellRunner` does): process 0's server
+broadcasts its model calls only inside it, and the other processes follow them
+(`serve.ModelWorker.follow`) until process 0 ends the session. With one process, or a judge
+elsewhere, `judging_session` does nothing."""
 
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from emgeo_jax.hosts import broadcast_json, is_primary
 from emgeo_jax.judge.client import JudgeConfig, resolve_number_logprobs
 
 DEFAULT_TIMEOUT = 60.0  # seconds per judge request
@@ -73,9 +82,47 @@ def judge_context(lm: Any, planned: JudgeConfig) -> Iterator[JudgeConfig]:
     if not uses_local_judge(planned.base_url):
         yield planned
         return
-    from emgeo_jax.serve import serve_in_thread
+    import jax
 
+    from emgeo_jax.serve import ModelServer, ModelWorker
+
+    several = jax.process_count() > 1
     # One client's concurrent requests arrive over a few ms; waiting 50 ms (against seconds
     # per batch) fills the batches, so fewer distinct batch shapes get compiled.
-    with serve_in_thread(lm, model_name=planned.model, batch_wait=0.05) as server:
-        yield dataclasses.replace(planned, base_url=server.base_url)
+    server = None
+    if is_primary():
+        server = ModelServer(lm, model_name=planned.model, batch_wait=0.05, sessions=several)
+        server.start()
+    url = ""
+    try:
+        url = broadcast_json(None if server is None else server.base_url)
+        if several:  # the worker `judging_session` opens: process 0's, or a follower
+            _SESSIONS[url] = server.worker if server else ModelWorker(lm, follower=True)
+        yield dataclasses.replace(planned, base_url=url)
+    finally:
+        _SESSIONS.pop(url, None)
+        if server is not None:
+            server.close()
+
+
+_SESSIONS: dict[str, Any] = {}  # base_url -> the local judge's worker, on several processes
+
+
+@contextlib.contextmanager
+def judging_session(judge: JudgeConfig) -> Iterator[None]:
+    """Enter on every process around process 0's judging with `judge` (module docstring):
+    for the local judge on several processes, process 0's server runs its model calls on
+    every process while inside; on the others, entering returns when process 0 leaves.
+    Otherwise a no-op."""
+    worker = _SESSIONS.get(judge.base_url or "")
+    if worker is None:
+        yield
+    elif is_primary():
+        worker.open_session()
+        try:
+            yield
+        finally:
+            worker.end_session()
+    else:
+        worker.follow()  # process 0's judge calls, until it ends the session
+        yield

@@ -271,20 +271,6 @@ def start_distributed() -> None:
     barrier("emgeo_initialized")
 
 
-def one_process_only(command: str, why: str) -> None:
-    """Refuse to run `emgeo COMMAND` on several processes (a ValueError naming the distributed
-    start, so the user sees one line before any model loads); `why`: what cannot work there
-    and what to do instead. A no-op on one process."""
-    import jax
-
-    n = jax.process_count()
-    if n > 1:
-        raise ValueError(
-            f"emgeo {command} runs on one process; {n} were started (--distributed / "
-            f"{DISTRIBUTED_ENV}=1, as launch/ sets): {why}"
-        )
-
-
 def mesh_spec() -> str | None:
     """The mesh the flags ask for (`--mesh`, an old `--fsdp/--tensor`, or the default), as a
     spec string; None = one device. The default is `auto` (every device on `fsdp`) on

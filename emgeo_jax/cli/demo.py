@@ -4,8 +4,9 @@ default model, one `report.html` (stages and resume: see `emgeo_jax.experiments.
 Offline (no OPENAI_API_KEY, no --judge_base_url) the full demo skips the judged steering sweep
 and says why in the report: the only judge would be the same 135M model, which gives a number
 for almost no answer. --judged_sweep runs it anyway; --quick always runs its 3-cell version.
-One process only: under a multi-process start (`--distributed`, `EMGEO_DISTRIBUTED=1`) it
-refuses before anything runs.
+Under a multi-process start (`--distributed`, `EMGEO_DISTRIBUTED=1`) every process runs the
+model's stages over its share of the rows and process 0 writes the folder, which must be on
+storage every process sees (they read the extraction back from it).
 The judge flags are the ones every judging command shares (`emgeo_jax.cli.judge_flags`)."""
 
 from __future__ import annotations
@@ -34,11 +35,8 @@ flags.DEFINE_bool(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise SystemExit(f"emgeo demo: unexpected arguments {argv[1:]}")
-    common.one_process_only(
-        "demo",
-        "its SAE, geometry and report stages run on one host; run it without launch/ or "
-        "--distributed (--mesh splits the model over one host's devices)",
-    )
+    from emgeo_jax.hosts import is_primary
+
     pylogging.getLogger("httpx").setLevel(pylogging.WARNING)  # one line per judge request
     mesh = common.mesh_for(common.read_config(FLAGS.model))  # checked before anything runs
     options = {
@@ -59,4 +57,5 @@ def main(argv: list[str]) -> None:
         judge_options=options,
         judged_sweep=FLAGS.judged_sweep,
     )
-    print(f"wrote {path}")
+    if is_primary():  # printed once, however many processes run
+        print(f"wrote {path}")

@@ -31,6 +31,11 @@ The geometry's 95% intervals come from a bootstrap over the contrast pairs' per-
 activations (the extraction keeps them): the mean-diff directions are rebuilt from each
 resample, the PCA and SAE directions are held fixed.
 
+On several processes (`launch/`, `--distributed`) every process runs the model's stages
+(extraction, the SAE stage's forwards, dose-response, sweep) over its share of the rows, and
+process 0 alone trains the SAE, computes the geometry and writes every file; the other
+processes read the extraction back from `--out`, so it must be on storage they all see.
+
 Each stage logs its wall and CPU seconds; `timings.json` keeps the wall seconds (the sweep's
 judging share separately).
 
@@ -49,6 +54,8 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+
+from emgeo_jax.hosts import is_primary
 
 LOCAL_JUDGE_NOTE = (
     "The judge here is the same 135M-parameter model served locally. Its tokenizer spells "
@@ -237,7 +244,7 @@ def _dose_response(
         model=model,
         overwrite=overwrite,
     )
-    return dose_response_blocks(results, out / "dose_response")
+    return dose_response_blocks(results, out / "dose_response") if is_primary() else []
 
 
 SKIPPED_SWEEP_NOTE = (
@@ -296,6 +303,8 @@ def _sweep(
             overwrite=overwrite,
         )
         name = judge.identity
+    if not is_primary():  # the report is process 0's
+        return []
     logged = read_jsonl(out / "sweep" / "runs.jsonl")
     times["sweep: of which judging"] = logged[-1]["judge_seconds"]
     note = LOCAL_JUDGE_NOTE if local else f"Judge: {name}."
@@ -342,7 +351,8 @@ def run_demo(
     from emgeo_jax.experiments.sae_stage import report_blocks, sae_directions
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if is_primary():
+        out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     logging.info("[1/6] loading %s", model)
@@ -368,8 +378,9 @@ def run_demo(
     logging.info(
         "[3/6] geometry of mean-diff and PCA directions at layers %s", list(p.geometry_layers)
     )
-    with _stage(times, "geometry"):
-        geo_html = _geometry(dirs, p.geometry_layers, p, out / "geometry", sae, overwrite)
+    if is_primary():  # numpy on the host: process 0's (the others go on to stage 4)
+        with _stage(times, "geometry"):
+            geo_html = _geometry(dirs, p.geometry_layers, p, out / "geometry", sae, overwrite)
 
     layer = p.sweep_layers[len(p.sweep_layers) // 2]
     logging.info(
@@ -396,6 +407,8 @@ def run_demo(
         logging.info("[5/6] steering sweep skipped: no judge but the local 135M model")
         sweep_html = [paragraph(SKIPPED_SWEEP_NOTE, note=True)]
 
+    if not is_primary():  # the report is process 0's
+        return out / "report.html"
     logging.info("[6/6] writing the report")
     report_start = time.perf_counter()
     blocks = [

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from emgeo_jax.hosts import broadcast_json, is_primary, to_host
 from emgeo_jax.vectors.sae import save_feature_directions, save_saelens, select
 from emgeo_jax.vectors.sae.metrics import activation_fit
 from emgeo_jax.vectors.sae.train import ActivationSource, TrainConfig, train_sae
@@ -116,7 +117,7 @@ def token_activations(
     by_index = {ex.example_index: i for i, ex in enumerate(tokenized)}
     t0, n_tok = time.perf_counter(), 0
     for batch in make_batches(tokenized, batch_size, pad):
-        h = np.asarray(resid_fn(batch["input_ids"], batch["attention_mask"], layer))
+        h = to_host(resid_fn(batch["input_ids"], batch["attention_mask"], layer))
         t = h.shape[1]
         for r, idx in enumerate(batch["example_index"]):
             if idx < 0:
@@ -155,10 +156,15 @@ def _load(folder: Path, summary: dict) -> SAEStage:
 
 def sae_directions(
     lm, activations_dir: str | Path, layer: int, out_dir: str | Path, quick: bool
-) -> SAEStage:
+) -> SAEStage | None:
     """Run the stage (see module docstring) for the contrast examples extracted into
     `activations_dir` (an `emgeo extract` folder with all layers, as the demo writes it;
-    its metadata names the data file, `max_pairs` and `hold_out_every`)."""
+    its metadata names the data file, `max_pairs` and `hold_out_every`).
+
+    On several processes every process runs the model over its share of the rows (and reads
+    `activations_dir`, as `contrast_directions` does: shared storage); process 0 decides
+    whether a finished stage is reused, trains, selects and writes, and is the one that gets
+    the `SAEStage` (the others get None)."""
     from emgeo_jax.data import load_contrast_pairs, tokenize_examples
     from emgeo_jax.experiments.folder import write_json_atomic
     from emgeo_jax.experiments.pipeline import split_pairs
@@ -172,13 +178,12 @@ def sae_directions(
         raise ValueError(f"{activations_dir}: layer {layer} not extracted (has {ext.layers})")
     sizes = stage_sizes(quick, lm.config.hidden_size)
     settings = _settings(layer, sizes, {"run_hash": ext.metadata.get("run_hash")})
-    summary = read_settings(out / "summary.json")
-    if summary is not None:
-        diff = settings_diff(summary.get("settings") or {}, settings)
-        if not diff:
-            return _load(out, summary)
+    summary = read_settings(out / "summary.json") if is_primary() else None
+    diff = None if summary is None else settings_diff(summary.get("settings") or {}, settings)
+    if broadcast_json(summary is not None and not diff):  # process 0 decides for all
+        return _load(out, summary) if is_primary() else None
+    if diff:
         logging.info("sae: %s holds another configuration (%s); redoing the stage", out, diff)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
     examples, _ = load_contrast_pairs(ext.metadata["data"])
@@ -196,7 +201,10 @@ def sae_directions(
         )
     prefix = _shared_prefix(tokenized)
     keep = token_rows(tokenized, prefix)
-    acts = token_activations(lm, tokenized, layer, keep)
+    acts = token_activations(lm, tokenized, layer, keep)  # every process
+    if not is_primary():  # the training and the files are process 0's
+        return None
+    out.mkdir(parents=True, exist_ok=True)
     held = _split(tokenized)
     train_rows = np.concatenate([a for a, h in zip(acts, held, strict=True) if not h])
     held_rows = np.concatenate([a for a, h in zip(acts, held, strict=True) if h])

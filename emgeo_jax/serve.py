@@ -608,12 +608,13 @@ class ModelWorker:
         with self._collective:
             self._in_session = True
 
-    def end_session(self) -> None:
+    def end_session(self, failed: bool = False) -> None:
         """On process 0: end the session (after the call in flight) by broadcasting `end`,
-        which returns the other processes from `follow`."""
+        which returns the other processes from `follow`; `failed`: process 0's judging raised,
+        and `follow` tells the others so."""
         with self._collective:
             if self.multiprocess and self._in_session:
-                hosts.broadcast_json({"kind": "end"})
+                hosts.broadcast_json({"kind": "end", "failed": failed})
             self._in_session = False
 
     def _execute(self, call: dict[str, Any]) -> Any:
@@ -642,15 +643,15 @@ class ModelWorker:
             return number_logprobs(self.lm, rows, self._trie, steering, MAX_TOP_LOGPROBS)
         raise ValueError(f"unknown model call {call['kind']!r}")
 
-    def follow(self) -> None:
+    def follow(self) -> bool:
         """On a process other than 0 of a multi-process server: run every model call process
         0 broadcasts, in step with it, until it stops or ends the session. Process 0 sends an
         `idle` call every `HEARTBEAT` seconds without work, so no process waits in a
-        collective for long."""
+        collective for long. Returns True when process 0 ended the session as failed."""
         while True:
             call = hosts.broadcast_json(None)
             if call["kind"] in ("stop", "end"):
-                return
+                return bool(call.get("failed"))
             if call["kind"] == "idle":
                 continue
             try:

@@ -6,6 +6,7 @@ batches (the same code paths a 135M judge on 2 cores takes under a sweep)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -267,3 +268,39 @@ def test_busy_replies_do_not_use_up_attempts_but_errors_do(caplog):
     assert out[1]["aligned_judge"]["status"] == "failed" and stats.failed == 1
     assert stats.retries == 8 + 1
     assert any(r.getMessage() == "judged 3/3 (1 failed)" for r in caplog.records)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_judging_session_tells_the_followers_when_process_0_fails(monkeypatch, fails):
+    """The local judge on several processes (`experiments.judging.judging_session`), with the
+    broadcast between processes replaced by a recorder: process 0 ends its session with
+    `failed` set when its judging raised; a follower runs the calls up to `end` and raises
+    when process 0 failed, instead of going on to a collective process 0 never reaches."""
+    from emgeo_jax import serve
+    from emgeo_jax.experiments import judging
+
+    sent: list = []
+    received = iter([{"kind": "idle"}, {"kind": "end", "failed": fails}])
+    monkeypatch.setattr(
+        serve.hosts, "broadcast_json", lambda x: sent.append(x) if x else next(received)
+    )
+    worker = ModelWorker(None, follower=True, sessions=True)  # no model call is made
+    worker.multiprocess = True
+    judge = JudgeConfig(base_url="http://127.0.0.1:1/v1")
+    monkeypatch.setitem(judging._SESSIONS, judge.base_url, worker)
+
+    monkeypatch.setattr(judging, "is_primary", lambda: True)
+    with contextlib.suppress(ValueError):
+        with judging.judging_session(judge):
+            assert worker._in_session
+            if fails:
+                raise ValueError("the judge server went away")
+    assert sent == [{"kind": "end", "failed": fails}] and not worker._in_session
+
+    monkeypatch.setattr(judging, "is_primary", lambda: False)
+    entered = []
+    with contextlib.suppress(RuntimeError) if fails else contextlib.nullcontext():
+        with judging.judging_session(judge):
+            entered.append(True)
+    assert entered == ([] if fails else [True])
+    assert next(received, None) is None  # the follower read up to `end`

@@ -113,16 +113,20 @@ def judging_session(judge: JudgeConfig) -> Iterator[None]:
     """Enter on every process around process 0's judging with `judge` (module docstring):
     for the local judge on several processes, process 0's server runs its model calls on
     every process while inside; on the others, entering returns when process 0 leaves.
-    Otherwise a no-op."""
+    Otherwise a no-op. When process 0's judging raises, the others raise `RuntimeError` on
+    entering (rather than wait in the experiment's next collective for a process that left)."""
     worker = _SESSIONS.get(judge.base_url or "")
     if worker is None:
         yield
     elif is_primary():
         worker.open_session()
+        failed = True
         try:
             yield
+            failed = False
         finally:
-            worker.end_session()
+            worker.end_session(failed)
     else:
-        worker.follow()  # process 0's judge calls, until it ends the session
+        if worker.follow():  # process 0's judge calls, until it ends the session
+            raise RuntimeError("the judging on process 0 failed (its log says why)")
         yield

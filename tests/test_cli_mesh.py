@@ -498,10 +498,10 @@ def two_processes(work, mesh_results, tmp_path_factory) -> dict:
     sae-check, sae-features and norms (`--mesh data=2`: only if the processes joined), demo
     --quick (scripted judge) and ablate with the local judge (the server on process 0 judging
     with the model that spans both; serve alone on 2 processes:
-    tests/test_serve_multiprocess.py). The local-judge ablate also runs on one process, in
-    this one, into "local_one". {"out": the folder written, "runs": per process {run name:
-    status, stdout, stderr, writes}, "log0": process 0's log, "local_one": (status, stderr)}.
-    """
+    tests/test_serve_multiprocess.py). The local-judge ablate also runs as one process (a
+    subprocess of this one) into "local_one". {"out": the folder written, "runs": per process
+    {run name: status, stdout, stderr, writes}, "log0": process 0's log, "local_one": (status,
+    stderr)}."""
     from emgeo_jax.judge.testing import ScriptedJudgeServer
     from tests.test_cli_experiments import persona_table
     from tests.test_experiments import table
@@ -538,12 +538,15 @@ def two_processes(work, mesh_results, tmp_path_factory) -> dict:
     text = "".join(p.read_text()[-6000:] for p in sorted(logs.glob("*.log")))
     assert proc.returncode == 0, proc.stderr[-2000:] + text
     done = [json.loads((logs / f"process-{i}.json").read_text()) for i in range(2)]
-    os.environ.pop("OPENAI_API_KEY", None)
+    one = subprocess.run(
+        [sys.executable, "-m", "emgeo_jax.cli", *local, f"--out={out / 'local_one'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     return {
         "out": out,
         "runs": [{r["name"]: r for r in p} for p in done],
         "log0": (logs / "process-0.log").read_text(),
-        "local_one": _status_and_stderr([*local, f"--out={out / 'local_one'}"]),
+        "local_one": (one.returncode, one.stderr),
     }
 
 

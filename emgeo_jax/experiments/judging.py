@@ -84,25 +84,24 @@ def judge_context(lm: Any, planned: JudgeConfig) -> Iterator[JudgeConfig]:
         return
     import jax
 
-    from emgeo_jax.serve import ModelServer, ModelWorker
+    from emgeo_jax.serve import ModelWorker, serve_in_thread
 
     several = jax.process_count() > 1
     # One client's concurrent requests arrive over a few ms; waiting 50 ms (against seconds
     # per batch) fills the batches, so fewer distinct batch shapes get compiled.
-    server = None
-    if is_primary():
-        server = ModelServer(lm, model_name=planned.model, batch_wait=0.05, sessions=several)
-        server.start()
-    url = ""
-    try:
+    serving = (
+        serve_in_thread(lm, model_name=planned.model, batch_wait=0.05, sessions=several)
+        if is_primary()
+        else contextlib.nullcontext()
+    )
+    with serving as server:  # the server listens on process 0 alone
         url = broadcast_json(None if server is None else server.base_url)
         if several:  # the worker `judging_session` opens: process 0's, or a follower
             _SESSIONS[url] = server.worker if server else ModelWorker(lm, follower=True)
-        yield dataclasses.replace(planned, base_url=url)
-    finally:
-        _SESSIONS.pop(url, None)
-        if server is not None:
-            server.close()
+        try:
+            yield dataclasses.replace(planned, base_url=url)
+        finally:
+            _SESSIONS.pop(url, None)
 
 
 _SESSIONS: dict[str, Any] = {}  # base_url -> the local judge's worker, on several processes

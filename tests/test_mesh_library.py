@@ -226,7 +226,7 @@ if __name__ == "__main__":
     lm = tiny_chat_lm(tokenizer)
     for name, shape in MESHES.items():
         sharded = lm.on_mesh(make_mesh(shape))
-        q = sharded.params["layers"]["attn"]["q_proj"]["kernel"].value
+        q = sharded.params["layers"]["attn"]["q_proj"]["kernel"][...]
         assert q.addressable_shards[0].data.shape[1] == q.shape[1] // shape["fsdp"], q.sharding
         (out / f"{name}.json").write_text(json.dumps(run_all(sharded, out / name)))
     # unstacked layers on fsdp=8: per-block buffers keep their split; generation unchanged

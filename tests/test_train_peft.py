@@ -80,7 +80,7 @@ def test_export_matches_peft_logits_and_grads(tiny, tmp_path):
     w = torch.tensor(answer[:, 1:], dtype=torch.float32)
     ref_loss = -(logp.gather(-1, tgt[..., None])[..., 0] * w).sum() / w.sum()
     ref_loss.backward()
-    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), ref_loss.item(), rtol=1e-5)
     named = dict(model.named_parameters())
     for t in spec.targets:
         for i, layer in enumerate(spec.layers):

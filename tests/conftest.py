@@ -9,6 +9,11 @@ the end), exported through the environment so the CLI subprocesses and the multi
 launches use it too: the suite compiles the same tiny programs in many processes, and reading a
 compiled program back is much cheaper than compiling it. A cache set by the caller
 (`JAX_COMPILATION_CACHE_DIR`) is used as given and kept.
+
+The suite runs on two worker processes (pytest-xdist; `addopts` in pyproject.toml), each test
+file on one worker (`--dist loadfile`: a module's fixtures are built once). The longest files
+(`LONG_FILES`) are collected first so that they start first and the workers finish together,
+instead of one running a long file alone at the end. The order changes nothing else.
 """
 
 from __future__ import annotations
@@ -32,6 +37,26 @@ def pytest_configure(config: pytest.Config) -> None:
     # cache every program, however small or quick to compile (the suite's are all small)
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+# The files that take longest (a few minutes each on 2 cores), longest first.
+LONG_FILES = (
+    "test_cli_mesh.py",
+    "test_demo.py",
+    "test_mesh_library.py",
+    "test_device_benchmark.py",
+    "test_serve_multiprocess.py",
+    "test_multiprocess_experiments.py",
+    "test_dose_response.py",
+    "test_cli_experiments.py",
+    "test_train_cli.py",
+    "test_plan.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -1,6 +1,6 @@
 """Steered generation: ours vs transformers `generate` with a forward hook, one run.
 
-    python benchmarks/generate.py [--batch 8 --prompt 32 --new 64 --repeats 3]
+    python benchmarks/generate.py [--batch 8 --prompt 32 --new 64 --repeats 5]
 
 On the embedded default (SmolLM2-135M-Instruct, fp32). Random 32-token prompts, 64 new
 tokens per row (EOS disabled so every row runs the full length), a random steering vector
@@ -14,8 +14,11 @@ roofline: min over two bounds on new tokens/s, compute (2 x params FLOPs per tok
 measured matmul peak) and weight bandwidth (all weights read once per decode step at the
 measured memory bandwidth), and the load average. It also reports a floor that does not
 depend on our program: the prefill as measured plus, for every later step, only the time
-XLA's kernels take for that step's matmuls (`decode_matmul_floor`): the best any decode loop
-built from them could do here; "of floor" is that floor's time over ours.
+XLA's kernels take for that step's matmuls (`matmul_floor_step`): the best any decode loop
+built from them could do here; "of floor" is that floor's time over ours. This machine's
+speed drifts by a third within minutes, so the floor is timed right after every timed call
+of ours (a prefill alone, then the floor step 5 times) and "of floor" is the median of those
+per-call ratios, not a ratio of two medians taken minutes apart.
 """
 
 from __future__ import annotations
@@ -51,8 +54,8 @@ def memory_bandwidth(nbytes: int = 512 * 2**20) -> float:
     return nbytes / sorted(times)[2]
 
 
-def decode_matmul_floor(lm, batch: int) -> float:
-    """Seconds for the matmuls of one decode step with XLA's own kernels and nothing else,
+def matmul_floor_step(lm, batch: int):
+    """A call running the matmuls of one decode step with XLA's own kernels and nothing else,
     in their data dependencies: per block `q, k, v = x @ Wq, x @ Wk, x @ Wv`, `x += q @ Wo`,
     `x += (x @ Wgate * x @ Wup) @ Wdown` (each block's kernels as separate buffers, so
     nothing is sliced out of a stack), then the LM head, on a `[batch, D]` input in one
@@ -85,7 +88,7 @@ def decode_matmul_floor(lm, batch: int) -> float:
             x = x + hidden @ mlp["down_proj"]["kernel"]
         return x @ head.T, kv
 
-    return time_call(lambda: jax.block_until_ready(step(blocks, head, x)), repeats=10)
+    return lambda: jax.block_until_ready(step(blocks, head, x))
 
 
 def setup(batch: int, prompt: int, d: int, vocab: int):
@@ -103,6 +106,19 @@ def ours(batch: int, prompt: int, new: int, repeats: int) -> dict:
     ids, v = setup(batch, prompt, cfg.hidden_size, cfg.vocab_size)
     steer = Steering.addition(lm, v, layers=[cfg.num_layers // 2], scale=SCALE)
     out = dict(side="ours", params=lm.param_count())
+    floor_step = matmul_floor_step(lm, batch)
+    floor_step()  # compile
+    floor_steps, prefills = [], []
+
+    def floor_now(model) -> float:
+        """The floor's seconds for one call of `new` tokens, timed now: a prefill alone, then
+        the median of 5 floor steps for each of the `new - 1` later steps."""
+        start = time.perf_counter()
+        generate_ids(model, ids.tolist(), steer, max_new_tokens=1, eos_ids=[])
+        prefills.append(time.perf_counter() - start)
+        floor_steps.append(time_call(floor_step, repeats=5))
+        return prefills[-1] + (new - 1) * floor_steps[-1]
+
     for layout in LAYOUTS:
         model = lm if layout == "scan" else lm.unstacked()
         for name, kw in (
@@ -120,19 +136,20 @@ def ours(batch: int, prompt: int, new: int, repeats: int) -> dict:
             start = time.perf_counter()
             call()
             out[f"{layout}_{name}_first_s"] = time.perf_counter() - start
-            times = []
+            generate_ids(model, ids.tolist(), steer, max_new_tokens=1, eos_ids=[])  # compile
+            times, of_floor = [], []
             for seed in range(repeats):
                 start = time.perf_counter()
                 call(seed)
                 times.append(time.perf_counter() - start)
-            out[f"{layout}_{name}_s"] = sorted(times)[repeats // 2]
-    out["prefill_s"] = time_call(
-        lambda: generate_ids(lm, ids.tolist(), steer, max_new_tokens=1, eos_ids=[]), repeats
-    )
+                of_floor.append(floor_now(model) / times[-1])
+            out[f"{layout}_{name}_s"] = float(np.median(times))
+            out[f"{layout}_{name}_of_floor"] = float(np.median(of_floor))
     out.update(
         peak_flops=matmul_peak_flops(),
         bandwidth=memory_bandwidth(),
-        floor_step_s=decode_matmul_floor(lm, batch),
+        floor_step_s=float(np.median(floor_steps)),
+        prefill_s=float(np.median(prefills)),
     )
     return out
 
@@ -189,7 +206,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3, help="timed calls of ours (median)")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls of ours (median)")
     a = p.parse_args()
     if a.side:
         side = ours if a.side == "ours" else transformers_side
@@ -208,7 +225,8 @@ def main() -> None:
         f"{a.new} new tokens, layer L//2 add x{SCALE}"
     )
     # The best a decode loop built from XLA's kernels can do: the prefill as measured, then
-    # every later step costing only its matmuls.
+    # every later step costing only its matmuls (medians over the run; "of floor" compares
+    # each timed call with the floor timed right after it).
     floor_s = o["prefill_s"] + (a.new - 1) * o["floor_step_s"]
     print(
         f"{'':20} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'roofline':>9} "
@@ -220,7 +238,7 @@ def main() -> None:
             print(
                 f"{name + ' ' + layout:20} {ours_tps:11.0f} {hf_tps:9.0f} "
                 f"{ours_tps / hf_tps:5.1f}x {ours_tps / roof:9.1%} "
-                f"{floor_s / o[f'{layout}_{name}_s']:9.1%} {o[f'{layout}_{name}_first_s']:8.1f}"
+                f"{o[f'{layout}_{name}_of_floor']:9.1%} {o[f'{layout}_{name}_first_s']:8.1f}"
             )
     floor_rate = 4 * o["params"] / o["floor_step_s"]
     print(

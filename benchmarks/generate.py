@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -54,7 +55,7 @@ def memory_bandwidth(nbytes: int = 512 * 2**20) -> float:
     return nbytes / sorted(times)[2]
 
 
-def matmul_floor_step(lm, batch: int):
+def matmul_floor_step(lm, batch: int) -> Callable[[], object]:
     """A call running the matmuls of one decode step with XLA's own kernels and nothing else,
     in their data dependencies: per block `q, k, v = x @ Wq, x @ Wk, x @ Wv`, `x += q @ Wo`,
     `x += (x @ Wgate * x @ Wup) @ Wdown` (each block's kernels as separate buffers, so
@@ -107,14 +108,17 @@ def ours(batch: int, prompt: int, new: int, repeats: int) -> dict:
     steer = Steering.addition(lm, v, layers=[cfg.num_layers // 2], scale=SCALE)
     out = dict(side="ours", params=lm.param_count())
     floor_step = matmul_floor_step(lm, batch)
-    floor_step()  # compile
     floor_steps, prefills = [], []
+
+    def prefill(model) -> None:
+        generate_ids(model, ids.tolist(), steer, max_new_tokens=1, eos_ids=[])
 
     def floor_now(model) -> float:
         """The floor's seconds for one call of `new` tokens, timed now: a prefill alone, then
-        the median of 5 floor steps for each of the `new - 1` later steps."""
+        the median of 5 floor steps (after a warm-up one) for each of the `new - 1` later
+        steps."""
         start = time.perf_counter()
-        generate_ids(model, ids.tolist(), steer, max_new_tokens=1, eos_ids=[])
+        prefill(model)
         prefills.append(time.perf_counter() - start)
         floor_steps.append(time_call(floor_step, repeats=5))
         return prefills[-1] + (new - 1) * floor_steps[-1]
@@ -136,7 +140,7 @@ def ours(batch: int, prompt: int, new: int, repeats: int) -> dict:
             start = time.perf_counter()
             call()
             out[f"{layout}_{name}_first_s"] = time.perf_counter() - start
-            generate_ids(model, ids.tolist(), steer, max_new_tokens=1, eos_ids=[])  # compile
+            prefill(model)  # compile the layout's prefill alone
             times, of_floor = [], []
             for seed in range(repeats):
                 start = time.perf_counter()

@@ -17,10 +17,13 @@ Parameters are sharded over all devices (`fsdp`), as `benchmarks/mfu.py` does.
 Per model:
   extract   `emgeo_jax.extract`'s jitted pooled step (the function `emgeo plan --task extract`
             compiles), batch `--batches[0]` x `--seq`, every layer, no LM head.
-  prefill   `generate_ids` with one new token: `B` prompts of `--seq` tokens, per batch size
-            (its MFU counts the first decode step too).
-  decode    `generate_ids` with `--new` tokens minus the one-token call: the steady-state step,
-            per batch size; tokens/s = B / step time.
+  prefill   the prefill alone (`emgeo_jax.generate.prefill_prompts`: the program a
+            `generate_ids` call runs first, into its cache of `--seq + --new + 1` slots): `B`
+            prompts of `--seq` tokens, per batch size; the LM head runs on each row's last token.
+  decode    (a whole `generate_ids` call of `--new` tokens - its prefill) / (`--new` - 1): the
+            steady-state step (the loop runs `--new` - 1 steps after the prefill's token), per
+            batch size; tokens/s = B / step time. The call's host work (padding, reading the
+            tokens back) is in this figure too, spread over the steps.
   train     one LoRA step (`emgeo_jax.train.sft.make_train_step`, rank 32 on all seven
             modules of every layer, AdamW, remat), batch `--batches[0]` x `--seq`.
 
@@ -61,9 +64,10 @@ from flax import nnx
 from benchmarks.common import matmul_peak_flops, time_call
 from benchmarks.generate import memory_bandwidth
 from benchmarks.mfu import DEVICE_KINDS, model_flops
-from emgeo_jax.generate import generate_ids
+from emgeo_jax.generate import generate_ids, prefill_prompts
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.lm import LM, abstract_model, init_params, resolve_dtype
+from emgeo_jax.models.steering import Steering
 from emgeo_jax.parallel import make_mesh, param_shardings
 from emgeo_jax.plan import ACCELERATORS, TASKS, Accelerator, TaskOptions, make_plan
 from emgeo_jax.plan import resolve_model as plan_model
@@ -198,15 +202,24 @@ class Bench:
             lambda: jax.block_until_ready(part.fn(self.params, inputs)), self.a.repeats
         )
 
-    def generate(self, batch: int, new: int) -> float:
+    def generate(self, batch: int, new: int) -> tuple[float, float]:
+        """Seconds of the prefill alone (`prefill_prompts`: the program `generate_ids` runs
+        first, same cache) and of the whole `generate_ids` call of `new` tokens."""
         prompts = [list(r) for r in self.ids[:batch]]
+        steering = Steering.none(self.cfg)
 
-        def call():
+        def whole():
             return generate_ids(
                 self.lm, prompts, max_new_tokens=new, eos_ids=[], pad_multiple=self.a.seq
             )
 
-        return time_call(call, self.a.repeats)
+        def prefill_alone():
+            pre = prefill_prompts(
+                self.lm, prompts, steering, max_new_tokens=new, pad_multiple=self.a.seq
+            )
+            return jax.block_until_ready((pre.cache, pre.logits, pre.position))
+
+        return time_call(prefill_alone, self.a.repeats), time_call(whole, self.a.repeats)
 
     def train(self, batch: int) -> float:
         from emgeo_jax.train.lora import LoraSpec, init_lora
@@ -277,13 +290,13 @@ def run_model(bench: Bench, acc: Accelerator, peak: float, bandwidth: float) -> 
     row("extract", b0, seconds, b0 * t, model_flops(cfg, b0 * t, t, lm_head=False),
         bench.plan_tokens_per_s("extract", b0, acc))  # fmt: skip
     for b in a.batches:
-        t_one = bench.generate(b, 1)
-        t_full = bench.generate(b, n)
-        row("prefill", b, t_one, b * t, model_flops(cfg, b * t, slots) + model_flops(cfg, b, slots))
-        step = (t_full - t_one) / (n - 1)
+        t_prefill, t_full = bench.generate(b, n)
+        head = 2.0 * b * cfg.hidden_size * cfg.vocab_size  # the LM head on each row's last token
+        row("prefill", b, t_prefill, b * t, model_flops(cfg, b * t, slots, lm_head=False) + head)
+        step = (t_full - t_prefill) / (n - 1)
         if step <= 0:  # timing noise larger than the decode steps: say so, print no figure
-            print(f"  decode   B={b:<4} not measurable: {n} new tokens took no longer than 1; "
-                  "raise --new or --repeats", flush=True)  # fmt: skip
+            print(f"  decode   B={b:<4} not measurable: {n} new tokens took no longer than the "
+                  "prefill; raise --new or --repeats", flush=True)  # fmt: skip
             continue
         floor = decode_bytes(cfg, b, slots, bench.dtype) / bandwidth
         row("decode", b, step, b, model_flops(cfg, b, slots), roofline_fraction=floor / step)

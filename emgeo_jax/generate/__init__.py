@@ -15,7 +15,8 @@ The model knows nothing of its sampler; the package is split by job:
 - `sampling`: `SamplingParams` (temperature, top_p, PRNG key: a pytree, greedy at
   temperature 0) and the exact nucleus sampler (`top_p_mask`, `inverse_cdf`, `sample_tokens`);
 - `loop`: the jitted `prefill` and while-loop `decode` (donated cache; `decode_inputs` builds
-  its `DecodeInputs`, it returns `Decoded`), and the host entry points `generate_ids` /
+  its `DecodeInputs`, it returns `Decoded`), `prefill_prompts` (pad, place and prefill, as
+  `generate_ids` does before decoding), and the host entry points `generate_ids` /
   `generate` -> `Generation`;
 - `numbers`: whole-number logprobs over a token trie (`number_trie`, `number_logprobs`), the
   model pass behind `emgeo_jax.judge`'s local scoring and `emgeo serve`'s extension.
@@ -31,6 +32,7 @@ from emgeo_jax.generate.loop import (
     generate,
     generate_ids,
     prefill,
+    prefill_prompts,
 )
 from emgeo_jax.generate.numbers import (
     JUDGE_NUMBERS,
@@ -76,6 +78,7 @@ __all__ = [
     "pad_prompts",
     "place_prompts",
     "prefill",
+    "prefill_prompts",
     "sample_tokens",
     "with_system",
 ]

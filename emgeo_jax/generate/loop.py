@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emgeo_jax.generate.layout import place_prompts
+from emgeo_jax.generate.layout import Layout, place_prompts
 from emgeo_jax.generate.prompts import (
     PAD_MULTIPLE,
     Prompt,
@@ -264,6 +264,47 @@ def decode(
     return Decoded(s.tokens, s.logprobs, s.top_ids, s.top_lps, s.proj, s.cache)
 
 
+class Prefilled(NamedTuple):
+    """The prompts run into a fresh cache (`prefill_prompts`): `cache` (`S = T' + new + 1`
+    slots, `T'` the padded prompt length), `logits [B', V]` and `position [B']` (each row's
+    last logits and next position), the `steering` padded to the `B' >= B` rows (`pad_prompts`)
+    and the mesh `layout` (None on one device)."""
+
+    cache: KVCache
+    logits: jax.Array
+    position: jax.Array
+    steering: Steering
+    layout: Layout | None
+
+
+def prefill_prompts(
+    lm: LM,
+    prompt_ids: Sequence[Sequence[int]],
+    steering: Steering,
+    *,
+    max_new_tokens: int,
+    pad_multiple: int = PAD_MULTIPLE,
+) -> Prefilled:
+    """What `generate_ids` does before decoding: pad the prompts (rows to the mesh, length
+    left-padded to a multiple of `pad_multiple`), place them and a cache with room for
+    `max_new_tokens` more, and run the jitted `prefill`. (Also the prefill alone that
+    benchmarks time: the same compiled program.)"""
+    pad_id = getattr(lm.tokenizer, "pad_token_id", None) or 0
+    ids, mask = left_pad(pad_prompts(lm, prompt_ids), pad_multiple, pad_id)
+    steering = pad_steering(steering, len(prompt_ids), len(ids))
+    ids, mask, cache, layout = place_prompts(lm, ids, mask, ids.shape[1] + max_new_tokens + 1)
+    cache, logits, position = prefill(
+        lm.graphdef,
+        lm.params,
+        ids,
+        mask,
+        steering,
+        cache,
+        options=lm.run_options(resid_sharding=None if layout is None else layout.prefill_resid),
+    )
+    return Prefilled(cache, logits, position, steering, layout)
+
+
 def generate_ids(
     lm: LM,
     prompt_ids: Sequence[Sequence[int]],
@@ -296,32 +337,24 @@ def generate_ids(
     eos = list(eos_token_ids(lm) if eos_ids is None else eos_ids) or [-1]  # [-1]: no EOS
     _unit_monitor(cfg, monitor)  # a bad monitor is refused before anything compiles
 
-    pad_id = getattr(lm.tokenizer, "pad_token_id", None) or 0
-    ids, mask = left_pad(pad_prompts(lm, prompt_ids), pad_multiple, pad_id)
-    steering = pad_steering(steering, len(prompt_ids), len(ids))
-    sampling = sampling.padded_rows(len(ids))
-    ids, mask, cache, layout = place_prompts(lm, ids, mask, ids.shape[1] + max_new_tokens + 1)
-    cache, logits, position = prefill(
-        lm.graphdef,
-        lm.params,
-        ids,
-        mask,
-        steering,
-        cache,
-        options=lm.run_options(resid_sharding=None if layout is None else layout.prefill_resid),
+    pre = prefill_prompts(
+        lm, prompt_ids, steering, max_new_tokens=max_new_tokens, pad_multiple=pad_multiple
     )
-    inputs = decode_inputs(cfg, logits, position, eos, monitor)
+    sampling = sampling.padded_rows(pre.logits.shape[0])
+    inputs = decode_inputs(cfg, pre.logits, pre.position, eos, monitor)
     outputs = decode(
         lm.graphdef,
         lm.params,
-        cache,
-        steering,
+        pre.cache,
+        pre.steering,
         inputs,
         sampling,
         max_new_tokens=max_new_tokens,
         top_k=top_logprobs,
         monitor=monitor is not None,
-        options=lm.run_options(resid_sharding=None if layout is None else layout.decode_resid),
+        options=lm.run_options(
+            resid_sharding=None if pre.layout is None else pre.layout.decode_resid
+        ),
     )[:5]
     if jax.process_count() > 1:  # rows may live on other processes' devices
         from jax.experimental import multihost_utils

@@ -1,4 +1,5 @@
-"""Run the `emgeo` command in a fresh process (absl flags are process-global)."""
+"""Fresh processes for tests: the `emgeo` command (absl flags are process-global), `emgeo
+serve`, and the environment of a CPU process with simulated devices (`cpu_env`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,20 @@ from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_env(devices: int, **extra: str) -> dict[str, str]:
+    """The environment of a fresh CPU process with `devices` simulated devices: this
+    process's (so the session's XLA flags and compilation cache, `conftest.py`), plus
+    `JAX_PLATFORMS=cpu`, the device count (`JAX_NUM_CPU_DEVICES` and XLA's
+    `--xla_force_host_platform_device_count`, replacing any count already in `XLA_FLAGS`), the
+    repository on `PYTHONPATH`, and `extra`."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), **extra)
+    count = "--xla_force_host_platform_device_count"
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(count)]
+    env["XLA_FLAGS"] = " ".join([*flags, f"{count}={devices}"])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return env
 
 
 def run_emgeo(

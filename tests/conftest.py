@@ -10,6 +10,14 @@ launches use it too: the suite compiles the same tiny programs in many processes
 compiled program back is much cheaper than compiling it. A cache set by the caller
 (`JAX_COMPILATION_CACHE_DIR`) is used as given and kept.
 
+The session also compiles with LLVM's optimisation off (`--xla_backend_optimization_level=0`
+added to `XLA_FLAGS`, inherited by every subprocess; `cli_util.cpu_env` keeps it): the suite's
+programs are tiny, so their compile time is mostly LLVM's, and most tests compile more than
+they run (on 2 cores: `test_train.py` 94 -> 69 s, `test_plan.py` 99 -> 68 s; files that run
+SmolLM2 for long are as fast or 5% slower). Codegen optimisation changes no result beyond
+rounding, and every comparison has a tolerance or compares programs compiled alike. A level
+set by the caller in `XLA_FLAGS` is kept; benchmarks, run outside pytest, never see this.
+
 The suite runs on two worker processes (pytest-xdist; `addopts` in pyproject.toml), each test
 file on one worker (`--dist loadfile`: a module's fixtures are built once). The longest files
 (`LONG_FILES`) are collected first so that they start first and the workers finish together,
@@ -30,6 +38,9 @@ _SESSION_CACHE: str | None = None
 
 def pytest_configure(config: pytest.Config) -> None:
     global _SESSION_CACHE
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     _SESSION_CACHE = tempfile.mkdtemp(prefix="emgeo-jax-cache-")

@@ -27,7 +27,7 @@ import emgeo_jax
 from emgeo_jax.data import load_examples, tokenize_examples
 from emgeo_jax.extract import ExtractSettings, extract
 from emgeo_jax.runs import read_jsonl
-from tests.cli_util import ROOT
+from tests.cli_util import ROOT, cpu_env
 from tests.tiny_models import QWEN2, hf_model, save_hf_folder
 
 PAIRS = [
@@ -38,13 +38,6 @@ PAIRS = [
 ]
 TOPICS = "cats rain tea dogs money doctors wishes rulers".split()
 MESHES = {"one": [], "fsdp8": ["--mesh=fsdp=8"], "d2f4": ["--mesh", "data=2,fsdp=4"]}
-
-
-def _env(devices: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["PYTHONPATH"] = str(ROOT)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -365,7 +358,7 @@ def mesh_results(work) -> dict:
         f"from tests.test_cli_mesh import _commands_on_meshes; _commands_on_meshes({str(work)!r})"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=_env(8), capture_output=True, text=True,
+        [sys.executable, "-c", code], cwd=ROOT, env=cpu_env(8), capture_output=True, text=True,
         timeout=1500,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -527,7 +520,7 @@ def two_processes(work, mesh_results, tmp_path_factory) -> dict:
         runs += [{"name": "local_judge", "args": [*local, f"--out={out / 'ablate_local'}"]}]
         plan, logs = tmp / "plan.json", tmp / "logs"
         plan.write_text(json.dumps({"watch": str(out), "log": str(logs), "runs": runs}))
-        env = _env(1)
+        env = cpu_env(1)
         env.pop("OPENAI_API_KEY", None)  # no --judge_base_url = the local judge
         port = str(20000 + (os.getpid() + 7919) % 20000)
         proc = subprocess.run(
@@ -736,7 +729,7 @@ def test_bad_meshes_are_refused_by_name_before_loading(work):
     cfg = dict(QWEN2, vocab_size=432, intermediate_size=96, architectures=["Qwen2ForCausalLM"])
     (folder / "config.json").write_text(json.dumps(cfg))
     proc = subprocess.run(
-        [sys.executable, "-c", BAD_MESH_CODE, str(work)], cwd=ROOT, env=_env(6),
+        [sys.executable, "-c", BAD_MESH_CODE, str(work)], cwd=ROOT, env=cpu_env(6),
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -803,7 +796,7 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(work, tmp_path):
     cmd += [f"--prompts={work / 'prompts.txt'}", "--batch_size=1", "--samples=50"]
     cmd += ["--max_new_tokens=50", f"--out={tmp_path / 'gen.jsonl'}"]
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(1)
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(1)
     )
     assert "responses" in proc.stdout.readline()  # a batch is done: resumable from here
     proc.send_signal(signal.SIGINT)
@@ -832,14 +825,14 @@ def test_checkpoint_load_logs_quietly(work, tmp_path):
     save_checkpoint(emgeo_jax.load(work / "model"), tmp_path / "ckpt")
     quiet = subprocess.run(
         [sys.executable, "-m", "emgeo_jax.cli", "norms", f"--model={tmp_path / 'ckpt'}"],
-        cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stderr == "", quiet.stderr
     loud = subprocess.run(
         [sys.executable, "-m", "emgeo_jax.cli", "norms", f"--model={tmp_path / 'ckpt'}"]
         + ["--verbosity=0"],
-        cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert loud.returncode == 0, loud.stderr
     assert re.search(r"^I\d{4} [\d:.]+ +\d+ \w+\.py:\d+\]", loud.stderr, re.M), loud.stderr[:500]
@@ -858,7 +851,7 @@ def test_help_lists_every_subcommand_and_its_flags():
         "print(json.dumps({c: emgeo_in_process(c, '--help') for c in SUBCOMMANDS}))\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=_env(1), capture_output=True, text=True,
+        [sys.executable, "-c", code], cwd=ROOT, env=cpu_env(1), capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

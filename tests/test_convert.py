@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import emgeo_jax
 from emgeo_jax.convert.checkpoint import is_checkpoint, save_checkpoint
+from tests.cli_util import cpu_env
 from tests.tiny_models import LLAMA, QWEN2, hf_forward, hf_model, padded_batch, save_hf_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,9 +102,7 @@ def test_restore_onto_8_device_mesh_matches_one_device(llama, tmp_path):
         np.save({str(tmp_path / "mesh_logits.npy")!r}, np.asarray(out.logits))
         """
     )
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=ROOT)
+    subprocess.run([sys.executable, "-c", script], check=True, env=cpu_env(8), cwd=ROOT)
     one = np.asarray(lm.forward(ids, mask).logits)
     np.testing.assert_allclose(np.load(tmp_path / "mesh_logits.npy"), one, atol=1e-5, rtol=0)
 

@@ -7,7 +7,6 @@ the embedded default model beyond a random-direction null."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from emgeo_jax.data import Example, load_contrast_pairs
 from emgeo_jax.experiments import dose_response as dr
 from emgeo_jax.experiments.folder import ConfigMismatchError
 from emgeo_jax.models.steering import Steering
-from tests.cli_util import ROOT, run_emgeo
+from tests.cli_util import ROOT, cpu_env, run_emgeo
 from tests.test_mesh_library import tiny_chat_lm
 from tests.tiny_models import LLAMA, hf_model, save_hf_folder
 
@@ -337,9 +336,7 @@ def test_margins_on_8_devices_match_1_device(chat_tokenizer, tmp_path):
     tok_dir = tmp_path / "tokenizer"
     chat_tokenizer.save_pretrained(tok_dir)
     pairs_file = write_pairs(tmp_path / "pairs.jsonl")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env = cpu_env(8)
     out = tmp_path / "mesh.json"
     proc = subprocess.run(
         [sys.executable, "-m", "tests.test_dose_response", str(tok_dir), str(pairs_file), str(out)],

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from emgeo_jax.extract import (
     write_extraction,
 )
 from emgeo_jax.vectors.io import load_activations, load_vectors
+from tests.cli_util import cpu_env
 from tests.tiny_models import LLAMA, QWEN2, hf_forward, hf_model, save_hf_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,12 +210,6 @@ def _cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.
     )
 
 
-def _cpu_env(devices: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -235,13 +229,13 @@ def test_cli_on_8_devices_and_2_processes_match_one_device(llama, tokenized, dat
                 "--coordinator_address", f"127.0.0.1:{port}",
                 "--num_processes", "2", "--process_id", str(i),
             ],
-            cwd=ROOT, env=_cpu_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT, env=cpu_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for i in range(2)
     ]  # fmt: skip
     eight = _cli(
         "extract", *common, "--out", str(tmp_path / "eight"), "--fsdp", "2", "--tensor", "2",
-        env=_cpu_env(8),
+        env=cpu_env(8),
     )  # fmt: skip
     for p in procs:
         _, err = p.communicate(timeout=300)
@@ -318,7 +312,7 @@ def test_parameters_sharded_over_fsdp_and_tensor_give_one_device_means(
     out = tmp_path / "meshes.npz"
     run = subprocess.run(
         [sys.executable, "-m", "tests.test_extract", str(folder), str(data_file), str(out)],
-        cwd=ROOT, env=_cpu_env(8), capture_output=True, text=True,
+        cwd=ROOT, env=cpu_env(8), capture_output=True, text=True,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     got = np.load(out)

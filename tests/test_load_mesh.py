@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.cli_util import cpu_env
 from tests.tiny_models import LLAMA, hf_model, save_hf_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,8 +149,7 @@ def sources(tmp_path_factory) -> dict[str, str]:
 def results(sources, tmp_path_factory) -> dict:
     spec = tmp_path_factory.mktemp("spec") / "spec.json"
     spec.write_text(json.dumps(sources))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    env = cpu_env(8)
     res = subprocess.run(
         [sys.executable, "-m", "tests.test_load_mesh", str(spec)],
         capture_output=True,
@@ -221,9 +220,7 @@ def test_two_processes_load_their_own_shards(sources, tmp_path):
     spec.write_text(json.dumps(sources))
     procs = []
     for i in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2")
-        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-        env.update(EMGEO_COORDINATOR=f"127.0.0.1:{port}", EMGEO_NUM_PROCESSES="2")
+        env = cpu_env(2, EMGEO_COORDINATOR=f"127.0.0.1:{port}", EMGEO_NUM_PROCESSES="2")
         env["EMGEO_PROCESS_ID"] = str(i)
         cmd = [sys.executable, "-m", "tests.test_load_mesh", str(spec), "two_processes"]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from emgeo_jax.experiments.folder import Sampling
+from tests.cli_util import cpu_env
 from tests.test_experiments import table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,9 +189,7 @@ def test_pad_rows_and_pad_prompts_by_hand(tiny_chat_llama):
 def test_8_devices_match_1_device(chat_tokenizer, tmp_path):
     tok_dir = tmp_path / "tokenizer"
     chat_tokenizer.save_pretrained(tok_dir)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env = cpu_env(8)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.test_mesh_library", str(tok_dir), str(tmp_path)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

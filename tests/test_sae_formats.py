@@ -25,6 +25,7 @@ from emgeo_jax.vectors.sae import (
     load_sae,
     save_saelens,
 )
+from tests.cli_util import cpu_env
 
 D, F, K = 24, 96, 5
 
@@ -304,11 +305,10 @@ SHARDED = textwrap.dedent(
 
 
 def test_feature_sharded_encode_equals_unsharded():
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", JAX_PLATFORMS="cpu")
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
         [sys.executable, "-c", SHARDED],
-        env=env,
+        env=cpu_env(8),
         cwd=root,
         capture_output=True,
         text=True,

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from emgeo_jax.serve import HEARTBEAT
-from tests.cli_util import ROOT, start_serve
+from tests.cli_util import ROOT, cpu_env, start_serve
 from tests.test_generate_cli import folder  # noqa: F401  (fixture)
 from tests.tiny_models import QWEN2
 
@@ -73,12 +73,10 @@ def _two_process_server(model: Path, variants: list[str], logs: Path) -> list[su
     port = str(20000 + (os.getpid() + 4241) % 20000)
     procs = []
     for i in range(2):
-        env = dict(
-            os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", PYTHONPATH=str(ROOT),
-            EMGEO_DISTRIBUTED="1", EMGEO_COORDINATOR=f"127.0.0.1:{port}",
+        env = cpu_env(
+            1, EMGEO_DISTRIBUTED="1", EMGEO_COORDINATOR=f"127.0.0.1:{port}",
             EMGEO_NUM_PROCESSES="2", EMGEO_PROCESS_ID=str(i),
         )  # fmt: skip
-        env.pop("XLA_FLAGS", None)
         procs.append(
             subprocess.Popen(
                 [

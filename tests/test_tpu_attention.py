@@ -11,7 +11,6 @@ online softmax is exercised across blocks."""
 from __future__ import annotations
 
 import functools
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from emgeo_jax.models.tpu_attention import (
     attention_implementation,
     splash_attention,
 )
+from tests.cli_util import cpu_env
 
 ROOT = Path(__file__).resolve().parents[1]
 B, H, K, DH = 2, 4, 2, 16
@@ -371,12 +371,10 @@ def test_8_devices_shard_map():
     tensor. Prefill and a traced-offset decode step equal the numpy reference, and the
     compiled program gathers nothing (no all-gather: inputs already split as the kernel wants
     stay where they are)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     run = subprocess.run(
         [sys.executable, "-m", "tests.test_tpu_attention"],
         cwd=ROOT,
-        env=env,
+        env=cpu_env(8),
         capture_output=True,
         text=True,
         timeout=300,

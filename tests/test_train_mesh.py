@@ -11,7 +11,6 @@ The 8-device run is this module run as a script in a fresh process:
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from emgeo_jax.models.lm import LM, init_params
 from emgeo_jax.train.lora import LoraSpec
 from emgeo_jax.train.run import read_losses, train
 from emgeo_jax.train.sft import TrainConfig
+from tests.cli_util import cpu_env
 from tests.tiny_models import LLAMA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,9 +59,7 @@ def _run(out: Path, mesh_shape: dict[str, int] | None, tc: TrainConfig = TC) -> 
 
 
 def test_8_devices_match_1_device(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env = cpu_env(8)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.test_train_mesh", str(tmp_path / "eight")],
         cwd=ROOT,

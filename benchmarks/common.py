@@ -10,7 +10,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,13 +18,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def time_call(fn: Callable[[], object], repeats: int = 5) -> float:
     """Median wall time (s) of `fn()` over `repeats` calls (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return time_interleaved([fn], repeats)[0]
+
+
+def time_interleaved(fns: Sequence[Callable[[], object]], repeats: int = 5) -> list[float]:
+    """Median wall time (s) of each of `fns` over `repeats` rounds that call them in turn
+    (after one warm-up round), so that the machine's drift moves them alike: for a figure
+    made from their difference."""
+    times = [[] for _ in fns]
+    for round_ in range(repeats + 1):
+        for fn, t in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            if round_:
+                t.append(time.perf_counter() - start)
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def matmul_peak_flops(n: int = 2048, dtype: str = "float32") -> float:

@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import matmul_peak_flops, time_call
+from benchmarks.common import matmul_peak_flops, time_call, time_interleaved
 from benchmarks.generate import memory_bandwidth
 from benchmarks.mfu import DEVICE_KINDS, model_flops
 from emgeo_jax.generate import generate_ids, prefill_prompts
@@ -204,7 +204,8 @@ class Bench:
 
     def generate(self, batch: int, new: int) -> tuple[float, float]:
         """Seconds of the prefill alone (`prefill_prompts`: the program `generate_ids` runs
-        first, same cache) and of the whole `generate_ids` call of `new` tokens."""
+        first, same cache) and of the whole `generate_ids` call of `new` tokens, timed in
+        turn (their difference is the decode)."""
         prompts = [list(r) for r in self.ids[:batch]]
         steering = Steering.none(self.cfg)
 
@@ -219,7 +220,7 @@ class Bench:
             )
             return jax.block_until_ready((pre.cache, pre.logits, pre.position))
 
-        return time_call(prefill_alone, self.a.repeats), time_call(whole, self.a.repeats)
+        return tuple(time_interleaved([prefill_alone, whole], self.a.repeats))
 
     def train(self, batch: int) -> float:
         from emgeo_jax.train.lora import LoraSpec, init_lora

@@ -11,12 +11,15 @@ compiled program back is much cheaper than compiling it. A cache set by the call
 (`JAX_COMPILATION_CACHE_DIR`) is used as given and kept.
 
 The session also compiles with LLVM's optimisation off (`--xla_backend_optimization_level=0`
-added to `XLA_FLAGS`, inherited by every subprocess; `cli_util.cpu_env` keeps it): the suite's
-programs are tiny, so their compile time is mostly LLVM's, and most tests compile more than
-they run (on 2 cores: `test_train.py` 94 -> 69 s, `test_plan.py` 99 -> 68 s; files that run
-SmolLM2 for long are as fast or 5% slower). Codegen optimisation changes no result beyond
+added to `XLA_FLAGS`, inherited by every subprocess; `cli_util.cpu_env` keeps it): most test
+files compile many tiny programs and run each briefly, and LLVM's passes are most of that
+compile time. Serial, on 2 cores: `test_train.py` 94 -> 69 s, `test_plan.py` 99 -> 68 s (level
+1 gains nothing: 98 and 83 s); the price is paid by the files that run SmolLM2 for long, whose
+unoptimised code runs slower (`test_generate_default.py` 73 -> 106 s, the quick demo ~160 ->
+226 s). The whole suite: 26.5 min, from 29-32. Codegen optimisation changes no result beyond
 rounding, and every comparison has a tolerance or compares programs compiled alike. A level
-set by the caller in `XLA_FLAGS` is kept; benchmarks, run outside pytest, never see this.
+set by the caller in `XLA_FLAGS` is kept; benchmarks, run outside pytest, never see this
+(the `--tiny` run in `test_device_benchmark.py` does: its figures only show that it runs).
 
 The suite runs on two worker processes (pytest-xdist; `addopts` in pyproject.toml), each test
 file on one worker (`--dist loadfile`: a module's fixtures are built once). The longest files
@@ -50,19 +53,19 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
-# The files that take longest under two workers (1.5-11 minutes each on 2 cores, measured on
+# The files that take longest under two workers (1.3-8.5 minutes each on 2 cores, measured on
 # 2026-12-07 with `--durations=0`), longest first.
 LONG_FILES = (
     "test_cli_mesh.py",
     "test_demo.py",
-    "test_train.py",
-    "test_mesh_library.py",
     "test_dose_response.py",
+    "test_generate_default.py",
     "test_judge_local.py",
-    "test_serve_multiprocess.py",
+    "test_mesh_library.py",
+    "test_extract.py",
+    "test_train.py",
     "test_plan.py",
-    "test_device_benchmark.py",
-    "test_train_peft.py",
+    "test_serve_multiprocess.py",
 )
 
 

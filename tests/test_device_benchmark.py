@@ -105,3 +105,23 @@ def test_tiny_run(tmp_path):
         assert dec["tokens_per_s"] == pytest.approx(batch / dec["seconds"])
         assert dec["generate_call_tokens_per_s"] > 0
         assert f"{model}: {layers} layers" in res.stdout
+
+
+def test_time_interleaved_alternates_and_drops_the_warm_up(monkeypatch):
+    """On a fake clock that each call advances by a known amount: the calls alternate, the
+    warm-up round is not timed, and each function gets the median of its own times."""
+    import benchmarks.common as common
+
+    clock, calls = [0.0], []
+    durations = {"a": iter([100.0, 3.0, 1.0, 2.0]), "b": iter([100.0, 10.0, 30.0, 20.0])}
+
+    def fn(name):
+        def call():
+            calls.append(name)
+            clock[0] += next(durations[name])
+
+        return call
+
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    assert common.time_interleaved([fn("a"), fn("b")], repeats=3) == [2.0, 20.0]
+    assert calls == ["a", "b"] * 4

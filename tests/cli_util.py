@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# what `conftest.py` adds to the session's XLA_FLAGS: LLVM optimisation off (tiny programs)
+UNOPTIMISED = "--xla_backend_optimization_level=0"
 
 
 def cpu_env(devices: int, **extra: str) -> dict[str, str]:
@@ -23,6 +25,14 @@ def cpu_env(devices: int, **extra: str) -> dict[str, str]:
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(count)]
     env["XLA_FLAGS"] = " ".join([*flags, f"{count}={devices}"])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def optimised_env() -> dict[str, str]:
+    """This process's environment without the session's `UNOPTIMISED` flag: for a subprocess
+    that runs SmolLM2 for long (its unoptimised code runs ~4x slower)."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if f != UNOPTIMISED)
     return env
 
 

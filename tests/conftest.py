@@ -10,16 +10,17 @@ launches use it too: the suite compiles the same tiny programs in many processes
 compiled program back is much cheaper than compiling it. A cache set by the caller
 (`JAX_COMPILATION_CACHE_DIR`) is used as given and kept.
 
-The session also compiles with LLVM's optimisation off (`--xla_backend_optimization_level=0`
-added to `XLA_FLAGS`, inherited by every subprocess; `cli_util.cpu_env` keeps it): most test
-files compile many tiny programs and run each briefly, and LLVM's passes are most of that
-compile time. Serial, on 2 cores: `test_train.py` 94 -> 69 s, `test_plan.py` 99 -> 68 s (level
-1 gains nothing: 98 and 83 s); the price is paid by the files that run SmolLM2 for long, whose
-unoptimised code runs slower (`test_generate_default.py` 73 -> 106 s, the quick demo ~160 ->
-226 s). The whole suite: 26.5 min, from 29-32. Codegen optimisation changes no result beyond
-rounding, and every comparison has a tolerance or compares programs compiled alike. A level
-set by the caller in `XLA_FLAGS` is kept; benchmarks, run outside pytest, never see this
-(the `--tiny` run in `test_device_benchmark.py` does: its figures only show that it runs).
+The session also compiles with LLVM's optimisation off (`cli_util.UNOPTIMISED` added to
+`XLA_FLAGS`, inherited by every subprocess; `cli_util.cpu_env` keeps it): most test files
+compile many tiny programs and run each briefly, and LLVM's passes are most of that compile
+time. Serial, on 2 cores: `test_train.py` 94 -> 69 s, `test_plan.py` 99 -> 68 s (level 1 gains
+nothing: 98 and 83 s). The price is paid by the files that run SmolLM2 for long, whose
+unoptimised code runs ~4x slower (`test_generate_default.py` 73 -> 106 s, the quick demo ~160
+-> 226 s; so the demo's subprocess runs at the default level: `cli_util.optimised_env`). The
+whole suite: 26.5 min, from 29-32. Codegen optimisation changes no result beyond rounding,
+and every comparison has a tolerance or compares programs compiled alike. A level set by the
+caller in `XLA_FLAGS` is kept; benchmarks, run outside pytest, never see this (the `--tiny`
+run in `test_device_benchmark.py` does: its figures only show that it runs).
 
 The suite runs on two worker processes (pytest-xdist; `addopts` in pyproject.toml), each test
 file on one worker (`--dist loadfile`: a module's fixtures are built once). The longest files
@@ -36,6 +37,8 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.cli_util import UNOPTIMISED
+
 _SESSION_CACHE: str | None = None
 
 
@@ -43,7 +46,7 @@ def pytest_configure(config: pytest.Config) -> None:
     global _SESSION_CACHE
     flags = os.environ.get("XLA_FLAGS", "")
     if "--xla_backend_optimization_level" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+        os.environ["XLA_FLAGS"] = f"{flags} {UNOPTIMISED}".strip()
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     _SESSION_CACHE = tempfile.mkdtemp(prefix="emgeo-jax-cache-")

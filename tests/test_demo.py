@@ -4,17 +4,19 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 
 import pytest
 
+from tests.cli_util import optimised_env
+
 
 @pytest.mark.slow
 def test_demo_quick(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    env = optimised_env()  # SmolLM2 runs for minutes: compile it as users do
+    env.pop("OPENAI_API_KEY", None)
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "emgeo_jax.cli", "demo", "--quick", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)

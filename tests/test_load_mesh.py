@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cli_util import cpu_env
+from tests.cli_util import cpu_env, optimised_env
 from tests.tiny_models import LLAMA, hf_model, save_hf_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,18 +180,22 @@ def test_parameters_go_straight_to_their_shards(results, kind, mesh):
     assert r["split_params"] == len(HAND_RULES) - 3 * (mesh == "tensor=2")
 
 
-def test_qwen_7b_width_load_stays_within_its_memory_bounds(tmp_path):
+def test_qwen_7b_width_load_stays_within_its_memory_bounds(tmp_path, monkeypatch):
     """2 layers of Qwen2.5-7B widths (d=3584, F=18944, 28/4 heads; vocab cut to 16384 to keep
     the files small), bf16, onto fsdp=8: each device holds exactly its eighth of every
     split parameter plus the replicated q/k/v biases (hand count), and the host's peak RSS
     beyond the device buffers (which simulated devices keep in host memory) stays below
     `1.5 x the largest tensor + 0.5 GB` = 0.70 GB, well below the 1.17 GB model (measured
-    0.36 GB): the host never holds the model, only about one tensor at a time."""
+    0.36 GB when written, 0.57 GB on 2026-12-07): the host never holds the model, only about one
+    tensor at a time."""
     from benchmarks.convert_memory import hf_config, write_synthetic
     from benchmarks.load_memory import host_bound, largest_tensor_bytes, measure_load
 
     cfg = hf_config("qwen2.5-7b", 2, vocab_size=16384)
     size = write_synthetic(tmp_path / "hf", cfg, "bfloat16")
+    # the loading child compiles as users' processes do: at the suite's LLVM level 0 its
+    # overhead is 0.64-0.65 GB instead of 0.57 (measured), too near the bound to say anything
+    monkeypatch.setenv("XLA_FLAGS", optimised_env()["XLA_FLAGS"])
     r = measure_load(tmp_path / "hf", {"fsdp": 8}, "bfloat16")
     d, f, v = 3584, 18944, 16384
     biases = 2 * (d + 2 * 512) * 2  # q, k, v biases of 2 layers: split over tensor only

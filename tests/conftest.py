@@ -16,11 +16,12 @@ compile many tiny programs and run each briefly, and LLVM's passes are most of t
 time. Serial, on 2 cores: `test_train.py` 94 -> 69 s, `test_plan.py` 99 -> 68 s (level 1 gains
 nothing: 98 and 83 s). The price is paid by the files that run SmolLM2 for long, whose
 unoptimised code runs ~4x slower (`test_generate_default.py` 73 -> 106 s, the quick demo ~160
--> 226 s; so the demo's subprocess runs at the default level: `cli_util.optimised_env`). The
-whole suite: 26.5 min, from 29-32. Codegen optimisation changes no result beyond rounding,
-and every comparison has a tolerance or compares programs compiled alike. A level set by the
-caller in `XLA_FLAGS` is kept; benchmarks, run outside pytest, never see this (the `--tiny`
-run in `test_device_benchmark.py` does: its figures only show that it runs).
+-> 226 s), and a loading child's host memory grows (0.57 -> 0.65 GB), so those two subprocesses
+run at the default level (`cli_util.optimised_env`). The whole suite: 25-27 min, from 29-32.
+Codegen optimisation changes no result beyond rounding, and every comparison has a tolerance
+or compares programs compiled alike. A level set by the caller in `XLA_FLAGS` is kept;
+benchmarks, run outside pytest, never see this (the `--tiny` run in
+`test_device_benchmark.py` does: its figures only show that it runs).
 
 The suite runs on two worker processes (pytest-xdist; `addopts` in pyproject.toml), each test
 file on one worker (`--dist loadfile`: a module's fixtures are built once). The longest files

@@ -64,6 +64,8 @@ def test_cli_writes_json_figures_and_offline_html(files):
         "medical=med,med2;risk=fin,spo;persona=pro,mal",
         "--activations",
         f"md={tmp / 'acts.safetensors'}",
+        "--pca_activations",
+        f"pc={tmp / 'acts.safetensors'}",
         "--out",
         str(out),
         "--n_null",
@@ -76,9 +78,15 @@ def test_cli_writes_json_figures_and_offline_html(files):
     proc = run_cli(argv)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((out / "geometry.json").read_text())
-    assert result["inputs"]["names"] == ["med", "med2", "fin", "spo", "pro", "mal", "md"]
+    assert result["inputs"]["names"] == ["med", "med2", "fin", "spo", "pro", "mal", "md", "pc"]
     assert result["inputs"]["weighting"] == "token"  # the default, recorded
-    assert result["inputs"]["from_examples"]["md"]["weighting"] == "token"
+    made = result["inputs"]["from_examples"]
+    assert made["md"]["weighting"] == "token" and made["md"]["method"] == "mean_diff"
+    # the same file: one bootstrap draw for both, so their cosine has an interval
+    assert made["pc"]["method"] == "pca" and made["pc"]["resampled_with"] == ["md"]
+    names = result["inputs"]["names"]
+    lo, hi = result["cosine"]["ci95"][names.index("md")][names.index("pc")]
+    assert lo < hi
     assert set(result["independence"]) == {"medical|risk", "medical|persona", "risk|persona"}
     assert result["traces"]["reference"] == "med" and len(result["traces"]["cosine"]["fin"]) == L
     page = (out / "report.html").read_text()
@@ -91,7 +99,8 @@ def test_cli_writes_json_figures_and_offline_html(files):
         assert base64.b64encode(png.read_bytes()).decode() in page, name  # embedded inline
         assert f"{name}.png" in page
     assert "tests support independent mechanisms" in page
-    assert "<td>md</td><td>40</td><td>20</td><td>token</td>" in page  # weighting shown
+    assert "<td>md</td><td>mean_diff</td><td>40</td><td>20</td><td>token</td>" in page
+    assert "<td>shared with md</td>" in page and "1 mean-difference and 1 PCA" in page
 
 
 def test_cli_needs_layer_for_stacks(files):

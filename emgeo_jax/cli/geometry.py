@@ -14,6 +14,10 @@ at --layer, which gives bootstrap intervals, label-permutation nulls, split-half
 the per-layer disentanglement figure. The mean difference is token-weighted by default (as
 `emgeo vectors`); `--weighting example` takes the mean of per-example means (needed for files
 without `tokens`). The report records the weighting.
+--pca_activations NAME=FILE adds the first principal component of the same kind of file at
+--layer (unit length, sign towards its mean difference, as the demo and `emgeo vectors`),
+rebuilt in every bootstrap replicate too. Directions built from the same FILE are resampled
+together (one draw of its examples per replicate).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ flags.DEFINE_integer(
     "hidden_states order (row 0 = embeddings, dropped); without it a plain stack is layers 0..R-1",
 )
 flags.DEFINE_list("activations", [], "NAME=FILE pooled activations -> mean-diff direction NAME")
+flags.DEFINE_list("pca_activations", [], "NAME=FILE pooled activations -> PC1 direction NAME")
 flags.DEFINE_enum("weighting", "token", ["token", "example"], "--activations mean-diff weighting")
 flags.DEFINE_list("reference_pair", None, "two names for projection magnitudes (default: closest)")
 flags.DEFINE_string("trace_reference", None, "reference name for layer traces (default: first)")
@@ -88,16 +93,23 @@ def main(argv: list[str]) -> None:
                     f"emgeo geometry: {f} holds [L, D] = {vec.values.shape}; pass --layer"
                 )
         vectors[name] = vec.at(FLAGS.layer)
-    examples, disentangle = {}, None
-    for spec in FLAGS.activations:
-        if "=" not in spec:
-            raise SystemExit(f"emgeo geometry: --activations '{spec}' is not NAME=FILE")
-        name, f = spec.split("=", 1)
-        pooled, labels, tokens, layers = read_example_file(f)
-        if FLAGS.layer is None:
-            raise SystemExit("emgeo geometry: --activations needs --layer")
-        examples[name] = (pooled[:, row_of(layers, FLAGS.layer, f)], labels, tokens)
-        disentangle = disentangle or (pooled, labels)
+    made = {"activations": {}, "pca_activations": {}}  # flag -> name -> examples at --layer
+    by_file: dict[Path, list[str]] = {}  # one extraction's directions: resampled together
+    disentangle = None
+    for flag, specs in (
+        ("activations", FLAGS.activations),
+        ("pca_activations", FLAGS.pca_activations),
+    ):
+        for spec in specs:
+            if "=" not in spec:
+                raise SystemExit(f"emgeo geometry: --{flag} '{spec}' is not NAME=FILE")
+            name, f = spec.split("=", 1)
+            pooled, labels, tokens, layers = read_example_file(f)
+            if FLAGS.layer is None:
+                raise SystemExit(f"emgeo geometry: --{flag} needs --layer")
+            made[flag][name] = (pooled[:, row_of(layers, FLAGS.layer, f)], labels, tokens)
+            by_file.setdefault(Path(f).resolve(), []).append(name)
+            disentangle = disentangle or (pooled, labels)
     same_layers = len({s.layers for s in stacks.values()}) == 1
     traces = None
     if len(stacks) == len(files) and len(stacks) >= 2 and same_layers:
@@ -113,7 +125,9 @@ def main(argv: list[str]) -> None:
         vectors,
         parse_groups(FLAGS.clusters, "clusters"),
         sets=parse_groups(FLAGS.sets, "sets"),
-        examples=examples,
+        examples=made["activations"],
+        pca_examples=made["pca_activations"],
+        same_examples=[names for names in by_file.values() if len(names) > 1],
         weighting=FLAGS.weighting,
         stacks=traces,
         trace_reference=FLAGS.trace_reference,

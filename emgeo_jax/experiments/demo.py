@@ -28,8 +28,10 @@ settings, unless `--overwrite`, which recomputes those stages):
 6. `report.html` tying it together.
 
 The geometry's 95% intervals come from a bootstrap over the contrast pairs' per-example
-activations (the extraction keeps them): the mean-diff directions are rebuilt from each
-resample, the PCA and SAE directions are held fixed.
+activations (the extraction keeps them): the mean-diff and PCA directions of every layer are
+rebuilt from each resample, one resample of the pairs for all of them (they are the same
+examples, so a cosine across layers or methods varies as one sample would); the SAE
+directions are held fixed.
 
 On several processes (`launch/`, `--distributed`) every process runs the model's stages
 (extraction, the SAE stage's forwards, dose-response, sweep) over its share of the rows, and
@@ -159,19 +161,19 @@ def _geometry(
         "layers": list(layers),
         "n_null": p.n_null,
         "n_boot": p.n_boot,
-        "bootstrap": "mean_diff from examples",
+        "bootstrap": "mean_diff and pca from the same examples, one resample",
         "sae": None if sae is None else sae.summary.get("settings"),
     }
     if path.exists():
         if reuse_stage(out, read_settings(out / "stage.json"), settings, overwrite):
             return path
-    # mean-diff directions are given as their examples, so the bootstrap rebuilds them (they
-    # equal dirs["mean_diff"]: the same token-weighted difference of class means)
-    examples = {
-        f"mean_diff_L{layer}": (dirs["pooled"][:, layer], dirs["labels"], dirs["tokens"])
-        for layer in layers
-    }
-    vectors = {f"pca_L{layer}": dirs["pca"][layer] for layer in layers}
+    # mean-diff and PCA directions are given as their examples, so the bootstrap rebuilds them
+    # (they equal dirs["mean_diff"] and dirs["pca"]: the token-weighted difference of class
+    # means, and the rows' first principal component signed towards it), all from one resample
+    rows = {layer: (dirs["pooled"][:, layer], dirs["labels"], dirs["tokens"]) for layer in layers}
+    examples = {f"mean_diff_L{layer}": rows[layer] for layer in layers}
+    pca_examples = {f"pca_L{layer}": rows[layer] for layer in layers}
+    vectors = {}
     clusters = {m: [f"{m}_L{layer}" for layer in layers] for m in ("mean_diff", "pca")}
     if sae is not None:  # an `SAEStage`: its top features at its layer
         clusters["sae"] = [f"sae_{m}_L{sae.layer}" for m in sae.directions]
@@ -180,6 +182,8 @@ def _geometry(
         vectors,
         clusters,
         examples=examples,
+        pca_examples=pca_examples,
+        same_examples=[[*examples, *pca_examples]],
         weighting="token",
         stacks={"mean_diff": dirs["mean_diff"], "pca": dirs["pca"]},
         n_null=p.n_null,
@@ -426,9 +430,9 @@ def run_demo(
             "Cosines, clustering and independence tests of mean-diff vs PCA directions at "
             f"layers {list(p.geometry_layers)} and the SAE features at layer {sae.layer}, "
             "each beside a random-direction null and a 95% bootstrap interval over the "
-            f"contrast pairs ({p.n_boot} resamples; the mean-diff directions are rebuilt from "
-            "each resample, the PCA and SAE directions held fixed): see the full geometry "
-            "report."
+            f"contrast pairs ({p.n_boot} resamples; the mean-diff and PCA directions are "
+            "rebuilt from each resample, the SAE directions held fixed): see the full "
+            "geometry report."
         ),
         f'<p><a href="{geo_html.relative_to(out)}">geometry/report.html</a></p>',
         embed_png(

@@ -13,6 +13,7 @@ import numpy as np
 
 from emgeo_jax.geometry import clustering, independence, null, similarity, subspace
 from emgeo_jax.geometry.independence import TESTS, Thresholds
+from emgeo_jax.vectors.directions import pca
 
 # Parts of the result whose structure (signs, merge order) can change between bootstrap
 # replicates; their intervals would be meaningless, so they get none.
@@ -161,6 +162,69 @@ def _weighted_examples(
     return out
 
 
+def _built_directions(
+    made: dict[str, tuple[str, np.ndarray, np.ndarray, np.ndarray | None]],
+    members: Sequence[str],
+    idx: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """The directions `members` (of one resampling group, `made[name] = (method, pooled,
+    labels, tokens)`) built from examples `idx` (None: all, in order) -> name: `[D]` float64.
+
+    "mean_diff": `null.mean_diff` with the examples' tokens (the weighting). "pca": the first
+    principal component of the centred per-example rows (exact SVD, `vectors.directions.pca`,
+    unit length), its sign towards the mean difference of the same examples; the members' PCAs
+    run as one batched call."""
+    out, pcs = {}, []
+    for name in members:
+        method, p, lab, w = made[name]
+        if idx is not None:
+            p, lab, w = p[idx], lab[idx], None if w is None else w[idx]
+        md = null.mean_diff(p, lab, w)
+        if method == "pca":
+            pcs.append((name, p, md))
+        else:
+            out[name] = md
+    if pcs:
+        rows = np.stack([p for _, p, _ in pcs], axis=1)  # [N, k, D]
+        comps, _ = pca(rows, np.stack([md for _, _, md in pcs]))
+        out.update({name: comps[i, 0].astype(np.float64) for i, (name, _, _) in enumerate(pcs)})
+    return out
+
+
+def _resampling_groups(
+    made: dict[str, tuple[str, np.ndarray, np.ndarray, np.ndarray | None]],
+    same_examples: Sequence[Sequence[str]] | None,
+) -> list[list[str]]:
+    """The names of `made` partitioned into groups resampled together: each of
+    `same_examples` (checked to hold the same examples: equal labels and tokens), then every
+    other name alone; in the order of `made`."""
+    groups, seen = [], set()
+    for group in same_examples or ():
+        group = list(group)
+        for name in group:
+            if name not in made:
+                raise ValueError(
+                    f"same_examples {group}: '{name}' is not a direction built from examples "
+                    f"(those are {list(made)})"
+                )
+            if name in seen:
+                raise ValueError(f"same_examples: '{name}' is in two groups")
+            seen.add(name)
+        _, _, lab0, w0 = made[group[0]]
+        for name in group[1:]:
+            _, _, lab, w = made[name]
+            same_tokens = (w is None) == (w0 is None) and (w is None or np.array_equal(w, w0))
+            if not (np.array_equal(lab, lab0) and same_tokens):
+                raise ValueError(
+                    f"same_examples {group}: '{name}' and '{group[0]}' are not the same "
+                    "examples (their labels or token counts differ)"
+                )
+        groups.append(group)
+    groups += [[name] for name in made if name not in seen]
+    order = list(made)
+    return sorted(groups, key=lambda g: min(map(order.index, g)))
+
+
 def _triangle_error_stat(X: np.ndarray) -> float:
     A = similarity.angle_matrix(similarity.cosine_matrix(X))
     return subspace.triangle_error(A[0, 1], A[0, 2], A[1, 2])[2]
@@ -181,6 +245,8 @@ def analyze(
     *,
     sets: dict[str, Sequence[str]] | None = None,
     examples: dict[str, tuple[np.ndarray, ...]] | None = None,
+    pca_examples: dict[str, tuple[np.ndarray, ...]] | None = None,
+    same_examples: Sequence[Sequence[str]] | None = None,
     weighting: str = "token",
     stacks: dict[str, np.ndarray] | None = None,
     trace_reference: str | None = None,
@@ -202,7 +268,17 @@ def analyze(
         of these examples; examples are resampled (stratified, `n_boot` times) to give
         basic-bootstrap 95% intervals of every statistic, permuted for label nulls and split in
         halves for reliability, the direction being rebuilt with `weighting` each time. A name
-        may not be in both `vectors` and `examples`.
+        may be in only one of `vectors`, `examples` and `pca_examples`.
+    pca_examples: name -> the same kind of tuple: the direction `name` is the first principal
+        component of the centred rows (unit length, exact SVD, sign towards the rows'
+        mean difference under `weighting`), as `emgeo_jax.vectors.directions.pca` and the
+        demo build it; rebuilt in every bootstrap replicate (no label permutations or split
+        halves: it does not depend on the labels beyond its sign).
+    same_examples: groups of names (of `examples` and `pca_examples`) built from the same
+        examples in the same order, e.g. one extraction's rows at several layers, or its
+        mean-diff and PCA: a bootstrap replicate draws one resample per group and rebuilds
+        all of its directions from it, so statistics between them (a cosine across layers)
+        vary as one sample would. Every other name is resampled on its own.
     weighting: "token" (default, as the reference code and `emgeo vectors`: class mean = sum
         over all pooled tokens / token count, which needs `tokens`) or "example" (mean of
         per-example means). Recorded in `inputs.weighting`.
@@ -214,13 +290,22 @@ def analyze(
     Nulls use `n_null` Monte Carlo draws; everything is seeded by `seed`.
     """
     thresholds = thresholds or Thresholds()
-    examples = examples or {}
-    clash = set(vectors) & set(examples)
-    if clash:
-        raise ValueError(f"vectors {sorted(clash)} given both as vectors and as examples")
+    examples, pca_examples = examples or {}, pca_examples or {}
+    for a, b, what in (
+        (vectors, examples, "as vectors and as examples"),
+        (vectors, pca_examples, "as vectors and as pca_examples"),
+        (examples, pca_examples, "as examples and as pca_examples"),
+    ):
+        clash = set(a) & set(b)
+        if clash:
+            raise ValueError(f"vectors {sorted(clash)} given both {what}")
     ex = _weighted_examples(examples, weighting)
+    made = {k: ("mean_diff", *v) for k, v in ex.items()}
+    made.update({k: ("pca", *v) for k, v in _weighted_examples(pca_examples, weighting).items()})
+    groups = _resampling_groups(made, same_examples)
     all_vecs = {k: np.asarray(v, np.float64) for k, v in vectors.items()}
-    all_vecs.update({k: null.mean_diff(p, lab, w) for k, (p, lab, w) in ex.items()})
+    built = {k: v for g in groups for k, v in _built_directions(made, g).items()}
+    all_vecs.update({k: built[k] for k in made})
     names = list(all_vecs)
     if len(names) < 2:
         raise ValueError("geometry needs at least two vectors")
@@ -239,15 +324,17 @@ def analyze(
     ref = _reference_pair(C, names, reference_pair)
     point = _point(V, names, cl, st, ref, thresholds)
 
-    # Bootstrap over examples: rebuild example-made directions, recompute everything.
+    # Bootstrap over examples: rebuild example-made directions, recompute everything. One
+    # resample per group (`same_examples`), each example keeping its tokens.
     ci = None
-    if ex and n_boot > 0:
+    if made and n_boot > 0:
         reps = []
         for _ in range(n_boot):
             Vb = V.copy()
-            for k, (p, lab, w) in ex.items():
-                idx = null.stratified_resample(lab, rng)  # examples, each with its tokens
-                Vb[names.index(k)] = null.mean_diff(p[idx], lab[idx], None if w is None else w[idx])
+            for group in groups:
+                idx = null.stratified_resample(made[group[0]][2], rng)
+                for k, v in _built_directions(made, group, idx).items():
+                    Vb[names.index(k)] = v
             reps.append(_point(Vb, names, cl, st, ref, thresholds))
         ci = _leaves_ci(point, reps)
 
@@ -268,19 +355,21 @@ def analyze(
             "norms": dict(zip(names, norms.tolist(), strict=True)),
             "clusters": {g: [names[i] for i in idx] for g, idx in cl.items()},
             "sets": {g: [names[i] for i in idx] for g, idx in st.items()},
-            "weighting": weighting if ex else None,
+            "weighting": weighting if made else None,
             "from_examples": {
                 k: {
+                    "method": method,
                     "n": int(len(lab)),
                     "n_misaligned": int(lab.sum()),
                     "weighting": weighting,
                     **({} if w is None else {"tokens": [float(w[lab == c].sum()) for c in (0, 1)]}),
+                    "resampled_with": next([m for m in g if m != k] for g in groups if k in g),
                 }
-                for k, (_, lab, w) in ex.items()
+                for k, (method, _, lab, w) in made.items()
             },
             "seed": seed,
             "n_null": n_null,
-            "n_boot": n_boot if ex else 0,
+            "n_boot": n_boot if made else 0,
             "thresholds": thresholds.__dict__,
         }
     }

@@ -298,20 +298,47 @@ def _fmt(x: Any) -> str:
     return "n/a" if x is None else str(x)
 
 
+def _resample_cell(others: list[str] | None) -> str:
+    """The "bootstrap draw" cell of a direction built from examples: its own, or shared with
+    the other directions built from the same examples (listed when few)."""
+    if not others:
+        return "own"
+    if len(others) <= 3:
+        return "shared with " + ", ".join(others)
+    return f"shared with {len(others)} others"
+
+
 def _summary_html(result: dict) -> str:
     parts = []
     from_examples = result["inputs"].get("from_examples") or {}
     if from_examples:
         rows = [
-            [k, v["n"], v["n_misaligned"], v.get("weighting"), v.get("tokens")]
+            [
+                k, v.get("method", "mean_diff"), v["n"], v["n_misaligned"], v.get("weighting"),
+                v.get("tokens"), _resample_cell(v.get("resampled_with")),
+            ]
             for k, v in from_examples.items()
-        ]
+        ]  # fmt: skip
         parts.append(
-            "<h3>Mean differences built from examples</h3><p>token-weighted = sum over all "
-            "pooled tokens of a class / its token count; example-weighted = mean of "
-            "per-example means. Bootstrap and permutations resample examples and rebuild the "
-            "direction with the same weighting.</p>"
-            + _table(rows, ["direction", "examples", "misaligned", "weighting", "tokens [al, mis]"])
+            "<h3>Directions built from examples</h3><p>mean_diff: misaligned minus aligned "
+            "class mean, token-weighted (sum over all pooled tokens of a class / its token "
+            "count) or example-weighted (mean of per-example means); pca: first principal "
+            "component of the centred per-example rows, unit length, its sign towards the "
+            "mean difference. The bootstrap resamples examples and rebuilds each direction "
+            "the same way (one draw shared by the directions built from the same examples); "
+            "permutations and split halves rebuild the mean differences.</p>"
+            + _table(
+                rows,
+                [
+                    "direction",
+                    "method",
+                    "examples",
+                    "misaligned",
+                    "weighting",
+                    "tokens [al, mis]",
+                    "bootstrap draw",
+                ],
+            )
         )
     made = result["inputs"].get("from_examples") or {}
     groups = {**result["inputs"]["clusters"], **result["inputs"].get("sets", {})}
@@ -405,18 +432,33 @@ def _interval_note(result: dict) -> str:
             "<code>emgeo geometry --activations NAME=DIR</code>, for bootstrap intervals).</p>"
         )
     fixed = [n for n in inputs["names"] if n not in made]
+    kinds = {"mean_diff": "mean-difference", "pca": "PCA (first component)"}
+    counts = [
+        f"{n} {kinds[m]}"
+        for m in kinds
+        if (n := sum(v.get("method", "mean_diff") == m for v in made.values()))
+    ]
+    joint = [[k, *v["resampled_with"]] for k, v in made.items() if v.get("resampled_with")]
     text = (
         f"<p>95% intervals: basic bootstrap over examples ({inputs['n_boot']} resamples, "
-        f"stratified by class), rebuilding the {len(made)} mean-difference directions made "
-        "from examples each time. A basic interval corrects for the resampling bias (cosines "
-        "of directions rebuilt from fewer distinct examples shrink toward 0), so it can lie "
-        "beside the estimate rather than around it; it is clipped to the statistic's range "
-        "(cosines to [-1, 1])"
+        f"stratified by class), rebuilding the {' and '.join(counts)} directions made from "
+        "examples each time"
+    )
+    if joint:
+        groups = {tuple(sorted(g)) for g in joint}
+        text += (
+            f" (directions built from the same examples are rebuilt from one resample: "
+            f"{len(groups)} such group{'s' if len(groups) > 1 else ''})"
+        )
+    text += (
+        ". A basic interval corrects for the resampling bias (cosines of directions rebuilt "
+        "from fewer distinct examples shrink toward 0), so it can lie beside the estimate "
+        "rather than around it; it is clipped to the statistic's range (cosines to [-1, 1])"
     )
     if fixed:
         text += (
             f"; the other {len(fixed)} directions are held fixed, so their intervals show the "
-            "sampling of the mean differences only"
+            "sampling of the directions made from examples only"
         )
     return text + ".</p>"
 

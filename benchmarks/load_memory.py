@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -46,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.convert_memory import hf_config, measure, write_synthetic  # noqa: E402
+from emgeo_jax.hosts import simulated_cpu_env  # noqa: E402
 
 GB = 1e9
 SLACK = 0.5e9  # compilation of the placement programs, allocator and import slack
@@ -98,10 +98,7 @@ def measure_load(source: Path, mesh: dict[str, int], dtype: str) -> dict:
     import math
 
     devices = math.prod(mesh.values())
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
-    ).strip()
+    env = simulated_cpu_env(devices)
     res = subprocess.run(
         [sys.executable, "-c", CHILD, str(source), json.dumps(mesh), dtype],
         check=True, capture_output=True, text=True, cwd=ROOT, env=env,

@@ -10,10 +10,26 @@ all (`broadcast_json`), so the processes never disagree about which collectives 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
+
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def simulated_cpu_env(devices: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a fresh CPU process with `devices` simulated devices (how a mesh is
+    tried without chips): `base` (default this process's environment) with `JAX_PLATFORMS=cpu`
+    and the device count as `JAX_NUM_CPU_DEVICES` and XLA's `--xla_force_host_platform_
+    device_count` (replacing any count already in `XLA_FLAGS`, keeping its other flags)."""
+    env = dict(os.environ if base is None else base)
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
+    env["XLA_FLAGS"] = " ".join([*flags, f"{DEVICE_COUNT_FLAG}={devices}"])
+    return env
 
 
 def is_primary() -> bool:

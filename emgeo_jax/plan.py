@@ -42,7 +42,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from emgeo_jax.hosts import simulated_cpu_env
 from emgeo_jax.models.attention import chunked_attention
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.llama import DecoderBlock, KVCache, LoraInput, rotary_tables
@@ -76,11 +76,11 @@ CPU_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 
 
 def simulated_env(devices: int) -> dict[str, str]:
-    """Environment for a CPU process with `devices` simulated devices."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), **{CHILD: "1"})
-    env["XLA_FLAGS"] = " ".join(
-        [env.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={devices}", CPU_FLAGS]
-    ).strip()
+    """Environment for the plan's CPU process with `devices` simulated devices
+    (`hosts.simulated_cpu_env`), marked as the plan's child, with `CPU_FLAGS`."""
+    env = simulated_cpu_env(devices)
+    env[CHILD] = "1"
+    env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} {CPU_FLAGS}"
     return env
 
 

@@ -9,21 +9,18 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from emgeo_jax.hosts import simulated_cpu_env
+
 ROOT = Path(__file__).resolve().parents[1]
 # what `conftest.py` adds to the session's XLA_FLAGS: LLVM optimisation off (tiny programs)
 UNOPTIMISED = "--xla_backend_optimization_level=0"
 
 
 def cpu_env(devices: int, **extra: str) -> dict[str, str]:
-    """The environment of a fresh CPU process with `devices` simulated devices: this
-    process's (so the session's XLA flags and compilation cache, `conftest.py`), plus
-    `JAX_PLATFORMS=cpu`, the device count (`JAX_NUM_CPU_DEVICES` and XLA's
-    `--xla_force_host_platform_device_count`, replacing any count already in `XLA_FLAGS`), the
-    repository on `PYTHONPATH`, and `extra`."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), **extra)
-    count = "--xla_force_host_platform_device_count"
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(count)]
-    env["XLA_FLAGS"] = " ".join([*flags, f"{count}={devices}"])
+    """The environment of a fresh CPU process with `devices` simulated devices
+    (`emgeo_jax.hosts.simulated_cpu_env` of this process's, so the session's XLA flags and
+    compilation cache, `conftest.py`), plus the repository on `PYTHONPATH`, and `extra`."""
+    env = simulated_cpu_env(devices, dict(os.environ, **extra))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return env
 

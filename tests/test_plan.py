@@ -76,6 +76,23 @@ def check_against_hand(plan: dict, model: str, mesh: str, batch: int, seq: int) 
     assert 0 < plan["temporaries"] < 4 * hand["resident"] and plan["outputs"] > 0
 
 
+def test_simulated_env_replaces_the_device_count_and_keeps_other_flags(monkeypatch):
+    """`hosts.simulated_cpu_env` (which the plan, the load-memory benchmark and the tests'
+    `cpu_env` share) sets the count once, whatever count the caller's flags held."""
+    from emgeo_jax.hosts import simulated_cpu_env
+    from emgeo_jax.plan import CHILD, CPU_FLAGS
+
+    base = {"XLA_FLAGS": "--a=1 --xla_force_host_platform_device_count=4 --b", "X": "y"}
+    env = simulated_cpu_env(8, base)
+    assert env["XLA_FLAGS"] == "--a=1 --b --xla_force_host_platform_device_count=8"
+    assert env["JAX_PLATFORMS"] == "cpu" and env["JAX_NUM_CPU_DEVICES"] == "8" and env["X"] == "y"
+    assert base["XLA_FLAGS"].endswith("=4 --b")  # the caller's mapping is left alone
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    plan_env = simulated_env(8)
+    assert plan_env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {CPU_FLAGS}"
+    assert plan_env[CHILD] == "1"
+
+
 def test_cli_plans_qwen_7b_on_8_simulated_devices():
     cmd = [sys.executable, "-m", "emgeo_jax.cli", "plan", "--model", "Qwen2.5-7B-Instruct"]
     cmd += ["--mesh", "fsdp=8", "--batch", "8", "--seq", "256", "--json"]

@@ -40,7 +40,9 @@ it reads B rows) and the whole KV cache `[L, B, S, K, Dh]` once; at the chip's H
 (table) or the measured one (CPU, `benchmarks.generate.memory_bandwidth`) that takes
 `bytes / bandwidth`; the fraction printed is that floor over the measured step time.
 
-Plan: `emgeo_jax.plan.make_plan` for the same task, batch and length, its tokens/s at
+Plan: `emgeo_jax.plan.make_plan` for the same task, batch and length (extract and train:
+from the executables the benchmark ran, `plan.compile_program`, so each compiles once), its
+tokens/s at
 `--plan_mfu` (as `emgeo plan --mfu`) or at its HBM bound if slower, on this chip's table
 entry (on CPU: an entry made of the measured peak and bandwidth). For decode the plan gives
 the whole generate call (prefill + `--new` steps), compared with the measured whole call.
@@ -69,7 +71,14 @@ from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.lm import LM, abstract_model, init_params, resolve_dtype
 from emgeo_jax.models.steering import Steering
 from emgeo_jax.parallel import make_mesh, param_shardings
-from emgeo_jax.plan import ACCELERATORS, TASKS, Accelerator, TaskOptions, make_plan
+from emgeo_jax.plan import (
+    ACCELERATORS,
+    Accelerator,
+    CompiledProgram,
+    TaskOptions,
+    compile_program,
+    make_plan,
+)
 from emgeo_jax.plan import resolve_model as plan_model
 
 MEMORY_FRACTION = 0.5  # of device memory for weights + the largest batch's KV cache
@@ -180,14 +189,22 @@ class Bench:
         self.lm = LM(cfg, graphdef, params, mesh=mesh, source=name)
         rng = np.random.default_rng(0)
         self.ids = rng.integers(1, cfg.vocab_size, (max(args.batches), args.seq)).astype(np.int32)
+        self._compiled: dict[tuple[str, int], CompiledProgram] = {}
 
-    def program(self, task: str, batch: int, options: TaskOptions):
-        return TASKS[task](
-            self.cfg, self.mesh, batch, self.a.seq, resolve_dtype(self.dtype), options
-        )
+    def compiled(self, task: str, batch: int) -> CompiledProgram:
+        """`task`'s program at `batch` x `--seq`, compiled once: the benchmark runs these
+        executables and the plan reads them (a 7B shape compiles once, not twice)."""
+        key = (task, batch)
+        if key not in self._compiled:
+            self._compiled[key] = compile_program(
+                self.cfg, self.mesh, task, batch, self.a.seq, self.dtype,
+                TaskOptions(new_tokens=self.a.new),
+            )  # fmt: skip
+        return self._compiled[key]
 
     def extract(self, batch: int) -> float:
-        part = self.program("extract", batch, TaskOptions()).parts[0]
+        compiled = self.compiled("extract", batch)
+        part, run = compiled.program.parts[0], compiled.parts[0]
         ids = self.ids[:batch]
         inputs = {
             "input_ids": ids,
@@ -198,9 +215,7 @@ class Bench:
             "example_index": np.arange(batch, dtype=np.int32),
         }
         inputs = _place(part.args[1], inputs)
-        return time_call(
-            lambda: jax.block_until_ready(part.fn(self.params, inputs)), self.a.repeats
-        )
+        return time_call(lambda: jax.block_until_ready(run(self.params, inputs)), self.a.repeats)
 
     def generate(self, batch: int, new: int) -> tuple[float, float]:
         """Seconds of the prefill alone (`prefill_prompts`: the program `generate_ids` runs
@@ -227,7 +242,8 @@ class Bench:
         from emgeo_jax.train.sft import TrainConfig, make_train_step
 
         options = TaskOptions()
-        part = self.program("train", batch, options).parts[0]
+        compiled = self.compiled("train", batch)
+        part, step = compiled.program.parts[0], compiled.parts[0]
         lora_abs, opt_abs, _, batch_abs, _, key_abs = part.args
         spec = LoraSpec(
             rank=options.lora_rank,
@@ -235,7 +251,7 @@ class Bench:
             targets=options.lora_targets,
             layers=tuple(range(self.cfg.num_layers)),
         )
-        step, optimizer = make_train_step(self.graphdef, spec, TrainConfig(), self.mesh)
+        _, optimizer = make_train_step(self.graphdef, spec, TrainConfig(), self.mesh)
         lora = _place(lora_abs, init_lora(self.cfg, spec, jax.random.key(0)))
         opt_state = _place(opt_abs, optimizer.init(lora))
         ids = self.ids[:batch]
@@ -262,9 +278,10 @@ class Bench:
     def plan_tokens_per_s(self, task: str, batch: int, acc: Accelerator) -> float | None:
         if self.a.no_plan:
             return None
+        compiled = self._compiled.get((task, batch))  # the benchmark's executables, if any
         plan = make_plan(
             self.cfg, self.mesh, task, batch, self.a.seq, self.dtype, model_name=self.name,
-            options=TaskOptions(new_tokens=self.a.new),
+            options=TaskOptions(new_tokens=self.a.new), compiled=compiled,
         )  # fmt: skip
         return plan.tokens_per_second(acc, self.a.plan_mfu)
 

@@ -705,6 +705,38 @@ def _flops(compiled) -> float:
     return float(cost["flops"])
 
 
+@dataclasses.dataclass
+class CompiledProgram:
+    """A task's `Program` and its parts compiled (`jax.stages.Compiled`, one per part, in
+    order): what `make_plan` reads, and what a caller holding concrete arrays placed as the
+    parts' abstract arguments can run (`benchmarks/device.py` times them) without compiling
+    the same program a second time."""
+
+    program: Program
+    parts: list[Any]
+    seconds: float  # compiling all parts
+
+
+def compile_program(
+    cfg: ModelConfig,
+    mesh: Mesh,
+    task: str,
+    batch: int,
+    seq: int,
+    dtype: str,
+    options: TaskOptions | None = None,
+) -> CompiledProgram:
+    """Build `task`'s program for `cfg` on `mesh` (abstract arrays only) and compile its parts."""
+    import time
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
+    program = TASKS[task](cfg, mesh, batch, seq, resolve_dtype(dtype), options or TaskOptions())
+    start = time.perf_counter()
+    parts = [part.lower().compile() for part in program.parts]
+    return CompiledProgram(program, parts, time.perf_counter() - start)
+
+
 def make_plan(
     cfg: ModelConfig,
     mesh: Mesh,
@@ -714,26 +746,23 @@ def make_plan(
     dtype: str = "bfloat16",
     model_name: str = "",
     options: TaskOptions | None = None,
+    compiled: CompiledProgram | None = None,
 ) -> Plan:
-    """Compile `task`'s program for `cfg` on `mesh` (abstract arrays only) and read the
-    compiler's per-device memory and FLOPs."""
-    import time
-
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
-    program = TASKS[task](cfg, mesh, batch, seq, resolve_dtype(dtype), options or TaskOptions())
-    start = time.perf_counter()
-    compiled = [part.lower().compile() for part in program.parts]
-    seconds = time.perf_counter() - start
+    """Compile `task`'s program for `cfg` on `mesh` (abstract arrays only; or take `compiled`,
+    made by `compile_program` with the same arguments) and read the compiler's per-device
+    memory and FLOPs."""
+    if compiled is None:
+        compiled = compile_program(cfg, mesh, task, batch, seq, dtype, options)
+    program, seconds, executables = compiled.program, compiled.seconds, compiled.parts
     part_flops = {}
-    for part, c in zip(program.parts, compiled, strict=True):
+    for part, c in zip(program.parts, executables, strict=True):
         layer = _flops(part.layer_fn.lower(*part.layer_args).compile())
         counted = layer  # the block inside `c`, as XLA counted it
         if part.looped_layer_fn is not None:
             counted = _flops(part.looped_layer_fn.lower(*part.layer_args).compile())
         layers = part.num_layers or program.num_layers
         part_flops[part.name] = part.calls * (_flops(c) - counted + layers * layer)
-    mems = [c.memory_analysis() for c in compiled]
+    mems = [c.memory_analysis() for c in executables]
     peak = max(
         range(len(mems)),
         key=lambda i: mems[i].temp_size_in_bytes + mems[i].output_size_in_bytes

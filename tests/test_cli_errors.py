@@ -1,7 +1,9 @@
 """Bad input ends an `emgeo` command with one line `emgeo SUBCOMMAND: error: ...` naming the
 file or flag and exit status 2, before any model loads and before any output is written;
 EMGEO_TRACEBACK=1 shows the traceback instead; absl's --help and flag errors are unchanged.
-Each case is a fresh process."""
+The cases run one after another in one fresh process, through the dispatcher (each command
+starts from the default flags, as in its own process); the traceback and absl cases each in
+their own."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 
 from emgeo_jax.cli.parsing import number_list
-from tests.cli_util import run_emgeo
+from tests.cli_util import emgeo_cases, run_emgeo
 
 
 def error_line(stderr: str, command: str) -> str:
@@ -22,8 +24,9 @@ def error_line(stderr: str, command: str) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def files(tmp_path):
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("cli_errors")
     np.save(tmp_path / "v.npy", np.ones(8, np.float32))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "fine?"}\n{"question": "no closing brace"\n')
@@ -104,10 +107,17 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def refused(files) -> dict[str, tuple[int, str]]:
+    """Every case of `CASES` in one fresh process: {case: (exit status, stderr)}."""
+    return emgeo_cases({k: [a.format(d=files) for a in args] for k, (args, _) in CASES.items()})
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_line_and_status_2(case, files):
+def test_bad_input_is_one_line_and_status_2(case, files, refused):
     args, want = CASES[case]
-    stderr = run_emgeo(*(a.format(d=files) for a in args), status=2)
+    status, stderr = refused[case]
+    assert status == 2, stderr[-2000:]
     line = error_line(stderr, args[0])
     assert want.format(d=files) in line
     assert not (files / "run").exists()  # nothing written that could pass for a result

@@ -196,7 +196,7 @@ def emgeo_each(commands: dict[str, tuple], printed: Path) -> dict[str, str]:
     code = (
         "import json, sys\n"
         "from pathlib import Path\n"
-        "from tests.test_cli_mesh import emgeo_in_process\n"
+        "from tests.cli_util import emgeo_in_process\n"
         "path = Path(sys.argv[1])\n"
         "commands = json.loads(path.read_text())\n"
         "path.write_text(json.dumps({n: emgeo_in_process(*c) for n, c in commands.items()}))\n"

@@ -9,8 +9,6 @@ a CPU command uses one device)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -27,7 +25,13 @@ import emgeo_jax
 from emgeo_jax.data import load_examples, tokenize_examples
 from emgeo_jax.extract import ExtractSettings, extract
 from emgeo_jax.runs import read_jsonl
-from tests.cli_util import ROOT, cpu_env
+from tests.cli_util import (
+    ROOT,
+    cpu_env,
+    emgeo_cases,
+    emgeo_in_process,
+    emgeo_status_and_stderr,
+)
 from tests.tiny_models import QWEN2, hf_model, save_hf_folder
 
 PAIRS = [
@@ -70,20 +74,6 @@ def work(tmp_path_factory, chat_tokenizer):
     sae = make_sae(w, np.zeros(F), w.T, np.zeros(D), architecture="topk", k=4, layer=2)
     save_saelens(sae, d / "sae")
     return d
-
-
-def emgeo_in_process(*args: str, status: tuple = (0, None)) -> str:
-    """`emgeo ARGS` through `emgeo_jax.cli.run` in this process; what it printed (stdout).
-    The command must exit with one of `status`."""
-    from emgeo_jax.cli import run
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        try:
-            run(["emgeo", *map(str, args)])
-        except SystemExit as e:
-            assert e.code in status, (args, e.code)
-    return buf.getvalue()
 
 
 def _commands_on_meshes(work: str) -> None:
@@ -334,21 +324,7 @@ def _folders_of_other_settings(d: Path, judge_url: str) -> dict:
     cases = {name: (*args, "--samples=3") for name, args in commands.items()}
     ablate = commands["ablate"]
     cases["ablate_local_judge"] = tuple(a for a in ablate if "judge_base_url" not in str(a))
-    return {name: _status_and_stderr(args) for name, args in cases.items()}
-
-
-def _status_and_stderr(args) -> tuple:
-    """`emgeo ARGS` in this process: (exit status, what it wrote on stderr)."""
-    from emgeo_jax.cli import run
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            run(["emgeo", *map(str, args)])
-            code = 0
-        except SystemExit as e:
-            code = 0 if e.code is None else e.code  # absl's sys.exit() after main
-    return code, err.getvalue()
+    return {name: emgeo_status_and_stderr(args) for name, args in cases.items()}
 
 
 @pytest.fixture(scope="module")
@@ -683,42 +659,6 @@ def test_local_judge_and_demo_on_two_processes(mesh_results, two_processes):
 
 # --- refusals before anything loads ---------------------------------------------------------
 
-BAD_MESH_CODE = """
-import sys
-from tests.test_cli_mesh import emgeo_refusals
-emgeo_refusals(sys.argv[1])
-"""
-
-
-def emgeo_refusals(work: str) -> None:
-    """Each case in this process; prints one JSON line per case: exit status and stderr."""
-    import contextlib
-    import io
-
-    from emgeo_jax.cli import run
-
-    d = Path(work)
-    no_weights = f"--model={d / 'config_only'}"  # loading it would fail: a refusal must come first
-    cases = {
-        "too_many": ["norms", no_weights, "--mesh=fsdp=16"],
-        "not_dividing": ["norms", no_weights, "--mesh=fsdp=4"],
-        "unknown_axis": ["norms", no_weights, "--mesh=pipeline=2"],
-        "bad_size": ["norms", no_weights, "--mesh=fsdp=two"],
-        "kv_heads": ["generate", no_weights, f"--prompts={d / 'prompts.txt'}", "--mesh=tensor=3"],
-        "old_fsdp": ["extract", no_weights, f"--data={d / 'pairs.jsonl'}", "--out=x", "--fsdp=4"],
-        "both": ["extract", no_weights, f"--data={d / 'pairs.jsonl'}", "--out=x", "--fsdp=2",
-                 "--mesh=fsdp=2"],
-    }  # fmt: skip
-    for name, args in cases.items():
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            try:
-                run(["emgeo", *args])
-                code = 0
-            except SystemExit as e:
-                code = e.code
-        print(json.dumps({"case": name, "status": code, "stderr": err.getvalue()}))
-
 
 def test_bad_meshes_are_refused_by_name_before_loading(work):
     """6 devices; the model folder holds a config.json and nothing else, so reaching the load
@@ -728,12 +668,18 @@ def test_bad_meshes_are_refused_by_name_before_loading(work):
     # 2 KV heads x 8 = 16 columns: tensor=3 cannot split k/v (vocab 432, 6 x 8 heads, 96 MLP can)
     cfg = dict(QWEN2, vocab_size=432, intermediate_size=96, architectures=["Qwen2ForCausalLM"])
     (folder / "config.json").write_text(json.dumps(cfg))
-    proc = subprocess.run(
-        [sys.executable, "-c", BAD_MESH_CODE, str(work)], cwd=ROOT, env=cpu_env(6),
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = {r["case"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    no_weights = f"--model={folder}"  # loading it would fail: a refusal must come first
+    prompts, data = f"--prompts={work / 'prompts.txt'}", f"--data={work / 'pairs.jsonl'}"
+    cases = {
+        "too_many": ["norms", no_weights, "--mesh=fsdp=16"],
+        "not_dividing": ["norms", no_weights, "--mesh=fsdp=4"],
+        "unknown_axis": ["norms", no_weights, "--mesh=pipeline=2"],
+        "bad_size": ["norms", no_weights, "--mesh=fsdp=two"],
+        "kv_heads": ["generate", no_weights, prompts, "--mesh=tensor=3"],
+        "old_fsdp": ["extract", no_weights, data, "--out=x", "--fsdp=4"],
+        "both": ["extract", no_weights, data, "--out=x", "--fsdp=2", "--mesh=fsdp=2"],
+    }
+    got = emgeo_cases(cases, env=cpu_env(6), timeout=300)
     want = {
         "too_many": "--mesh fsdp=16: needs 16 devices, 6 present",
         "not_dividing": "--mesh fsdp=4: 4 does not divide the 6 devices present",
@@ -745,12 +691,12 @@ def test_bad_meshes_are_refused_by_name_before_loading(work):
         "both": "give --mesh or the deprecated --fsdp 2, not both",
     }
     for name, text in want.items():
-        r = got[name]
-        errors = [line for line in r["stderr"].splitlines() if ": error: " in line]
-        assert r["status"] == 2 and len(errors) == 1, r
+        status, stderr = got[name]
+        errors = [line for line in stderr.splitlines() if ": error: " in line]
+        assert status == 2 and len(errors) == 1, (name, stderr)
         assert text in errors[0], (name, errors[0])
-        assert "Traceback" not in r["stderr"]
-    assert "warning: --fsdp 4 is deprecated; use --mesh fsdp=4" in got["old_fsdp"]["stderr"]
+        assert "Traceback" not in stderr
+    assert "warning: --fsdp 4 is deprecated; use --mesh fsdp=4" in got["old_fsdp"][1]
     assert not (ROOT / "x").exists()
 
 
@@ -809,10 +755,10 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(work, tmp_path):
 
 def test_unknown_command_suggests_the_closest():
     """(In this process: an unknown command ends before any flag or module is touched.)"""
-    status, err = _status_and_stderr(["extrct"])
+    status, err = emgeo_status_and_stderr(["extrct"])
     assert status == 2
     assert err.splitlines()[0] == "emgeo: unknown command 'extrct'; did you mean 'extract'?"
-    status, err = _status_and_stderr(["frobnicate"])
+    status, err = emgeo_status_and_stderr(["frobnicate"])
     assert status == 2 and "did you mean" not in err and "usage: emgeo" in err
 
 

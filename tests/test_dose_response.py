@@ -20,7 +20,7 @@ from emgeo_jax.data import Example, load_contrast_pairs
 from emgeo_jax.experiments import dose_response as dr
 from emgeo_jax.experiments.folder import ConfigMismatchError
 from emgeo_jax.models.steering import Steering
-from tests.cli_util import ROOT, cpu_env, run_emgeo
+from tests.cli_util import ROOT, cpu_env, emgeo_cases, run_emgeo
 from tests.test_mesh_library import tiny_chat_lm
 from tests.tiny_models import LLAMA, hf_model, save_hf_folder
 
@@ -271,14 +271,6 @@ def test_cli_end_to_end_and_resume(llama, tmp_path):
     assert json.loads((out / "results.json").read_text()) == results
 
 
-REFUSALS_CODE = """
-import json, sys
-from tests.test_cli_mesh import _status_and_stderr
-cases = json.loads(sys.argv[1])
-print(json.dumps({name: _status_and_stderr(args) for name, args in cases.items()}))
-"""
-
-
 def test_cli_refuses_bad_input_before_loading(llama, tmp_path):
     """Each case through the dispatcher, one after another in one fresh process (absl flags
     are process-global; the dispatcher starts each command from the defaults)."""
@@ -297,12 +289,7 @@ def test_cli_refuses_bad_input_before_loading(llama, tmp_path):
         "scales": [*base, "--layers=1", "--scales=0"],
     }
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-c", REFUSALS_CODE, json.dumps(cases)], cwd=ROOT, capture_output=True,
-        text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.splitlines()[-1])
+    got = emgeo_cases(cases)
     for name, (status, _) in got.items():
         assert status == 2, (name, got[name])
     assert "--layers: layer 3 out of range; the model has 3 layers" in got["layers"][1]

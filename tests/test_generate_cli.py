@@ -82,9 +82,9 @@ app.run(cli.main, argv=["emgeo generate", *sys.argv[1:]])
 
 RESUMED = """
 import json, sys
-from tests.test_cli_mesh import _status_and_stderr, emgeo_in_process
+from tests.cli_util import emgeo_in_process, emgeo_status_and_stderr
 runs = json.loads(sys.argv[1])
-got = {"refused": _status_and_stderr(["generate", *runs["refused"]])}
+got = {"refused": emgeo_status_and_stderr(["generate", *runs["refused"]])}
 got["resumed"] = emgeo_in_process("generate", *runs["resumed"])
 emgeo_in_process("generate", *runs["ref"])
 print(json.dumps(got))

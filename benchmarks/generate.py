@@ -55,14 +55,10 @@ def memory_bandwidth(nbytes: int = 512 * 2**20) -> float:
     return nbytes / sorted(times)[2]
 
 
-def matmul_floor_step(lm, batch: int) -> Callable[[], object]:
-    """A call running the matmuls of one decode step with XLA's own kernels and nothing else,
-    in their data dependencies: per block `q, k, v = x @ Wq, x @ Wk, x @ Wv`, `x += q @ Wo`,
-    `x += (x @ Wgate * x @ Wup) @ Wdown` (each block's kernels as separate buffers, so
-    nothing is sliced out of a stack), then the LM head, on a `[batch, D]` input in one
-    jitted call. Attention, norms, rotary, steering and sampling are left out, so no decode
-    step built from these kernels can take less. (Independent matmuls of different blocks
-    could overlap on the cores; a decode step cannot overlap them, so neither does this.)"""
+def floor_weights(lm) -> tuple[list[dict], object]:
+    """`lm`'s blocks as a list of per-block parameter dicts (each weight its own buffer: a
+    stacked model's layers are copied out once) and the LM head `[V, D]` (the embedding when
+    tied)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -75,6 +71,20 @@ def matmul_floor_step(lm, batch: int) -> Callable[[], object]:
     else:
         blocks = [jax.tree.map(lambda x, i=i: jnp.array(x[i]), layers) for i in range(num_layers)]
     head = pure["lm_head"]["kernel"].T if "lm_head" in pure else pure["embed"]["embedding"]
+    return blocks, head
+
+
+def matmul_floor_step(lm, batch: int) -> Callable[[], object]:
+    """A call running the matmuls of one decode step with XLA's own kernels and nothing else,
+    in their data dependencies: per block `q, k, v = x @ Wq, x @ Wk, x @ Wv`, `x += q @ Wo`,
+    `x += (x @ Wgate * x @ Wup) @ Wdown` (each block's kernels as separate buffers, so
+    nothing is sliced out of a stack), then the LM head, on a `[batch, D]` input in one
+    jitted call. Attention, norms, rotary, steering and sampling are left out, so no decode
+    step built from these kernels can take less. (Independent matmuls of different blocks
+    could overlap on the cores; a decode step cannot overlap them, so neither does this.)"""
+    import jax
+
+    blocks, head = floor_weights(lm)
     x = jax.random.normal(jax.random.key(0), (batch, lm.config.hidden_size))
 
     @jax.jit

@@ -125,3 +125,24 @@ def test_time_interleaved_alternates_and_drops_the_warm_up(monkeypatch):
     monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
     assert common.time_interleaved([fn("a"), fn("b")], repeats=3) == [2.0, 20.0]
     assert calls == ["a", "b"] * 4
+
+
+def test_tiny_run_on_8_devices(tmp_path):
+    """On 8 simulated devices (`fsdp=8`) the benchmark places its parameters and inputs as the
+    plan's compiled programs take them and runs those executables (extract, train): a
+    sharding the executable was not compiled for would be refused, not resharded."""
+    from tests.cli_util import cpu_env
+
+    out = tmp_path / "rows.json"
+    argv = ["--tiny", "--models=tiny-llama", "--batches=8", "--new=16", "--repeats=1"]
+    res = subprocess.run(
+        [sys.executable, "benchmarks/device.py", *argv, "--json", str(out)],
+        cwd=ROOT, env=cpu_env(8), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["meta"]["devices"] == 8
+    tasks = {r["task"]: r for r in result["rows"]}
+    assert {"extract", "prefill", "train"} <= set(tasks), res.stdout
+    for task in ("extract", "train"):  # timed from the plan's executables, planned from them
+        assert tasks[task]["seconds"] > 0 and tasks[task]["plan_tokens_per_s"] > 0

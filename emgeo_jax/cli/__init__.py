@@ -132,17 +132,58 @@ def reporting_user_errors(command: str, main: Callable[[list[str]], Any]) -> Cal
 
 def start_distributed() -> None:
     """The one distributed start: `common.start_distributed` for commands with the shared
-    flags, else `EMGEO_DISTRIBUTED=1` alone."""
+    flags, else `EMGEO_DISTRIBUTED=1` alone. Before it, native prints leave standard output
+    (`native_prints_to_stderr`)."""
     from absl import flags
 
-    if "distributed" in flags.FLAGS:
+    shared = "distributed" in flags.FLAGS
+    if shared:
+        from emgeo_jax.cli.common import distributed_wanted
+
+        wanted = distributed_wanted()
+    else:
+        wanted = os.environ.get("EMGEO_DISTRIBUTED") == "1"
+    if not wanted:
+        return
+    native_prints_to_stderr()
+    if shared:
         from emgeo_jax.cli.common import start_distributed as start
 
         start()
-    elif os.environ.get("EMGEO_DISTRIBUTED") == "1":
+    else:
         from emgeo_jax.parallel import initialize_distributed
 
         initialize_distributed()
+
+
+_stdout_moved = False
+
+
+def native_prints_to_stderr() -> None:
+    """Send what native code writes to file descriptor 1 to standard error, and keep Python's
+    `sys.stdout` (a command's output: tables, JSON, "wrote ...") on the real standard output.
+
+    On CPU, gloo prints "[Gloo] Rank N is connected to M peer ranks ..." on every process at
+    its first collective (and again for each new group of devices), straight to descriptor 1:
+    a multi-process `emgeo sae-check | jq` would read that line before the JSON, and process
+    1, which prints nothing, would print it. Once per process, and only while `sys.stdout` is
+    the process's own (a caller that redirected it keeps its redirection)."""
+    global _stdout_moved
+    if _stdout_moved or sys.stdout is not sys.__stdout__ or sys.stdout is None:
+        return
+    import io
+
+    old = sys.stdout
+    old.flush()
+    real = os.dup(1)  # the real standard output, for Python's prints
+    os.dup2(2, 1)  # descriptor 1 (native writes) -> standard error
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(
+        io.FileIO(real, "w"),
+        encoding=old.encoding,
+        errors=old.errors,
+        line_buffering=old.line_buffering,
+    )
+    _stdout_moved = True
 
 
 # --- logs -----------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def programs(cfg, batch: int, seq: int, chunk: int) -> dict[str, int]:
 
     length = seq + 1
     kv = jax.ShapeDtypeStruct(
-        (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16
+        (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim), jnp.bfloat16
     )
     cache = llama.KVCache(
         kv,

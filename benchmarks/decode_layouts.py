@@ -13,15 +13,16 @@ step's keys and values at slot `--slots - 1` of a donated per-layer cache, atten
 `--slots` slots, the output projection, RMSNorm and SwiGLU MLP; then the final norm, the LM
 head and an argmax (a decode step's work without steering and sampling):
 
-  bskd      the cache as the model keeps it, `[B, S, K, Dh]`, attention by
-            `jax.nn.dot_product_attention` (as `models.attention.attend`)
-  bksd      the cache head-major, `[B, K, S, Dh]`, attention as two einsums batched over
-            (B, K): no transposed copy of the cache for XLA:CPU's batched dot
-  no_attn   `bskd` with the attention's output replaced by the queries (the cache is still
+  bksd      the cache as the model keeps it, head-major `[B, K, S, Dh]`, attention by the
+            model's `models.attention.attend` (two einsums batched over (B, K): no
+            transposed copy of the cache for XLA:CPU's batched dot)
+  bskd      the sequence-major `[B, S, K, Dh]` cache the model kept before 2026-12-07,
+            attention by `jax.nn.dot_product_attention` (which takes that layout)
+  no_attn   `bksd` with the attention's output replaced by the queries (the cache is still
             written): what the step costs without attention, a bound for any attention
   floor     `matmul_floor_step`: the matmuls alone
 
-Before timing, `bksd`'s logits are checked against `bskd`'s on the same random cache.
+Before timing, `bskd`'s logits are checked against `bksd`'s on the same random cache.
 Prints each variant's median ms per step and floor / variant.
 """
 
@@ -36,7 +37,7 @@ import numpy as np
 from benchmarks.common import time_interleaved
 from benchmarks.generate import floor_weights, matmul_floor_step
 
-VARIANTS = ("bskd", "bksd", "no_attn")
+VARIANTS = ("bksd", "bskd", "no_attn")
 
 
 def decode_step(lm, variant: str) -> Callable:
@@ -47,11 +48,11 @@ def decode_step(lm, variant: str) -> Callable:
     import jax
     import jax.numpy as jnp
 
+    from emgeo_jax.models.attention import attend as model_attend
     from emgeo_jax.models.llama import apply_rotary, rotary_tables
 
     cfg = lm.config
     heads, kv_heads, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    group = heads // kv_heads
 
     def linear(p: dict, x: jax.Array) -> jax.Array:
         return x @ p["kernel"] + p["bias"] if "bias" in p else x @ p["kernel"]
@@ -65,17 +66,12 @@ def decode_step(lm, variant: str) -> Callable:
             return q
         if variant == "bskd":
             return jax.nn.dot_product_attention(q, k_cache, v_cache, mask=key_mask[:, None, None])
-        b = q.shape[0]
-        q = q.reshape(b, kv_heads, group, dh)
-        scores = jnp.einsum("bkgd,bksd->bkgs", q, k_cache, preferred_element_type=jnp.float32)
-        scores = jnp.where(key_mask[:, None, None], scores * dh**-0.5, -1e30)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-        return jnp.einsum("bkgs,bksd->bkgd", probs, v_cache).reshape(b, 1, heads, dh)
+        return model_attend(q, k_cache, v_cache, key_mask[:, None])
 
     def write(cache, new, index):  # new [B, 1, K, Dh]
-        if variant == "bksd":
-            return jax.lax.dynamic_update_slice(cache, new.transpose(0, 2, 1, 3), (0, 0, index, 0))
-        return jax.lax.dynamic_update_slice(cache, new, (0, index, 0, 0))
+        if variant == "bskd":
+            return jax.lax.dynamic_update_slice(cache, new, (0, index, 0, 0))
+        return jax.lax.dynamic_update_slice(cache, new.transpose(0, 2, 1, 3), (0, 0, index, 0))
 
     def step(blocks, head, final_scale, caches, x, index, key_mask):
         b = x.shape[0]
@@ -101,7 +97,7 @@ def decode_step(lm, variant: str) -> Callable:
 
 def random_caches(lm, batch: int, slots: int, variant: str, seed: int = 0) -> list:
     """Per-layer `(k, v)` of random keys and values in `variant`'s layout (the same values
-    for every variant: `bksd` holds the transposes of `bskd`'s)."""
+    for every variant: the head-major ones hold the transposes of `bskd`'s)."""
     import jax.numpy as jnp
 
     cfg = lm.config
@@ -110,7 +106,7 @@ def random_caches(lm, batch: int, slots: int, variant: str, seed: int = 0) -> li
     caches = []
     for _ in range(cfg.num_layers):
         k, v = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
-        if variant == "bksd":
+        if variant != "bskd":
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         caches.append((jnp.asarray(k), jnp.asarray(v)))
     return caches
@@ -134,9 +130,9 @@ def compare(lm, batch: int, slots: int, repeats: int) -> dict[str, float]:
     }  # fmt: skip
     # the same function, summed in another order in every layer: float32 rounding grows over
     # 30 layers (1.1e-4 of the largest logit on SmolLM2); a wrong head grouping gives O(1)
-    diff = float(np.abs(np.asarray(logits["bksd"] - logits["bskd"])).max())
-    scale = float(np.abs(np.asarray(logits["bskd"])).max())
-    assert diff <= 1e-3 * scale, f"bksd and bskd logits differ by {diff} (largest {scale})"
+    diff = float(np.abs(np.asarray(logits["bskd"] - logits["bksd"])).max())
+    scale = float(np.abs(np.asarray(logits["bksd"])).max())
+    assert diff <= 1e-3 * scale, f"bskd and bksd logits differ by {diff} (largest {scale})"
     state = {v: random_caches(lm, batch, slots, v) for v in VARIANTS}
 
     def run(variant: str) -> Callable[[], object]:

@@ -36,7 +36,7 @@ peak of the chip (`emgeo_jax.plan.ACCELERATORS`, with its source: TPU v4, v5e, v
 H100) times the devices, else (CPU) the measured matmul peak (`benchmarks.common`).
 
 Decode roofline: a step must read every weight (except an untied embedding table, of which
-it reads B rows) and the whole KV cache `[L, B, S, K, Dh]` once; at the chip's HBM bandwidth
+it reads B rows) and the whole KV cache `[L, B, K, S, Dh]` once; at the chip's HBM bandwidth
 (table) or the measured one (CPU, `benchmarks.generate.memory_bandwidth`) that takes
 `bytes / bandwidth`; the fraction printed is that floor over the measured step time.
 
@@ -140,7 +140,7 @@ def param_bytes(cfg: ModelConfig, dtype) -> int:
 
 
 def kv_bytes(cfg: ModelConfig, batch: int, slots: int, dtype) -> int:
-    """Bytes of the KV cache `k, v [L, B, S, K, Dh]`."""
+    """Bytes of the KV cache `k, v [L, B, K, S, Dh]`."""
     item = jnp.dtype(resolve_dtype(dtype)).itemsize
     return 2 * cfg.num_layers * batch * slots * cfg.num_kv_heads * cfg.head_dim * item
 

@@ -67,7 +67,7 @@ ACTIVATION_AXES: dict[str, tuple[str, ...]] = {
     "hidden": ("batch", "seq", "act_embed"),  # the residual inside the scan [B, T, D]
     "step_hidden": ("step_batch", "seq", "embed"),  # a decode step's residual [B, 1, D]
     "logits": ("batch", "seq", "vocab"),  # [B, T, V]
-    "kv_cache": ("layer", "batch", "cache_seq", "kv_heads", "head_dim"),  # [L, B, S, K, Dh]
+    "kv_cache": ("layer", "batch", "kv_heads", "cache_seq", "head_dim"),  # [L, B, K, S, Dh]
     "cache_mask": ("batch", "cache_seq"),  # KVCache.mask [B, S]
 }
 

@@ -24,7 +24,7 @@ plus hand-counted resident terms (parameters, KV cache, LoRA, optimizer state):
 - `extract`: `emgeo_jax.extract`'s jitted step itself: the forward pass with the residual
   stream pooled on device into per-class sums `[2, L, D]`, no LM head. Tokens = `B * T`.
 - `generate`: steered generation as `emgeo_jax.generate` runs it: the jitted `prefill` of
-  `B` prompts of `T` tokens into a KV cache `[L, B, S, K, Dh]` (`S = T + N + 1`) and the
+  `B` prompts of `T` tokens into a KV cache `[L, B, K, S, Dh]` (`S = T + N + 1`) and the
   jitted `decode` loop of `N = options.new_tokens` steps (its body counted `N` times), both
   with the cache donated, and tokens, cache and residual laid out by
   `generate.generation_layout`. Tokens = the `B * N` generated ones; memory is that of
@@ -293,7 +293,7 @@ def _block_program(
     `looped` is the same block with that loop (else None).
 
     `x_sharding`: of `x` and the block output (default: the "resid" rule, rows split).
-    `cache_len = S`: attention runs over a KV cache `[B, S, K, Dh]` (prefill and decode).
+    `cache_len = S`: attention runs over a KV cache `[B, K, S, Dh]` (prefill and decode).
     `lora` (one layer's `LoraInput.factors`, abstract and sharded): the block's step as in
     LoRA training instead, i.e. the summed output and its gradient with respect to `x` and
     the factors (frozen kernels get none), the block recomputed in the backward pass when
@@ -321,7 +321,7 @@ def _block_program(
     )
     kv = None
     if cache_len is not None:
-        shape = (1, batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (1, batch, cfg.num_kv_heads, cache_len, cfg.head_dim)
         kv_sharding = _drop_layer_axis(activation_sharding(mesh, "kv_cache", shape))
         kv = (jax.ShapeDtypeStruct(shape[1:], dtype, sharding=kv_sharding),) * 2
 
@@ -391,9 +391,9 @@ def extract_program(
 
 
 def abstract_kv_cache(cfg: ModelConfig, shardings: KVCache, batch: int, length: int, dtype):
-    """`KVCache` of abstract arrays (`k, v [L, B, S, K, Dh]`, `mask [B, S]`, `index []`)
+    """`KVCache` of abstract arrays (`k, v [L, B, K, S, Dh]`, `mask [B, S]`, `index []`)
     carrying `shardings` (`generate.generation_layout(...).cache`)."""
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
     kv = jax.ShapeDtypeStruct(shape, dtype)
     mask = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     return _sharded(KVCache(kv, kv, mask, jax.ShapeDtypeStruct((), jnp.int32)), shardings)
@@ -473,7 +473,7 @@ def generate_program(
         num_layers=cfg.num_layers,
         description=(
             f"steered generation: prefill of T={seq} prompt tokens + {n} decode steps, "
-            f"KV cache [L, B, S={length}, K, Dh] sharded; tokens = generated tokens"
+            f"KV cache [L, B, K, S={length}, Dh] sharded; tokens = generated tokens"
         ),
     )
 

@@ -57,22 +57,22 @@ def scan_lengths(fn, *args) -> list[int]:
 
 
 def numpy_attention(q, k, v, mask):
-    """Independent reference: `q [B, T, H, Dh]`, `k, v [B, S, K, Dh]` (query head h reads
+    """Independent reference: `q [B, T, H, Dh]`, `k, v [B, K, S, Dh]` (query head h reads
     key/value head h // (H / K)), `mask [B, T, S]`."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     b, t, h, dh = q.shape
-    q = q.reshape(b, t, k.shape[2], h // k.shape[2], dh)
-    scores = np.einsum("btkgd,bskd->bkgts", q, k) / np.sqrt(dh)
+    q = q.reshape(b, t, k.shape[1], h // k.shape[1], dh)
+    scores = np.einsum("btkgd,bksd->bkgts", q, k) / np.sqrt(dh)
     scores = np.where(np.asarray(mask)[:, None, None], scores, -1e30)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    return np.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
+    return np.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, dh)
 
 
 def random_qkv(b=2, t=11, s=11, k=2, g=3, dh=8, seed=0):
     r = np.random.default_rng(seed)
     q = jnp.asarray(r.normal(size=(b, t, k * g, dh)), jnp.float32)
-    key, value = (jnp.asarray(r.normal(size=(b, s, k, dh)), jnp.float32) for _ in range(2))
+    key, value = (jnp.asarray(r.normal(size=(b, k, s, dh)), jnp.float32) for _ in range(2))
     mask = r.random((b, t, s)) < 0.6
     mask[0, 2] = False  # a fully masked row (a left-padding query): uniform, finite
     return q, key, value, jnp.asarray(mask)

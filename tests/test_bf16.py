@@ -97,8 +97,8 @@ def test_bf16_attention_scores_are_float32():
     """Hand-derived: scores 100 and 100.25 (x 1/sqrt(2)). Rounded to bf16 (8 bits: 100.25 ->
     100.0) both keys get weight 1/2; in float32 the second gets sigmoid(0.25/sqrt(2))."""
     q = jnp.asarray([1.0, 1.0], jnp.bfloat16).reshape(1, 1, 1, 2)
-    k = jnp.asarray([[64.0, 36.0], [64.0, 36.25]], jnp.bfloat16).reshape(1, 2, 1, 2)
-    v = jnp.asarray([[0.0, 0.0], [1.0, 1.0]], jnp.bfloat16).reshape(1, 2, 1, 2)
+    k = jnp.asarray([[64.0, 36.0], [64.0, 36.25]], jnp.bfloat16).reshape(1, 1, 2, 2)
+    v = jnp.asarray([[0.0, 0.0], [1.0, 1.0]], jnp.bfloat16).reshape(1, 1, 2, 2)
     out = attend(q, k, v, jnp.ones((1, 1, 2), bool))
     assert out.dtype == jnp.bfloat16
     expected = 1.0 / (1.0 + np.exp(-0.25 / np.sqrt(2.0)))  # 0.5441

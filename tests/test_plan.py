@@ -303,7 +303,7 @@ def test_sweep_plan_judge_scoring_matches_hand_counts(sweep_plans, case):
     """The judge's scoring pass, per metric (2): a prompt pass of B=16 rows x 39 tokens (the
     judge prompt + answer without its last token, no LM head) and a trie pass of 102 nodes
     (LM head on every node), both attending over S = 39 + 102 cache slots; its KV cache
-    [L, B, S, K, Dh] split over the batch, fp32. A judge that is another model adds its
+    [L, B, K, S, Dh] split over the batch, fp32. A judge that is another model adds its
     parameters (split 8 ways, its biases over tensor only: replicated here)."""
     from tests.tiny_models import LLAMA, QWEN2
 

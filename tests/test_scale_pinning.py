@@ -87,8 +87,8 @@ SCRIPT = textwrap.dedent(
     sharded = tiny_lm(mesh)
     pinned = results(sharded, mesh)
     cache = next(a for a in compiled["decode"].input_shardings[0] if isinstance(a, KVCache)).k
-    kv = activation_sharding(mesh, "kv_cache", (sharded.config.num_layers, len(PROMPTS),
-                                                8 + NEW_TOKENS + 1, 2, 16))
+    kv = activation_sharding(mesh, "kv_cache", (sharded.config.num_layers, len(PROMPTS), 2,
+                                                8 + NEW_TOKENS + 1, 16))
     print(json.dumps(dict(
         extraction=dict(one=one[0], sharded=pinned[0]),
         generations=dict(one=one[1], sharded=pinned[1]),

@@ -40,27 +40,27 @@ def reference(q, k, v, key_mask, offset) -> tuple[np.ndarray, np.ndarray]:
     """float64 masked causal GQA attention, and which query rows have a visible key `[B, T]`."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, t, h, dh = q.shape
-    s, g = k.shape[1], h // k.shape[2]
+    s, g = k.shape[2], h // k.shape[1]
     visible = (np.arange(s)[None] <= offset + np.arange(t)[:, None])[None] & (
         np.asarray(key_mask)[:, None, :] > 0
     )  # [B, T, S]
     out = np.zeros_like(q)
     for bi in range(b):
         for hi in range(h):
-            scores = q[bi, :, hi] @ k[bi, :, hi // g].T / np.sqrt(dh)
+            scores = q[bi, :, hi] @ k[bi, hi // g].T / np.sqrt(dh)
             scores = np.where(visible[bi], scores, -np.inf)
             top = np.max(scores, axis=-1, keepdims=True)
             p = np.exp(scores - np.where(np.isfinite(top), top, 0))
             p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
-            out[bi, :, hi] = p @ v[bi, :, hi // g]
+            out[bi, :, hi] = p @ v[bi, hi // g]
     return out, visible.any(-1)
 
 
 def inputs(t: int, s: int, seed: int = 0, dtype=jnp.float32):
     kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
     q = jax.random.normal(kq, (B, t, H, DH), jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, (B, s, K, DH), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (B, s, K, DH), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (B, K, s, DH), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (B, K, s, DH), jnp.float32).astype(dtype)
     return q, k, v
 
 
@@ -119,10 +119,11 @@ def test_decode_step_partly_filled_cache():
     check(step(q, k, v, jnp.asarray(mask), jnp.int32(99)), q, k, v, mask, 99, F32_TOL)
 
 
-def test_decode_reads_cache_in_place():
-    """A decode step over a 256-slot cache (a multiple of 128: nothing to pad) transposes no
-    cache-sized array outside the kernel: the cache is read as one wide head where it lies
-    (a T > 1 call does transpose K/V to the kernel's head-major layout)."""
+def test_splash_reads_keys_in_place():
+    """Over a 256-slot cache (a multiple of 128: nothing to pad) neither a decode step nor a
+    T > 1 call transposes a key/value-sized array outside the kernel: our head-major K/V is
+    the kernel's layout. (The positive control: the same walk finds the transposed copy when
+    the keys come in the sequence-major layout the cache had before.)"""
 
     def transposed(t: int) -> list:
         q, k, v = inputs(t, 256, seed=10)
@@ -135,8 +136,15 @@ def test_decode_reads_cache_in_place():
             if e.primitive.name == "transpose" and e.invars[0].aval.size >= k.size
         ]
 
-    assert transposed(1) == []
-    assert (B, 256, K, DH) in transposed(3)
+    assert transposed(1) == [] and transposed(3) == []
+    q, k, v = inputs(3, 256, seed=10)
+    mask = jnp.ones((B, 256), jnp.int32)
+
+    def from_seq_major(k_seq_major):  # [B, S, K, Dh] keys made head-major for the call
+        return splash_attention(q, k_seq_major.transpose(0, 2, 1, 3), v, mask, 253)
+
+    eqns = jax.make_jaxpr(from_seq_major)(k.transpose(0, 2, 1, 3)).jaxpr.eqns
+    assert [e for e in eqns if e.primitive.name == "transpose" and e.invars[0].aval.size >= k.size]
 
 
 def test_chunk_into_cache_at_offset():
@@ -189,7 +197,7 @@ def test_gradients_match_xla():
 
 
 def test_bad_shapes_named():
-    q, k, v = np.zeros((B, 8, H, DH)), np.zeros((B, 8, K, DH)), np.zeros((B, 8, K, DH))
+    q, k, v = np.zeros((B, 8, H, DH)), np.zeros((B, K, 8, DH)), np.zeros((B, K, 8, DH))
     mask = np.ones((B, 8), np.int32)
     with pytest.raises(ValueError, match=r"H a multiple of K"):
         attention(q[:, :, :3], k, v, mask)
@@ -389,17 +397,19 @@ def _sharded_main() -> None:
     assert jax.device_count() == 8, jax.device_count()
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, "tensor", None))
+    kv_rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "tensor", None, None))
     key_rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
     b = 4
     for name, t, s, offset in (("prefill", 12, 12, 0), ("decode", 1, 20, 13)):
         kq, kk, kv = jax.random.split(jax.random.key(9), 3)
         q = jax.random.normal(kq, (b, t, H, DH))
-        k = jax.random.normal(kk, (b, s, K, DH))
-        v = jax.random.normal(kv, (b, s, K, DH))
+        k = jax.random.normal(kk, (b, K, s, DH))
+        v = jax.random.normal(kv, (b, K, s, DH))
         mask = np.ones((b, s), np.int32)
         mask[1, :3] = mask[3, :5] = 0
         mask[:, offset + t :] = 0
-        q, k, v = (jax.device_put(x, rows) for x in (q, k, v))
+        q = jax.device_put(q, rows)
+        k, v = (jax.device_put(x, kv_rows) for x in (k, v))
         m = jax.device_put(jnp.asarray(mask), key_rows)
         fn = jax.jit(functools.partial(splash_attention, mesh=mesh))
         args = (q, k, v, m) if name == "prefill" else (q, k, v, m, jnp.int32(offset))

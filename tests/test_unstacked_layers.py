@@ -5,6 +5,7 @@ control: it does slice each layer's weights out of the stack)."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import jax
@@ -24,7 +25,7 @@ from emgeo_jax.serve import TokenText
 from tests.tiny_models import padded_batch
 
 # instructions that materialise a (part of a) buffer: `%name = f32[2,3]{1,0} copy(...)`
-MATERIALISE = re.compile(r"= (\w+)\[([\d,]*)\][^ ]* (copy|slice|dynamic-slice)\(")
+MATERIALISE = re.compile(r"= (\w+)\[([\d,]*)\][^ ]* (copy|slice|dynamic-slice|transpose)\(")
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_number_scores_equal_the_stacked_model(models, steering):
 
 
 def materialised(lm, batch: int = 2, prompt: int = 8, new: int = 4) -> list[tuple[int, ...]]:
-    """Shapes of every copy/slice/dynamic-slice in the compiled decode loop of `lm`."""
+    """Shapes of every copy/slice/dynamic-slice/transpose in the compiled decode loop of `lm`."""
     cfg = lm.config
     ids = np.full((batch, prompt), 5, np.int32)
     ids, mask, cache, _ = place_prompts(lm, ids, np.ones_like(ids), prompt + new + 1)
@@ -117,7 +118,11 @@ def materialised(lm, batch: int = 2, prompt: int = 8, new: int = 4) -> list[tupl
         top_k=0,
         monitor=False,
     ).compile()
-    found = MATERIALISE.findall(compiled.as_text())
+    return materialised_in(compiled.as_text())
+
+
+def materialised_in(hlo: str) -> list[tuple[int, ...]]:
+    found = MATERIALISE.findall(hlo)
     assert found, "no copy or slice at all: the pattern no longer matches XLA's HLO text"
     return [tuple(int(d) for d in dims.split(",") if d) for _, dims, _ in found]
 
@@ -131,7 +136,7 @@ def test_a_decode_step_reads_weights_and_cache_in_place(models):
         for shape in (leaf.shape[1:], (1, *leaf.shape[1:]))
         if leaf.ndim > 2  # matrices; vectors [D] are too common a shape to tell apart
     }
-    layer_cache = (2, 8 + 4 + 1, cfg.num_kv_heads, cfg.head_dim)
+    layer_cache = (2, cfg.num_kv_heads, 8 + 4 + 1, cfg.head_dim)
     caches = {layer_cache, (1, *layer_cache), (cfg.num_layers, *layer_cache)}
     scan = materialised(stacked)
     assert weights & set(scan), "positive control: the scan slices weights out of the stack"
@@ -139,6 +144,17 @@ def test_a_decode_step_reads_weights_and_cache_in_place(models):
     loop = materialised(unstacked)
     assert not weights & set(loop), sorted(weights & set(loop))
     assert not caches & set(loop), sorted(caches & set(loop))
+    # nor a transposed copy of a layer's keys or values: the head-major cache is what the
+    # attention's dots read (any array of a layer cache's size, whatever its dims)
+    size = math.prod(layer_cache)
+    assert not [x for x in loop if math.prod(x) == size], loop
+    # (the positive control: attention over a sequence-major [B, S, K, Dh] cache, as the
+    # model kept it before, copies it into a transposed layout on this backend)
+    b, k, s, dh = layer_cache
+    q = jnp.zeros((b, 1, cfg.num_heads, dh))
+    seq_major = jax.ShapeDtypeStruct((b, s, k, dh), jnp.float32)
+    hlo = jax.jit(jax.nn.dot_product_attention).lower(q, seq_major, seq_major).compile()
+    assert [x for x in materialised_in(hlo.as_text()) if math.prod(x) == size]
 
 
 def test_the_decode_loop_updates_the_cache_buffers_in_place(tiny_chat_llama):

@@ -10,7 +10,7 @@ The model knows nothing of its sampler; the package is split by job:
 
 - `prompts`: chat templating (`chat_token_ids`, `with_system`), EOS ids, left padding to
   `PAD_MULTIPLE` buckets (`left_pad`) and mesh row padding (`pad_prompts`);
-- `layout`: where prompts, the KV cache `[L, B, S, K, Dh]` and the pinned residual live on a
+- `layout`: where prompts, the KV cache `[L, B, K, S, Dh]` and the pinned residual live on a
   mesh (`Layout`, `generation_layout`, `place_prompts`);
 - `sampling`: `SamplingParams` (temperature, top_p, PRNG key: a pytree, greedy at
   temperature 0) and the exact nucleus sampler (`top_p_mask`, `inverse_cdf`, `sample_tokens`);

@@ -25,7 +25,7 @@ from emgeo_jax.parallel import activation_sharding
 
 class Layout(NamedTuple):
     """Where generation keeps its arrays on a mesh: `tokens` for `ids, mask [B, T]`, `cache`
-    (a `KVCache` of shardings: `k, v [L, B, S, K, Dh]` by the "kv_cache" rule, or per layer
+    (a `KVCache` of shardings: `k, v [L, B, K, S, Dh]` by the "kv_cache" rule, or per layer
     for unstacked layers, `mask [B, S]`,
     `index` replicated), and the residual pins of `prefill` (`[B, T, D]`, "hidden") and of
     each `decode` step (`[B, 1, D]`, "step_hidden")."""
@@ -47,7 +47,7 @@ def generation_layout(
 ) -> Layout:
     """The `Layout` of `batch` prompts of `prompt_len` tokens with `cache_len` cache slots
     (`per_layer`: one cache buffer per layer, each split as a layer of the stacked one)."""
-    kv = (cfg.num_layers, batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+    kv = (cfg.num_layers, batch, cfg.num_kv_heads, cache_len, cfg.head_dim)
     kv_sharding = activation_sharding(mesh, "kv_cache", kv)
     if per_layer:
         layer_sharding = NamedSharding(mesh, PartitionSpec(*kv_sharding.spec[1:]))

@@ -1,7 +1,7 @@
 """The generation loop: one jitted `prefill`, one jitted while-loop `decode`, and the
 host-side `generate_ids` / `generate` that validate, pad, place, run both and unpack rows.
 
-The prefill writes a preallocated cache `[L, B, S, K, Dh]` (S = padded prompt + new tokens +
+The prefill writes a preallocated cache `[L, B, K, S, Dh]` (S = padded prompt + new tokens +
 1); `decode` is a `lax.while_loop` that feeds one token per row per step, stops when every
 row has produced an EOS id or `max_new_tokens` tokens, and donates the cache. `logprobs` are
 those of the model's unscaled distribution (log-softmax of the logits), as an

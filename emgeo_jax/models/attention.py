@@ -1,11 +1,13 @@
-"""Grouped-query attention through `jax.nn.dot_product_attention`, in query chunks.
+"""Grouped-query attention over head-major keys and values, in query chunks.
 
-`jax.nn.dot_product_attention` does GQA without repeating keys/values (query head n reads
-key/value head n // G), computes the scores in float32 (for bf16 inputs too), the softmax in
-float32, and casts the probabilities to the value dtype before mixing, as transformers does.
-Its implementation is left to JAX: XLA on CPU and TPU, the cuDNN fused kernel on GPU when
-the inputs qualify. A masked score is a large negative number, so a fully masked row gets
-uniform weights, never NaN.
+Keys and values are head-major, `k, v [B, K, S, Dh]`: the layout of the KV cache (each
+head's slots contiguous, what a matmul over the slots and the TPU kernels read in place) and
+of a call's fresh keys (transposed once after the projection). Query head `n` reads key/value
+head `n // G` (`G = H / K`) without repeating keys/values. The numerics are those of
+`jax.nn.dot_product_attention`'s XLA path (which takes `[B, S, K, Dh]`): scores in float32
+(for bf16 inputs too) scaled by `Dh ** -0.5`, a masked score -0.7 x the float32 maximum (so a
+fully masked row gets uniform weights, never NaN), softmax in float32, the probabilities cast
+to the value dtype before mixing, as transformers does.
 
 Memory: the scores of one call are `[B, H, C, S]` float32 for `C` queries. A call with more
 than `query_chunk` queries (`RunOptions.query_chunk`) attends `query_chunk` of them at a
@@ -21,15 +23,28 @@ import jax.numpy as jnp
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """`q [B, C, H, Dh]` over `k, v [B, S, K, Dh]` (`H` a multiple of `K`) with `mask
-    [B, C, S]` (True = may attend) -> `[B, C, H, Dh]`, scaled by `Dh ** -0.5`."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    """`q [B, C, H, Dh]` over `k, v [B, K, S, Dh]` (`H` a multiple of `K`) with `mask
+    [B, C, S]` (True = may attend) -> `[B, C, H, Dh]` in `q.dtype`."""
+    b, c, h, dh = q.shape
+    kh = k.shape[1]
+    q = q.reshape(b, c, kh, h // kh, dh)
+    scores = jnp.einsum("bckgd,bksd->bkgcs", q, k, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(dh**-0.5)
+    scores = jnp.where(mask[:, None, None], scores, MASKED_SCORE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgcs,bksd->bckgd", probs, v)
+    return out.reshape(b, c, h, dh).astype(q.dtype)
+
+
+MASKED_SCORE = -0.7 * float(jnp.finfo(jnp.float32).max)
+"""The score of a key a query may not attend (as `jax.nn.dot_product_attention`)."""
 
 
 def chunked_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, chunk: int
 ) -> jax.Array:
-    """`attend` (same shapes, `C = T`) computed `chunk` queries at a time when `T > chunk`.
+    """`attend` (`q [B, T, H, Dh]`, `k, v [B, K, S, Dh]`, `mask [B, T, S]`) computed `chunk`
+    queries at a time when `T > chunk`.
 
     The queries and mask rows are padded to a multiple of `chunk` (padded rows are fully
     masked, their output dropped) and `jax.lax.map` runs one chunk per step against all `S`

@@ -103,7 +103,7 @@ def _project(module: nnx.Linear, x: jax.Array, lora: LoraInput | None, name: str
 
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-"""`attend(q [B, T, H, Dh], k, v [B, S, K, Dh]) -> [B, T, H, Dh]`: the attention of one call,
+"""`attend(q [B, T, H, Dh], k, v [B, K, S, Dh]) -> [B, T, H, Dh]`: the attention of one call,
 its mask and implementation bound (`emgeo_jax.models.scan.BlockContext.attend`)."""
 
 
@@ -130,9 +130,10 @@ class Attention(nnx.Module):
         index: jax.Array | int = 0,
         lora: LoraInput | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """`x [B, T, D]` -> `([B, T, D], kv)`. Without a cache, `attend` runs over this call's
-        `T` keys. With `kv = (k, v)`, each `[B, S, K, Dh]`, this call's keys and values are
-        written at slots `index .. index+T-1`, `attend` runs over all `S` slots, and the
+        """`x [B, T, D]` -> `([B, T, D], kv)`. Keys and values are head-major, `[B, K, T, Dh]`
+        (transposed once after the projection). Without a cache, `attend` runs over this
+        call's `T` keys. With `kv = (k, v)`, each `[B, K, S, Dh]`, this call's keys and values
+        are written at slots `index .. index+T-1`, `attend` runs over all `S` slots, and the
         updated `kv` is returned. `attend` carries the call's mask and implementation
         (`Attend`). `lora`: this block's unmerged adapters (`LoraInput`)."""
         b, t, _ = x.shape
@@ -141,8 +142,9 @@ class Attention(nnx.Module):
         k = _project(self.k_proj, x, lora, "k_proj").reshape(b, t, k_heads, dh)
         q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
         v = _project(self.v_proj, x, lora, "v_proj").reshape(b, t, k_heads, dh)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # head-major [B, K, T, Dh]
         if kv is not None:
-            start = (0, index, 0, 0)
+            start = (0, 0, index, 0)
             kv = tuple(
                 jax.lax.dynamic_update_slice(c, n.astype(c.dtype), start)
                 for c, n in zip(kv, (k, v), strict=True)
@@ -200,8 +202,9 @@ class DecoderBlock(nnx.Module):
 class KVCache(NamedTuple):
     """A preallocated key/value cache shared by all rows of a batch.
 
-    `k, v [L, B, S, K, Dh]` (for unstacked layers: tuples of `L` arrays `[B, S, K, Dh]`, one
-    buffer per layer, updated in place); `mask [B, S]` int32 (1 = slot holds a real token);
+    `k, v [L, B, K, S, Dh]`, head-major (each head's slots contiguous: attention reads them in
+    place; for unstacked layers: tuples of `L` arrays `[B, K, S, Dh]`, one buffer per layer,
+    updated in place); `mask [B, S]` int32 (1 = slot holds a real token);
     `index []` int32: the next slot to write (all rows advance together, left padding
     keeps prompts aligned)."""
 
@@ -216,7 +219,7 @@ def init_cache(
 ) -> KVCache:
     """An empty cache for `batch` rows of `length` slots (prompt + new tokens); `per_layer`:
     one buffer per layer (the layout unstacked layers run on)."""
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
 
     def zeros():
         if per_layer:

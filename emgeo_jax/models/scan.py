@@ -39,7 +39,7 @@ class RunOptions:
     """How a call runs, not what it computes (static, hashable: part of the compiled program).
 
     `attention`: the attention implementation (`tpu_attention.IMPLEMENTATIONS`, resolved
-    for the backend by `attention_implementation`): "xla" (`jax.nn.dot_product_attention`
+    for the backend by `attention_implementation`): "xla" (`models.attention.attend`
     in query chunks), "splash" (the Pallas TPU kernel; interpret mode elsewhere) or "cudnn"
     (GPU). Kernels run where the mask is causal over a key mask (every call but
     `score_tree`'s tree attention, which stays on XLA); `mesh`: the mesh a kernel is split
@@ -80,7 +80,7 @@ class BlockContext(NamedTuple):
     variant: jax.Array | None = None
 
     def attend(self, options: RunOptions) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-        """`attend(q [B, T, H, Dh], k, v [B, S, K, Dh]) -> [B, T, H, Dh]` for this call: the
+        """`attend(q [B, T, H, Dh], k, v [B, K, S, Dh]) -> [B, T, H, Dh]` for this call: the
         kernel of `options.attention` where the mask allows, else XLA in query chunks."""
         if options.attention != "xla" and self.key_mask is not None:
             return functools.partial(
@@ -166,8 +166,8 @@ def scan_blocks(
 
     `xs` stacked (`LayerInputs.of` stacked params): one `jax.lax.scan`; a list (unstacked
     params): the same block step unrolled, one block after another. `kv = (k, v)`: the cache
-    of all layers (indexed by `xs.layer`), each `[L, B, S, K, Dh]` or, for unstacked
-    layers, a tuple of `L` per-layer `[B, S, K, Dh]` buffers; this call's keys and values
+    of all layers (indexed by `xs.layer`), each `[L, B, K, S, Dh]` or, for unstacked
+    layers, a tuple of `L` per-layer `[B, K, S, Dh]` buffers; this call's keys and values
     are written at slots `ctx.index ..`. `lora`: its dropout `key`/`rate` (the factors come
     sliced in `xs.lora`). Returns `(h, kv, tapped)`: the last block's output, the updated
     `kv` (None without) and `{site: [L', ...]}` for the sites `taps` reads
@@ -215,8 +215,8 @@ def scan_blocks(
 
 
 def _write_layer(cache: Any, layer_kv: jax.Array, layer: jax.Array | int) -> Any:
-    """`cache` (`[L, B, S, K, Dh]` or a tuple of `L` per-layer buffers) with layer `layer`'s
-    entry replaced by `layer_kv [B, S, K, Dh]` (per-layer: the tuple entry itself, which
+    """`cache` (`[L, B, K, S, Dh]` or a tuple of `L` per-layer buffers) with layer `layer`'s
+    entry replaced by `layer_kv [B, K, S, Dh]` (per-layer: the tuple entry itself, which
     XLA updates in place; stacked: a dynamic update of the slice)."""
     if isinstance(cache, tuple):
         return (*cache[:layer], layer_kv, *cache[layer + 1 :])

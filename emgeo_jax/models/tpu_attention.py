@@ -2,8 +2,8 @@
 
 The contract (the same as the model's XLA attention):
 
-- `q [B, T, H, Dh]`, `k, v [B, S, K, Dh]` with `H = K * G` (grouped-query attention; `G`
-  query heads share one key/value head);
+- `q [B, T, H, Dh]`, `k, v [B, K, S, Dh]` (head-major, the KV cache's layout) with
+  `H = K * G` (grouped-query attention; `G` query heads share one key/value head);
 - `key_mask [B, S]` (nonzero = the slot holds a real token; pad and unwritten slots are never
   attended);
 - causal masking with the query offset: query `t` sits at slot `offset + t` and sees slots
@@ -18,7 +18,8 @@ between implementations and must not be read (taps pool over real tokens only).
 
 Implementations (`IMPLEMENTATIONS`, the `--attention` choices):
 
-- `"xla"`: `jax.nn.dot_product_attention(implementation="xla")`, every backend.
+- `"xla"`: `emgeo_jax.models.attention.attend` (einsums over the head-major K/V with the
+  numerics of `jax.nn.dot_product_attention`'s XLA path), every backend.
 - `"splash"`: the Pallas TPU splash-attention kernel shipped with JAX
   (`jax.experimental.pallas.ops.tpu.splash_attention`), compiled on TPU; on other backends it
   runs in Pallas interpret mode (slow; how the tests check it on CPU). GQA goes through the
@@ -26,25 +27,24 @@ Implementations (`IMPLEMENTATIONS`, the `--attention` choices):
   repeated `G` times in HBM. The key mask becomes splash segment ids (queries segment 1, keys
   1 if visible else 0), causality a static `CausalMask`. Sequence lengths that are not a
   multiple of the block are padded (padded keys invisible, padded queries dropped); block
-  sizes are picked per shape (`_blocks`). The kernel's layout is head-major, so for `T > 1`
-  K/V are transposed to `[B, K, S, Dh]` (fresh activations in prefill; a chunk at a cache
-  offset copies the layer's cache once). A decode step reads the cache in place; a cache
-  length that is not a multiple of 128 is padded (a copy per step: allocate multiples of
-  128).
+  sizes are picked per shape (`_blocks`). The kernel's layout is head-major, as ours: K/V
+  and the cache are read in place; a key length that is not a multiple of 128 is padded (a
+  copy per call: allocate caches in multiples of 128).
   Not the older `flash_attention.flash_attention(q, k, v [B, heads, T, Dh], segment_ids,
   causal=...)`: it takes as many K/V heads as query heads, so GQA would repeat K/V `G` times.
 - `"cudnn"`: `jax.nn.dot_product_attention(implementation="cudnn")` (cuDNN flash attention,
-  GPU; bfloat16/float16, head_dim <= 128 and a multiple of 8).
+  GPU; bfloat16/float16, head_dim <= 128 and a multiple of 8). It takes `[B, S, K, Dh]`: K/V
+  are transposed for it (XLA cancels the two transposes of fresh keys; a cache is copied).
 
 Decode kernels (checked in jax 0.10.2, `jax.experimental.pallas.ops.tpu`): neither paged
-kernel fits our cache, so decode on TPU uses splash (see `splash_attention`, `T == 1`: the
-cache row read as one wide head, no transposed copy) or XLA.
+kernel fits our cache, so decode on TPU uses splash (see `splash_attention`, `T == 1`: each
+KV head's cache slots read in place) or XLA.
 
 - `paged_attention.paged_attention(q [B, H, Dh], k_pages [K, P, page, Dh], v_pages, lengths
   [B], page_indices [B, pages_per_seq])` attends slots `[0, lengths[b])` of each row: it has
   no key mask, so the left-pad slots at the start of our rows (one write index shared by all
-  rows, prompts left-padded) would be attended; and its pages are head-major
-  `[K, pages, page, Dh]` where our cache is `[B, S, K, Dh]` (a transposed copy per step).
+  rows, prompts left-padded) would be attended; and its pages `[K, pages, page, Dh]` put
+  the heads before the rows where our cache is `[B, K, S, Dh]`.
 - `ragged_paged_attention.ragged_paged_attention(q [tokens, H, Dh], kv_pages [P, page, 2K,
   Dh], kv_lens, page_indices, cu_q_lens, num_seqs)` also attends a contiguous prefix
   `[0, kv_lens[b])` per sequence (no key mask: left padding is not expressible) and wants K
@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from emgeo_jax.models.attention import attend
 from emgeo_jax.parallel import logical_spec
 
 IMPLEMENTATIONS = ("xla", "splash", "cudnn")
@@ -153,24 +154,27 @@ def attention(
         raise ValueError(
             f"--attention {implementation!r}: unknown; choose one of {', '.join(IMPLEMENTATIONS)}"
         )
-    mask = visible_keys(key_mask, offset, q.shape[1])[:, None]  # [B, 1, T, S]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    mask = visible_keys(key_mask, offset, q.shape[1])  # [B, T, S]
+    if implementation == "xla":
+        return attend(q, k, v, mask)
+    k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))  # cuDNN's [B, S, K, Dh]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
 
 
 def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> None:
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(
             f"attention: q {q.shape} must be [B, T, H, Dh] and k {k.shape}, v {v.shape} the "
-            "same [B, S, K, Dh]"
+            "same [B, K, S, Dh]"
         )
     b, _, h, dh = q.shape
-    if k.shape[0] != b or k.shape[3] != dh or h % k.shape[2]:
+    if k.shape[0] != b or k.shape[3] != dh or h % k.shape[1]:
         raise ValueError(
-            f"attention: q {q.shape} [B, T, H, Dh] does not fit k {k.shape} [B, S, K, Dh] "
+            f"attention: q {q.shape} [B, T, H, Dh] does not fit k {k.shape} [B, K, S, Dh] "
             "(same B and Dh, H a multiple of K)"
         )
-    if key_mask.shape != k.shape[:2]:
-        raise ValueError(f"attention: key_mask {key_mask.shape} is not [B, S]={k.shape[:2]}")
+    if key_mask.shape != (b, k.shape[2]):
+        raise ValueError(f"attention: key_mask {key_mask.shape} is not [B, S]={(b, k.shape[2])}")
 
 
 def _round_up(n: int, m: int) -> int:
@@ -287,15 +291,13 @@ def splash_attention(
 ) -> jax.Array:
     """The module contract through the Pallas splash kernel -> `[B, T, H, Dh]` in `q.dtype`.
 
-    Three static cases: `T == 1` (decode: the cache row `[S, K * Dh]` is one wide key head
-    read once, with no transposed copy; the `H` queries are its rows, each zero outside its
-    group's columns, which costs `K` times the (small) matmul work of one step; causality
-    goes into the key segment ids, any `offset`); a static int `offset` (prefill:
-    keys `[0, offset + T)`, a causal mask with that offset); a traced `offset` with `T > 1`
-    (keys before `offset` with a full mask and this call's own `T` slots with a causal mask,
-    the two softmaxes merged exactly by their log-sum-exp). Differentiable in the static
-    offset case (the kernel's own backward pass); the other two are for inference.
-    `offset + T <= S` is the caller's to keep (a traced offset cannot be checked).
+    Three static cases: `T == 1` (decode: each KV head's cache slots read in place, its `G`
+    queries as the kernel's heads, causality in the key segment ids, any `offset`); a static
+    int `offset` (prefill: keys `[0, offset + T)`, a causal mask with that offset); a traced
+    `offset` with `T > 1` (keys before `offset` with a full mask and this call's own `T` slots
+    with a causal mask, the two softmaxes merged exactly by their log-sum-exp). Differentiable
+    in the static offset case (the kernel's own backward pass); the other two are for
+    inference. `offset + T <= S` is the caller's to keep (a traced offset cannot be checked).
 
     The kernel has no scale argument: `q` is multiplied by `Dh ** -0.5` in float32 and cast
     back to its dtype first. In bfloat16 that is one more rounding than XLA's (which scales
@@ -310,7 +312,7 @@ def splash_attention(
     result is the unsharded one."""
     _check_shapes(q, k, v, key_mask)
     b, t, h, dh = q.shape
-    s, kh = k.shape[1], k.shape[2]
+    kh, s = k.shape[1], k.shape[2]
     if isinstance(offset, (int, np.integer)) and not 0 <= offset <= s - t:
         raise ValueError(f"attention: offset {offset} + T {t} outside the S={s} key slots")
     if interpret is None:
@@ -320,29 +322,19 @@ def splash_attention(
     g = h // kh
     dtype = q.dtype
     q = (q.astype(jnp.float32) * dh**-0.5).astype(dtype)
-    q = q.reshape(b, t, kh, g, dh)
+    qh = q.reshape(b, t, kh, g, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
     visible = key_mask.astype(bool)
+    slots = jnp.arange(s)
     if t == 1:
-        slots = jnp.arange(s)
         kv_seg = visible & (slots[None, :] <= offset)
-        # The cache row read as one wide head [S, K * Dh] (a free reshape: no transposed copy
-        # of the cache, each slot read once per step), all H queries as its rows, each query
-        # zero outside its own group's Dh columns: its scores are exactly its group's, and of
-        # the output row only its group's columns are kept.
-        eye = jnp.eye(kh, dtype=q.dtype)
-        wide_q = jnp.einsum("bjgd,jk->bjgkd", q[:, 0], eye).reshape(b, 1, 1, h, kh * dh)
-        wide_k, wide_v = (x.reshape(b, 1, s, kh * dh) for x in (k, v))
-        out = _mqa(wide_q, wide_k, wide_v, kv_seg, kind="full", offset=0, interpret=interpret)
-        out = out.reshape(b, kh, g, kh, dh)
-        return jnp.einsum("bjgkd,jk->bjgd", out, eye).reshape(b, 1, h, dh)
-    qh = q.transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
-    if isinstance(offset, (int, np.integer)):
+        out = _mqa(qh, k, v, kv_seg, kind="full", offset=0, interpret=interpret)
+    elif isinstance(offset, (int, np.integer)):
         offset = int(offset)
         n = offset + t
         out = _mqa(
             qh,
-            _heads(k[:, :n]),
-            _heads(v[:, :n]),
+            k[:, :, :n],
+            v[:, :, :n],
             visible[:, :n],
             kind="causal",
             offset=offset,
@@ -350,23 +342,22 @@ def splash_attention(
             mode="grad",
         )
     else:
-        slots = jnp.arange(s)
         past, lse_past = _mqa(
             qh,
-            _heads(k),
-            _heads(v),
+            k,
+            v,
             visible & (slots[None, :] < offset),
             kind="full",
             offset=0,
             interpret=interpret,
             mode="lse",
         )
-        own = [jax.lax.dynamic_slice_in_dim(x, offset, t, axis=1) for x in (k, v, visible)]
+        own = [jax.lax.dynamic_slice_in_dim(x, offset, t, axis=2) for x in (k, v)]
+        own_visible = jax.lax.dynamic_slice_in_dim(visible, offset, t, axis=1)
         now, lse_now = _mqa(
             qh,
-            _heads(own[0]),
-            _heads(own[1]),
-            own[2],
+            *own,
+            own_visible,
             kind="causal",
             offset=0,
             interpret=interpret,
@@ -384,9 +375,9 @@ def splash_attention(
 
 def _sharded(q, k, v, key_mask, offset, interpret: bool, mesh: Mesh) -> jax.Array:
     batch = logical_spec(mesh, ("batch",), (q.shape[0],))[0]
-    heads = logical_spec(mesh, ("kv_heads",), (k.shape[2],))[0]
+    heads = logical_spec(mesh, ("kv_heads",), (k.shape[1],))[0]
     qs = PartitionSpec(batch, None, heads, None)
-    kvs = PartitionSpec(batch, None, heads, None)
+    kvs = PartitionSpec(batch, heads, None, None)
     local = functools.partial(splash_attention, interpret=interpret)
     if isinstance(offset, (int, np.integer)):
         body = functools.partial(local, offset=int(offset))
@@ -398,8 +389,3 @@ def _sharded(q, k, v, key_mask, offset, interpret: bool, mesh: Mesh) -> jax.Arra
         specs = (qs, kvs, kvs, PartitionSpec(batch, None), PartitionSpec())
     run = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=qs, check_vma=False)
     return run(*args)
-
-
-def _heads(x: jax.Array) -> jax.Array:
-    """`[B, S, K, Dh]` -> the kernel's head-major `[B, K, S, Dh]` (a transposed copy)."""
-    return x.transpose(0, 2, 1, 3)

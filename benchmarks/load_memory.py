@@ -15,8 +15,10 @@ that. The load runs in a child process simulating the mesh's devices; it prints
 - peak host RSS (VmHWM) above the child's RSS once JAX is up. Simulated devices keep their
   buffers in host memory, so that includes the whole model (1/8 on each of 8 "devices");
   what a real accelerator host pays is the rest, the *host overhead*, bounded by
-  `1.5 x the largest HF tensor + 0.5 GB` (one tensor read at a time plus one converted
-  device slice of it; 0.5 GB for compilation and allocator slack).
+  `1.5 x the largest HF tensor + 0.75 GB` (one tensor read at a time plus one converted
+  device slice of it; 0.75 GB for compilation and allocator slack: 2 layers of Qwen2.5-7B
+  widths measured 0.50-0.72 GB of overhead over 10 loads on 2026-12-07, where 1.5 tensors
+  are 0.20 GB).
 
 Measured (bf16, `fsdp=8`, 8 simulated devices on 2 busy CPU cores):
 
@@ -48,7 +50,7 @@ from benchmarks.convert_memory import hf_config, measure, write_synthetic  # noq
 from emgeo_jax.hosts import simulated_cpu_env  # noqa: E402
 
 GB = 1e9
-SLACK = 0.5e9  # compilation of the placement programs, allocator and import slack
+SLACK = 0.75e9  # compilation of the placement programs, allocator and import slack
 
 CHILD = """
 import json, sys

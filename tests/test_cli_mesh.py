@@ -739,15 +739,17 @@ def test_param_split_check_follows_the_rules():
 
 def test_ctrl_c_says_how_to_resume_and_exits_130(work, tmp_path):
     cmd = [sys.executable, "-m", "emgeo_jax.cli", "generate", f"--model={work / 'model'}"]
-    cmd += [f"--prompts={work / 'prompts.txt'}", "--batch_size=1", "--samples=50"]
+    # 8 prompts x 1000 samples: minutes of work, stopped after the first batch (a run short
+    # enough to end before the interrupt reaches it would exit 0 on a busy machine)
+    cmd += [f"--prompts={work / 'prompts.txt'}", "--batch_size=1", "--samples=1000"]
     cmd += ["--max_new_tokens=50", f"--out={tmp_path / 'gen.jsonl'}"]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(1)
     )
     assert "responses" in proc.stdout.readline()  # a batch is done: resumable from here
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out[-500:], err)
     assert "emgeo generate: interrupted; run the same command again to resume" in err
     assert "Traceback" not in err
     assert (tmp_path / "gen.jsonl.partial").exists() and not (tmp_path / "gen.jsonl").exists()

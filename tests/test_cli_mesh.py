@@ -737,8 +737,19 @@ def test_param_split_check_follows_the_rules():
 # --- the dispatcher -------------------------------------------------------------------------
 
 
+# `python -m emgeo_jax.cli` with SIGINT handled and not blocked, as a command started from a
+# shell has it. A pytest-xdist worker's children may inherit SIGINT ignored or blocked (two
+# suite runs on 2026-12-07: the child ran on after SIGINT, though the test passes on its own;
+# the cause was not found), and Python keeps an inherited SIG_IGN: Ctrl-C would do nothing.
+AS_FROM_A_SHELL = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); sys.argv[0] = 'emgeo'; "
+    "runpy.run_module('emgeo_jax.cli', run_name='__main__')"
+)
+
+
 def test_ctrl_c_says_how_to_resume_and_exits_130(work, tmp_path):
-    cmd = [sys.executable, "-m", "emgeo_jax.cli", "generate", f"--model={work / 'model'}"]
+    cmd = [sys.executable, "-c", AS_FROM_A_SHELL, "generate", f"--model={work / 'model'}"]
     # 8 prompts x 1000 samples: minutes of work, stopped after the first batch (a run short
     # enough to end before the interrupt reaches it would exit 0 on a busy machine)
     cmd += [f"--prompts={work / 'prompts.txt'}", "--batch_size=1", "--samples=1000"]
@@ -747,9 +758,16 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(work, tmp_path):
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(1)
     )
     assert "responses" in proc.stdout.readline()  # a batch is done: resumable from here
+    sig = [
+        line for line in open(f"/proc/{proc.pid}/status") if line.startswith(("SigBlk", "SigIgn"))
+    ]
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, (out[-500:], err)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    assert proc.returncode == 130, (out[-500:], err[-2000:], sig)
     assert "emgeo generate: interrupted; run the same command again to resume" in err
     assert "Traceback" not in err
     assert (tmp_path / "gen.jsonl.partial").exists() and not (tmp_path / "gen.jsonl").exists()

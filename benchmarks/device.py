@@ -7,6 +7,10 @@ the HBM-bandwidth roofline and the `emgeo plan` prediction beside each figure.
                                 [--layers N | --memory_gb G] [--json OUT.json] [--no_plan]
     python benchmarks/device.py --tiny      # tiny shapes, seconds on a CPU (the test suite)
 
+A batch the mesh does not divide runs as the commands run it: padded with copies of a row
+to a multiple of `data x fsdp` (`emgeo_jax.plan.padded_rows`); tokens/s, MFU and the
+roofline count the real rows, so the padding shows as lost throughput.
+
 Models have random weights (throughput does not depend on them): SmolLM2-135M as it is, and
 a Qwen2.5-7B-shaped model with as many layers as fit (`fit_layers`): its weights plus the
 KV cache of the largest batch may take `MEMORY_FRACTION` of the devices' memory, read from
@@ -68,7 +72,14 @@ from benchmarks.generate import memory_bandwidth
 from benchmarks.mfu import DEVICE_KINDS, model_flops
 from emgeo_jax.generate import generate_ids, prefill_prompts
 from emgeo_jax.models.config import ModelConfig
-from emgeo_jax.models.lm import LM, abstract_model, init_params, resolve_dtype
+from emgeo_jax.models.lm import (
+    LM,
+    abstract_model,
+    batch_multiple,
+    init_params,
+    pad_rows,
+    resolve_dtype,
+)
 from emgeo_jax.models.steering import Steering
 from emgeo_jax.parallel import make_mesh, param_shardings
 from emgeo_jax.plan import (
@@ -78,6 +89,7 @@ from emgeo_jax.plan import (
     TaskOptions,
     compile_program,
     make_plan,
+    padded_rows,
 )
 from emgeo_jax.plan import resolve_model as plan_model
 
@@ -214,7 +226,7 @@ class Bench:
             "label": np.arange(batch, dtype=np.int32) % 2,
             "example_index": np.arange(batch, dtype=np.int32),
         }
-        inputs = _place(part.args[1], inputs)
+        inputs = _place(part.args[1], pad_rows(inputs, batch_multiple(self.mesh)))
         return time_call(lambda: jax.block_until_ready(run(self.params, inputs)), self.a.repeats)
 
     def generate(self, batch: int, new: int) -> tuple[float, float]:
@@ -263,7 +275,7 @@ class Bench:
             "positions": np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape),
             "answer_mask": answer,
         }
-        data = _place(batch_abs, data)
+        data = _place(batch_abs, pad_rows(data, batch_multiple(self.mesh), blank=("answer_mask",)))
         key = jax.device_put(jax.random.key(1), key_abs.sharding)
         state = {"lora": lora, "opt": opt_state}
 
@@ -391,14 +403,20 @@ def main(argv=None) -> list[dict]:
     rows = []
     for name in a.models:
         cfg = resolve_model(name)
+        padded_batches = [padded_rows(b, mesh) for b in a.batches]
         if name in FIT_MODELS:
             slots = a.seq + a.new + 1
             n = a.layers or fit_layers(
-                cfg, a.dtype, MEMORY_FRACTION * memory[0], max(a.batches), slots
+                cfg, a.dtype, MEMORY_FRACTION * memory[0], max(padded_batches), slots
             )
             cfg = dataclasses.replace(cfg, num_layers=min(n, cfg.num_layers))
+        padded = "" if padded_batches == a.batches else (
+            f" (run as {padded_batches} rows: the mesh splits rows {batch_multiple(mesh)} "
+            "ways, as the commands pad; tokens/s and MFU count the real rows)"
+        )  # fmt: skip
         print(f"{name}: {cfg.num_layers} layers, {param_bytes(cfg, a.dtype) / 1e9:.2f} GB of "
-              f"weights, batch x seq {a.batches} x {a.seq}, {a.new} new", flush=True)  # fmt: skip
+              f"weights, batch x seq {a.batches} x {a.seq}{padded}, {a.new} new",
+              flush=True)  # fmt: skip
         start = time.perf_counter()
         rows += run_model(Bench(name, cfg, a.dtype, mesh, a), acc, peak, bandwidth)
         print(

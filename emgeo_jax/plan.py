@@ -55,7 +55,7 @@ from emgeo_jax.hosts import simulated_cpu_env
 from emgeo_jax.models.attention import chunked_attention
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.llama import DecoderBlock, KVCache, LoraInput, rotary_tables
-from emgeo_jax.models.lm import abstract_model, resolve_dtype
+from emgeo_jax.models.lm import abstract_model, batch_multiple, resolve_dtype
 from emgeo_jax.models.scan import DEFAULT_RUN, RunOptions
 from emgeo_jax.models.steering import Steering
 from emgeo_jax.parallel import (
@@ -668,6 +668,7 @@ class Plan:
     flops_per_device: float  # one call, scan/loop bodies counted as often as they run
     part_flops: dict[str, float]  # the same, per part (all its calls)
     compile_seconds: float
+    rows: int | None = None  # rows the program runs: `batch` padded for the mesh
 
     @property
     def params_hand(self) -> int:
@@ -717,6 +718,15 @@ class CompiledProgram:
     seconds: float  # compiling all parts
 
 
+def padded_rows(batch: int, mesh: Mesh) -> int:
+    """The rows a command runs for a batch of `batch` on `mesh`: `batch` rounded up to a
+    multiple of `data x fsdp` (`models.lm.batch_multiple`). Every command pads so (copies of
+    a row: `LM.place_rows`, `generate.pad_prompts`, extraction's runner), so a plan compiles
+    that many rows, split over the mesh as the command places them."""
+    multiple = batch_multiple(mesh)
+    return -(-batch // multiple) * multiple
+
+
 def compile_program(
     cfg: ModelConfig,
     mesh: Mesh,
@@ -726,12 +736,24 @@ def compile_program(
     dtype: str,
     options: TaskOptions | None = None,
 ) -> CompiledProgram:
-    """Build `task`'s program for `cfg` on `mesh` (abstract arrays only) and compile its parts."""
+    """Build `task`'s program for `cfg` on `mesh` (abstract arrays only) and compile its parts.
+    The program runs `padded_rows(batch, mesh)` rows (and judge rows), as the command would;
+    its `tokens` count the `batch` real rows only."""
     import time
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
-    program = TASKS[task](cfg, mesh, batch, seq, resolve_dtype(dtype), options or TaskOptions())
+    options = options or TaskOptions()
+    rows = padded_rows(batch, mesh)
+    if options.judge_batch:
+        options = dataclasses.replace(options, judge_batch=padded_rows(options.judge_batch, mesh))
+    program = TASKS[task](cfg, mesh, rows, seq, resolve_dtype(dtype), options)
+    if rows != batch:  # the padding rows' tokens are work, not output
+        program.tokens = program.tokens // rows * batch
+        program.description += (
+            f"; batch {batch} padded to {rows} rows (the mesh splits rows "
+            f"{batch_multiple(mesh)} ways), as the commands pad their batches"
+        )
     start = time.perf_counter()
     parts = [part.lower().compile() for part in program.parts]
     return CompiledProgram(program, parts, time.perf_counter() - start)
@@ -790,6 +812,7 @@ def make_plan(
         flops_per_device=sum(part_flops.values()),
         part_flops=part_flops,
         compile_seconds=seconds,
+        rows=padded_rows(batch, mesh),
     )
 
 
@@ -798,8 +821,9 @@ def format_plan(plan: Plan, accelerators: list[Accelerator], mfu: float) -> str:
     gb = 1e9
     lines = [
         f"{plan.model} | task {plan.task}: {plan.description}",
-        f"mesh {plan.mesh} ({plan.devices} devices), batch {plan.batch} x seq {plan.seq}, "
-        f"{plan.dtype}; compiled in {plan.compile_seconds:.1f} s",
+        f"mesh {plan.mesh} ({plan.devices} devices), batch {plan.batch} x seq {plan.seq}"
+        + (f" (run as {plan.rows} rows)" if plan.rows and plan.rows != plan.batch else "")
+        + f", {plan.dtype}; compiled in {plan.compile_seconds:.1f} s",
         f"per-device memory (outputs and temporaries: compiler, {plan.memory_part}):",
     ]
     for name, value in plan.terms().items():

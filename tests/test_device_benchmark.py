@@ -130,11 +130,13 @@ def test_time_interleaved_alternates_and_drops_the_warm_up(monkeypatch):
 def test_tiny_run_on_8_devices(tmp_path):
     """On 8 simulated devices (`fsdp=8`) the benchmark places its parameters and inputs as the
     plan's compiled programs take them and runs those executables (extract, train): a
-    sharding the executable was not compiled for would be refused, not resharded."""
+    sharding the executable was not compiled for would be refused, not resharded. Batch 4
+    is run as the commands run it, padded to 8 rows (before, the extract plan failed with
+    JAX's IndivisibleError on any batch the devices did not divide)."""
     from tests.cli_util import cpu_env
 
     out = tmp_path / "rows.json"
-    argv = ["--tiny", "--models=tiny-llama", "--batches=8", "--new=16", "--repeats=1"]
+    argv = ["--tiny", "--models=tiny-llama", "--batches=4", "--new=16", "--repeats=1"]
     res = subprocess.run(
         [sys.executable, "benchmarks/device.py", *argv, "--json", str(out)],
         cwd=ROOT, env=cpu_env(8), capture_output=True, text=True, timeout=600,
@@ -144,5 +146,8 @@ def test_tiny_run_on_8_devices(tmp_path):
     assert result["meta"]["devices"] == 8
     tasks = {r["task"]: r for r in result["rows"]}
     assert {"extract", "prefill", "train"} <= set(tasks), res.stdout
+    assert "x 16 (run as [8] rows" in res.stdout
+    extract = tasks["extract"]  # the real rows' tokens
+    assert extract["tokens_per_s"] * extract["seconds"] == pytest.approx(4 * 16)
     for task in ("extract", "train"):  # timed from the plan's executables, planned from them
         assert tasks[task]["seconds"] > 0 and tasks[task]["plan_tokens_per_s"] > 0

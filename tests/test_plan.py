@@ -260,7 +260,8 @@ def test_qwen_7b_lora_training_fits_a_v5e_chip_on_fsdp_8(train_plans):
 @pytest.fixture(scope="module")
 def sweep_plans(tmp_path_factory) -> dict[str, dict]:
     """`--task sweep` plans of the tiny Llama (tests/tiny_models.py) on fsdp=8: remote judge,
-    the model judging itself, and the tiny Qwen2 as a second judge model; plus `generate`."""
+    the model judging itself, and the tiny Qwen2 as a second judge model; plus `generate`,
+    and `extract`, `train`, `generate` at batches 4 and 8 ("extract4", ...)."""
     from tests.tiny_models import LLAMA, QWEN2
 
     tmp = tmp_path_factory.mktemp("sweep_plan")
@@ -285,10 +286,33 @@ def sweep_plans(tmp_path_factory) -> dict[str, dict]:
         for name, (task, options) in cases.items():
             plan = make_plan(model, mesh, task, 8, 24, "float32", options=options)
             out[name] = dict(dataclasses.asdict(plan), total_bytes=plan.total_bytes)
+        for task in ("extract", "train", "generate"):  # 4 rows: the mesh splits rows 8 ways
+            for batch in (4, 8):
+                plan = make_plan(model, mesh, task, batch, 24, "float32",
+                                 options=TaskOptions(**base))
+                out[f"{{task}}{{batch}}"] = dict(dataclasses.asdict(plan),
+                                                 total_bytes=plan.total_bytes)
         print(json.dumps(out))
         """
     )
     return run_on_simulated_devices(script, 8)
+
+
+@pytest.mark.parametrize("task", ["extract", "train", "generate"])
+def test_a_batch_the_mesh_does_not_divide_is_planned_as_the_padded_batch(sweep_plans, task):
+    """B=4 on fsdp=8: every command pads its rows to a multiple of data x fsdp (copies of a
+    row) and splits them over the mesh, so the plan is the B=8 program (the same memory and
+    FLOPs per device) producing half the tokens. (Before, extract failed with JAX's
+    IndivisibleError, and generate/train compiled 4 rows the mesh could not split: other
+    FLOPs and memory per device than the command's program, e.g. SmolLM2 generate at T=64
+    9.6e9 FLOPs per device where the command runs 16.3e9.)"""
+    four, eight = sweep_plans[f"{task}4"], sweep_plans[f"{task}8"]
+    assert (four["batch"], four["rows"], eight["rows"]) == (4, 8, 8)
+    assert four["part_flops"] == eight["part_flops"]
+    assert four["total_bytes"] == eight["total_bytes"]
+    assert 2 * four["tokens_per_call"] == eight["tokens_per_call"]
+    assert "batch 4 padded to 8 rows" in four["description"]
+    assert "padded" not in eight["description"]
 
 
 def test_sweep_plan_without_a_local_judge_is_the_generation_plan(sweep_plans):

@@ -31,9 +31,16 @@ from flax import nnx
 from benchmarks.common import matmul_peak_flops, time_call
 from emgeo_jax.generate import generate_ids
 from emgeo_jax.models.config import ModelConfig
-from emgeo_jax.models.lm import LM, init_params
+from emgeo_jax.models.lm import LM, batch_multiple, init_params, pad_rows
 from emgeo_jax.parallel import make_mesh, param_shardings
-from emgeo_jax.plan import ACCELERATORS, TASKS, TaskOptions, make_plan, resolve_model
+from emgeo_jax.plan import (
+    ACCELERATORS,
+    TASKS,
+    TaskOptions,
+    make_plan,
+    padded_rows,
+    resolve_model,
+)
 
 # jax device_kind substrings -> accelerator table names
 DEVICE_KINDS = {
@@ -87,7 +94,8 @@ def main() -> None:
 
     # extraction: the pooled forward `emgeo plan --task extract` compiles
     plan = make_plan(cfg, mesh, "extract", a.batch, a.seq, dtype, model_name=a.model)
-    program = TASKS["extract"](cfg, mesh, a.batch, a.seq, np.dtype(dtype), TaskOptions())
+    rows = padded_rows(a.batch, mesh)  # as the plan and the commands run it
+    program = TASKS["extract"](cfg, mesh, rows, a.seq, np.dtype(dtype), TaskOptions())
     fn, abstract = program.parts[0].fn, program.parts[0].args
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, (a.batch, a.seq)).astype(np.int32)
@@ -102,6 +110,7 @@ def main() -> None:
     }
     if set(host) != set(abstract[1]):
         raise SystemExit(f"extract step takes {sorted(abstract[1])}; benchmark has {sorted(host)}")
+    host = pad_rows(host, batch_multiple(mesh))
     args = [{k: jax.device_put(v, abstract[1][k].sharding) for k, v in host.items()}]
     start = time.perf_counter()
     jax.block_until_ready(fn(params, *args))

@@ -36,8 +36,10 @@ MFU = model FLOPs / seconds / peak. Model FLOPs come from the config
 token attends to; prefill and decode attend over the whole preallocated cache). A LoRA step
 counts 2 forwards (forward + activation gradients; frozen weights need no weight gradient;
 the remat recompute and the rank-32 factors are not counted). Peak: the published dense bf16
-peak of the chip (`emgeo_jax.plan.ACCELERATORS`, with its source: TPU v4, v5e, v5p, v6e, A100,
-H100) times the devices, else (CPU) the measured matmul peak (`benchmarks.common`).
+peak of the chip (`emgeo_jax.plan.ACCELERATORS`, with its source: TPU v4, v5e, v5p, v6e,
+A100-SXM4-80GB, H100 SXM; recognised by their exact `device_kind`, `plan.accelerator_of`)
+times the devices, else (CPU, or a chip the table does not hold) the measured matmul peak
+(`benchmarks.common`) and memory bandwidth.
 
 Decode roofline: a step must read every weight (except an untied embedding table, of which
 it reads B rows) and the whole KV cache `[L, B, K, S, Dh]` once; at the chip's HBM bandwidth
@@ -69,7 +71,7 @@ from flax import nnx
 
 from benchmarks.common import matmul_peak_flops, time_call, time_interleaved
 from benchmarks.generate import memory_bandwidth
-from benchmarks.mfu import DEVICE_KINDS, model_flops
+from benchmarks.mfu import model_flops
 from emgeo_jax.generate import generate_ids, prefill_prompts
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.lm import (
@@ -83,10 +85,10 @@ from emgeo_jax.models.lm import (
 from emgeo_jax.models.steering import Steering
 from emgeo_jax.parallel import make_mesh, param_shardings
 from emgeo_jax.plan import (
-    ACCELERATORS,
     Accelerator,
     CompiledProgram,
     TaskOptions,
+    accelerator_of,
     compile_program,
     make_plan,
     padded_rows,
@@ -130,10 +132,7 @@ def resolve_model(name: str) -> ModelConfig:
 def chip() -> tuple[Accelerator | None, str]:
     """The accelerator table entry for `jax.devices()[0]` (None on CPU or unknown kinds)."""
     kind = jax.devices()[0].device_kind
-    for key, name in DEVICE_KINDS.items():
-        if key in kind:
-            return ACCELERATORS[name], kind
-    return None, kind
+    return accelerator_of(kind), kind
 
 
 def device_memory_bytes() -> int | None:

@@ -34,32 +34,20 @@ from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.lm import LM, batch_multiple, init_params, pad_rows
 from emgeo_jax.parallel import make_mesh, param_shardings
 from emgeo_jax.plan import (
-    ACCELERATORS,
     TASKS,
     TaskOptions,
+    accelerator_of,
     make_plan,
     padded_rows,
     resolve_model,
 )
 
-# jax device_kind substrings -> accelerator table names
-DEVICE_KINDS = {
-    "TPU v4": "v4",
-    "TPU v5 lite": "v5e",
-    "TPU v5e": "v5e",
-    "TPU v5p": "v5p",
-    "TPU v6 lite": "v6e",
-    "TPU v6e": "v6e",
-    "A100": "a100-80g",
-    "H100": "h100-80g",
-}
-
 
 def peak_flops(dtype: str) -> tuple[float, str]:
     kind = jax.devices()[0].device_kind
-    for key, name in DEVICE_KINDS.items():
-        if key in kind:
-            return ACCELERATORS[name].bf16_flops, f"{name} bf16 peak ({ACCELERATORS[name].source})"
+    acc = accelerator_of(kind)
+    if acc is not None:
+        return acc.bf16_flops, f"{acc.name} bf16 peak ({acc.source})"
     return matmul_peak_flops(dtype=dtype), f"measured {dtype} matmul peak of {kind}"
 
 

@@ -108,6 +108,30 @@ ACCELERATORS: dict[str, Accelerator] = {
     ]
 }
 
+# `jax.Device.device_kind` -> `ACCELERATORS` name, exact strings only: "TPU v5" is a v5p
+# ("TPU v5 lite" the v5e), "TPU v4 lite" is the 8 GiB inference v4 (not in the table), and
+# GPUs name their memory and form factor ("NVIDIA H100 PCIe" has less peak and bandwidth
+# than the SXM part the table holds). A kind not listed here is unknown, not guessed.
+DEVICE_KINDS: dict[str, str] = {
+    "TPU v4": "v4",
+    "TPU v5 lite": "v5e",
+    "TPU v5e": "v5e",
+    "TPU v5": "v5p",
+    "TPU v5p": "v5p",
+    "TPU v6 lite": "v6e",
+    "TPU v6e": "v6e",
+    "NVIDIA A100-SXM4-80GB": "a100-80g",
+    "NVIDIA H100 80GB HBM3": "h100-80g",
+}
+
+
+def accelerator_of(device_kind: str) -> Accelerator | None:
+    """The `ACCELERATORS` entry of a device whose `device_kind` is this (`DEVICE_KINDS`), or
+    None for CPU and for any chip the table does not hold exactly."""
+    name = DEVICE_KINDS.get(device_kind.strip())
+    return None if name is None else ACCELERATORS[name]
+
+
 # HF config.json fields of the models users run (from their public config files), so that
 # `emgeo plan --model Qwen2.5-7B` needs no download.
 _QWEN = dict(model_type="qwen2", vocab_size=152064, rope_theta=1e6, rms_norm_eps=1e-6)

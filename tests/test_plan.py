@@ -360,3 +360,29 @@ def test_sweep_plan_judge_scoring_matches_hand_counts(sweep_plans, case):
         fp32 = hand_counts(QWEN2, 8, 1)["resident"] * 4 / BF16  # hand counts are bf16
         assert plan["resident"]["judge_params"] == pytest.approx(fp32, rel=0.01)
     assert plan["total_bytes"] >= gen["total_bytes"] - gen["resident"]["kv_cache"]
+
+
+@pytest.mark.parametrize(
+    "kind, name",
+    [
+        ("TPU v4", "v4"),
+        ("TPU v4 lite", None),  # the 8 GiB inference chip: not a v4
+        ("TPU v5 lite", "v5e"),
+        ("TPU v5", "v5p"),  # what a v5p reports
+        ("TPU v5p", "v5p"),
+        ("TPU v6 lite", "v6e"),
+        ("NVIDIA H100 80GB HBM3", "h100-80g"),
+        ("NVIDIA H100 PCIe", None),  # less peak and bandwidth than the SXM entry
+        ("NVIDIA A100-SXM4-80GB", "a100-80g"),
+        ("NVIDIA A100-SXM4-40GB", None),  # 1.6 TB/s, not the 80 GB part's 2.0
+        ("cpu", None),
+    ],
+)
+def test_device_kinds_map_to_the_chip_they_name_and_nothing_else(kind, name):
+    """`accelerator_of` maps jax's `device_kind` strings exactly (XLA's own tables name "TPU
+    v5" the v5p and "TPU v5 lite" the v5e); matching substrings made a v5p unknown and a
+    "TPU v4 lite" a v4."""
+    from emgeo_jax.plan import accelerator_of
+
+    acc = accelerator_of(kind)
+    assert (acc and acc.name) == name

@@ -266,7 +266,10 @@ def test_number_logprobs_through_server_and_judge(tiny_lm, tiny_server):
     ref = number_logprobs(tiny_lm, ids, trie)
     got = reply["choices"][0]["number_logprobs"]
     assert [g["number"] for g in got] == list(range(101))
-    np.testing.assert_allclose([g["logprob"] for g in got], ref.logprobs[0], atol=1e-6)
+    # The server batches whatever requests arrive together (padded to a power of two); a batch
+    # of another shape may round the last bits differently (a float32 ulp at |logprob| ~ 12
+    # is 1e-6: CI saw 3e-6 on one of 101), hence atol 1e-5.
+    np.testing.assert_allclose([g["logprob"] for g in got], ref.logprobs[0], atol=1e-5)
     greedy = generate_ids(tiny_lm, ids, max_new_tokens=1, temperature=0.0, top_logprobs=TOP)
     assert reply["choices"][0]["message"]["content"] == greedy.texts[0]
     top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
@@ -288,7 +291,7 @@ def test_number_logprobs_through_server_and_judge(tiny_lm, tiny_server):
     for row, lps in zip(out, ref.logprobs, strict=True):
         meta = row["aligned_judge"]
         assert [n for n, _ in meta["top_logprobs"]] == [str(n) for n in range(101)]
-        np.testing.assert_allclose([lp for _, lp in meta["top_logprobs"]], lps, atol=1e-6)
+        np.testing.assert_allclose([lp for _, lp in meta["top_logprobs"]], lps, atol=1e-5)
         p = np.exp(lps)
         assert meta["mass"] == pytest.approx(p.sum(), rel=1e-5)
         expect = score_numbers(list(enumerate(lps.tolist())), [])

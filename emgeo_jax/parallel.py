@@ -186,6 +186,21 @@ def put_sharded(host: np.ndarray, sharding: jax.sharding.Sharding, dtype: Any = 
     return jax.make_array_from_callback(host.shape, sharding, piece)
 
 
+def move_to(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+    """`x`, a device array, split by `sharding`: the same buffers under the new name when the
+    split is the same (a compiler's `P(None, 'fsdp')` for a layout's `P(None, ('data',
+    'fsdp'), 'tensor')`, one device's array for a one-device mesh: nothing copied, on one
+    process or several), else moved (`device_put`, `x` donated). A jitted function's
+    compiled program is keyed on its arguments' shardings by name, so arguments placed with
+    the names a plan compiled with run that plan's executable."""
+    if x.sharding == sharding:
+        return x
+    if x.sharding.is_equivalent_to(sharding, x.ndim):
+        shards = [s.data for s in x.addressable_shards]
+        return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
+    return jax.device_put(x, sharding, donate=True)
+
+
 def stack_on_devices(
     tensors: Iterable[np.ndarray],
     shape: Sequence[int],

@@ -447,19 +447,16 @@ def generate_program(
     cache = abstract_kv_cache(cfg, layout.cache, batch, length, dtype)
     steering = _replicated(mesh, jax.eval_shape(lambda: Steering.none(cfg)))
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=layout.tokens)
-    pinned = mesh.size > 1  # as generate_ids: no pins on one device
-    prefill_pin = layout.prefill_resid if pinned else None
-    decode_pin = layout.decode_resid if pinned else None
-    # decode's arguments are what the real functions make of these, as in generate_ids:
-    # prefill's outputs (rows split like the prompts), decode_inputs, SamplingParams.make
+    prefill_pin, decode_pin = layout.prefill_resid, layout.decode_resid  # None on one device
+    # decode's arguments are what the real functions make of these, placed as generate_ids
+    # places them (`generate.place_decode_args`): prefill's outputs, decode_inputs, sampling
     run_prefill = functools.partial(
         prefill, graphdef, options=RunOptions(resid_sharding=prefill_pin)
     )
     cache_out, logits, position = jax.eval_shape(
         run_prefill, state, tokens, tokens, steering, cache
     )
-    rows = NamedSharding(mesh, PartitionSpec(tokens.sharding.spec[0]))
-    one = NamedSharding(mesh, PartitionSpec())
+    rows, one = layout.rows, layout.replicated
     inputs = _sharded(
         jax.eval_shape(lambda lg, pos: decode_inputs(cfg, lg, pos, eos_ids=[0]), logits, position),
         DecodeInputs(first_logits=rows, position=rows, eos_ids=one, monitor_layer=one,
@@ -583,7 +580,7 @@ def judge_part(judge: ModelConfig, mesh: Mesh, dtype, options: TaskOptions, stat
     trie = _replicated(mesh, jax.eval_shape(blank.arrays))  # the argument number_logprobs passes
     last = _replicated(mesh, jax.ShapeDtypeStruct((batch,), jnp.int32))
     steering = _replicated(mesh, jax.eval_shape(lambda: Steering.none(judge)))
-    pin = layout.prefill_resid if mesh.size > 1 else None
+    pin = layout.prefill_resid  # None on one device
     prompt_block = _block_program(judge, mesh, batch, seq, dtype, cache_len=length, x_sharding=pin)
     trie_block = _block_program(judge, mesh, batch, m, dtype, cache_len=length)
     layer_fn, layer_args, looped = _both_blocks(prompt_block, trie_block)

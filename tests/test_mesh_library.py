@@ -4,7 +4,8 @@ replicated), the scripted deterministic judge. Greedy and sampled generations to
 the sweep / ablation / transfer (one model under two names) / persona results tables equal,
 whole-number judge scores and SAE fit figures within float tolerance; a server with two steered
 variants answering concurrent greedy and seeded sampled requests; generation on unstacked
-layers (`LM.unstacked`) on `fsdp=8` with the per-block weights still split.
+layers (`LM.unstacked`) on `fsdp=8` with the per-block weights still split; and `emgeo plan`'s
+program of a generation compiles nothing the call has not (same argument shardings).
 
 The 8-device side is this module run as a script in a fresh process:
 
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from emgeo_jax.experiments.folder import Sampling
@@ -96,6 +98,40 @@ def run_serve_variants(lm, v: np.ndarray) -> list[list[str]]:
         asks.append(("up", {"temperature": 1.0, "seed": 3, "n": 2}))
         with ThreadPoolExecutor(len(asks)) as pool:
             return list(pool.map(lambda a: ask(a[0], **a[1]), asks))
+
+
+LOWERED = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # jax.monitoring: one per lowering
+
+
+def planned_generation_lowerings(lm) -> dict[str, list[str]]:
+    """The jitted functions lowered by a `generate_ids` call of 8 prompts x 16 tokens on
+    `lm.mesh`, by the same call again, and then by `emgeo plan`'s program of it
+    (`plan.compile_program`): the plan should lower only its own one-block FLOP programs and
+    find the call's `prefill` and `decode` compiled (the arguments placed alike)."""
+    from jax import monitoring
+
+    from emgeo_jax.generate import generate_ids
+    from emgeo_jax.plan import TaskOptions, compile_program
+
+    lowered: list[str] = []
+
+    def listen(event: str, _secs: float, **kw: Any) -> None:
+        if event == LOWERED:
+            lowered.append(str(kw.get("fun_name")))
+
+    ids = np.random.default_rng(1).integers(3, lm.config.vocab_size, (8, 16)).tolist()
+    phases: dict[str, list[str]] = {}
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        for phase in ("call", "again"):
+            generate_ids(lm, ids, max_new_tokens=3, eos_ids=[], pad_multiple=16)
+            phases[phase], lowered[:] = list(lowered), []
+        options = TaskOptions(new_tokens=3)
+        compile_program(lm.config, lm.mesh, "generate", 8, 16, "float32", options)
+        phases["plan"] = list(lowered)
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    return phases
 
 
 def run_all(lm, out: Path) -> dict[str, Any]:
@@ -210,10 +246,27 @@ def test_8_devices_match_1_device(chat_tokenizer, tmp_path):
             assert_same(written, one[exp], f"{name}/{exp}/results.json")
     unstacked = json.loads((tmp_path / "unstacked.json").read_text())
     assert_same(unstacked, {k: one[k] for k in unstacked}, "unstacked")
+    lowered = json.loads((tmp_path / "lowerings.json").read_text())  # fsdp=8, a fresh process
+    assert {"jit(prefill)", "jit(decode)", "jit(init_cache)"} <= set(lowered["call"]), lowered
+    assert lowered["again"] == [], lowered  # the cache allocator too is compiled once
+    assert not {"jit(prefill)", "jit(decode)"} & set(lowered["plan"]), lowered
+
+
+def test_a_plan_runs_the_executables_of_the_call_on_one_device(tiny_chat_llama):
+    """On a one-device mesh too (params placed on one device are renamed, not copied)."""
+    from emgeo_jax.parallel import make_mesh
+
+    lm = tiny_chat_llama.on_mesh(make_mesh({"fsdp": 1}))
+    embed = jax.tree.leaves(lm.params["embed"])[0]
+    assert embed.unsafe_buffer_pointer() == (
+        jax.tree.leaves(tiny_chat_llama.params["embed"])[0].unsafe_buffer_pointer()
+    )
+    lowered = planned_generation_lowerings(lm)
+    assert lowered["again"] == [], lowered
+    assert not {"jit(prefill)", "jit(decode)"} & set(lowered["plan"]), lowered
 
 
 if __name__ == "__main__":
-    import jax
     from transformers import PreTrainedTokenizerFast
 
     from emgeo_jax.parallel import make_mesh
@@ -232,3 +285,5 @@ if __name__ == "__main__":
     q = unstacked.params["layers"][0]["attn"]["q_proj"]["kernel"][...]  # [D, H * Dh]
     assert q.addressable_shards[0].data.shape[0] == q.shape[0] // 8, q.sharding
     (out / "unstacked.json").write_text(json.dumps(run_generate(unstacked)))
+    lowered = planned_generation_lowerings(lm.on_mesh(make_mesh(MESHES["fsdp8"])))
+    (out / "lowerings.json").write_text(json.dumps(lowered))

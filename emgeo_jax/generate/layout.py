@@ -4,7 +4,11 @@ On a mesh (`lm.mesh`, set by `emgeo_jax.load(..., mesh=...)`), prompts and the K
 split over the batch (`parallel.ACTIVATION_AXES` "tokens", "kv_cache") and the residual is
 pinned: the prefill's rows over `data x fsdp` with each layer's weights all-gathered, a decode
 step's `D` over `fsdp` so the weights stay in place (see the `emgeo_jax.parallel` docstring).
-Single-device runs are left unconstrained (layout None).
+Every other argument of `prefill`, `decode` and `score_trie` is placed too (`place_replicated`,
+`place_decode_args`): rows split like the prompts, small host-made arrays (steering, sampling,
+trie) on every device. The calls then run exactly the programs `emgeo plan` compiles from the
+same `Layout` (a plan's executable is the call's: on a chip it compiles once). A model loaded
+without a mesh is left unconstrained (layout None); on a one-device mesh nothing is pinned.
 """
 
 from __future__ import annotations
@@ -20,20 +24,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from emgeo_jax.models.config import ModelConfig
 from emgeo_jax.models.llama import KVCache, init_cache
 from emgeo_jax.models.lm import LM
-from emgeo_jax.parallel import activation_sharding
+from emgeo_jax.parallel import activation_sharding, move_to
 
 
 class Layout(NamedTuple):
     """Where generation keeps its arrays on a mesh: `tokens` for `ids, mask [B, T]`, `cache`
     (a `KVCache` of shardings: `k, v [L, B, K, S, Dh]` by the "kv_cache" rule, or per layer
-    for unstacked layers, `mask [B, S]`,
-    `index` replicated), and the residual pins of `prefill` (`[B, T, D]`, "hidden") and of
-    each `decode` step (`[B, 1, D]`, "step_hidden")."""
+    for unstacked layers, `mask [B, S]`, `index` replicated), the residual pins of `prefill`
+    (`[B, T, D]`, "hidden") and of each `decode` step (`[B, 1, D]`, "step_hidden"; both None
+    on a one-device mesh), `rows` for per-row results `[B, ...]` (split like the prompts) and
+    `replicated` for what every device holds whole."""
 
     tokens: NamedSharding
     cache: KVCache
-    prefill_resid: NamedSharding
-    decode_resid: NamedSharding
+    prefill_resid: NamedSharding | None
+    decode_resid: NamedSharding | None
+    rows: NamedSharding
+    replicated: NamedSharding
 
 
 def generation_layout(
@@ -59,38 +66,65 @@ def generation_layout(
         index=NamedSharding(mesh, PartitionSpec()),
     )
     d = cfg.hidden_size
+    pinned = mesh.size > 1  # one device: nothing to pin
+    tokens = activation_sharding(mesh, "tokens", (batch, prompt_len))
+    prefill_resid = activation_sharding(mesh, "hidden", (batch, prompt_len, d))
+    decode_resid = activation_sharding(mesh, "step_hidden", (batch, 1, d))
     return Layout(
-        tokens=activation_sharding(mesh, "tokens", (batch, prompt_len)),
+        tokens=tokens,
         cache=cache,
-        prefill_resid=activation_sharding(mesh, "hidden", (batch, prompt_len, d)),
-        decode_resid=activation_sharding(mesh, "step_hidden", (batch, 1, d)),
+        prefill_resid=prefill_resid if pinned else None,
+        decode_resid=decode_resid if pinned else None,
+        rows=NamedSharding(mesh, PartitionSpec(tokens.spec[0] if tokens.spec else None)),
+        replicated=NamedSharding(mesh, PartitionSpec()),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_maker(cfg: ModelConfig, batch: int, length: int, dtype, per_layer: bool, shardings):
+    """`init_cache` jitted to allocate where `shardings` say: made once per shape and layout,
+    so a call does not compile it again (a new partial every call would)."""
+    make = functools.partial(init_cache, cfg, batch, length, dtype, per_layer=per_layer)
+    return jax.jit(make, out_shardings=shardings)
+
+
+def _from_host(x, sharding: NamedSharding) -> jax.Array:
+    """A global array split by `sharding` from `x`, a value every process holds whole (host
+    or single-device array); a global array already on the mesh is moved (`move_to`)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return move_to(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+
+
+def place_replicated(layout: Layout | None, tree):
+    """`tree`'s small host-made arrays (steering, sampling, a trie: the same on every process)
+    on every device of `layout`'s mesh; `tree` as it is without a layout."""
+    if layout is None:
+        return tree
+    return jax.tree.map(lambda x: _from_host(x, layout.replicated), tree)
 
 
 def place_prompts(
     lm: LM, ids: np.ndarray, mask: np.ndarray, cache_len: int
 ) -> tuple[jax.Array, jax.Array, KVCache, Layout | None]:
     """Padded prompts `ids, mask [B, T]` and an empty `KVCache` of `cache_len` slots, placed
-    for `lm`: without `lm.mesh` (or on a one-device mesh) as they are (layout None); on
-    `lm.mesh` by `generation_layout` (returned), the cache allocated where it stays. Every
+    for `lm`: without `lm.mesh` as they are (layout None); on `lm.mesh` (one device or
+    more) by `generation_layout` (returned), the cache allocated where it stays. Every
     process passes the same prompts; `B` must be a multiple of `lm.batch_multiple`
     (`prompts.pad_prompts`)."""
     cfg = lm.config
     per_layer = not lm.scan_layers
-    make_cache = functools.partial(
-        init_cache, cfg, len(ids), cache_len, lm.dtype, per_layer=per_layer
-    )
     mesh = lm.mesh
-    if mesh is None or mesh.size == 1:
-        return jnp.asarray(ids), jnp.asarray(mask), make_cache(), None
+    if mesh is None:
+        cache = init_cache(cfg, len(ids), cache_len, lm.dtype, per_layer=per_layer)
+        return jnp.asarray(ids), jnp.asarray(mask), cache, None
     if len(ids) % lm.batch_multiple:
         raise ValueError(
             f"{len(ids)} prompt rows on a mesh splitting rows {lm.batch_multiple} ways; "
             "pad them with `pad_prompts` first"
         )
     layout = generation_layout(mesh, cfg, *ids.shape, cache_len, per_layer=per_layer)
-    ids, mask = (
-        jax.make_array_from_callback(x.shape, layout.tokens, lambda i, x=x: x[i])
-        for x in (ids, mask)
-    )
-    return ids, mask, jax.jit(make_cache, out_shardings=layout.cache)(), layout
+    ids, mask = (_from_host(x, layout.tokens) for x in (ids, mask))
+    make_cache = _cache_maker(cfg, len(ids), cache_len, lm.dtype, per_layer, layout.cache)
+    return ids, mask, make_cache(), layout

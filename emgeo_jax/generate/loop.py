@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emgeo_jax.generate.layout import Layout, place_prompts
+from emgeo_jax.generate.layout import Layout, move_to, place_prompts, place_replicated
 from emgeo_jax.generate.prompts import (
     PAD_MULTIPLE,
     Prompt,
@@ -293,6 +293,7 @@ def prefill_prompts(
     ids, mask = left_pad(pad_prompts(lm, prompt_ids), pad_multiple, pad_id)
     steering = pad_steering(steering, len(prompt_ids), len(ids))
     ids, mask, cache, layout = place_prompts(lm, ids, mask, ids.shape[1] + max_new_tokens + 1)
+    steering = place_replicated(layout, steering)
     cache, logits, position = prefill(
         lm.graphdef,
         lm.params,
@@ -303,6 +304,23 @@ def prefill_prompts(
         options=lm.run_options(resid_sharding=None if layout is None else layout.prefill_resid),
     )
     return Prefilled(cache, logits, position, steering, layout)
+
+
+def place_decode_args(
+    layout: Layout | None, cache: KVCache, inputs: DecodeInputs, sampling: SamplingParams
+) -> tuple[KVCache, DecodeInputs, SamplingParams]:
+    """`decode`'s arguments where `layout` puts them, as `emgeo plan` compiles it: the
+    prefill's cache (the same split under the layout's name: no copy) and per-row inputs
+    split like the prompts, the rest on every device. As they are without a layout."""
+    if layout is None:
+        return cache, inputs, sampling
+    cache = jax.tree.map(move_to, cache, layout.cache)
+    inputs = DecodeInputs(
+        move_to(inputs.first_logits, layout.rows),
+        move_to(inputs.position, layout.rows),
+        *place_replicated(layout, (inputs.eos_ids, inputs.monitor_layer, inputs.monitor_dir)),
+    )
+    return cache, inputs, place_replicated(layout, sampling)
 
 
 def generate_ids(
@@ -341,11 +359,13 @@ def generate_ids(
         lm, prompt_ids, steering, max_new_tokens=max_new_tokens, pad_multiple=pad_multiple
     )
     sampling = sampling.padded_rows(pre.logits.shape[0])
-    inputs = decode_inputs(cfg, pre.logits, pre.position, eos, monitor)
+    cache, inputs, sampling = place_decode_args(
+        pre.layout, pre.cache, decode_inputs(cfg, pre.logits, pre.position, eos, monitor), sampling
+    )
     outputs = decode(
         lm.graphdef,
         lm.params,
-        pre.cache,
+        cache,
         pre.steering,
         inputs,
         sampling,

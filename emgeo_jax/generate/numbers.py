@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emgeo_jax.generate.layout import place_prompts
+from emgeo_jax.generate.layout import place_prompts, place_replicated
 from emgeo_jax.generate.prompts import PAD_MULTIPLE, left_pad, pad_prompts, pad_steering
 from emgeo_jax.hosts import to_host
 from emgeo_jax.models.llama import KVCache, default_positions
@@ -221,6 +221,7 @@ def number_logprobs(
     last = np.asarray([p[-1] for p in rows], np.int32)
     steering = pad_steering(steering, len(prompt_ids), len(rows))
     ids, mask, cache, layout = place_prompts(lm, ids, mask, ids.shape[1] + len(trie.tokens))
+    last, steering, arrays = place_replicated(layout, (last, steering, trie.arrays()))
     lps, top_ids, top_lps = to_host(  # rows may live on other processes' devices
         score_trie(
             lm.graphdef,
@@ -230,7 +231,7 @@ def number_logprobs(
             jnp.asarray(last),
             steering,
             cache,
-            trie.arrays(),
+            arrays,
             top_k=top_logprobs,
             options=lm.run_options(resid_sharding=None if layout is None else layout.prefill_resid),
         )

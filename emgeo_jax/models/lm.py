@@ -34,7 +34,7 @@ from emgeo_jax.models.scan import (
 )
 from emgeo_jax.models.steering import Steering, select_positions
 from emgeo_jax.models.taps import TapReduction, Taps
-from emgeo_jax.parallel import param_sharding
+from emgeo_jax.parallel import move_to, param_sharding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BATCH_AXES = ("data", "fsdp")  # the mesh axes rows are split over (parallel.MESH_RULES["batch"])
@@ -95,7 +95,8 @@ def init_params(
 
 def place_params(params: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
     """`params` laid out on `mesh` by the partition rules (replicated on a pure `data` mesh).
-    A parameter already so placed is kept as is (a model loaded onto `mesh` is never copied);
+    A parameter already so placed is kept (renamed by `move_to` if only its sharding's name
+    differs, e.g. one device's array on a one-device mesh: a model is never copied);
     device arrays of this process move device to device (`jax.device_put`). Only host arrays,
     or a single process's copy joining a mesh across processes (each process must then hold
     the same full parameters), go through the host."""
@@ -107,7 +108,7 @@ def place_params(params: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
         sharding = param_sharding(mesh, path, x.shape)
         if isinstance(x, jax.Array):
             if x.sharding.is_equivalent_to(sharding, x.ndim):
-                return x
+                return move_to(x, sharding)  # renamed, not copied
             if one_process or not x.is_fully_addressable:
                 return jax.device_put(x, sharding)
         host = np.asarray(x)

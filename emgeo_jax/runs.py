@@ -218,7 +218,9 @@ class ResumableJsonl:
     run finished, so a file named `OUT` is always complete. A re-run with the same settings
     continues after the rows already written (whole units only: a unit is a batch whose rows
     must be produced together to come out the same; `done` counts them); other settings are
-    refused with `SettingsMismatch`. `settings`: JSON-able; `unit`: rows per unit."""
+    refused with `SettingsMismatch`. `settings`: JSON-able; `unit`: rows per unit. No file is
+    held open between appends, so an experiment can keep a writer per unfinished cell
+    (thousands in a dense layer x scale sweep) under any open-file limit."""
 
     def __init__(self, out: str | Path, settings: Mapping[str, Any], unit: int = 1):
         self.out = Path(out)
@@ -243,19 +245,18 @@ class ResumableJsonl:
         write_json_atomic(self.record, settings, indent=None)
         write_bytes_atomic(self.partial, "".join(lines))
         self.done = len(lines)  # rows already written, a whole number of units
-        self._file = open(self.partial, "a", encoding="utf-8")  # noqa: SIM115
 
     def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Write rows (one unit, or the last, shorter one) and flush them to disk."""
-        for row in rows:
-            self._file.write(json.dumps(row) + "\n")
-            self.done += 1
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        rows = [json.dumps(row) + "\n" for row in rows]
+        with open(self.partial, "a", encoding="utf-8") as f:
+            f.writelines(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        self.done += len(rows)
 
     def finish(self) -> None:
         """All rows written: `OUT.partial` becomes `OUT`."""
-        self._file.close()
         os.replace(self.partial, self.out)
         self.record.unlink()
 

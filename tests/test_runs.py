@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from emgeo_jax import runs
 from emgeo_jax.runs import SettingsMismatch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class FileError(ValueError):
@@ -127,6 +132,28 @@ def test_resumable_jsonl_refuses_other_settings_by_name(tmp_path):
         f"{out}.partial holds an interrupted run with other settings (seed: 5 there, 6 now); "
         f"delete {out}.partial to start again"
     )
+
+
+def test_resumable_jsonl_writers_hold_no_open_file(tmp_path):
+    """An experiment keeps a writer per unfinished cell: 300 of them under an open-file limit
+    of 64 (a fresh process with `RLIMIT_NOFILE` lowered) all append and finish."""
+    script = f"""
+import resource
+from pathlib import Path
+from emgeo_jax.runs import ResumableJsonl
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+folder = Path({str(tmp_path)!r})
+writers = [ResumableJsonl(folder / f"cell{{i}}.jsonl", {{"cell": i}}) for i in range(300)]
+for i, w in enumerate(writers):
+    w.append([{{"i": i}}])
+for w in writers:
+    w.append([{{"i": -1}}])
+    w.finish()
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, capture_output=True)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(f"cell{i}.jsonl" for i in range(300))
+    assert (tmp_path / "cell7.jsonl").read_text() == '{"i": 7}\n{"i": -1}\n'
 
 
 def test_the_old_error_names_are_the_one_settings_error():

@@ -186,19 +186,20 @@ def put_sharded(host: np.ndarray, sharding: jax.sharding.Sharding, dtype: Any = 
     return jax.make_array_from_callback(host.shape, sharding, piece)
 
 
-def move_to(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+def move_to(x: jax.Array, sharding: NamedSharding, *, donate: bool = False) -> jax.Array:
     """`x`, a device array, split by `sharding`: the same buffers under the new name when the
     split is the same (a compiler's `P(None, 'fsdp')` for a layout's `P(None, ('data',
     'fsdp'), 'tensor')`, one device's array for a one-device mesh: nothing copied, on one
-    process or several), else moved (`device_put`, `x` donated). A jitted function's
-    compiled program is keyed on its arguments' shardings by name, so arguments placed with
-    the names a plan compiled with run that plan's executable."""
+    process or several), else copied device to device (`device_put`; `donate`: `x` is
+    consumed, its buffers reused where they can be). A jitted function's compiled program is
+    keyed on its arguments' shardings by name, so arguments placed with the names a plan
+    compiled with run that plan's executable."""
     if x.sharding == sharding:
         return x
     if x.sharding.is_equivalent_to(sharding, x.ndim):
         shards = [s.data for s in x.addressable_shards]
         return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
-    return jax.device_put(x, sharding, donate=True)
+    return jax.device_put(x, sharding, donate=donate)
 
 
 def stack_on_devices(

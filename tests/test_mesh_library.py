@@ -285,5 +285,22 @@ if __name__ == "__main__":
     q = unstacked.params["layers"][0]["attn"]["q_proj"]["kernel"][...]  # [D, H * Dh]
     assert q.addressable_shards[0].data.shape[0] == q.shape[0] // 8, q.sharding
     (out / "unstacked.json").write_text(json.dumps(run_generate(unstacked)))
-    lowered = planned_generation_lowerings(lm.on_mesh(make_mesh(MESHES["fsdp8"])))
+    # move_to: the same split under another name shares the buffers; another split copies,
+    # leaving the source valid unless donated
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from emgeo_jax.parallel import move_to
+
+    mesh = make_mesh(MESHES["fsdp8"])
+    x = jax.device_put(np.arange(16.0).reshape(8, 2), NamedSharding(mesh, P("fsdp")))
+    renamed = move_to(x, NamedSharding(mesh, P(("data", "fsdp"), "tensor")))
+    assert renamed.sharding.spec == P(("data", "fsdp"), "tensor")
+    pointers = [
+        [s.data.unsafe_buffer_pointer() for s in a.addressable_shards] for a in (x, renamed)
+    ]
+    assert pointers[0] == pointers[1]
+    whole = move_to(x, NamedSharding(mesh, P()))
+    assert not x.is_deleted() and np.array_equal(whole, np.arange(16.0).reshape(8, 2))
+    lowered = planned_generation_lowerings(lm.on_mesh(mesh))
     (out / "lowerings.json").write_text(json.dumps(lowered))

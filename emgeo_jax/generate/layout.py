@@ -89,9 +89,11 @@ def _cache_maker(cfg: ModelConfig, batch: int, length: int, dtype, per_layer: bo
 
 
 def _from_host(x, sharding: NamedSharding) -> jax.Array:
-    """A global array split by `sharding` from `x`, a value every process holds whole (host
-    or single-device array); a global array already on the mesh is moved (`move_to`)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    """A global array split by `sharding` holding `x`, a value every process holds whole;
+    `x` stays valid. An array already on the mesh, or any device array on one process, goes
+    device to device (`move_to`); otherwise each process places its devices' part from its
+    host copy."""
+    if isinstance(x, jax.Array) and (jax.process_count() == 1 or not x.is_fully_addressable):
         return move_to(x, sharding)
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])

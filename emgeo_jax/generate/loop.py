@@ -314,10 +314,11 @@ def place_decode_args(
     split like the prompts, the rest on every device. As they are without a layout."""
     if layout is None:
         return cache, inputs, sampling
-    cache = jax.tree.map(move_to, cache, layout.cache)
+    move = functools.partial(move_to, donate=True)  # the prefill's outputs: consumed here
+    cache = jax.tree.map(move, cache, layout.cache)
     inputs = DecodeInputs(
-        move_to(inputs.first_logits, layout.rows),
-        move_to(inputs.position, layout.rows),
+        move(inputs.first_logits, layout.rows),
+        move(inputs.position, layout.rows),
         *place_replicated(layout, (inputs.eos_ids, inputs.monitor_layer, inputs.monitor_dir)),
     )
     return cache, inputs, place_replicated(layout, sampling)

@@ -10,19 +10,20 @@ The model knows nothing of its sampler; the package is split by job:
 
 - `prompts`: chat templating (`chat_token_ids`, `with_system`), EOS ids, left padding to
   `PAD_MULTIPLE` buckets (`left_pad`) and mesh row padding (`pad_prompts`);
-- `layout`: where prompts, the KV cache `[L, B, K, S, Dh]` and the pinned residual live on a
-  mesh (`Layout`, `generation_layout`, `place_prompts`);
+- `layout`: where prompts, the KV cache `[L, B, K, S, Dh]`, the pinned residual and every
+  other argument live on a mesh (`Layout`, `generation_layout`, `place_prompts`,
+  `place_replicated`), the layout `emgeo plan` compiles with;
 - `sampling`: `SamplingParams` (temperature, top_p, PRNG key: a pytree, greedy at
   temperature 0) and the exact nucleus sampler (`top_p_mask`, `inverse_cdf`, `sample_tokens`);
 - `loop`: the jitted `prefill` and while-loop `decode` (donated cache; `decode_inputs` builds
-  its `DecodeInputs`, it returns `Decoded`), `prefill_prompts` (pad, place and prefill, as
-  `generate_ids` does before decoding), and the host entry points `generate_ids` /
-  `generate` -> `Generation`;
+  its `DecodeInputs`, `place_decode_args` places them, it returns `Decoded`),
+  `prefill_prompts` (pad, place and prefill, as `generate_ids` does before decoding), and
+  the host entry points `generate_ids` / `generate` -> `Generation`;
 - `numbers`: whole-number logprobs over a token trie (`number_trie`, `number_logprobs`), the
   model pass behind `emgeo_jax.judge`'s local scoring and `emgeo serve`'s extension.
 """
 
-from emgeo_jax.generate.layout import Layout, generation_layout, place_prompts
+from emgeo_jax.generate.layout import Layout, generation_layout, place_prompts, place_replicated
 from emgeo_jax.generate.loop import (
     Decoded,
     DecodeInputs,
@@ -31,6 +32,7 @@ from emgeo_jax.generate.loop import (
     decode_inputs,
     generate,
     generate_ids,
+    place_decode_args,
     prefill,
     prefill_prompts,
 )
@@ -76,7 +78,9 @@ __all__ = [
     "number_logprobs",
     "number_trie",
     "pad_prompts",
+    "place_decode_args",
     "place_prompts",
+    "place_replicated",
     "prefill",
     "prefill_prompts",
     "sample_tokens",

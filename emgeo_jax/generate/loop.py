@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emgeo_jax.generate.layout import Layout, move_to, place_prompts, place_replicated
+from emgeo_jax.generate.layout import Layout, place_prompts, place_replicated
 from emgeo_jax.generate.prompts import (
     PAD_MULTIPLE,
     Prompt,
@@ -44,6 +44,7 @@ from emgeo_jax.models.lm import prefill as prefill_cache
 from emgeo_jax.models.scan import DEFAULT_RUN, RunOptions
 from emgeo_jax.models.steering import Steering
 from emgeo_jax.models.taps import Taps
+from emgeo_jax.parallel import move_to
 
 
 class Generation(NamedTuple):

@@ -46,11 +46,12 @@ it reads B rows) and the whole KV cache `[L, B, K, S, Dh]` once; at the chip's H
 (table) or the measured one (CPU, `benchmarks.generate.memory_bandwidth`) that takes
 `bytes / bandwidth`; the fraction printed is that floor over the measured step time.
 
-Plan: `emgeo_jax.plan.make_plan` for the same task, batch and length (extract and train:
-from the executables the benchmark ran, `plan.compile_program`, so each compiles once), its
-tokens/s at
-`--plan_mfu` (as `emgeo plan --mfu`) or at its HBM bound if slower, on this chip's table
-entry (on CPU: an entry made of the measured peak and bandwidth). For decode the plan gives
+Plan: `emgeo_jax.plan.make_plan` for the same task, batch and length, from the executables
+the benchmark ran (`plan.compile_program`: extract and train run them; generate's call places
+its arguments as the plan does, so its prefill and decode are the plan's), each compiled
+once; its tokens/s at `--plan_mfu` (as `emgeo plan --mfu`) or at its HBM bound if slower,
+on this chip's table entry (on CPU: an entry made of the measured peak and bandwidth). For
+decode the plan gives
 the whole generate call (prefill + `--new` steps), compared with the measured whole call.
 """
 

@@ -51,8 +51,8 @@ the benchmark ran (`plan.compile_program`: extract and train run them; generate'
 its arguments as the plan does, so its prefill and decode are the plan's), each compiled
 once; its tokens/s at `--plan_mfu` (as `emgeo plan --mfu`) or at its HBM bound if slower,
 on this chip's table entry (on CPU: an entry made of the measured peak and bandwidth). For
-decode the plan gives
-the whole generate call (prefill + `--new` steps), compared with the measured whole call.
+decode the plan gives the whole generate call (prefill + `--new` steps), compared with the
+measured whole call.
 """
 
 from __future__ import annotations

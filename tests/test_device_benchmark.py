@@ -1,5 +1,5 @@
 """`benchmarks/device.py`: the `--tiny` run as a user would start it (subprocess, CPU), and
-its layer fitting and roofline bytes against hand counts."""
+its layer fitting and roofline bytes against hand counts; `benchmarks/mesh_call.py` runs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from benchmarks.device import decode_bytes, fit_layers, kv_bytes, param_bytes, resolve_model
@@ -151,3 +152,14 @@ def test_tiny_run_on_8_devices(tmp_path):
     assert extract["tokens_per_s"] * extract["seconds"] == pytest.approx(4 * 16)
     for task in ("extract", "train"):  # timed from the plan's executables, planned from them
         assert tasks[task]["seconds"] > 0 and tasks[task]["plan_tokens_per_s"] > 0
+
+
+def test_mesh_call_benchmark_lowers_nothing_per_warm_call():
+    """`benchmarks/mesh_call.py` in this process (one device, so `fsdp=1`): warm generation
+    calls on a mesh compile nothing (8 devices: `tests/test_mesh_library.py`)."""
+    from benchmarks.mesh_call import main
+
+    row = main(["--repeats", "2"])
+    assert row["devices"] == jax.device_count() == 1
+    assert row["lowered_per_warm_call"] == 0, row["lowered"]
+    assert row["median_ms"] > 0

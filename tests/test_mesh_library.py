@@ -18,6 +18,7 @@ import json
 import math
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +115,10 @@ def planned_generation_lowerings(lm) -> dict[str, list[str]]:
     from emgeo_jax.plan import TaskOptions, compile_program
 
     lowered: list[str] = []
+    this_thread = threading.get_ident()  # not a server thread a finished test left behind
 
     def listen(event: str, _secs: float, **kw: Any) -> None:
-        if event == LOWERED:
+        if event == LOWERED and threading.get_ident() == this_thread:
             lowered.append(str(kw.get("fun_name")))
 
     ids = np.random.default_rng(1).integers(3, lm.config.vocab_size, (8, 16)).tolist()

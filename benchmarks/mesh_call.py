@@ -10,6 +10,7 @@ serve` on a mesh paid at every batch). The model is tiny, so the time is the hos
 from __future__ import annotations
 
 import argparse
+import threading
 
 import jax
 import numpy as np
@@ -38,9 +39,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     call()  # compiles
     lowered: list[str] = []
+    this_thread = threading.get_ident()  # the calls' lowerings, not another thread's
 
     def listen(event: str, _secs: float, **kw) -> None:
-        if event == LOWERED:
+        if event == LOWERED and threading.get_ident() == this_thread:
             lowered.append(str(kw.get("fun_name")))
 
     monitoring.register_event_duration_secs_listener(listen)

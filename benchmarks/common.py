@@ -4,16 +4,42 @@ Each side of a comparison runs in its own subprocess (`run_side`) so peak RSS is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+LOWERED = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # jax.monitoring: one per lowering
+
+
+@contextlib.contextmanager
+def recorded_lowerings() -> Iterator[list[str]]:
+    """The names (`jit(prefill)`, ...) of the programs this thread lowers inside the block, in
+    order, from `jax.monitoring`'s lowering events; another thread's (a server left running)
+    are not counted. A warm call that lowers nothing compiles nothing."""
+    from jax import monitoring
+
+    lowered: list[str] = []
+    this_thread = threading.get_ident()
+
+    def listen(event: str, _secs: float, **kw) -> None:
+        if event == LOWERED and threading.get_ident() == this_thread:
+            lowered.append(str(kw.get("fun_name")))
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield lowered
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
 
 
 def time_call(fn: Callable[[], object], repeats: int = 5) -> float:

@@ -10,19 +10,15 @@ serve` on a mesh paid at every batch). The model is tiny, so the time is the hos
 from __future__ import annotations
 
 import argparse
-import threading
 
 import jax
 import numpy as np
-from jax import monitoring
 
-from benchmarks.common import time_call
+from benchmarks.common import recorded_lowerings, time_call
 from benchmarks.device import resolve_model
 from emgeo_jax.generate import generate_ids
 from emgeo_jax.models.lm import LM, init_params
 from emgeo_jax.parallel import make_mesh
-
-LOWERED = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # one event per lowering
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,18 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
         return generate_ids(lm, ids, max_new_tokens=4, eos_ids=[], pad_multiple=16)
 
     call()  # compiles
-    lowered: list[str] = []
-    this_thread = threading.get_ident()  # the calls' lowerings, not another thread's
-
-    def listen(event: str, _secs: float, **kw) -> None:
-        if event == LOWERED and threading.get_ident() == this_thread:
-            lowered.append(str(kw.get("fun_name")))
-
-    monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with recorded_lowerings() as lowered:
         seconds = time_call(call, a.repeats)
-    finally:
-        monitoring.unregister_event_duration_listener(listen)
     row = {
         "devices": mesh.size,
         "median_ms": 1000 * seconds,

@@ -221,7 +221,7 @@ def stack_on_devices(
         if spec[0] is not None:
             raise ValueError(f"cannot stack layer by layer along a split axis ({sharding.spec})")
         layer_sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec[1:]))
-    out = _zeros_fn(shape, dtype, sharding)()
+    out = sharded_zeros(jax.ShapeDtypeStruct(shape, dtype), sharding)
     count = 0
     for layer, t in enumerate(tensors):
         if tuple(t.shape) != shape[1:] or layer >= shape[0]:
@@ -234,9 +234,19 @@ def stack_on_devices(
     return out
 
 
+def sharded_zeros(shapes: Any, shardings: Any) -> Any:
+    """Zeros of `shapes` (a pytree of `jax.ShapeDtypeStruct`) allocated where `shardings` (the
+    same tree) put them, each device only its shard; one compiled allocator per (shapes,
+    shardings), made once (a KV cache on every generation call, a stacked parameter)."""
+    return _zeros_fn(shapes, shardings)()
+
+
 @functools.lru_cache(maxsize=256)
-def _zeros_fn(shape: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sharding):
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+def _zeros_fn(shapes: Any, shardings: Any):
+    def zeros():
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+    return jax.jit(zeros, out_shardings=shardings)
 
 
 @functools.lru_cache(maxsize=256)

@@ -54,7 +54,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from emgeo_jax.hosts import simulated_cpu_env
 from emgeo_jax.models.attention import chunked_attention
 from emgeo_jax.models.config import ModelConfig
-from emgeo_jax.models.llama import DecoderBlock, KVCache, LoraInput, rotary_tables
+from emgeo_jax.models.llama import DecoderBlock, KVCache, LoraInput, cache_shapes, rotary_tables
 from emgeo_jax.models.lm import abstract_model, batch_multiple, resolve_dtype
 from emgeo_jax.models.scan import DEFAULT_RUN, RunOptions
 from emgeo_jax.models.steering import Steering
@@ -417,10 +417,7 @@ def extract_program(
 def abstract_kv_cache(cfg: ModelConfig, shardings: KVCache, batch: int, length: int, dtype):
     """`KVCache` of abstract arrays (`k, v [L, B, K, S, Dh]`, `mask [B, S]`, `index []`)
     carrying `shardings` (`generate.generation_layout(...).cache`)."""
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
-    kv = jax.ShapeDtypeStruct(shape, dtype)
-    mask = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-    return _sharded(KVCache(kv, kv, mask, jax.ShapeDtypeStruct((), jnp.int32)), shardings)
+    return _sharded(cache_shapes(cfg, batch, length, dtype), shardings)
 
 
 def generate_program(

@@ -18,7 +18,6 @@ import json
 import math
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -101,38 +100,23 @@ def run_serve_variants(lm, v: np.ndarray) -> list[list[str]]:
             return list(pool.map(lambda a: ask(a[0], **a[1]), asks))
 
 
-LOWERED = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # jax.monitoring: one per lowering
-
-
 def planned_generation_lowerings(lm) -> dict[str, list[str]]:
     """The jitted functions lowered by a `generate_ids` call of 8 prompts x 16 tokens on
     `lm.mesh`, by the same call again, and then by `emgeo plan`'s program of it
     (`plan.compile_program`): the plan should lower only its own one-block FLOP programs and
     find the call's `prefill` and `decode` compiled (the arguments placed alike)."""
-    from jax import monitoring
-
+    from benchmarks.common import recorded_lowerings
     from emgeo_jax.generate import generate_ids
     from emgeo_jax.plan import TaskOptions, compile_program
 
-    lowered: list[str] = []
-    this_thread = threading.get_ident()  # not a server thread a finished test left behind
-
-    def listen(event: str, _secs: float, **kw: Any) -> None:
-        if event == LOWERED and threading.get_ident() == this_thread:
-            lowered.append(str(kw.get("fun_name")))
-
     ids = np.random.default_rng(1).integers(3, lm.config.vocab_size, (8, 16)).tolist()
     phases: dict[str, list[str]] = {}
-    monitoring.register_event_duration_secs_listener(listen)
-    try:
-        for phase in ("call", "again"):
+    for phase in ("call", "again"):
+        with recorded_lowerings() as phases[phase]:
             generate_ids(lm, ids, max_new_tokens=3, eos_ids=[], pad_multiple=16)
-            phases[phase], lowered[:] = list(lowered), []
+    with recorded_lowerings() as phases["plan"]:
         options = TaskOptions(new_tokens=3)
         compile_program(lm.config, lm.mesh, "generate", 8, 16, "float32", options)
-        phases["plan"] = list(lowered)
-    finally:
-        monitoring.unregister_event_duration_listener(listen)
     return phases
 
 
@@ -249,7 +233,7 @@ def test_8_devices_match_1_device(chat_tokenizer, tmp_path):
     unstacked = json.loads((tmp_path / "unstacked.json").read_text())
     assert_same(unstacked, {k: one[k] for k in unstacked}, "unstacked")
     lowered = json.loads((tmp_path / "lowerings.json").read_text())  # fsdp=8, a fresh process
-    assert {"jit(prefill)", "jit(decode)", "jit(init_cache)"} <= set(lowered["call"]), lowered
+    assert {"jit(prefill)", "jit(decode)", "jit(zeros)"} <= set(lowered["call"]), lowered
     assert lowered["again"] == [], lowered  # the cache allocator too is compiled once
     assert not {"jit(prefill)", "jit(decode)"} & set(lowered["plan"]), lowered
 

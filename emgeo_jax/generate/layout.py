@@ -13,7 +13,6 @@ without a mesh is left unconstrained (layout None); on a one-device mesh nothing
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -22,9 +21,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from emgeo_jax.models.config import ModelConfig
-from emgeo_jax.models.llama import KVCache, init_cache
+from emgeo_jax.models.llama import KVCache, cache_shapes, init_cache
 from emgeo_jax.models.lm import LM
-from emgeo_jax.parallel import activation_sharding, move_to
+from emgeo_jax.parallel import activation_sharding, move_to, sharded_zeros
 
 
 class Layout(NamedTuple):
@@ -80,14 +79,6 @@ def generation_layout(
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _cache_maker(cfg: ModelConfig, batch: int, length: int, dtype, per_layer: bool, shardings):
-    """`init_cache` jitted to allocate where `shardings` say: made once per shape and layout,
-    so a call does not compile it again (a new partial every call would)."""
-    make = functools.partial(init_cache, cfg, batch, length, dtype, per_layer=per_layer)
-    return jax.jit(make, out_shardings=shardings)
-
-
 def _from_host(x, sharding: NamedSharding) -> jax.Array:
     """A global array split by `sharding` holding `x`, a value every process holds whole;
     `x` stays valid. An array already on the mesh, or any device array on one process, goes
@@ -128,5 +119,5 @@ def place_prompts(
         )
     layout = generation_layout(mesh, cfg, *ids.shape, cache_len, per_layer=per_layer)
     ids, mask = (_from_host(x, layout.tokens) for x in (ids, mask))
-    make_cache = _cache_maker(cfg, len(ids), cache_len, lm.dtype, per_layer, layout.cache)
-    return ids, mask, make_cache(), layout
+    shapes = cache_shapes(cfg, len(ids), cache_len, lm.dtype, per_layer=per_layer)
+    return ids, mask, sharded_zeros(shapes, layout.cache), layout

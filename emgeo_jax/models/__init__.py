@@ -24,7 +24,13 @@ Layer l = output of block l = HF `hidden_states[l + 1]`. Sampling and the decode
 """
 
 from emgeo_jax.models.config import ModelConfig
-from emgeo_jax.models.llama import KVCache, LoraInput, default_positions, init_cache
+from emgeo_jax.models.llama import (
+    KVCache,
+    LoraInput,
+    cache_shapes,
+    default_positions,
+    init_cache,
+)
 from emgeo_jax.models.lm import (
     LM,
     ForwardOutput,
@@ -53,6 +59,7 @@ __all__ = [
     "decode_step",
     "default_positions",
     "forward",
+    "cache_shapes",
     "init_cache",
     "prefill",
     "resume_from",

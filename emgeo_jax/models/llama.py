@@ -214,24 +214,31 @@ class KVCache(NamedTuple):
     index: jax.Array
 
 
+def cache_shapes(
+    cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32, *, per_layer: bool = False
+) -> KVCache:
+    """The shapes and dtypes (`jax.ShapeDtypeStruct`) of an empty cache for `batch` rows of
+    `length` slots (prompt + new tokens): `k, v [L, B, K, S, Dh]` (`per_layer`: `L` buffers
+    `[B, K, S, Dh]`, the layout unstacked layers run on), `mask [B, S]` and `index []` int32."""
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+    if per_layer:
+        kv = (jax.ShapeDtypeStruct(shape, dtype),) * cfg.num_layers
+    else:
+        kv = jax.ShapeDtypeStruct((cfg.num_layers, *shape), dtype)
+    return KVCache(
+        k=kv,
+        v=kv,
+        mask=jax.ShapeDtypeStruct((batch, length), jnp.int32),
+        index=jax.ShapeDtypeStruct((), jnp.int32),
+    )
+
+
 def init_cache(
     cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32, *, per_layer: bool = False
 ) -> KVCache:
-    """An empty cache for `batch` rows of `length` slots (prompt + new tokens); `per_layer`:
-    one buffer per layer (the layout unstacked layers run on)."""
-    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
-
-    def zeros():
-        if per_layer:
-            return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        return jnp.zeros((cfg.num_layers, *shape), dtype)
-
-    return KVCache(
-        k=zeros(),
-        v=zeros(),
-        mask=jnp.zeros((batch, length), jnp.int32),
-        index=jnp.int32(0),
-    )
+    """An empty cache of `cache_shapes` (zeros)."""
+    shapes = cache_shapes(cfg, batch, length, dtype, per_layer=per_layer)
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
 
 class Transformer(nnx.Module):
